@@ -1,0 +1,126 @@
+//! `tpi bench`: kernel and model throughput, reported beside this machine's measured
+//! memory bandwidth so the ratios stay meaningful on a noisy shared machine.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use clap::{Args, Subcommand};
+use tpi_coordinator::engine::{Backend, LocalBackend};
+use tpi_coordinator::loader::LoadedModel;
+use tpi_kernels::{bench as kb, DType, ThreadPool};
+
+/// `tpi bench` subcommands.
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    #[command(subcommand)]
+    pub what: BenchWhat,
+}
+
+/// What to measure.
+#[derive(Subcommand, Debug)]
+pub enum BenchWhat {
+    /// GEMV throughput per dtype vs memory bandwidth.
+    Kernels {
+        /// Thread counts to measure.
+        #[arg(long, value_delimiter = ',', default_value = "1,2")]
+        threads: Vec<usize>,
+        /// Matrix rows (cols = 4096 / 2 for big-matrix streaming).
+        #[arg(long, default_value_t = 8192)]
+        rows: usize,
+        /// Repetitions (best is reported).
+        #[arg(long, default_value_t = 10)]
+        reps: usize,
+    },
+    /// Prefill and decode speed of a model on this device.
+    Model {
+        /// A .gguf file or HF directory.
+        #[arg(long, short = 'm')]
+        model: PathBuf,
+        /// Thread counts to measure.
+        #[arg(long, value_delimiter = ',', default_value = "1,2")]
+        threads: Vec<usize>,
+        /// Prompt length for the prefill measurement.
+        #[arg(long, default_value_t = 128)]
+        prompt: usize,
+        /// Tokens to decode.
+        #[arg(long, default_value_t = 64)]
+        decode: usize,
+        /// Repetitions (median reported).
+        #[arg(long, default_value_t = 3)]
+        reps: usize,
+    },
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+/// Runs `tpi bench`.
+pub fn bench(a: BenchArgs) -> anyhow::Result<()> {
+    println!("isa: {:?} (available: {:?})", tpi_kernels::active_isa(), tpi_kernels::available_isas());
+    match a.what {
+        BenchWhat::Kernels { threads, rows, reps } => {
+            for &t in &threads {
+                let pool = ThreadPool::new(t);
+                let bw = kb::memory_bandwidth_gbs(&pool, 512 << 20, reps);
+                println!("threads={t}: memory read bandwidth {bw:.1} GB/s");
+                for d in [DType::F32, DType::F16, DType::BF16, DType::Q8_0, DType::Q4_0, DType::Q4_1] {
+                    let g = kb::gemv_gbs(&pool, d, rows, 4096, reps);
+                    println!(
+                        "  gemv {:<5} {rows}x4096: {g:6.1} GB/s = {:5.1}% of bandwidth",
+                        d.name(),
+                        100.0 * g / bw
+                    );
+                }
+            }
+        }
+        BenchWhat::Model { model, threads, prompt, decode, reps } => {
+            let loaded = LoadedModel::open(&model)?;
+            let cfg = loaded.files.config.clone();
+            let wbytes: usize = loaded.files.store.total_bytes();
+            println!(
+                "model: {} ({} layers, dim {}, {:.1} MB of weights)",
+                model.display(),
+                cfg.n_layers,
+                cfg.hidden_size,
+                wbytes as f64 / 1e6
+            );
+            let tokens: Vec<u32> = (0..prompt as u32).map(|i| (i * 7919 + 13) % cfg.vocab_size as u32).collect();
+            for &t in &threads {
+                let mut be = LocalBackend::new(&loaded.files, t)?;
+                let bw = kb::memory_bandwidth_gbs(&ThreadPool::new(t), 512 << 20, 5);
+                let mut pre = Vec::new();
+                let mut dec = Vec::new();
+                for _ in 0..reps.max(1) {
+                    be.reset(prompt + decode + 1)?;
+                    let t0 = Instant::now();
+                    let mut logits = be.forward(&tokens, 0)?;
+                    pre.push(prompt as f64 / t0.elapsed().as_secs_f64());
+                    let t1 = Instant::now();
+                    for i in 0..decode {
+                        let id = tpi_coordinator::sampler::argmax(&logits).unwrap_or(0) as u32;
+                        logits = be.forward(&[id], prompt + i)?;
+                    }
+                    dec.push(decode as f64 / t1.elapsed().as_secs_f64());
+                }
+                let d = median(dec);
+                // Bytes streamed per decode token: every weight once (the tied head counts once more).
+                let per_tok = wbytes as f64
+                    + if cfg.tie_word_embeddings {
+                        loaded.files.store.role(&cfg, tpi_node::model::Role::Embed, 0)?.nbytes() as f64
+                    } else {
+                        0.0
+                    };
+                println!(
+                    "threads={t}: prefill {prompt} tokens: {:.1} tok/s; decode: {d:.1} tok/s ({:.2} ms/token; {:.1} GB/s of weights = {:.0}% of the {bw:.1} GB/s measured)",
+                    median(pre),
+                    1e3 / d,
+                    per_tok * d / 1e9,
+                    100.0 * per_tok * d / 1e9 / bw
+                );
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,95 @@
+//! `tpi chat`: an interactive conversation with the model's chat template.
+
+use std::io::{BufRead, Write};
+
+use clap::Args;
+use tpi_coordinator::chat::Message;
+use tpi_coordinator::generate::{Finish, GenRequest, Session};
+
+use super::{ModelArgs, SamplingArgs};
+
+/// `tpi chat` flags.
+#[derive(Args, Debug)]
+pub struct ChatArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+    /// A system prompt (default: the template's own).
+    #[arg(long)]
+    pub system: Option<String>,
+}
+
+/// Runs `tpi chat`: reads a line, streams the reply, repeats until EOF or `/exit`.
+pub fn chat(a: ChatArgs) -> anyhow::Result<()> {
+    let sampler = a.sampling.sampler()?;
+    let (loaded, backend) = super::open_backend(&a.model)?;
+    let tok = loaded.tokenizer()?;
+    let template = loaded.chat()?;
+    let ctx = a.model.ctx.unwrap_or(4096);
+    let mut session = Session::new(backend, ctx)?;
+    let mut history: Vec<Message> = Vec::new();
+    if let Some(s) = &a.system {
+        history.push(Message::new("system", s));
+    }
+    let stdin = std::io::stdin();
+    let mut out = std::io::stdout();
+    eprintln!("tpi chat — type a message, /reset to start over, /exit or Ctrl-D to quit.");
+    loop {
+        eprint!("> ");
+        let mut line = String::new();
+        if stdin.lock().read_line(&mut line)? == 0 {
+            break;
+        }
+        let line = line.trim_end_matches(['\n', '\r']);
+        match line.trim() {
+            "" => continue,
+            "/exit" | "/quit" => break,
+            "/reset" => {
+                history.retain(|m| m.role == "system");
+                session.clear();
+                continue;
+            }
+            _ => {}
+        }
+        history.push(Message::new("user", line));
+        let text = template.render(&history, true);
+        let ids = tok.encode(&text, false)?;
+        let req = GenRequest {
+            prompt_ids: ids,
+            max_tokens: a.sampling.max_tokens,
+            sampler,
+            stop_ids: loaded.stop_ids(),
+            ignore_eos: false,
+            keep_logits: false,
+        };
+        let mut dec = tok.stream_decoder();
+        let res = session.generate(&req, &mut |id| {
+            let piece = dec.push(id).unwrap_or_default();
+            let _ = out.write_all(piece.as_bytes());
+            let _ = out.flush();
+            true
+        });
+        match res {
+            Ok(g) => {
+                writeln!(out)?;
+                let reply = tok.decode(&g.generated_ids, true)?;
+                history.push(Message::new("assistant", reply.trim_end()));
+                if g.finish == Finish::Length {
+                    eprintln!("[reply cut at --max-tokens {}]", a.sampling.max_tokens);
+                }
+                eprintln!(
+                    "[{} tokens, TTFT {:.0} ms, {:.1} tokens/s]",
+                    g.generated_ids.len(),
+                    g.ttft.as_secs_f64() * 1e3,
+                    g.tokens_per_s()
+                );
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                history.pop();
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,124 @@
+//! Backends that run the model's layers for rank 0: on this device alone, or across a
+//! cluster (see [`crate::cluster`]).
+
+use std::time::Instant;
+
+use tpi_kernels::ThreadPool;
+use tpi_node::model::forward::StepTimes;
+use tpi_node::model::{Head, KvCache, ModelConfig, ModelFiles, RankModel, SplitPlan};
+
+use crate::error::{Error, Result};
+
+/// Timings of one forward step at one rank.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct RankStep {
+    /// Rank index.
+    pub rank: usize,
+    /// Milliseconds computing.
+    pub compute_ms: f64,
+    /// Milliseconds blocked in allreduce waiting for peers.
+    pub allreduce_wait_ms: f64,
+    /// Milliseconds of allreduce spent transferring and summing.
+    pub allreduce_transfer_ms: f64,
+    /// Milliseconds idle (waiting for the next step to start).
+    pub idle_ms: f64,
+}
+
+/// What one forward step cost.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct StepReport {
+    /// Tokens in the step (prompt length for prefill, 1 for decode).
+    pub tokens: usize,
+    /// Wall-clock milliseconds of the step at rank 0.
+    pub wall_ms: f64,
+    /// Per-rank breakdown (rank 0 first).
+    pub ranks: Vec<RankStep>,
+}
+
+/// Runs the model for rank 0: embeds tokens, runs every layer, returns logits.
+pub trait Backend: Send {
+    /// The model's hyper-parameters.
+    fn config(&self) -> &ModelConfig;
+    /// Drops all KV state and prepares room for `capacity` positions.
+    fn reset(&mut self, capacity: usize) -> Result<()>;
+    /// Positions the KV cache can hold.
+    fn capacity(&self) -> usize;
+    /// Runs `tokens` at positions `start..`; returns the logits after the last one.
+    fn forward(&mut self, tokens: &[u32], start: usize) -> Result<Vec<f32>>;
+    /// The timing report of the most recent forward step.
+    fn last_step(&self) -> StepReport;
+}
+
+/// All layers on this device.
+pub struct LocalBackend {
+    head: Head,
+    model: RankModel,
+    cache: KvCache,
+    pool: ThreadPool,
+    last: StepReport,
+}
+
+impl LocalBackend {
+    /// Loads the model (mapped, not copied) for `threads` compute threads. The weight
+    /// views keep the file maps alive, so `files` may be dropped afterwards.
+    pub fn new(files: &ModelFiles, threads: usize) -> Result<Self> {
+        files.validate()?;
+        let plan = SplitPlan::even(&files.config, 1)?;
+        let model = files.rank_model(&plan.ranks[0])?;
+        let head = files.head()?;
+        let cache = model.new_cache(0);
+        Ok(LocalBackend {
+            head,
+            model,
+            cache,
+            pool: ThreadPool::new(threads.max(1)),
+            last: StepReport::default(),
+        })
+    }
+}
+
+impl Backend for LocalBackend {
+    fn config(&self) -> &ModelConfig {
+        &self.model.cfg
+    }
+    fn reset(&mut self, capacity: usize) -> Result<()> {
+        self.cache = self.model.new_cache(capacity);
+        Ok(())
+    }
+    fn capacity(&self) -> usize {
+        self.cache.capacity
+    }
+    fn forward(&mut self, tokens: &[u32], start: usize) -> Result<Vec<f32>> {
+        let t0 = Instant::now();
+        let n = tokens.len();
+        if n == 0 {
+            return Err(Error::Input("empty step".into()));
+        }
+        let mut x = self.head.embed(tokens)?;
+        let times: StepTimes = self.model.forward_layers::<Error>(
+            &self.pool,
+            &mut x,
+            n,
+            start,
+            &mut self.cache,
+            &mut |_| Ok(()),
+        )?;
+        let d = self.model.cfg.hidden_size;
+        let t1 = Instant::now();
+        let logits = self.head.logits(&self.pool, &x[(n - 1) * d..])?;
+        let head_s = t1.elapsed().as_secs_f64();
+        self.last = StepReport {
+            tokens: n,
+            wall_ms: t0.elapsed().as_secs_f64() * 1e3,
+            ranks: vec![RankStep {
+                rank: 0,
+                compute_ms: (times.compute_s + head_s) * 1e3,
+                ..Default::default()
+            }],
+        };
+        Ok(logits)
+    }
+    fn last_step(&self) -> StepReport {
+        self.last.clone()
+    }
+}

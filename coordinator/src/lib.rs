@@ -1,0 +1,11 @@
+//! tpi-coordinator: the planner, tokenizer, sampling and generation loop (rank 0), and the `tpi` CLI.
+pub mod chat;
+pub mod engine;
+pub mod error;
+pub mod generate;
+pub mod loader;
+pub mod npy;
+pub mod sampler;
+pub mod tokenizer;
+
+pub use error::{Error, Result};

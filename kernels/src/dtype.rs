@@ -1,0 +1,262 @@
+//! Element/block types, the crate error type and the strided weight-matrix view.
+
+use std::fmt;
+
+use crate::isa::Isa;
+
+/// Storage type of a weight matrix; quantised types use the GGML block layouts (GGUF-compatible).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DType {
+    /// IEEE-754 single precision, 4 bytes per element.
+    F32,
+    /// IEEE-754 half precision, 2 bytes per element.
+    F16,
+    /// bfloat16 (upper half of an f32), 2 bytes per element.
+    BF16,
+    /// GGML Q8_0: blocks of 32 `{f16 d; i8 qs[32]}`, value = q*d.
+    Q8_0,
+    /// GGML Q4_0: blocks of 32 `{f16 d; u8 qs[16]}`, value = (nibble-8)*d.
+    Q4_0,
+    /// GGML Q4_1: blocks of 32 `{f16 d; f16 m; u8 qs[16]}`, value = nibble*d + m.
+    Q4_1,
+}
+
+impl DType {
+    /// Elements per storage block: 1 for float types, 32 for the quantised ones.
+    pub const fn block_len(self) -> usize {
+        match self {
+            DType::F32 | DType::F16 | DType::BF16 => 1,
+            DType::Q8_0 | DType::Q4_0 | DType::Q4_1 => 32,
+        }
+    }
+
+    /// Bytes per storage block (GGML layout).
+    pub const fn block_bytes(self) -> usize {
+        match self {
+            DType::F32 => 4,
+            DType::F16 | DType::BF16 => 2,
+            DType::Q8_0 => 34,
+            DType::Q4_0 => 18,
+            DType::Q4_1 => 20,
+        }
+    }
+
+    /// Bytes of one row of `cols` elements, or `None` when `cols` is not a multiple of the block length.
+    pub fn row_bytes(self, cols: usize) -> Option<usize> {
+        if !cols.is_multiple_of(self.block_len()) {
+            return None;
+        }
+        (cols / self.block_len()).checked_mul(self.block_bytes())
+    }
+
+    /// Lower-case GGML-style name ("f32", "q4_1", ...), for logs and CLI output.
+    pub fn name(self) -> &'static str {
+        match self {
+            DType::F32 => "f32",
+            DType::F16 => "f16",
+            DType::BF16 => "bf16",
+            DType::Q8_0 => "q8_0",
+            DType::Q4_0 => "q4_0",
+            DType::Q4_1 => "q4_1",
+        }
+    }
+}
+
+impl fmt::Display for DType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Errors for bad shapes, lengths or settings; kernels return these instead of panicking.
+#[derive(Debug, Clone, PartialEq)]
+pub enum KernelError {
+    /// `cols` is not a multiple of the dtype's block length.
+    UnalignedCols {
+        /// Matrix dtype.
+        dtype: DType,
+        /// Offending column count or column offset.
+        cols: usize,
+    },
+    /// The byte buffer is shorter (or, for dense views, different) than the shape requires.
+    DataLength {
+        /// Bytes the shape requires.
+        expected: usize,
+        /// Bytes actually provided.
+        actual: usize,
+    },
+    /// Row stride smaller than the row's byte length.
+    Stride {
+        /// Stride given.
+        stride: usize,
+        /// Minimum (row bytes).
+        row_bytes: usize,
+    },
+    /// A row or column range outside the matrix or reversed.
+    Range {
+        /// "rows" or "cols".
+        axis: &'static str,
+        /// Range start.
+        start: usize,
+        /// Range end (exclusive).
+        end: usize,
+        /// Extent of that axis.
+        len: usize,
+    },
+    /// A slice argument has the wrong length.
+    Shape {
+        /// Which argument.
+        what: &'static str,
+        /// Required length.
+        expected: usize,
+        /// Actual length.
+        actual: usize,
+    },
+    /// Any other invalid argument combination.
+    Invalid(String),
+    /// The requested SIMD path cannot run on this CPU.
+    IsaUnavailable(Isa),
+}
+
+impl fmt::Display for KernelError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            KernelError::UnalignedCols { dtype, cols } => write!(
+                f,
+                "{cols} columns is not a multiple of the {dtype} block length {}",
+                dtype.block_len()
+            ),
+            KernelError::DataLength { expected, actual } => {
+                write!(f, "matrix data has {actual} bytes, shape requires {expected}")
+            }
+            KernelError::Stride { stride, row_bytes } => {
+                write!(f, "row stride {stride} is smaller than the row length {row_bytes} bytes")
+            }
+            KernelError::Range { axis, start, end, len } => {
+                write!(f, "{axis} range {start}..{end} is invalid for {len} {axis}")
+            }
+            KernelError::Shape { what, expected, actual } => {
+                write!(f, "{what} has length {actual}, expected {expected}")
+            }
+            KernelError::Invalid(s) => write!(f, "invalid argument: {s}"),
+            KernelError::IsaUnavailable(isa) => write!(f, "ISA {isa:?} is not available on this CPU"),
+        }
+    }
+}
+
+impl std::error::Error for KernelError {}
+
+/// Row-major weight matrix view: row `r` starts at byte `r*row_stride` of `data`.
+/// A stride larger than the row lets a column slice be a zero-copy view.
+#[derive(Clone, Copy, Debug)]
+pub struct MatRef<'a> {
+    /// Storage type.
+    pub dtype: DType,
+    /// Number of rows (output features).
+    pub rows: usize,
+    /// Number of columns (input features), a multiple of `dtype.block_len()`.
+    pub cols: usize,
+    /// Bytes between consecutive row starts (>= row bytes).
+    pub row_stride: usize,
+    /// Backing bytes.
+    pub data: &'a [u8],
+}
+
+fn row_bytes_checked(dtype: DType, cols: usize) -> Result<usize, KernelError> {
+    dtype
+        .row_bytes(cols)
+        .ok_or(KernelError::UnalignedCols { dtype, cols })
+}
+
+fn overflow() -> KernelError {
+    KernelError::Invalid("matrix size overflows usize".into())
+}
+
+impl<'a> MatRef<'a> {
+    /// Dense view; `data.len()` must equal `rows * row_bytes(cols)`.
+    pub fn new(dtype: DType, rows: usize, cols: usize, data: &'a [u8]) -> Result<Self, KernelError> {
+        let rb = row_bytes_checked(dtype, cols)?;
+        let expected = rows.checked_mul(rb).ok_or_else(overflow)?;
+        if data.len() != expected {
+            return Err(KernelError::DataLength { expected, actual: data.len() });
+        }
+        Ok(MatRef { dtype, rows, cols, row_stride: rb, data })
+    }
+
+    /// Strided view; requires `row_stride >= row_bytes` and `data.len() >= (rows-1)*stride + row_bytes`.
+    pub fn with_stride(
+        dtype: DType,
+        rows: usize,
+        cols: usize,
+        row_stride: usize,
+        data: &'a [u8],
+    ) -> Result<Self, KernelError> {
+        let rb = row_bytes_checked(dtype, cols)?;
+        if row_stride < rb {
+            return Err(KernelError::Stride { stride: row_stride, row_bytes: rb });
+        }
+        if rows > 0 {
+            let expected = (rows - 1)
+                .checked_mul(row_stride)
+                .and_then(|v| v.checked_add(rb))
+                .ok_or_else(overflow)?;
+            if data.len() < expected {
+                return Err(KernelError::DataLength { expected, actual: data.len() });
+            }
+        }
+        Ok(MatRef { dtype, rows, cols, row_stride, data })
+    }
+
+    /// Sub-view of rows `r0..r1` (zero-copy).
+    pub fn rows_range(&self, r0: usize, r1: usize) -> Result<MatRef<'a>, KernelError> {
+        if r0 > r1 || r1 > self.rows {
+            return Err(KernelError::Range { axis: "rows", start: r0, end: r1, len: self.rows });
+        }
+        let rb = self.row_bytes();
+        let data = if r1 > r0 {
+            let start = r0 * self.row_stride;
+            let end = (r1 - 1 - r0) * self.row_stride + rb + start;
+            self.data.get(start..end).ok_or(KernelError::DataLength {
+                expected: end,
+                actual: self.data.len(),
+            })?
+        } else {
+            &self.data[..0]
+        };
+        MatRef::with_stride(self.dtype, r1 - r0, self.cols, self.row_stride, data)
+    }
+
+    /// Sub-view of columns `c0..c1` (multiples of the block length); same stride, data offset by bytes.
+    pub fn cols_range(&self, c0: usize, c1: usize) -> Result<MatRef<'a>, KernelError> {
+        if c0 > c1 || c1 > self.cols {
+            return Err(KernelError::Range { axis: "cols", start: c0, end: c1, len: self.cols });
+        }
+        let bl = self.dtype.block_len();
+        if !c0.is_multiple_of(bl) {
+            return Err(KernelError::UnalignedCols { dtype: self.dtype, cols: c0 });
+        }
+        if !c1.is_multiple_of(bl) {
+            return Err(KernelError::UnalignedCols { dtype: self.dtype, cols: c1 });
+        }
+        let off = c0 / bl * self.dtype.block_bytes();
+        let data = self.data.get(off..).unwrap_or(&self.data[..0]);
+        MatRef::with_stride(self.dtype, self.rows, c1 - c0, self.row_stride, data)
+    }
+
+    /// Bytes of row `r` (`row_bytes` long). Panics if `r >= rows`.
+    pub fn row(&self, r: usize) -> &'a [u8] {
+        assert!(r < self.rows, "row {r} out of range for {} rows", self.rows);
+        let s = r * self.row_stride;
+        &self.data[s..s + self.row_bytes()]
+    }
+
+    /// Bytes a GEMV over this matrix streams: `rows * row_bytes(cols)`.
+    pub fn weight_bytes(&self) -> usize {
+        self.rows * self.row_bytes()
+    }
+
+    /// Bytes of one row (valid by construction).
+    pub(crate) fn row_bytes(&self) -> usize {
+        self.dtype.row_bytes(self.cols).unwrap_or(0)
+    }
+}

@@ -1,0 +1,36 @@
+//! Loopback allreduce latency: median / p99 at rank 0 for N = 2..8 ranks ×
+//! star / ring / tree × 2 KiB / 32 KiB f32 payloads, each rank on its own QUIC endpoint.
+//!
+//! `cargo run --release -p tpi-node --example allreduce_bench [iters]`
+
+use tpi_node::net::bench::{allreduce_latency, median_p99};
+use tpi_node::net::{Algo, WireDType};
+
+#[tokio::main(flavor = "multi_thread")]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let iters: usize = std::env::args()
+        .nth(1)
+        .map(|s| s.parse())
+        .transpose()?
+        .unwrap_or(300);
+    println!(
+        "{:>2} {:>5} {:>7} {:>10} {:>10}",
+        "N", "algo", "payload", "median_us", "p99_us"
+    );
+    for world in 2..=8 {
+        for algo in Algo::ALL {
+            for bytes in [2048usize, 32768] {
+                let times =
+                    allreduce_latency(world, algo, WireDType::F32, bytes / 4, iters).await?;
+                let (med, p99) = median_p99(&times);
+                println!(
+                    "{world:>2} {algo:>5} {:>6}K {:>10.1} {:>10.1}",
+                    bytes / 1024,
+                    med.as_secs_f64() * 1e6,
+                    p99.as_secs_f64() * 1e6
+                );
+            }
+        }
+    }
+    Ok(())
+}

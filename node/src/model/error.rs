@@ -1,0 +1,70 @@
+//! Errors raised while reading, validating and running a model.
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong between a model file on disk and a forward pass.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    /// The file could not be opened or mapped.
+    #[error("cannot read {path}: {source}")]
+    Io {
+        /// The file that failed.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The file is truncated or its header is inconsistent.
+    #[error("corrupt model file {path}: {msg}")]
+    Corrupt {
+        /// The file that failed.
+        path: PathBuf,
+        /// What is wrong, with offsets where useful.
+        msg: String,
+    },
+    /// The model uses an architecture tpi does not run.
+    #[error("unsupported architecture `{0}` (tpi runs Llama-family models: llama, mistral, qwen2)")]
+    UnsupportedArch(String),
+    /// A tensor uses a dtype tpi has no kernel for.
+    #[error("tensor `{tensor}` has unsupported dtype {dtype} (supported: f32, f16, bf16, q8_0, q4_0, q4_1)")]
+    UnsupportedDType {
+        /// Tensor name.
+        tensor: String,
+        /// The dtype as the file names it.
+        dtype: String,
+    },
+    /// A required tensor is absent.
+    #[error("missing tensor `{0}`")]
+    MissingTensor(String),
+    /// A tensor's shape differs from what the config implies.
+    #[error("tensor `{tensor}` has shape {got:?}, expected {expected:?}")]
+    BadShape {
+        /// Tensor name.
+        tensor: String,
+        /// Shape found (rows, cols).
+        got: Vec<usize>,
+        /// Shape expected (rows, cols).
+        expected: Vec<usize>,
+    },
+    /// The config is missing a field or has an invalid value.
+    #[error("invalid model config: {0}")]
+    Config(String),
+    /// A request the model cannot serve (bad token, too long a prompt, ...).
+    #[error("{0}")]
+    Input(String),
+    /// The split plan cannot be built for this model and cluster.
+    #[error("invalid split plan: {0}")]
+    Plan(String),
+    /// A kernel rejected its arguments (a bug in shapes, surfaced instead of a panic).
+    #[error("kernel error: {0}")]
+    Kernel(#[from] tpi_kernels::KernelError),
+}
+
+impl ModelError {
+    /// Shorthand for a [`ModelError::Corrupt`] error.
+    pub fn corrupt(path: &std::path::Path, msg: impl Into<String>) -> Self {
+        ModelError::Corrupt {
+            path: path.to_path_buf(),
+            msg: msg.into(),
+        }
+    }
+}

@@ -1,0 +1,345 @@
+//! The split plan: which attention heads and which MLP columns each rank computes.
+//!
+//! Pure and deterministic; the one source of truth for slice shapes. The loader, the
+//! forward pass, the sharder and the simulator all read it.
+//!
+//! - Heads go out in whole KV groups. With more ranks than KV heads, a group's query
+//!   heads are shared by several ranks and its KV head is replicated on each of them,
+//!   so every N from 1 up to the number of attention heads works.
+//! - The MLP intermediate dimension goes out in contiguous slices aligned to 32 (the
+//!   quantisation block), so row-parallel slices of quantised weights stay whole blocks.
+//! - Q/K/V and gate/up are column-parallel (output rows); O and down are row-parallel
+//!   (input columns).
+
+use std::ops::Range;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use super::config::ModelConfig;
+use super::error::ModelError;
+
+/// MLP slices are aligned to this many columns (one GGML quantisation block).
+pub const FFN_ALIGN: usize = 32;
+
+/// One rank's share of every layer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RankSlice {
+    /// Query heads, contiguous.
+    pub heads: Range<usize>,
+    /// KV heads this rank holds (replicated when shared with other ranks).
+    pub kv_heads: Range<usize>,
+    /// Columns of the MLP intermediate dimension.
+    pub ffn: Range<usize>,
+}
+
+impl RankSlice {
+    /// Whether the rank computes any attention.
+    pub fn has_attn(&self) -> bool {
+        !self.heads.is_empty()
+    }
+    /// Number of query heads.
+    pub fn n_heads(&self) -> usize {
+        self.heads.len()
+    }
+    /// Number of KV heads.
+    pub fn n_kv_heads(&self) -> usize {
+        self.kv_heads.len()
+    }
+}
+
+/// How a model's layers are split across `world` ranks.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SplitPlan {
+    /// Per-rank slices; index = rank.
+    pub ranks: Vec<RankSlice>,
+    /// Query heads in the model.
+    pub n_heads: usize,
+    /// KV heads in the model.
+    pub n_kv_heads: usize,
+    /// MLP intermediate size.
+    pub intermediate_size: usize,
+}
+
+/// Splits `total` units into contiguous pieces proportional to `weights` by rounding
+/// cumulative sums; ranks with zero weight get nothing. When `min_one`, every
+/// positive-weight rank gets at least one unit (callers ensure enough units).
+fn proportional(total: usize, weights: &[f64], min_one: bool) -> Vec<Range<usize>> {
+    let sum: f64 = weights.iter().sum();
+    let active: Vec<usize> = (0..weights.len()).filter(|&i| weights[i] > 0.0).collect();
+    let mut bounds = vec![0usize; weights.len() + 1];
+    let mut cum = 0.0;
+    for (i, &w) in weights.iter().enumerate() {
+        cum += w;
+        bounds[i + 1] = ((cum / sum) * total as f64).round() as usize;
+    }
+    bounds[weights.len()] = total;
+    for i in 1..=weights.len() {
+        bounds[i] = bounds[i].max(bounds[i - 1]).min(total);
+    }
+    if min_one && active.len() <= total {
+        // Push boundaries so each active rank has one unit, keeping room for the rest.
+        let mut ranges: Vec<usize> = vec![0; weights.len()];
+        for i in 0..weights.len() {
+            ranges[i] = bounds[i + 1] - bounds[i];
+        }
+        for &i in &active {
+            if ranges[i] == 0 {
+                // Steal one unit from the largest active range.
+                let donor = active
+                    .iter()
+                    .copied()
+                    .filter(|&j| ranges[j] > 1)
+                    .max_by_key(|&j| (ranges[j], usize::MAX - j))
+                    .expect("enough units for every active rank");
+                ranges[donor] -= 1;
+                ranges[i] += 1;
+            }
+        }
+        let mut b = 0;
+        for i in 0..weights.len() {
+            bounds[i] = b;
+            b += ranges[i];
+        }
+        bounds[weights.len()] = b;
+    }
+    (0..weights.len()).map(|i| bounds[i]..bounds[i + 1]).collect()
+}
+
+impl SplitPlan {
+    /// Builds the plan for `cfg` over ranks with the given capability weights
+    /// (any non-negative numbers; a zero weight gives a rank nothing to compute).
+    pub fn new(cfg: &ModelConfig, weights: &[f64]) -> Result<Self, ModelError> {
+        let n = weights.len();
+        if n == 0 {
+            return Err(ModelError::Plan("no ranks".into()));
+        }
+        if weights.iter().any(|w| !w.is_finite() || *w < 0.0) {
+            return Err(ModelError::Plan(format!(
+                "rank weights must be non-negative numbers, got {weights:?}"
+            )));
+        }
+        let active: Vec<usize> = (0..n).filter(|&i| weights[i] > 0.0).collect();
+        if active.is_empty() {
+            return Err(ModelError::Plan("every rank has weight 0".into()));
+        }
+        let (nh, nkv) = (cfg.n_heads, cfg.n_kv_heads);
+        if active.len() > nh {
+            return Err(ModelError::Plan(format!(
+                "{} computing ranks but the model has only {nh} attention heads; use at most {nh}",
+                active.len()
+            )));
+        }
+        let g = nh / nkv;
+        let mut heads = vec![0..0; n];
+        let mut kv = vec![0..0; n];
+        if active.len() <= nkv {
+            // Whole KV groups per rank.
+            let aw: Vec<f64> = active.iter().map(|&i| weights[i]).collect();
+            for (k, r) in proportional(nkv, &aw, true).into_iter().enumerate() {
+                let i = active[k];
+                heads[i] = r.start * g..r.end * g;
+                kv[i] = r;
+            }
+        } else {
+            // More ranks than KV groups: each group is shared by a run of ranks, which
+            // split its query heads and replicate its KV head.
+            let a = active.len();
+            let mut next = 0;
+            for grp in 0..nkv {
+                let k = (a / nkv + usize::from(grp < a % nkv)).min(g);
+                let members = &active[next..next + k];
+                next += k;
+                let mw: Vec<f64> = members.iter().map(|&i| weights[i]).collect();
+                for (m, r) in proportional(g, &mw, true).into_iter().enumerate() {
+                    let i = members[m];
+                    heads[i] = grp * g + r.start..grp * g + r.end;
+                    kv[i] = grp..grp + 1;
+                }
+            }
+            debug_assert_eq!(next, a);
+        }
+        let f = cfg.intermediate_size;
+        let align = if f % FFN_ALIGN == 0 { FFN_ALIGN } else { 1 };
+        let ffn_blocks = proportional(f / align, weights, false);
+        let ranks = (0..n)
+            .map(|i| RankSlice {
+                heads: heads[i].clone(),
+                kv_heads: kv[i].clone(),
+                ffn: ffn_blocks[i].start * align..ffn_blocks[i].end * align,
+            })
+            .collect();
+        let plan = SplitPlan {
+            ranks,
+            n_heads: nh,
+            n_kv_heads: nkv,
+            intermediate_size: f,
+        };
+        plan.check()?;
+        Ok(plan)
+    }
+
+    /// An even plan over `n` ranks.
+    pub fn even(cfg: &ModelConfig, n: usize) -> Result<Self, ModelError> {
+        Self::new(cfg, &vec![1.0; n])
+    }
+
+    /// Number of ranks.
+    pub fn world(&self) -> usize {
+        self.ranks.len()
+    }
+
+    /// Verifies coverage and the group invariants (used on plans received from a peer too).
+    pub fn check(&self) -> Result<(), ModelError> {
+        let bad = |m: String| Err(ModelError::Plan(m));
+        if self.n_kv_heads == 0 || self.n_heads % self.n_kv_heads != 0 {
+            return bad("heads not a multiple of KV heads".into());
+        }
+        let g = self.n_heads / self.n_kv_heads;
+        let (mut h, mut f) = (0, 0);
+        for (i, r) in self.ranks.iter().enumerate() {
+            if r.heads.start != h || r.heads.end < r.heads.start {
+                return bad(format!("rank {i}: heads {:?} leave a gap or overlap", r.heads));
+            }
+            h = r.heads.end;
+            if r.ffn.start != f || r.ffn.end < r.ffn.start {
+                return bad(format!("rank {i}: ffn {:?} leaves a gap or overlap", r.ffn));
+            }
+            f = r.ffn.end;
+            if r.heads.is_empty() {
+                if !r.kv_heads.is_empty() {
+                    return bad(format!("rank {i}: KV heads without query heads"));
+                }
+                continue;
+            }
+            let whole = r.heads.start % g == 0 && r.heads.end % g == 0;
+            let expect = if whole {
+                r.heads.start / g..r.heads.end / g
+            } else {
+                let grp = r.heads.start / g;
+                if (r.heads.end - 1) / g != grp {
+                    return bad(format!(
+                        "rank {i}: heads {:?} straddle KV groups of {g}",
+                        r.heads
+                    ));
+                }
+                grp..grp + 1
+            };
+            if r.kv_heads != expect {
+                return bad(format!("rank {i}: KV heads {:?}, expected {expect:?}", r.kv_heads));
+            }
+        }
+        if h != self.n_heads || f != self.intermediate_size {
+            return bad(format!(
+                "plan covers {h}/{} heads and {f}/{} MLP columns",
+                self.n_heads, self.intermediate_size
+            ));
+        }
+        Ok(())
+    }
+
+    /// A short stable identity of the plan (for handshakes and shard caches).
+    pub fn id(&self) -> String {
+        let text = serde_json::to_string(self).unwrap_or_default();
+        hex::encode(&Sha256::digest(text.as_bytes())[..8])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::config::{Layout, ModelConfig};
+
+    fn cfg(nh: usize, nkv: usize, ffn: usize) -> ModelConfig {
+        ModelConfig {
+            arch: "llama".into(),
+            vocab_size: 100,
+            hidden_size: 64 * nh,
+            intermediate_size: ffn,
+            n_layers: 2,
+            n_heads: nh,
+            n_kv_heads: nkv,
+            head_dim: 64,
+            rms_norm_eps: 1e-5,
+            rope_theta: 1e4,
+            rope_scaling: None,
+            max_position_embeddings: 128,
+            tie_word_embeddings: true,
+            attention_bias: false,
+            rope_layout: Layout::HalfSplit,
+            bos_token_id: None,
+            eos_token_ids: vec![],
+        }
+    }
+
+    #[test]
+    fn every_n_up_to_heads_is_valid() {
+        for (nh, nkv) in [(9, 3), (12, 4), (8, 8), (8, 1), (32, 8), (4, 2)] {
+            let c = cfg(nh, nkv, 1536);
+            for n in 1..=nh {
+                let p = SplitPlan::even(&c, n).unwrap_or_else(|e| panic!("{nh}/{nkv} n={n}: {e}"));
+                p.check().unwrap();
+                assert_eq!(p.world(), n);
+                for r in &p.ranks {
+                    assert!(r.has_attn(), "{nh}/{nkv} n={n}: {:?}", p.ranks);
+                    assert_eq!(r.ffn.start % 32, 0);
+                    assert_eq!(r.n_heads() % r.n_kv_heads(), 0);
+                }
+            }
+            assert!(SplitPlan::even(&c, nh + 1).is_err());
+        }
+    }
+
+    #[test]
+    fn smollm2_three_ranks_one_group_each() {
+        let p = SplitPlan::even(&cfg(9, 3, 1536), 3).unwrap();
+        assert_eq!(p.ranks[0].heads, 0..3);
+        assert_eq!(p.ranks[1].kv_heads, 1..2);
+        assert_eq!(p.ranks[2].ffn, 1024..1536);
+    }
+
+    #[test]
+    fn uneven_ratios_follow_weights() {
+        let p = SplitPlan::new(&cfg(8, 8, 1024), &[3.0, 1.0]).unwrap();
+        assert_eq!(p.ranks[0].heads, 0..6);
+        assert_eq!(p.ranks[1].heads, 6..8);
+        assert_eq!(p.ranks[0].ffn, 0..768);
+        assert_eq!(p.ranks[1].ffn, 768..1024);
+    }
+
+    #[test]
+    fn zero_weight_rank_only_coordinates() {
+        let p = SplitPlan::new(&cfg(9, 3, 1536), &[0.0, 1.0, 1.0]).unwrap();
+        assert!(p.ranks[0].heads.is_empty() && p.ranks[0].ffn.is_empty());
+        assert!(p.ranks[0].kv_heads.is_empty());
+        assert_eq!(p.ranks[1].heads.len() + p.ranks[2].heads.len(), 9);
+    }
+
+    #[test]
+    fn replication_shares_a_group() {
+        let p = SplitPlan::even(&cfg(9, 3, 1536), 4).unwrap();
+        // 4 ranks over 3 groups: the first group is split in two.
+        assert_eq!(p.ranks[0].kv_heads, 0..1);
+        assert_eq!(p.ranks[1].kv_heads, 0..1);
+        assert_eq!(p.ranks[0].heads.len() + p.ranks[1].heads.len(), 3);
+    }
+
+    #[test]
+    fn bad_inputs_are_errors() {
+        let c = cfg(4, 2, 64);
+        assert!(SplitPlan::new(&c, &[]).is_err());
+        assert!(SplitPlan::new(&c, &[0.0, 0.0]).is_err());
+        assert!(SplitPlan::new(&c, &[1.0, f64::NAN]).is_err());
+        assert!(SplitPlan::new(&c, &[1.0, -1.0]).is_err());
+    }
+
+    #[test]
+    fn tampered_plan_fails_check() {
+        let mut p = SplitPlan::even(&cfg(9, 3, 1536), 3).unwrap();
+        p.ranks[1].heads = 3..5;
+        assert!(p.check().is_err());
+        let mut p = SplitPlan::even(&cfg(9, 3, 1536), 4).unwrap();
+        p.ranks[1].kv_heads = 1..2;
+        assert!(p.check().is_err());
+    }
+}

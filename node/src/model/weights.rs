@@ -1,0 +1,490 @@
+//! Weight views over memory-mapped files or owned buffers, and the tensor store that
+//! names them canonically whatever the file format (GGUF or safetensors).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use memmap2::Mmap;
+use tpi_kernels::{DType, MatRef};
+
+use super::config::ModelConfig;
+use super::error::ModelError;
+use super::gguf::GgufFile;
+
+/// Bytes behind a weight: a shared memory map or a shared heap buffer (e.g. received over the network).
+#[derive(Clone)]
+pub enum Blob {
+    /// A region of a memory-mapped file.
+    Map(Arc<Mmap>),
+    /// An owned buffer.
+    Owned(Arc<Vec<u8>>),
+}
+
+impl Blob {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Blob::Map(m) => m,
+            Blob::Owned(v) => v,
+        }
+    }
+}
+
+/// A matrix (or vector, as one row) view: dtype, shape and stride over a [`Blob`].
+/// Slicing is zero-copy; [`Weight::mat`] hands the kernels a [`MatRef`].
+#[derive(Clone)]
+pub struct Weight {
+    /// Element type.
+    pub dtype: DType,
+    /// Rows (output features).
+    pub rows: usize,
+    /// Columns (input features).
+    pub cols: usize,
+    /// Bytes from one row to the next.
+    pub row_stride: usize,
+    blob: Blob,
+    offset: usize,
+}
+
+impl std::fmt::Debug for Weight {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "Weight({} {}x{} stride {})",
+            self.dtype.name(),
+            self.rows,
+            self.cols,
+            self.row_stride
+        )
+    }
+}
+
+impl Weight {
+    /// A dense weight over `blob[offset..]`, checked against the blob's length.
+    pub fn new(
+        dtype: DType,
+        rows: usize,
+        cols: usize,
+        blob: Blob,
+        offset: usize,
+    ) -> Result<Self, ModelError> {
+        let rb = dtype.row_bytes(cols).ok_or_else(|| {
+            ModelError::Input(format!(
+                "{cols} columns is not a whole number of {} blocks",
+                dtype.name()
+            ))
+        })?;
+        let need = rb.checked_mul(rows).and_then(|n| n.checked_add(offset));
+        if need.is_none_or(|n| n > blob.bytes().len()) {
+            return Err(ModelError::Input(format!(
+                "{rows}x{cols} {} weight does not fit its {}-byte buffer",
+                dtype.name(),
+                blob.bytes().len()
+            )));
+        }
+        Ok(Weight {
+            dtype,
+            rows,
+            cols,
+            row_stride: rb,
+            blob,
+            offset,
+        })
+    }
+
+    /// A dense weight owning `data`.
+    pub fn from_vec(dtype: DType, rows: usize, cols: usize, data: Vec<u8>) -> Result<Self, ModelError> {
+        Self::new(dtype, rows, cols, Blob::Owned(Arc::new(data)), 0)
+    }
+
+    /// Bytes of one dense row.
+    pub fn row_bytes(&self) -> usize {
+        self.dtype.row_bytes(self.cols).unwrap_or(0)
+    }
+
+    /// The bytes this view spans.
+    fn span(&self) -> &[u8] {
+        let len = if self.rows == 0 {
+            0
+        } else {
+            (self.rows - 1) * self.row_stride + self.row_bytes()
+        };
+        &self.blob.bytes()[self.offset..self.offset + len]
+    }
+
+    /// The kernel view of this weight.
+    pub fn mat(&self) -> MatRef<'_> {
+        MatRef {
+            dtype: self.dtype,
+            rows: self.rows,
+            cols: self.cols,
+            row_stride: self.row_stride,
+            data: self.span(),
+        }
+    }
+
+    /// Rows `r0..r1` (zero-copy).
+    pub fn rows_range(&self, r0: usize, r1: usize) -> Result<Weight, ModelError> {
+        if r0 > r1 || r1 > self.rows {
+            return Err(ModelError::Plan(format!(
+                "row slice {r0}..{r1} out of {} rows",
+                self.rows
+            )));
+        }
+        let mut w = self.clone();
+        w.offset += r0 * self.row_stride;
+        w.rows = r1 - r0;
+        Ok(w)
+    }
+
+    /// Columns `c0..c1` (zero-copy; bounds must be whole quantisation blocks).
+    pub fn cols_range(&self, c0: usize, c1: usize) -> Result<Weight, ModelError> {
+        let bl = self.dtype.block_len();
+        if c0 > c1 || c1 > self.cols || c0 % bl != 0 || c1 % bl != 0 {
+            return Err(ModelError::Plan(format!(
+                "column slice {c0}..{c1} of {} is not aligned to {}-element {} blocks",
+                self.cols,
+                bl,
+                self.dtype.name()
+            )));
+        }
+        let mut w = self.clone();
+        w.offset += c0 / bl * self.dtype.block_bytes();
+        w.cols = c1 - c0;
+        Ok(w)
+    }
+
+    /// Dense row-major bytes of this view (copies; used to ship slices to other ranks).
+    pub fn to_dense_bytes(&self) -> Vec<u8> {
+        let rb = self.row_bytes();
+        let span = self.span();
+        let mut out = Vec::with_capacity(rb * self.rows);
+        for r in 0..self.rows {
+            out.extend_from_slice(&span[r * self.row_stride..r * self.row_stride + rb]);
+        }
+        out
+    }
+
+    /// One row dequantised to f32 (embedding lookups).
+    pub fn row_f32(&self, r: usize, out: &mut [f32]) {
+        let rb = self.row_bytes();
+        let s = &self.span()[r * self.row_stride..r * self.row_stride + rb];
+        tpi_kernels::dequantize_row(self.dtype, s, out);
+    }
+
+    /// The whole view dequantised to f32 (norm weights and biases: small vectors).
+    pub fn to_f32_vec(&self) -> Vec<f32> {
+        let mut out = vec![0f32; self.rows * self.cols];
+        for r in 0..self.rows {
+            self.row_f32(r, &mut out[r * self.cols..(r + 1) * self.cols]);
+        }
+        out
+    }
+
+    /// Bytes a GEMV over this view streams.
+    pub fn nbytes(&self) -> usize {
+        self.row_bytes() * self.rows
+    }
+}
+
+/// Which file format the store was read from; it decides tensor names and RoPE layout.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    /// A GGUF file.
+    Gguf,
+    /// An HF directory of safetensors.
+    SafeTensors,
+}
+
+/// The role of a tensor, independent of the file's naming scheme.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// Token embedding [vocab, hidden].
+    Embed,
+    /// Final RMSNorm weight.
+    FinalNorm,
+    /// LM head [vocab, hidden] (absent when tied).
+    LmHead,
+    /// Pre-attention RMSNorm weight.
+    AttnNorm,
+    /// Query projection.
+    Wq,
+    /// Key projection.
+    Wk,
+    /// Value projection.
+    Wv,
+    /// Query bias.
+    Bq,
+    /// Key bias.
+    Bk,
+    /// Value bias.
+    Bv,
+    /// Attention output projection.
+    Wo,
+    /// Pre-MLP RMSNorm weight.
+    MlpNorm,
+    /// MLP gate projection.
+    Gate,
+    /// MLP up projection.
+    Up,
+    /// MLP down projection.
+    Down,
+}
+
+impl Role {
+    /// The tensor's name in a file of the given format (`layer` ignored for global tensors).
+    pub fn name(self, fmt: Format, layer: usize) -> String {
+        let l = layer;
+        match fmt {
+            Format::Gguf => match self {
+                Role::Embed => "token_embd.weight".into(),
+                Role::FinalNorm => "output_norm.weight".into(),
+                Role::LmHead => "output.weight".into(),
+                Role::AttnNorm => format!("blk.{l}.attn_norm.weight"),
+                Role::Wq => format!("blk.{l}.attn_q.weight"),
+                Role::Wk => format!("blk.{l}.attn_k.weight"),
+                Role::Wv => format!("blk.{l}.attn_v.weight"),
+                Role::Bq => format!("blk.{l}.attn_q.bias"),
+                Role::Bk => format!("blk.{l}.attn_k.bias"),
+                Role::Bv => format!("blk.{l}.attn_v.bias"),
+                Role::Wo => format!("blk.{l}.attn_output.weight"),
+                Role::MlpNorm => format!("blk.{l}.ffn_norm.weight"),
+                Role::Gate => format!("blk.{l}.ffn_gate.weight"),
+                Role::Up => format!("blk.{l}.ffn_up.weight"),
+                Role::Down => format!("blk.{l}.ffn_down.weight"),
+            },
+            Format::SafeTensors => match self {
+                Role::Embed => "model.embed_tokens.weight".into(),
+                Role::FinalNorm => "model.norm.weight".into(),
+                Role::LmHead => "lm_head.weight".into(),
+                Role::AttnNorm => format!("model.layers.{l}.input_layernorm.weight"),
+                Role::Wq => format!("model.layers.{l}.self_attn.q_proj.weight"),
+                Role::Wk => format!("model.layers.{l}.self_attn.k_proj.weight"),
+                Role::Wv => format!("model.layers.{l}.self_attn.v_proj.weight"),
+                Role::Bq => format!("model.layers.{l}.self_attn.q_proj.bias"),
+                Role::Bk => format!("model.layers.{l}.self_attn.k_proj.bias"),
+                Role::Bv => format!("model.layers.{l}.self_attn.v_proj.bias"),
+                Role::Wo => format!("model.layers.{l}.self_attn.o_proj.weight"),
+                Role::MlpNorm => format!("model.layers.{l}.post_attention_layernorm.weight"),
+                Role::Gate => format!("model.layers.{l}.mlp.gate_proj.weight"),
+                Role::Up => format!("model.layers.{l}.mlp.up_proj.weight"),
+                Role::Down => format!("model.layers.{l}.mlp.down_proj.weight"),
+            },
+        }
+    }
+
+    /// The (rows, cols) this role must have under `cfg`.
+    pub fn shape(self, cfg: &ModelConfig) -> (usize, usize) {
+        let d = cfg.hidden_size;
+        match self {
+            Role::Embed | Role::LmHead => (cfg.vocab_size, d),
+            Role::FinalNorm | Role::AttnNorm | Role::MlpNorm => (1, d),
+            Role::Wq => (cfg.q_dim(), d),
+            Role::Wk | Role::Wv => (cfg.kv_dim(), d),
+            Role::Bq => (1, cfg.q_dim()),
+            Role::Bk | Role::Bv => (1, cfg.kv_dim()),
+            Role::Wo => (d, cfg.q_dim()),
+            Role::Gate | Role::Up => (cfg.intermediate_size, d),
+            Role::Down => (d, cfg.intermediate_size),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+struct Entry {
+    file: usize,
+    dtype: DType,
+    rows: usize,
+    cols: usize,
+    offset: usize,
+}
+
+/// All tensors of a model, by file name, over their memory maps.
+pub struct TensorStore {
+    format: Format,
+    maps: Vec<Arc<Mmap>>,
+    entries: BTreeMap<String, Entry>,
+}
+
+fn map_file(path: &Path) -> Result<Mmap, ModelError> {
+    let file = std::fs::File::open(path).map_err(|source| ModelError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    // SAFETY: read-only map of a model file that tpi never writes while it is open.
+    unsafe { Mmap::map(&file) }.map_err(|source| ModelError::Io {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+fn st_dtype(name: &str, d: safetensors::Dtype) -> Result<DType, ModelError> {
+    Ok(match d {
+        safetensors::Dtype::F32 => DType::F32,
+        safetensors::Dtype::F16 => DType::F16,
+        safetensors::Dtype::BF16 => DType::BF16,
+        other => {
+            return Err(ModelError::UnsupportedDType {
+                tensor: name.to_string(),
+                dtype: format!("{other:?}").to_lowercase(),
+            })
+        }
+    })
+}
+
+impl TensorStore {
+    /// The tensors of an opened GGUF file.
+    pub fn from_gguf(f: &GgufFile) -> Self {
+        let entries = f
+            .tensors()
+            .values()
+            .map(|t| {
+                let (rows, cols) = t.rows_cols();
+                (
+                    t.name.clone(),
+                    Entry {
+                        file: 0,
+                        dtype: t.dtype,
+                        rows,
+                        cols,
+                        offset: t.offset,
+                    },
+                )
+            })
+            .collect();
+        TensorStore {
+            format: Format::Gguf,
+            maps: vec![f.map()],
+            entries,
+        }
+    }
+
+    /// The tensors of an HF model directory (`model.safetensors` or an index of shards).
+    pub fn from_hf_dir(dir: &Path) -> Result<Self, ModelError> {
+        let single = dir.join("model.safetensors");
+        let index = dir.join("model.safetensors.index.json");
+        let files: Vec<PathBuf> = if single.exists() {
+            vec![single]
+        } else if index.exists() {
+            let text = std::fs::read_to_string(&index).map_err(|source| ModelError::Io {
+                path: index.clone(),
+                source,
+            })?;
+            let v: serde_json::Value = serde_json::from_str(&text)
+                .map_err(|e| ModelError::corrupt(&index, e.to_string()))?;
+            let wm = v
+                .get("weight_map")
+                .and_then(|w| w.as_object())
+                .ok_or_else(|| ModelError::corrupt(&index, "no weight_map"))?;
+            let mut names: Vec<String> = wm
+                .values()
+                .filter_map(|f| f.as_str().map(String::from))
+                .collect();
+            names.sort();
+            names.dedup();
+            let mut out = Vec::new();
+            for n in names {
+                if n.contains('/') || n.contains("..") {
+                    return Err(ModelError::corrupt(&index, format!("bad shard name {n}")));
+                }
+                out.push(dir.join(n));
+            }
+            out
+        } else {
+            return Err(ModelError::Config(format!(
+                "{} has neither model.safetensors nor model.safetensors.index.json",
+                dir.display()
+            )));
+        };
+        let mut maps = Vec::new();
+        let mut entries = BTreeMap::new();
+        for (fi, path) in files.iter().enumerate() {
+            let map = map_file(path)?;
+            let st = safetensors::SafeTensors::deserialize(&map)
+                .map_err(|e| ModelError::corrupt(path, e.to_string()))?;
+            let base = map.as_ptr() as usize;
+            for (name, view) in st.tensors() {
+                let dtype = st_dtype(&name, view.dtype())?;
+                let shape = view.shape();
+                let (rows, cols) = match shape.len() {
+                    1 => (1, shape[0]),
+                    2 => (shape[0], shape[1]),
+                    _ => {
+                        // Tensors the engine never reads (e.g. rotary caches) may have other ranks.
+                        continue;
+                    }
+                };
+                let offset = view.data().as_ptr() as usize - base;
+                entries.insert(
+                    name,
+                    Entry {
+                        file: fi,
+                        dtype,
+                        rows,
+                        cols,
+                        offset,
+                    },
+                );
+            }
+            maps.push(Arc::new(map));
+        }
+        Ok(TensorStore {
+            format: Format::SafeTensors,
+            maps,
+            entries,
+        })
+    }
+
+    /// The naming scheme of the underlying files.
+    pub fn format(&self) -> Format {
+        self.format
+    }
+
+    /// Whether a tensor exists.
+    pub fn contains(&self, name: &str) -> bool {
+        self.entries.contains_key(name)
+    }
+
+    /// A tensor by file name.
+    pub fn get(&self, name: &str) -> Result<Weight, ModelError> {
+        let e = self
+            .entries
+            .get(name)
+            .ok_or_else(|| ModelError::MissingTensor(name.to_string()))?;
+        Weight::new(
+            e.dtype,
+            e.rows,
+            e.cols,
+            Blob::Map(self.maps[e.file].clone()),
+            e.offset,
+        )
+    }
+
+    /// A tensor by role, with its shape checked against the config.
+    pub fn role(&self, cfg: &ModelConfig, role: Role, layer: usize) -> Result<Weight, ModelError> {
+        let name = role.name(self.format, layer);
+        let w = self.get(&name)?;
+        let (r, c) = role.shape(cfg);
+        if (w.rows, w.cols) != (r, c) {
+            return Err(ModelError::BadShape {
+                tensor: name,
+                got: vec![w.rows, w.cols],
+                expected: vec![r, c],
+            });
+        }
+        Ok(w)
+    }
+
+    /// A small vector tensor (norm, bias) by role, dequantised to f32.
+    pub fn role_f32(&self, cfg: &ModelConfig, role: Role, layer: usize) -> Result<Vec<f32>, ModelError> {
+        Ok(self.role(cfg, role, layer)?.to_f32_vec())
+    }
+
+    /// Total bytes of all tensors.
+    pub fn total_bytes(&self) -> usize {
+        self.entries
+            .values()
+            .map(|e| e.dtype.row_bytes(e.cols).unwrap_or(0) * e.rows)
+            .sum()
+    }
+}

@@ -1,0 +1,23 @@
+//! QUIC transport, wire messages and collectives.
+//!
+//! Layering, bottom to top:
+//! - [`frame`]: `[u32 LE payload length][u8 kind][payload]` frames over QUIC streams,
+//!   with the length checked against a caller-given maximum before any allocation.
+//! - [`wire`]: bincode control messages ([`wire::encode`] / [`wire::decode`]) and the
+//!   raw little-endian f32 / f16 tensor payload helpers.
+//! - [`tls`]: the cluster CA and per-process mutual-TLS credentials.
+//! - [`transport`]: the quinn endpoint / connection / stream wrappers, transport tuning
+//!   and [`NetError`].
+//! - [`collective`]: allreduce (star / ring / tree) over per-peer [`collective::DataLink`]s.
+//! - [`bench`]: an in-process loopback allreduce latency benchmark.
+
+pub mod bench;
+pub mod collective;
+pub mod frame;
+pub mod tls;
+pub mod transport;
+pub mod wire;
+
+pub use collective::{Algo, AllreduceStats, DataLink, Group, WireDType};
+pub use tls::{CaBundle, Credential};
+pub use transport::{Connection, Endpoint, NetError, Stream, TransportOptions};

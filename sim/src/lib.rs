@@ -1,0 +1,1 @@
+//! tpi-sim: user-space link emulation and the cluster simulator.

@@ -1,0 +1,1 @@
+//! tpi-testbed: starts emulated clusters of tpi processes on one machine.
