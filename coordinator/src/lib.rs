@@ -1,5 +1,7 @@
 //! tpi-coordinator: the planner, tokenizer, sampling and generation loop (rank 0), and the `tpi` CLI.
 pub mod chat;
+pub mod cluster;
+pub mod local;
 pub mod engine;
 pub mod error;
 pub mod generate;

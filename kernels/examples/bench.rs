@@ -38,6 +38,31 @@ fn main() {
     for isa in isas {
         set_isa(isa).unwrap();
         println!("== ISA {isa:?}");
+        {
+            let pool = ThreadPool::new(1);
+            for dtype in [DType::F32, DType::F16, DType::Q8_0, DType::Q4_0, DType::Q4_1] {
+                let (r, c) = (256, 1536);
+                let m = rand_mat(dtype, r, c, 5);
+                let w = MatRef::new(dtype, r, c, &m).unwrap();
+                let x = vec![0.1f32; c];
+                let mut y = vec![0.0f32; r];
+                let it = 2000;
+                let t = Instant::now();
+                for _ in 0..it {
+                    gemv(&pool, w, &x, &mut y).unwrap();
+                }
+                let el = t.elapsed().as_secs_f64() / it as f64;
+                println!(
+                    "  in-cache gemv {:5} {r}x{c}: {:.1} GB/s, {:.2} Gelem/s",
+                    dtype.name(),
+                    w.weight_bytes() as f64 / el / 1e9,
+                    (r * c) as f64 / el / 1e9
+                );
+            }
+            if std::env::var("CACHE_ONLY").is_ok() {
+                continue;
+            }
+        }
         for threads in [1usize, 2] {
             let pool = ThreadPool::new(threads);
             let bw = bench::memory_bandwidth_gbs(&pool, 512 << 20, reps);

@@ -1,4 +1,7 @@
 //! tpi-node: one rank of a tpi cluster. Model loading, the split plan, the forward
-//! pass of a rank's slice of each layer, and the QUIC transport with its collectives.
+//! pass of a rank's slice of each layer, the QUIC transport with its collectives, and
+//! the node server.
 pub mod model;
 pub mod net;
+pub mod proto;
+pub mod worker;

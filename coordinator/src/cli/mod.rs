@@ -8,7 +8,11 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
-use tpi_coordinator::engine::{Backend, LocalBackend};
+use tpi_coordinator::cluster::{ClusterBackend, ClusterOptions};
+use tpi_coordinator::engine::{Backend, LocalBackend, StepReport};
+use tpi_coordinator::local::LocalCluster;
+use tpi_node::model::ModelConfig;
+use tpi_node::net::{Algo, Credential, WireDType};
 use tpi_coordinator::loader::LoadedModel;
 use tpi_coordinator::sampler::SamplerConfig;
 
@@ -59,6 +63,38 @@ impl ModelArgs {
     }
 }
 
+/// Where the other ranks are and how they talk.
+#[derive(Args, Debug, Clone)]
+pub struct ClusterArgs {
+    /// Nodes to run across, as host:port,host:port (each a `tpi-node serve`).
+    #[arg(long, value_delimiter = ',', conflicts_with = "local_cluster")]
+    pub nodes: Option<Vec<String>>,
+    /// Spawn N-1 local tpi-node processes on 127.0.0.1 (rank 0 is this process).
+    #[arg(long, value_name = "N")]
+    pub local_cluster: Option<usize>,
+    /// Allreduce algorithm.
+    #[arg(long, default_value = "star")]
+    pub allreduce: Algo,
+    /// Allreduce payload type (f16 halves the bytes).
+    #[arg(long, default_value = "f32")]
+    pub allreduce_dtype: WireDType,
+    /// Rank 0's share of the work relative to a node (0 = only coordinate).
+    #[arg(long, default_value_t = 1.0)]
+    pub coordinator_share: f64,
+    /// Work ratios of every rank, rank 0 first (e.g. 3,1).
+    #[arg(long, value_delimiter = ',')]
+    pub ratios: Option<Vec<f64>>,
+    /// Threads per local node (default: cores / N, at least 1).
+    #[arg(long)]
+    pub node_threads: Option<usize>,
+    /// Cluster credential directory (from `tpi cluster init`); needed with --nodes.
+    #[arg(long)]
+    pub credential: Option<PathBuf>,
+    /// Print where each step's time went, per rank.
+    #[arg(long)]
+    pub profile: bool,
+}
+
 /// Sampling flags.
 #[derive(Args, Debug, Clone)]
 pub struct SamplingArgs {
@@ -96,15 +132,151 @@ impl SamplingArgs {
     }
 }
 
-/// Opens the model and builds the backend that will run it.
-pub fn open_backend(m: &ModelArgs) -> anyhow::Result<(LoadedModel, Box<dyn Backend>)> {
+/// A cluster backend plus the local nodes it runs on (dropped after the backend, so
+/// the session ends cleanly before the processes are killed).
+struct WithLocal {
+    backend: ClusterBackend,
+    _local: Option<LocalCluster>,
+}
+
+impl Backend for WithLocal {
+    fn config(&self) -> &ModelConfig {
+        self.backend.config()
+    }
+    fn reset(&mut self, capacity: usize) -> tpi_coordinator::Result<()> {
+        self.backend.reset(capacity)
+    }
+    fn capacity(&self) -> usize {
+        self.backend.capacity()
+    }
+    fn forward(&mut self, tokens: &[u32], start: usize) -> tpi_coordinator::Result<Vec<f32>> {
+        self.backend.forward(tokens, start)
+    }
+    fn last_step(&self) -> StepReport {
+        self.backend.last_step()
+    }
+}
+
+fn resolve_nodes(list: &[String]) -> anyhow::Result<Vec<std::net::SocketAddr>> {
+    use std::net::ToSocketAddrs;
+    list.iter()
+        .filter(|s| !s.trim().is_empty())
+        .map(|s| {
+            s.trim()
+                .to_socket_addrs()
+                .with_context(|| format!("cannot resolve node address `{s}` (expected host:port)"))?
+                .next()
+                .with_context(|| format!("`{s}` resolves to no address"))
+        })
+        .collect()
+}
+
+fn default_credential() -> Option<PathBuf> {
+    std::env::var_os("HOME")
+        .map(|h| PathBuf::from(h).join(".config/tpi/credential"))
+        .filter(|p| p.join("cert.pem").exists())
+}
+
+/// Opens the model and builds the backend that will run it: this device alone, the
+/// listed nodes, or a spawned local cluster.
+pub fn open_backend(
+    m: &ModelArgs,
+    c: &ClusterArgs,
+    capacity: usize,
+) -> anyhow::Result<(LoadedModel, Box<dyn Backend>)> {
     if m.threads == Some(0) {
         bail!("--threads must be at least 1");
     }
     let loaded = LoadedModel::open(&m.model)
         .with_context(|| format!("cannot load model {}", m.model.display()))?;
-    let backend = LocalBackend::new(&loaded.files, m.threads())?;
-    Ok((loaded, Box::new(backend)))
+    let (local, nodes, credential) = match (&c.local_cluster, &c.nodes) {
+        (Some(0), _) => bail!("--local-cluster needs N >= 1"),
+        (Some(1), _) | (None, None) => {
+            if c.ratios.is_some() {
+                bail!("--ratios needs a cluster (--nodes or --local-cluster N with N >= 2)");
+            }
+            let backend = LocalBackend::new(&loaded.files, m.threads())?;
+            return Ok((loaded, Box::new(backend)));
+        }
+        (Some(n), _) => {
+            let cores = std::thread::available_parallelism().map(|x| x.get()).unwrap_or(1);
+            let t = c.node_threads.unwrap_or((cores / n).max(1));
+            let lc = LocalCluster::spawn(n - 1, t, &[])?;
+            let (addrs, cred) = (lc.addrs.clone(), lc.credential.clone());
+            (Some(lc), addrs, cred)
+        }
+        (None, Some(list)) => {
+            let addrs = resolve_nodes(list)?;
+            if addrs.is_empty() {
+                bail!("--nodes lists no address");
+            }
+            let dir = c
+                .credential
+                .clone()
+                .or_else(default_credential)
+                .context("--nodes needs the cluster credential: pass --credential DIR (made by `tpi cluster init`)")?;
+            let cred = Credential::load(&dir)
+                .with_context(|| format!("cannot load the credential in {}", dir.display()))?;
+            (None, addrs, cred)
+        }
+    };
+    let threads = match (&c.local_cluster, m.threads) {
+        (_, Some(t)) => t,
+        (Some(n), None) => {
+            let cores = std::thread::available_parallelism().map(|x| x.get()).unwrap_or(1);
+            (cores / n).max(1)
+        }
+        _ => m.threads(),
+    };
+    let opts = ClusterOptions {
+        nodes,
+        algo: c.allreduce,
+        dtype: c.allreduce_dtype,
+        ratios: c.ratios.clone(),
+        coordinator_share: c.coordinator_share,
+        threads,
+        connect_timeout: std::time::Duration::from_secs(5),
+    };
+    let backend = ClusterBackend::connect(&loaded.files, &credential, &opts, capacity)?;
+    Ok((
+        loaded,
+        Box::new(WithLocal {
+            backend,
+            _local: local,
+        }),
+    ))
+}
+
+/// A readable per-rank summary of where decode time went (prefill shown separately).
+pub fn profile_summary(steps: &[StepReport]) -> String {
+    use std::fmt::Write;
+    let mut s = String::new();
+    let Some(first) = steps.first() else {
+        return s;
+    };
+    let _ = writeln!(s, "profile: prefill of {} tokens took {:.1} ms", first.tokens, first.wall_ms);
+    let dec = &steps[1..];
+    if dec.is_empty() {
+        return s;
+    }
+    let n = dec.len() as f64;
+    let wall: f64 = dec.iter().map(|d| d.wall_ms).sum::<f64>() / n;
+    let _ = writeln!(s, "profile: {} decode steps, {wall:.2} ms/token at rank 0; per rank (ms/token):", dec.len());
+    let _ = writeln!(s, "  rank   compute  ar-wait  ar-xfer     idle");
+    for r in 0..first.ranks.len() {
+        let avg = |f: &dyn Fn(&tpi_coordinator::engine::RankStep) -> f64| {
+            dec.iter().filter_map(|d| d.ranks.get(r)).map(f).sum::<f64>() / n
+        };
+        let _ = writeln!(
+            s,
+            "  {r:>4} {:>9.2} {:>8.2} {:>8.2} {:>8.2}",
+            avg(&|x| x.compute_ms),
+            avg(&|x| x.allreduce_wait_ms),
+            avg(&|x| x.allreduce_transfer_ms),
+            avg(&|x| x.idle_ms)
+        );
+    }
+    s
 }
 
 /// Installs the log subscriber (stderr; RUST_LOG overrides).

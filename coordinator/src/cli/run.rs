@@ -9,7 +9,7 @@ use tpi_coordinator::chat::Message;
 use tpi_coordinator::generate::{GenRequest, Session};
 use tpi_coordinator::npy;
 
-use super::{ModelArgs, SamplingArgs};
+use super::{ClusterArgs, ModelArgs, SamplingArgs};
 
 /// `tpi run` flags.
 #[derive(Args, Debug)]
@@ -18,6 +18,8 @@ pub struct RunArgs {
     pub model: ModelArgs,
     #[command(flatten)]
     pub sampling: SamplingArgs,
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
     /// Prompt text.
     #[arg(long, short = 'p', conflicts_with = "tokens")]
     pub prompt: Option<String>,
@@ -38,7 +40,7 @@ pub struct RunArgs {
 /// Runs `tpi run`.
 pub fn run(a: RunArgs) -> anyhow::Result<()> {
     let sampler = a.sampling.sampler()?;
-    let (loaded, backend) = super::open_backend(&a.model)?;
+    let (loaded, backend) = super::open_backend(&a.model, &a.cluster, 0)?;
     let prompt_ids = match (&a.prompt, &a.tokens) {
         (_, Some(t)) => {
             if a.chat {
@@ -104,6 +106,9 @@ pub fn run(a: RunArgs) -> anyhow::Result<()> {
         Some(t) => t.decode(&out.generated_ids, true)?,
         None => String::new(),
     };
+    if a.cluster.profile {
+        eprint!("{}", super::profile_summary(&out.steps));
+    }
     if a.json {
         let j = serde_json::json!({
             "prompt_ids": prompt_ids,

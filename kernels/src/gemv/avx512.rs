@@ -65,8 +65,8 @@ unsafe fn rows_kernel<const R: usize>(
         DType::F16 => rows_float::<R, 1>(p, cols, x, out),
         DType::BF16 => rows_float::<R, 2>(p, cols, x, out),
         DType::Q8_0 => rows_q8_0::<R>(p, cols / 32, x, out),
-        DType::Q4_0 => rows_q4::<R, false>(p, cols / 32, x, aux, out),
-        DType::Q4_1 => rows_q4::<R, true>(p, cols / 32, x, aux, out),
+        DType::Q4_0 => rows_q4::<R, false>(p, cols / 32, aux, out),
+        DType::Q4_1 => rows_q4::<R, true>(p, cols / 32, aux, out),
     }
 }
 
@@ -125,72 +125,96 @@ unsafe fn rows_float<const R: usize, const K: u8>(p: [*const u8; R], cols: usize
     }
 }
 
+/// Copy the raw f16 `d` (and `m`) words of `n` blocks into a buffer and convert them with one
+/// `vcvtph2ps`, giving `[d0, m0, d1, m1, ...]` as f32 (so per-block scales become free
+/// memory-broadcast FMA operands instead of per-block scalar conversions).
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+#[inline]
+unsafe fn block_scales(p: *const u8, bb: usize, n: usize, out: &mut [f32; 16]) -> __m512 {
+    let mut raw = [0u32; 8];
+    for (i, v) in raw.iter_mut().enumerate().take(n) {
+        *v = (p.add(i * bb) as *const u32).read_unaligned();
+    }
+    let f = _mm512_cvtph_ps(_mm256_loadu_si256(raw.as_ptr() as *const __m256i));
+    _mm512_storeu_ps(out.as_mut_ptr(), f);
+    f
+}
+
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
 #[inline]
 unsafe fn rows_q8_0<const R: usize>(p: [*const u8; R], nb: usize, x: *const f32, out: &mut [f32; R]) {
     let mut acc = [_mm512_setzero_ps(); R];
-    for b in 0..nb {
-        let xl = _mm512_loadu_ps(x.add(b * 32));
-        let xh = _mm512_loadu_ps(x.add(b * 32 + 16));
+    let mut sc = [[0.0f32; 16]; R];
+    let mut b0 = 0;
+    while b0 < nb {
+        let nbc = (nb - b0).min(8);
         for r in 0..R {
-            let q = p[r].add(b * 34);
-            let d = _mm512_set1_ps(h2f(q));
-            let q0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(q.add(2) as *const __m128i)));
-            let q1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(q.add(18) as *const __m128i)));
-            let t = _mm512_fmadd_ps(q1, xh, _mm512_mul_ps(q0, xl));
-            acc[r] = _mm512_fmadd_ps(d, t, acc[r]);
+            block_scales(p[r].add(b0 * 34), 34, nbc, &mut sc[r]);
         }
+        for i in 0..nbc {
+            let b = b0 + i;
+            let xl = _mm512_loadu_ps(x.add(b * 32));
+            let xh = _mm512_loadu_ps(x.add(b * 32 + 16));
+            for r in 0..R {
+                let q = p[r].add(b * 34);
+                let q0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(q.add(2) as *const __m128i)));
+                let q1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(q.add(18) as *const __m128i)));
+                let t = _mm512_fmadd_ps(q1, xh, _mm512_mul_ps(q0, xl));
+                acc[r] = _mm512_fmadd_ps(t, _mm512_set1_ps(sc[r][2 * i]), acc[r]);
+            }
+        }
+        b0 += nbc;
     }
     for r in 0..R {
         out[r] = hsum512(acc[r]);
     }
 }
 
-/// Q4_0 / Q4_1 rows. Nibbles become floats with one `vpermps` each (table lookup on the low 4 bits);
-/// Q4_1's `m` term is `m * sum(x_block)` accumulated in a 128-bit lane (aux holds `[0, sum]` pairs).
+/// Q4_0 / Q4_1 rows, 7 zmm ops per 32-element block. The 16 quant bytes are broadcast to all four
+/// 128-bit lanes; each dword lane rotates its nibble to mantissa bits 19..22 and one `vpternlogd`
+/// ORs in the exponent of 1.0, giving the exact float `f = 1 + q/16` with no int->float convert.
+/// Then `w = q*d + m = 16*d*f + (m - 16*d)` (Q4_0: `16*d*f - 24*d`), so a row is
+/// `16 * sum_b d_b * sum(f*x) + sum_b [d_b, m_b] . aux_b`. `xp` is x permuted to the lane order.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
 #[inline]
 unsafe fn rows_q4<const R: usize, const Q41: bool>(
     p: [*const u8; R],
     nb: usize,
-    x: *const f32,
     aux: *const f32,
     out: &mut [f32; R],
 ) {
-    let tab = if Q41 {
-        _mm512_setr_ps(0., 1., 2., 3., 4., 5., 6., 7., 8., 9., 10., 11., 12., 13., 14., 15.)
-    } else {
-        _mm512_setr_ps(-8., -7., -6., -5., -4., -3., -2., -1., 0., 1., 2., 3., 4., 5., 6., 7.)
-    };
+    let rot_lo = _mm512_setr_epi32(19, 19, 19, 19, 11, 11, 11, 11, 3, 3, 3, 3, 27, 27, 27, 27);
+    let rot_hi = _mm512_setr_epi32(15, 15, 15, 15, 7, 7, 7, 7, 31, 31, 31, 31, 23, 23, 23, 23);
+    let mask = _mm512_set1_epi32(0x0078_0000);
+    let one = _mm512_set1_epi32(0x3F80_0000);
     let bb = if Q41 { 20 } else { 18 };
     let qoff = if Q41 { 4 } else { 2 };
+    let xp = aux.add((2 * nb).div_ceil(16) * 16);
     let mut acc = [_mm512_setzero_ps(); R];
     let mut accm = [_mm_setzero_ps(); R];
     for b in 0..nb {
-        let xl = _mm512_loadu_ps(x.add(b * 32));
-        let xh = _mm512_loadu_ps(x.add(b * 32 + 16));
-        let xs = if Q41 { _mm_castpd_ps(_mm_load_sd(aux.add(2 * b) as *const f64)) } else { _mm_setzero_ps() };
+        let xl = _mm512_loadu_ps(xp.add(b * 32));
+        let xh = _mm512_loadu_ps(xp.add(b * 32 + 16));
+        let xs = _mm_castpd_ps(_mm_load_sd(aux.add(2 * b) as *const f64));
         for r in 0..R {
-            let q = p[r].add(b * bb);
-            let v = _mm512_cvtepu8_epi32(_mm_loadu_si128(q.add(qoff) as *const __m128i));
-            let lo = _mm512_permutexvar_ps(v, tab);
-            let hi = _mm512_permutexvar_ps(_mm512_srli_epi32::<4>(v), tab);
+            let blk = p[r].add(b * bb);
+            let v = _mm512_broadcast_i32x4(_mm_loadu_si128(blk.add(qoff) as *const __m128i));
+            let lo = _mm512_castsi512_ps(_mm512_ternarylogic_epi32::<0xEA>(_mm512_rolv_epi32(v, rot_lo), mask, one));
+            let hi = _mm512_castsi512_ps(_mm512_ternarylogic_epi32::<0xEA>(_mm512_rolv_epi32(v, rot_hi), mask, one));
             let t = _mm512_fmadd_ps(hi, xh, _mm512_mul_ps(lo, xl));
-            if Q41 {
-                let dm = _mm_cvtph_ps(_mm_cvtsi32_si128((q as *const i32).read_unaligned()));
-                acc[r] = _mm512_fmadd_ps(_mm512_broadcastss_ps(dm), t, acc[r]);
-                accm[r] = _mm_fmadd_ps(dm, xs, accm[r]);
+            let dmi = if Q41 {
+                (blk as *const i32).read_unaligned()
             } else {
-                acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(h2f(q)), t, acc[r]);
-            }
+                (blk as *const u16).read_unaligned() as i32
+            };
+            let dm = _mm_cvtph_ps(_mm_cvtsi32_si128(dmi));
+            acc[r] = _mm512_fmadd_ps(_mm512_broadcastss_ps(dm), t, acc[r]);
+            accm[r] = _mm_fmadd_ps(dm, xs, accm[r]);
         }
     }
     for r in 0..R {
-        let mut s = hsum512(acc[r]);
-        if Q41 {
-            s += _mm_cvtss_f32(_mm_movehdup_ps(accm[r]));
-        }
-        out[r] = s;
+        let m = accm[r];
+        out[r] = 16.0 * hsum512(acc[r]) + (_mm_cvtss_f32(m) + _mm_cvtss_f32(_mm_movehdup_ps(m)));
     }
 }
 

@@ -30,19 +30,40 @@ impl SyncPtr {
     }
 }
 
-/// Per-GEMV auxiliary data derived from x: for Q4_1, pairs `[0, sum(x_block)]` per 32-block.
-pub(crate) fn gemv_aux(dtype: DType, x: &[f32]) -> Vec<f32> {
-    if dtype != DType::Q4_1 {
+/// Per-GEMV auxiliary data derived from x (shared by all rows), one pair per 32-block,
+/// zero-padded to a multiple of 16 floats:
+/// - AVX2/other Q4_1: `[0, sum(x_b)]` (the `m * sum(x_b)` term);
+/// - AVX-512 Q4_1: `[-16 sum(x_b), sum(x_b)]`, Q4_0: `[-24 sum(x_b), 0]` (see `avx512::rows_q4`),
+///   followed by x permuted within each block into that kernel's lane order.
+pub(crate) fn gemv_aux(isa: Isa, dtype: DType, x: &[f32]) -> Vec<f32> {
+    let avx512 = isa == Isa::Avx512 && matches!(dtype, DType::Q4_0 | DType::Q4_1);
+    if dtype != DType::Q4_1 && !avx512 {
         return Vec::new();
     }
-    let mut aux = Vec::with_capacity(x.len() / 16);
-    for b in x.chunks_exact(32) {
+    let nb = x.len() / 32;
+    let pairs = (2 * nb).div_ceil(16) * 16;
+    let mut aux = vec![0.0f32; pairs];
+    for (b, xb) in x.chunks_exact(32).enumerate() {
         let mut s = 0.0f32;
-        for v in b {
+        for v in xb {
             s += v;
         }
-        aux.push(0.0);
-        aux.push(s);
+        let pair = match (avx512, dtype) {
+            (true, DType::Q4_1) => [-16.0 * s, s],
+            (true, _) => [-24.0 * s, 0.0],
+            _ => [0.0, s],
+        };
+        aux[2 * b..2 * b + 2].copy_from_slice(&pair);
+    }
+    if avx512 {
+        aux.reserve(x.len());
+        for xb in x.chunks_exact(32) {
+            for half in 0..2 {
+                for j in 0..16 {
+                    aux.push(xb[16 * half + 4 * (j % 4) + j / 4]);
+                }
+            }
+        }
     }
     aux
 }
@@ -91,7 +112,7 @@ pub(crate) fn gemv_unchecked(isa: Isa, pool: &ThreadPool, w: &MatRef, x: &[f32],
     if rows == 0 {
         return;
     }
-    let aux = gemv_aux(w.dtype, x);
+    let aux = gemv_aux(isa, w.dtype, x);
     let max_tasks_by_size = (w.weight_bytes() / MIN_TASK_BYTES).max(1);
     let n_tasks = (pool.n_threads() * 4).min(max_tasks_by_size).min(rows.div_ceil(ROW_BLOCK)).max(1);
     if n_tasks == 1 || pool.n_threads() == 1 {

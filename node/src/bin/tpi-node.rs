@@ -1,1 +1,109 @@
-fn main() {}
+//! `tpi-node`: serves one rank of a tpi cluster.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use tpi_node::net::{Credential, TransportOptions};
+use tpi_node::worker::{bind, serve, NodeOptions};
+
+#[derive(Parser, Debug)]
+#[command(name = "tpi-node", version, about = "A tpi cluster node: holds a slice of every layer and computes it.")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Serve sessions from coordinators, one after another.
+    Serve {
+        /// Address to listen on (UDP, QUIC).
+        #[arg(long, default_value = "0.0.0.0:7070")]
+        listen: SocketAddr,
+        /// Compute threads (default: all cores).
+        #[arg(long)]
+        threads: Option<usize>,
+        /// Where the node keeps its state (identity, shard cache).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// Cluster credential directory (ca.pem, cert.pem, key.pem), made by `tpi cluster init`.
+        /// Default: DATA_DIR/credential, then ~/.config/tpi/credential.
+        #[arg(long)]
+        credential: Option<PathBuf>,
+    },
+}
+
+fn default_credential(data_dir: Option<&PathBuf>) -> Option<PathBuf> {
+    let mut c = Vec::new();
+    if let Some(d) = data_dir {
+        c.push(d.join("credential"));
+    }
+    if let Some(h) = std::env::var_os("HOME") {
+        c.push(PathBuf::from(h).join(".config/tpi/credential"));
+    }
+    c.into_iter().find(|p| p.join("cert.pem").exists())
+}
+
+fn main() -> ExitCode {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+    match real_main() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn real_main() -> anyhow::Result<()> {
+    let Cmd::Serve {
+        listen,
+        threads,
+        data_dir,
+        credential,
+    } = Cli::parse().cmd;
+    if threads == Some(0) {
+        anyhow::bail!("--threads must be at least 1");
+    }
+    if let Some(d) = &data_dir {
+        std::fs::create_dir_all(d).with_context(|| format!("cannot create {}", d.display()))?;
+    }
+    let cred_dir = credential
+        .or_else(|| default_credential(data_dir.as_ref()))
+        .context("no cluster credential: pass --credential DIR (made by `tpi cluster init`)")?;
+    let credential = Credential::load(&cred_dir)
+        .with_context(|| format!("cannot load the credential in {}", cred_dir.display()))?;
+    let threads = threads.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    });
+    let opts = NodeOptions {
+        listen,
+        threads,
+        credential,
+        transport: TransportOptions::default(),
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let (ep, addr) = bind(&opts).with_context(|| format!("cannot listen on {listen}"))?;
+        // The first stdout line announces the bound address (used by `tpi --local-cluster`).
+        println!("listening on {addr}");
+        std::io::stdout().flush()?;
+        tracing::info!("tpi-node serving on {addr} with {threads} threads");
+        serve(ep, opts).await;
+        Ok(())
+    })
+}

@@ -207,7 +207,7 @@ impl<'a> Cursor<'a> {
 }
 
 /// Maps a GGML type id to our kernel dtype, or names the unsupported type.
-fn ggml_dtype(id: u32) -> Result<DType, String> {
+pub fn ggml_dtype(id: u32) -> Result<DType, String> {
     Ok(match id {
         0 => DType::F32,
         1 => DType::F16,

@@ -197,7 +197,7 @@ pub enum Format {
 }
 
 /// The role of a tensor, independent of the file's naming scheme.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum Role {
     /// Token embedding [vocab, hidden].
     Embed,

@@ -477,7 +477,19 @@ pub async fn accept_data_link(
     world: usize,
     algo: Algo,
 ) -> Result<DataLink, NetError> {
-    let mut s = conn.accept_stream().await?;
+    let s = conn.accept_stream().await?;
+    accept_data_stream(conn, s, rank, world, algo).await
+}
+
+/// Completes [`accept_data_link`] on a stream already accepted (and tagged
+/// [`DATA_STREAM_TAG`]), for servers that dispatch incoming streams by tag.
+pub async fn accept_data_stream(
+    conn: &Connection,
+    mut s: Stream,
+    rank: usize,
+    world: usize,
+    algo: Algo,
+) -> Result<DataLink, NetError> {
     if s.tag != DATA_STREAM_TAG {
         return Err(NetError::Protocol(format!(
             "expected a data stream, got stream tag {:#x}",

@@ -1,0 +1,156 @@
+//! `--local-cluster N`: spawns N−1 `tpi-node` processes on 127.0.0.1 with an ephemeral
+//! cluster credential, and always cleans them up: on drop, on error, and when this
+//! process dies (the children get SIGKILL from the kernel via PR_SET_PDEATHSIG).
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use tpi_node::net::{CaBundle, Credential};
+
+use crate::error::{Error, Result};
+
+/// Spawned local nodes; killed and reaped on drop.
+pub struct LocalCluster {
+    children: Vec<Child>,
+    /// The nodes' listen addresses, in rank order (rank 1 first).
+    pub addrs: Vec<SocketAddr>,
+    /// The credential the coordinator uses to reach them.
+    pub credential: Credential,
+    dir: PathBuf,
+}
+
+/// The `tpi-node` binary: $TPI_NODE_BIN, else beside the running executable, else on PATH.
+pub fn node_binary() -> PathBuf {
+    if let Some(p) = std::env::var_os("TPI_NODE_BIN") {
+        return PathBuf::from(p);
+    }
+    if let Ok(exe) = std::env::current_exe() {
+        if let Some(dir) = exe.parent() {
+            let cand = dir.join("tpi-node");
+            if cand.exists() {
+                return cand;
+            }
+            // Test binaries live in target/<profile>/deps.
+            if let Some(up) = dir.parent() {
+                let cand = up.join("tpi-node");
+                if cand.exists() {
+                    return cand;
+                }
+            }
+        }
+    }
+    PathBuf::from("tpi-node")
+}
+
+fn unique_dir() -> PathBuf {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    std::env::temp_dir().join(format!("tpi-local-{}-{nanos}", std::process::id()))
+}
+
+fn spawn_node(bin: &Path, cred_dir: &Path, threads: usize, extra: &[String]) -> Result<Child> {
+    let mut cmd = Command::new(bin);
+    cmd.arg("serve")
+        .arg("--listen")
+        .arg("127.0.0.1:0")
+        .arg("--threads")
+        .arg(threads.to_string())
+        .arg("--credential")
+        .arg(cred_dir)
+        .args(extra)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    if std::env::var_os("RUST_LOG").is_none() {
+        cmd.env("RUST_LOG", "warn");
+    }
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::unix::process::CommandExt;
+        // SAFETY: prctl is async-signal-safe; the closure touches no allocator or locks.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
+    cmd.spawn()
+        .map_err(|e| Error::Io(format!("cannot start {}: {e} (set TPI_NODE_BIN or put tpi-node on PATH)", bin.display())))
+}
+
+impl LocalCluster {
+    /// Starts `nodes` node processes with `threads` threads each and waits for each to listen.
+    pub fn spawn(nodes: usize, threads: usize, extra_args: &[String]) -> Result<Self> {
+        let dir = unique_dir();
+        let io = |e: std::io::Error| Error::Io(format!("local cluster: {e}"));
+        std::fs::create_dir_all(&dir).map_err(io)?;
+        let ca = CaBundle::generate()?;
+        let node_cred = ca.issue("tpi-node")?;
+        let mut me = LocalCluster {
+            children: Vec::new(),
+            addrs: Vec::new(),
+            credential: ca.issue("tpi-coordinator")?,
+            dir: dir.clone(),
+        };
+        let cred_dir = dir.join("node");
+        node_cred.save(&cred_dir)?;
+        let bin = node_binary();
+        for _ in 0..nodes {
+            let mut child = spawn_node(&bin, &cred_dir, threads, extra_args)?;
+            let out = child.stdout.take();
+            me.children.push(child);
+            let (tx, rx) = mpsc::channel();
+            std::thread::spawn(move || {
+                let mut line = String::new();
+                if let Some(out) = out {
+                    let mut r = BufReader::new(out);
+                    let _ = r.read_line(&mut line);
+                    let _ = tx.send(line);
+                    // Keep draining so the child never blocks on a full pipe.
+                    let mut sink = String::new();
+                    while r.read_line(&mut sink).map(|n| n > 0).unwrap_or(false) {
+                        sink.clear();
+                    }
+                } else {
+                    let _ = tx.send(line);
+                }
+            });
+            let line = rx
+                .recv_timeout(Duration::from_secs(20))
+                .map_err(|_| Error::Cluster("a local tpi-node did not start within 20 s".into()))?;
+            let addr = line
+                .trim()
+                .strip_prefix("listening on ")
+                .and_then(|a| a.parse().ok())
+                .ok_or_else(|| Error::Cluster(format!("a local tpi-node failed to start (said {:?})", line.trim())))?;
+            me.addrs.push(addr);
+        }
+        Ok(me)
+    }
+
+    /// Process ids of the nodes.
+    pub fn pids(&self) -> Vec<u32> {
+        self.children.iter().map(|c| c.id()).collect()
+    }
+}
+
+impl Drop for LocalCluster {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+        }
+        for c in &mut self.children {
+            let _ = c.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

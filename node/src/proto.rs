@@ -1,0 +1,126 @@
+//! The session protocol between the coordinator (rank 0) and a node, on the control
+//! stream of their QUIC connection. Messages are bincode (via [`crate::net::wire`]);
+//! tensors (weights, hidden states) follow their header message as raw frames.
+//!
+//! A session: `Hello` → `Welcome` | `Refused`; `Setup` → weights (`Tensor` + raw frame,
+//! …, `WeightsDone`) → data links → `Ready`; then `Step` (+ hidden-state frame) →
+//! `StepDone`, repeated, with `Reset` between generations; `End` closes it.
+
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::model::{ModelConfig, Role, SplitPlan};
+use crate::net::{Algo, WireDType};
+
+/// Stream tag of a session's control stream.
+pub const CONTROL_STREAM_TAG: u8 = 0xC0;
+
+/// Largest control message accepted.
+pub const MAX_CONTROL: usize = 1 << 20;
+
+/// Coordinator → node.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum ToNode {
+    /// Opens a session.
+    Hello {
+        /// The coordinator's protocol version.
+        version: u32,
+    },
+    /// The node's part in the session.
+    Setup(Box<Setup>),
+    /// A weight tensor follows as one raw frame of exactly `rows × row_bytes(cols)` bytes.
+    Tensor {
+        /// What the tensor is.
+        role: Role,
+        /// Layer index (0 for global tensors).
+        layer: u32,
+        /// GGML type id of the data.
+        ggml_type: u32,
+        /// Rows.
+        rows: u64,
+        /// Columns.
+        cols: u64,
+    },
+    /// All weights have been sent.
+    WeightsDone,
+    /// Run layers on `n` tokens at positions `start..start+n`; the residual stream
+    /// `[n][hidden]` follows as one raw f32 frame.
+    Step {
+        /// First position.
+        start: u32,
+        /// Tokens in the step.
+        n: u32,
+    },
+    /// Drop the KV cache and make room for `capacity` positions.
+    Reset {
+        /// Positions to hold.
+        capacity: u32,
+    },
+    /// Close the session.
+    End,
+}
+
+/// The node's assignment.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Setup {
+    /// This node's rank.
+    pub rank: u32,
+    /// Ranks in the session.
+    pub world: u32,
+    /// Model hyper-parameters.
+    pub config: ModelConfig,
+    /// Identity of the model (see `ModelFiles::identity`).
+    pub model_id: String,
+    /// The whole split plan.
+    pub plan: SplitPlan,
+    /// The plan's identity as the coordinator computed it.
+    pub plan_id: String,
+    /// Allreduce algorithm.
+    pub algo: Algo,
+    /// Allreduce payload type.
+    pub dtype: WireDType,
+    /// Listen addresses of every rank (rank 0's unused), for worker-to-worker links.
+    pub addrs: Vec<Option<SocketAddr>>,
+    /// Initial KV cache capacity.
+    pub capacity: u32,
+}
+
+/// Node → coordinator.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum FromNode {
+    /// Session accepted.
+    Welcome {
+        /// The node's protocol version.
+        version: u32,
+        /// The node's compute threads.
+        threads: u32,
+    },
+    /// Session refused; the reason says what differs.
+    Refused {
+        /// Human-readable reason.
+        reason: String,
+    },
+    /// Weights loaded and links up.
+    Ready,
+    /// A step finished; its timings at this node.
+    StepDone(NodeStepTimes),
+    /// The session failed at the node.
+    Error {
+        /// What went wrong.
+        msg: String,
+    },
+}
+
+/// Where one step's time went at one node.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize)]
+pub struct NodeStepTimes {
+    /// Seconds computing.
+    pub compute_s: f64,
+    /// Seconds of allreduce blocked waiting for peers' data.
+    pub reduce_wait_s: f64,
+    /// Seconds of allreduce in total.
+    pub reduce_total_s: f64,
+    /// Seconds idle between the previous step's end and this step's start.
+    pub idle_s: f64,
+}
