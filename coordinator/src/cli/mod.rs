@@ -2,6 +2,7 @@
 
 mod bench;
 mod chat;
+mod cluster;
 mod run;
 
 use std::path::PathBuf;
@@ -36,6 +37,8 @@ pub enum Command {
     Chat(chat::ChatArgs),
     /// Measure kernels and model speed on this machine.
     Bench(bench::BenchArgs),
+    /// Manage the cluster credential (CA and device certificates).
+    Cluster(cluster::ClusterCmd),
 }
 
 /// Where the model is and how to compute it.
@@ -300,5 +303,6 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Run(a) => run::run(a),
         Command::Chat(a) => chat::chat(a),
         Command::Bench(a) => bench::bench(a),
+        Command::Cluster(a) => cluster::cluster(a),
     }
 }
