@@ -7,9 +7,12 @@ use std::time::{Duration, Instant};
 
 use futures::future::try_join_all;
 use tpi_kernels::ThreadPool;
-use tpi_node::model::forward::slice_weight;
-use tpi_node::model::gguf::ggml_type_id;
-use tpi_node::model::{Head, KvCache, ModelConfig, ModelFiles, RankModel, RankSlice, Role, SplitPlan};
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+use tpi_node::model::forward::BlockHooks;
+use tpi_node::model::{Head, KvCache, ModelConfig, ModelFiles, RankModel, SplitPlan};
+use tpi_node::store::window::{disk_read_bytes, peak_rss};
+use tpi_node::store::{Quant, Shard, Window};
+use tpi_node::worker::choose_window;
 use tpi_node::net::collective::open_data_link;
 use tpi_node::net::frame::{write_frame, FrameKind};
 use tpi_node::net::wire::{f32_to_le_bytes, PROTOCOL_VERSION};
@@ -36,7 +39,29 @@ pub struct ClusterOptions {
     pub threads: usize,
     /// Time allowed to reach each node.
     pub connect_timeout: Duration,
+    /// Weight type of the shards made on demand.
+    pub quant: Quant,
+    /// A `tpi shard --out` directory to use instead of the cache.
+    pub shards: Option<std::path::PathBuf>,
+    /// Rank 0's sliding window (blocks); None: from `mem_budget`.
+    pub window: Option<usize>,
+    /// Rank 0's memory budget, bytes.
+    pub mem_budget: Option<u64>,
 }
+
+/// Shard bytes sent to each node when the session started (0 when its cache was complete).
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct SetupReport {
+    /// Bytes sent per node, rank 1 first.
+    pub shard_bytes_sent: Vec<u64>,
+    /// Blocks resident per rank's window (0: whole shard resident), rank 0 first.
+    pub windows: Vec<u32>,
+    /// The plan's identity.
+    pub plan_id: String,
+}
+
+/// Chunk size of shard transfers.
+const CHUNK: usize = 4 << 20;
 
 struct Node {
     addr: SocketAddr,
@@ -55,27 +80,14 @@ pub struct ClusterBackend {
     cache: KvCache,
     pool: ThreadPool,
     plan: SplitPlan,
+    window: Window,
+    setup: SetupReport,
     last: StepReport,
     last_end: Instant,
 }
 
 fn node_err(addr: SocketAddr, rank: usize, e: impl std::fmt::Display) -> Error {
     Error::Cluster(format!("node {addr} (rank {rank}): {e}"))
-}
-
-/// Which tensors a rank needs for its slice, in send order.
-fn roles_for(cfg: &ModelConfig, s: &RankSlice) -> Vec<Role> {
-    let mut r = vec![Role::AttnNorm, Role::MlpNorm];
-    if s.has_attn() {
-        r.extend([Role::Wq, Role::Wk, Role::Wv, Role::Wo]);
-        if cfg.attention_bias {
-            r.extend([Role::Bq, Role::Bk, Role::Bv]);
-        }
-    }
-    if !s.ffn.is_empty() {
-        r.extend([Role::Gate, Role::Up, Role::Down]);
-    }
-    r
 }
 
 async fn expect_msg(node: &mut Node, rank: usize) -> Result<FromNode> {
@@ -123,8 +135,22 @@ impl ClusterBackend {
                 .collect(),
         };
         let plan = SplitPlan::new(&cfg, &weights)?;
-        let model = files.rank_model(&plan.ranks[0])?;
-        let head = files.head()?;
+        let dirs = crate::shards::ensure_shards(files, &plan, opts.quant, opts.shards.as_deref())?;
+        let shards: Vec<Shard> = dirs
+            .iter()
+            .map(|d| Shard::open(d).map_err(|e| Error::Io(e.to_string())))
+            .collect::<Result<_>>()?;
+        let model = shards[0].rank_model()?;
+        let head = shards[0].head()?;
+        let cache = model.new_cache(capacity);
+        let m0 = &shards[0].manifest;
+        let w0 = choose_window(m0, opts.window, opts.mem_budget, cache.bytes() as u64);
+        let regions = m0
+            .stream_order()
+            .iter()
+            .map(|&i| m0.blocks[i].offset as usize..(m0.blocks[i].offset + m0.blocks[i].len) as usize)
+            .collect();
+        let window = Window::new(shards[0].map(), shards[0].file(), regions, w0);
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -140,7 +166,7 @@ impl ClusterBackend {
         };
         let model_id = files.identity();
         let plan_id = plan.id();
-        let (nodes, group) = rt.block_on(async {
+        let (nodes, group, sent, windows) = rt.block_on(async {
             // Reach every node at once; the slowest bounds the wait.
             let mut nodes: Vec<Node> = try_join_all(opts.nodes.iter().enumerate().map(|(i, &addr)| {
                 let ep = endpoint.clone();
@@ -175,47 +201,77 @@ impl ClusterBackend {
             let addrs: Vec<Option<SocketAddr>> = std::iter::once(None)
                 .chain(nodes.iter().map(|n| Some(n.addr)))
                 .collect();
-            // Ship setup and weights to all nodes concurrently.
-            try_join_all(nodes.iter_mut().enumerate().map(|(i, node)| {
+            // Hand out setups; ship each node the blocks its cache lacks, all nodes at once.
+            let bars = MultiProgress::with_draw_target(indicatif::ProgressDrawTarget::stderr());
+            let style = ProgressStyle::with_template(
+                "{prefix:>24} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> ");
+            let sent: Vec<u64> = try_join_all(nodes.iter_mut().enumerate().map(|(i, node)| {
                 let rank = i + 1;
+                let shard = &shards[rank];
                 let setup = Setup {
                     rank: rank as u32,
                     world: world as u32,
-                    config: cfg.clone(),
                     model_id: model_id.clone(),
-                    plan: plan.clone(),
                     plan_id: plan_id.clone(),
+                    manifest: shard.manifest.clone(),
                     algo: opts.algo,
                     dtype: opts.dtype,
                     addrs: addrs.clone(),
                     capacity: capacity as u32,
                 };
-                let (cfg, plan) = (&cfg, &plan);
+                let (bars, style) = (&bars, &style);
                 async move {
                     send(node, rank, &ToNode::Setup(Box::new(setup))).await?;
-                    let s = &plan.ranks[rank];
-                    for l in 0..cfg.n_layers {
-                        for role in roles_for(cfg, s) {
-                            let full = files.store.role(cfg, role, l)?;
-                            let w = slice_weight(cfg, s, role, &full)?;
-                            send(
-                                node,
-                                rank,
-                                &ToNode::Tensor {
-                                    role,
-                                    layer: l as u32,
-                                    ggml_type: ggml_type_id(w.dtype),
-                                    rows: w.rows as u64,
-                                    cols: w.cols as u64,
-                                },
-                            )
-                            .await?;
-                            write_frame(&mut node.ctl.send, FrameKind::Tensor, &w.to_dense_bytes())
-                                .await
-                                .map_err(|e| node_err(node.addr, rank, e))?;
+                    let needs = match expect_msg(node, rank).await? {
+                        FromNode::NeedBlocks(n) => n,
+                        other => return Err(node_err(node.addr, rank, format!("unexpected {other:?}"))),
+                    };
+                    if needs.is_empty() {
+                        return Ok(0u64);
+                    }
+                    let m = &shard.manifest;
+                    let mut total = 0u64;
+                    for n in &needs {
+                        let b = m.blocks.get(n.index as usize).ok_or_else(|| {
+                            node_err(node.addr, rank, format!("asked for unknown block {}", n.index))
+                        })?;
+                        total += b.len.saturating_sub(n.have);
+                    }
+                    let bar = bars.add(ProgressBar::new(total));
+                    bar.set_style(style.clone());
+                    bar.set_prefix(format!("shard → {}", node.addr));
+                    let map = shard.map();
+                    for n in &needs {
+                        let b = &m.blocks[n.index as usize];
+                        let mut off = n.have.min(b.len);
+                        while off < b.len {
+                            let len = (b.len - off).min(CHUNK as u64);
+                            let start = (b.offset + off) as usize;
+                            let r = async {
+                                send(node, rank, &ToNode::BlockData { index: n.index, offset: off }).await?;
+                                write_frame(&mut node.ctl.send, FrameKind::Tensor, &map[start..start + len as usize])
+                                    .await
+                                    .map_err(|e| node_err(node.addr, rank, e))
+                            }
+                            .await;
+                            if let Err(e) = r {
+                                // The node may have said why it stopped (e.g. its disk is full).
+                                let why = tokio::time::timeout(Duration::from_millis(500), expect_msg(node, rank)).await;
+                                return Err(match why {
+                                    Ok(Err(reason)) => reason,
+                                    _ => e,
+                                });
+                            }
+                            off += len;
+                            bar.inc(len);
                         }
                     }
-                    send(node, rank, &ToNode::WeightsDone).await
+                    send(node, rank, &ToNode::BlocksDone).await?;
+                    bar.finish_and_clear();
+                    Ok(total)
                 }
             }))
             .await?;
@@ -227,26 +283,36 @@ impl ClusterBackend {
                     .map_err(|e| node_err(n.addr, p, e))?;
                 links.insert(p, l);
             }
-            try_join_all(nodes.iter_mut().enumerate().map(|(i, n)| async move {
+            let windows: Vec<u32> = try_join_all(nodes.iter_mut().enumerate().map(|(i, n)| async move {
                 match expect_msg(n, i + 1).await? {
-                    FromNode::Ready => Ok(()),
+                    FromNode::Ready { window } => Ok(window),
                     other => Err(node_err(n.addr, i + 1, format!("unexpected {other:?}"))),
                 }
             }))
             .await?;
             let group = Group::new(0, world, opts.algo, opts.dtype, links)?;
-            Ok::<_, Error>((nodes, group))
+            Ok::<_, Error>((nodes, group, sent, windows))
         })?;
+        let (nodes, group, sent, windows) = (nodes, group, sent, windows);
+        let setup = SetupReport {
+            shard_bytes_sent: sent,
+            windows: std::iter::once(if window.is_streaming() { window.size() as u32 } else { 0 })
+                .chain(windows)
+                .collect(),
+            plan_id: plan.id(),
+        };
         Ok(ClusterBackend {
             rt,
             endpoint,
             nodes,
             group,
             head,
-            cache: model.new_cache(capacity),
+            cache,
             model,
             pool: ThreadPool::new(opts.threads.max(1)),
             plan,
+            window,
+            setup,
             last: StepReport::default(),
             last_end: Instant::now(),
         })
@@ -255,6 +321,11 @@ impl ClusterBackend {
     /// The split plan in force.
     pub fn plan(&self) -> &SplitPlan {
         &self.plan
+    }
+
+    /// What setting up the session cost (shard transfers) and the windows in force.
+    pub fn setup_report(&self) -> &SetupReport {
+        &self.setup
     }
 
     /// Explains a failed allreduce: names the node whose link broke.
@@ -304,6 +375,7 @@ impl Backend for ClusterBackend {
                 self.cache.capacity
             )));
         }
+        let read0 = disk_read_bytes().unwrap_or(0);
         let mut x = self.head.embed(tokens)?;
         let payload = f32_to_le_bytes(&x);
         let nodes = &mut self.nodes;
@@ -325,6 +397,7 @@ impl Backend for ClusterBackend {
             n,
             start,
             &mut self.cache,
+            Some(&self.window),
             &mut |part| {
                 let st = rt.block_on(group.allreduce(part))?;
                 wait += st.wait.as_secs_f64();
@@ -337,9 +410,14 @@ impl Backend for ClusterBackend {
             Err(e) => return Err(self.cluster_error(e)),
         };
         let d = self.model.cfg.hidden_size;
+        let head_pos = 2 * self.model.cfg.n_layers;
+        let tw = Instant::now();
+        self.window.before(head_pos);
         let t1 = Instant::now();
         let logits = self.head.logits(&self.pool, &x[(n - 1) * d..])?;
+        self.window.after(head_pos);
         let head_s = t1.elapsed().as_secs_f64();
+        let head_wait = (t1 - tw).as_secs_f64();
         let nodes = &mut self.nodes;
         let worker_times: Vec<NodeStepTimes> =
             self.rt
@@ -356,6 +434,9 @@ impl Backend for ClusterBackend {
             allreduce_wait_ms: ms(wait),
             allreduce_transfer_ms: ms(total - wait),
             idle_ms: ms(idle0),
+            disk_wait_ms: ms(times.disk_wait_s + head_wait),
+            disk_read_bytes: disk_read_bytes().unwrap_or(0).saturating_sub(read0),
+            peak_rss_bytes: peak_rss().unwrap_or(0),
         }];
         for (i, t) in worker_times.iter().enumerate() {
             ranks.push(RankStep {
@@ -364,6 +445,9 @@ impl Backend for ClusterBackend {
                 allreduce_wait_ms: ms(t.reduce_wait_s),
                 allreduce_transfer_ms: ms(t.reduce_total_s - t.reduce_wait_s),
                 idle_ms: ms(t.idle_s),
+                disk_wait_ms: ms(t.disk_wait_s),
+                disk_read_bytes: t.disk_read_bytes,
+                peak_rss_bytes: t.peak_rss_bytes,
             });
         }
         self.last_end = Instant::now();
@@ -377,6 +461,10 @@ impl Backend for ClusterBackend {
 
     fn last_step(&self) -> StepReport {
         self.last.clone()
+    }
+
+    fn info(&self) -> serde_json::Value {
+        serde_json::to_value(&self.setup).unwrap_or_default()
     }
 }
 

@@ -4,8 +4,11 @@
 use std::time::Instant;
 
 use tpi_kernels::ThreadPool;
-use tpi_node::model::forward::StepTimes;
+use tpi_node::model::forward::{BlockHooks, StepTimes};
 use tpi_node::model::{Head, KvCache, ModelConfig, ModelFiles, RankModel, SplitPlan};
+use tpi_node::store::window::{disk_read_bytes, peak_rss};
+use tpi_node::store::{Shard, Window};
+use tpi_node::worker::choose_window;
 
 use crate::error::{Error, Result};
 
@@ -22,6 +25,12 @@ pub struct RankStep {
     pub allreduce_transfer_ms: f64,
     /// Milliseconds idle (waiting for the next step to start).
     pub idle_ms: f64,
+    /// Milliseconds waiting for the sliding window to bring a block in from disk.
+    pub disk_wait_ms: f64,
+    /// Bytes read from storage during the step.
+    pub disk_read_bytes: u64,
+    /// Peak resident set size of the rank's process so far.
+    pub peak_rss_bytes: u64,
 }
 
 /// What one forward step cost.
@@ -47,6 +56,10 @@ pub trait Backend: Send {
     fn forward(&mut self, tokens: &[u32], start: usize) -> Result<Vec<f32>>;
     /// The timing report of the most recent forward step.
     fn last_step(&self) -> StepReport;
+    /// Facts about the backend's setup (cluster, shard transfers, windows), as JSON.
+    fn info(&self) -> serde_json::Value {
+        serde_json::Value::Null
+    }
 }
 
 /// All layers on this device.
@@ -55,10 +68,40 @@ pub struct LocalBackend {
     model: RankModel,
     cache: KvCache,
     pool: ThreadPool,
+    window: Option<Window>,
     last: StepReport,
 }
 
 impl LocalBackend {
+    /// Runs from a one-rank shard through a sliding window of `window` blocks (or one
+    /// derived from `mem_budget`; neither: the whole shard stays resident).
+    pub fn from_shard(
+        shard: &Shard,
+        threads: usize,
+        window: Option<usize>,
+        mem_budget: Option<u64>,
+        capacity: usize,
+    ) -> Result<Self> {
+        let model = shard.rank_model()?;
+        let head = shard.head()?;
+        let cache = model.new_cache(capacity);
+        let m = &shard.manifest;
+        let w = choose_window(m, window, mem_budget, cache.bytes() as u64);
+        let regions = m
+            .stream_order()
+            .iter()
+            .map(|&i| m.blocks[i].offset as usize..(m.blocks[i].offset + m.blocks[i].len) as usize)
+            .collect();
+        Ok(LocalBackend {
+            head,
+            model,
+            cache,
+            pool: ThreadPool::new(threads.max(1)),
+            window: Some(Window::new(shard.map(), shard.file(), regions, w)),
+            last: StepReport::default(),
+        })
+    }
+
     /// Loads the model (mapped, not copied) for `threads` compute threads. The weight
     /// views keep the file maps alive, so `files` may be dropped afterwards.
     pub fn new(files: &ModelFiles, threads: usize) -> Result<Self> {
@@ -72,6 +115,7 @@ impl LocalBackend {
             model,
             cache,
             pool: ThreadPool::new(threads.max(1)),
+            window: None,
             last: StepReport::default(),
         })
     }
@@ -94,25 +138,40 @@ impl Backend for LocalBackend {
         if n == 0 {
             return Err(Error::Input("empty step".into()));
         }
+        let read0 = disk_read_bytes().unwrap_or(0);
         let mut x = self.head.embed(tokens)?;
+        let hooks = self.window.as_ref().map(|w| w as &dyn BlockHooks);
         let times: StepTimes = self.model.forward_layers::<Error>(
             &self.pool,
             &mut x,
             n,
             start,
             &mut self.cache,
+            hooks,
             &mut |_| Ok(()),
         )?;
         let d = self.model.cfg.hidden_size;
+        let head_pos = 2 * self.model.cfg.n_layers;
+        let tw = Instant::now();
+        if let Some(h) = hooks {
+            h.before(head_pos);
+        }
         let t1 = Instant::now();
         let logits = self.head.logits(&self.pool, &x[(n - 1) * d..])?;
+        if let Some(h) = hooks {
+            h.after(head_pos);
+        }
         let head_s = t1.elapsed().as_secs_f64();
+        let head_wait = (t1 - tw).as_secs_f64();
         self.last = StepReport {
             tokens: n,
             wall_ms: t0.elapsed().as_secs_f64() * 1e3,
             ranks: vec![RankStep {
                 rank: 0,
                 compute_ms: (times.compute_s + head_s) * 1e3,
+                disk_wait_ms: (times.disk_wait_s + head_wait) * 1e3,
+                disk_read_bytes: disk_read_bytes().unwrap_or(0).saturating_sub(read0),
+                peak_rss_bytes: peak_rss().unwrap_or(0),
                 ..Default::default()
             }],
         };
@@ -120,5 +179,10 @@ impl Backend for LocalBackend {
     }
     fn last_step(&self) -> StepReport {
         self.last.clone()
+    }
+    fn info(&self) -> serde_json::Value {
+        serde_json::json!({
+            "windows": [self.window.as_ref().map(|w| if w.is_streaming() { w.size() } else { 0 }).unwrap_or(0)],
+        })
     }
 }

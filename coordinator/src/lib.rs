@@ -8,6 +8,7 @@ pub mod generate;
 pub mod loader;
 pub mod npy;
 pub mod sampler;
+pub mod shards;
 pub mod tokenizer;
 
 pub use error::{Error, Result};

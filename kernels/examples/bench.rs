@@ -26,12 +26,15 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     let reps = 5;
     let isas: Vec<Isa> = if args.len() > 1 {
-        args[1..].iter().map(|a| match a.as_str() {
-            "scalar" => Isa::Scalar,
-            "avx2" => Isa::Avx2,
-            "avx512" => Isa::Avx512,
-            _ => Isa::Neon,
-        }).collect()
+        args[1..]
+            .iter()
+            .map(|a| match a.as_str() {
+                "scalar" => Isa::Scalar,
+                "avx2" => Isa::Avx2,
+                "avx512" => Isa::Avx512,
+                _ => Isa::Neon,
+            })
+            .collect()
     } else {
         vec![detected_isa()]
     };
@@ -40,24 +43,37 @@ fn main() {
         println!("== ISA {isa:?}");
         {
             let pool = ThreadPool::new(1);
-            for dtype in [DType::F32, DType::F16, DType::Q8_0, DType::Q4_0, DType::Q4_1] {
+            for dtype in [
+                DType::F32,
+                DType::F16,
+                DType::Q8_0,
+                DType::Q4_0,
+                DType::Q4_1,
+            ] {
                 let (r, c) = (256, 1536);
                 let m = rand_mat(dtype, r, c, 5);
                 let w = MatRef::new(dtype, r, c, &m).unwrap();
                 let x = vec![0.1f32; c];
                 let mut y = vec![0.0f32; r];
-                let it = 2000;
-                let t = Instant::now();
-                for _ in 0..it {
-                    gemv(&pool, w, &x, &mut y).unwrap();
+                let mut el = f64::INFINITY;
+                for _ in 0..300 {
+                    let t = Instant::now();
+                    for _ in 0..5 {
+                        gemv(&pool, w, &x, &mut y).unwrap();
+                    }
+                    el = el.min(t.elapsed().as_secs_f64() / 5.0);
                 }
-                let el = t.elapsed().as_secs_f64() / it as f64;
                 println!(
                     "  in-cache gemv {:5} {r}x{c}: {:.1} GB/s, {:.2} Gelem/s",
                     dtype.name(),
                     w.weight_bytes() as f64 / el / 1e9,
                     (r * c) as f64 / el / 1e9
                 );
+            }
+            if std::env::var("DECODE_ONLY").is_ok() {
+                decode_only(&pool);
+                decode_only(&ThreadPool::new(2));
+                continue;
             }
             if std::env::var("CACHE_ONLY").is_ok() {
                 continue;
@@ -67,7 +83,14 @@ fn main() {
             let pool = ThreadPool::new(threads);
             let bw = bench::memory_bandwidth_gbs(&pool, 512 << 20, reps);
             println!("threads={threads} memory bandwidth: {bw:.1} GB/s");
-            for dtype in [DType::F32, DType::F16, DType::BF16, DType::Q8_0, DType::Q4_0, DType::Q4_1] {
+            for dtype in [
+                DType::F32,
+                DType::F16,
+                DType::BF16,
+                DType::Q8_0,
+                DType::Q4_0,
+                DType::Q4_1,
+            ] {
                 let big = bench::gemv_gbs(&pool, dtype, 4096, 4096, reps);
                 let small = bench::gemv_gbs(&pool, dtype, 576, 1536, reps);
                 println!(
@@ -77,9 +100,23 @@ fn main() {
                 );
             }
             // SmolLM-135M-like decode: 30 layers Q4_1 + Q8_0 LM head, all weights distinct (DRAM-bound).
-            let shapes = [(576usize, 576usize), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)];
+            let shapes = [
+                (576usize, 576usize),
+                (192, 576),
+                (192, 576),
+                (576, 576),
+                (1536, 576),
+                (1536, 576),
+                (576, 1536),
+            ];
             let layers: Vec<Vec<Vec<u8>>> = (0..30)
-                .map(|l| shapes.iter().enumerate().map(|(i, &(r, c))| rand_mat(DType::Q4_1, r, c, (l * 10 + i + 1) as u64)).collect())
+                .map(|l| {
+                    shapes
+                        .iter()
+                        .enumerate()
+                        .map(|(i, &(r, c))| rand_mat(DType::Q4_1, r, c, (l * 10 + i + 1) as u64))
+                        .collect()
+                })
                 .collect();
             let head = rand_mat(DType::Q8_0, 49152, 576, 7);
             let x576 = vec![0.1f32; 576];
@@ -99,7 +136,11 @@ fn main() {
                 gemv(&pool, w, &x576, &mut y).unwrap();
                 best = best.min(t.elapsed().as_secs_f64());
             }
-            println!("  135M-shaped decode GEMVs only: {:.2} ms/token = {:.0} tok/s", best * 1e3, 1.0 / best);
+            println!(
+                "  135M-shaped decode GEMVs only: {:.2} ms/token = {:.0} tok/s",
+                best * 1e3,
+                1.0 / best
+            );
             // Prefill GEMM: 128 tokens through the same layers (LM head for the last token only).
             let n = 128;
             let xs = vec![0.1f32; n * 1536];
@@ -131,7 +172,10 @@ fn main() {
                 gemm(&pool, w, &xs[..n * 576], n, &mut ys[..n * 1536]).unwrap();
             }
             let el = t.elapsed().as_secs_f64() / it as f64;
-            println!("  gemm q4_1 1536x576 n=128: {:.1} GFLOP/s", 2.0 * (1536 * 576 * n) as f64 / el / 1e9);
+            println!(
+                "  gemm q4_1 1536x576 n=128: {:.1} GFLOP/s",
+                2.0 * (1536 * 576 * n) as f64 / el / 1e9
+            );
             let f32m = rand_mat(DType::F32, 1536, 576, 3);
             let w = MatRef::new(DType::F32, 1536, 576, &f32m).unwrap();
             let t = Instant::now();
@@ -139,7 +183,70 @@ fn main() {
                 gemm(&pool, w, &xs[..n * 576], n, &mut ys[..n * 1536]).unwrap();
             }
             let el = t.elapsed().as_secs_f64() / it as f64;
-            println!("  gemm f32  1536x576 n=128: {:.1} GFLOP/s", 2.0 * (1536 * 576 * n) as f64 / el / 1e9);
+            println!(
+                "  gemm f32  1536x576 n=128: {:.1} GFLOP/s",
+                2.0 * (1536 * 576 * n) as f64 / el / 1e9
+            );
         }
     }
+}
+
+/// Best-of timing of the 135M-shaped decode GEMVs at 1 thread (A/B comparisons on a noisy box).
+fn decode_only(pool: &ThreadPool) {
+    let shapes = [
+        (576usize, 576usize),
+        (192, 576),
+        (192, 576),
+        (576, 576),
+        (1536, 576),
+        (1536, 576),
+        (576, 1536),
+    ];
+    let layers: Vec<Vec<Vec<u8>>> = (0..30)
+        .map(|l| {
+            shapes
+                .iter()
+                .enumerate()
+                .map(|(i, &(r, c))| rand_mat(DType::Q4_1, r, c, (l * 10 + i + 1) as u64))
+                .collect()
+        })
+        .collect();
+    let head = rand_mat(DType::Q8_0, 49152, 576, 7);
+    let x = vec![0.1f32; 1536];
+    let mut y = vec![0.0f32; 49152];
+    let (mut bl, mut bh) = (f64::INFINITY, f64::INFINITY);
+    for _ in 0..30 {
+        let t = Instant::now();
+        for l in &layers {
+            for (m, &(r, c)) in l.iter().zip(&shapes) {
+                gemv(
+                    pool,
+                    MatRef::new(DType::Q4_1, r, c, m).unwrap(),
+                    &x[..c],
+                    &mut y[..r],
+                )
+                .unwrap();
+            }
+        }
+        bl = bl.min(t.elapsed().as_secs_f64());
+        let t = Instant::now();
+        gemv(
+            pool,
+            MatRef::new(DType::Q8_0, 49152, 576, &head).unwrap(),
+            &x[..576],
+            &mut y,
+        )
+        .unwrap();
+        bh = bh.min(t.elapsed().as_secs_f64());
+    }
+    let lb: usize = shapes.iter().map(|(r, c)| r * c / 32 * 20).sum::<usize>() * 30;
+    println!(
+        "  decode ({} thr): layers {:.2} ms ({:.1} GB/s q4_1), head {:.2} ms ({:.1} GB/s q8_0), total {:.0} tok/s",
+        pool.n_threads(),
+        bl * 1e3,
+        lb as f64 / bl / 1e9,
+        bh * 1e3,
+        (49152 * 18 * 34) as f64 / bh / 1e9,
+        1.0 / (bl + bh)
+    );
 }

@@ -13,7 +13,11 @@ thread_local! {
 
 fn shape(what: &'static str, expected: usize, actual: usize) -> Result<(), KernelError> {
     if expected != actual {
-        return Err(KernelError::Shape { what, expected, actual });
+        return Err(KernelError::Shape {
+            what,
+            expected,
+            actual,
+        });
     }
     Ok(())
 }
@@ -58,10 +62,18 @@ pub fn attention(
         .and_then(|v| v.checked_mul(head_dim))
         .ok_or_else(overflow)?;
     if k_cache.len() < cache_len {
-        return Err(KernelError::Shape { what: "k_cache", expected: cache_len, actual: k_cache.len() });
+        return Err(KernelError::Shape {
+            what: "k_cache",
+            expected: cache_len,
+            actual: k_cache.len(),
+        });
     }
     if v_cache.len() < cache_len {
-        return Err(KernelError::Shape { what: "v_cache", expected: cache_len, actual: v_cache.len() });
+        return Err(KernelError::Shape {
+            what: "v_cache",
+            expected: cache_len,
+            actual: v_cache.len(),
+        });
     }
     if n_tokens == 0 {
         return Ok(());
@@ -90,7 +102,12 @@ pub fn attention(
             softmax(&mut s);
             o.fill(0.0);
             for (j, p) in s.iter().enumerate() {
-                axpy(isa, *p, &v_cache[kbase + j * head_dim..kbase + (j + 1) * head_dim], o);
+                axpy(
+                    isa,
+                    *p,
+                    &v_cache[kbase + j * head_dim..kbase + (j + 1) * head_dim],
+                    o,
+                );
             }
         });
     });

@@ -49,7 +49,7 @@ pub fn gemv_gbs(pool: &ThreadPool, dtype: DType, rows: usize, cols: usize, reps:
     let cols = cols.div_ceil(dtype.block_len()) * dtype.block_len();
     let row_bytes = dtype.row_bytes(cols).unwrap_or(0).max(1);
     let mat_bytes = rows.max(1) * row_bytes;
-    let copies = (256usize << 20).div_ceil(mat_bytes).clamp(1, 64);
+    let copies = (128usize << 20).div_ceil(mat_bytes).clamp(1, 64);
     let mut rng = XorShift(0x9E37_79B9_7F4A_7C15);
     let mut proto = vec![0u8; mat_bytes];
     let mut rowf = vec![0.0f32; cols];

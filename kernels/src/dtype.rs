@@ -127,19 +127,36 @@ impl fmt::Display for KernelError {
                 dtype.block_len()
             ),
             KernelError::DataLength { expected, actual } => {
-                write!(f, "matrix data has {actual} bytes, shape requires {expected}")
+                write!(
+                    f,
+                    "matrix data has {actual} bytes, shape requires {expected}"
+                )
             }
             KernelError::Stride { stride, row_bytes } => {
-                write!(f, "row stride {stride} is smaller than the row length {row_bytes} bytes")
+                write!(
+                    f,
+                    "row stride {stride} is smaller than the row length {row_bytes} bytes"
+                )
             }
-            KernelError::Range { axis, start, end, len } => {
+            KernelError::Range {
+                axis,
+                start,
+                end,
+                len,
+            } => {
                 write!(f, "{axis} range {start}..{end} is invalid for {len} {axis}")
             }
-            KernelError::Shape { what, expected, actual } => {
+            KernelError::Shape {
+                what,
+                expected,
+                actual,
+            } => {
                 write!(f, "{what} has length {actual}, expected {expected}")
             }
             KernelError::Invalid(s) => write!(f, "invalid argument: {s}"),
-            KernelError::IsaUnavailable(isa) => write!(f, "ISA {isa:?} is not available on this CPU"),
+            KernelError::IsaUnavailable(isa) => {
+                write!(f, "ISA {isa:?} is not available on this CPU")
+            }
         }
     }
 }
@@ -174,13 +191,27 @@ fn overflow() -> KernelError {
 
 impl<'a> MatRef<'a> {
     /// Dense view; `data.len()` must equal `rows * row_bytes(cols)`.
-    pub fn new(dtype: DType, rows: usize, cols: usize, data: &'a [u8]) -> Result<Self, KernelError> {
+    pub fn new(
+        dtype: DType,
+        rows: usize,
+        cols: usize,
+        data: &'a [u8],
+    ) -> Result<Self, KernelError> {
         let rb = row_bytes_checked(dtype, cols)?;
         let expected = rows.checked_mul(rb).ok_or_else(overflow)?;
         if data.len() != expected {
-            return Err(KernelError::DataLength { expected, actual: data.len() });
+            return Err(KernelError::DataLength {
+                expected,
+                actual: data.len(),
+            });
         }
-        Ok(MatRef { dtype, rows, cols, row_stride: rb, data })
+        Ok(MatRef {
+            dtype,
+            rows,
+            cols,
+            row_stride: rb,
+            data,
+        })
     }
 
     /// Strided view; requires `row_stride >= row_bytes` and `data.len() >= (rows-1)*stride + row_bytes`.
@@ -193,7 +224,10 @@ impl<'a> MatRef<'a> {
     ) -> Result<Self, KernelError> {
         let rb = row_bytes_checked(dtype, cols)?;
         if row_stride < rb {
-            return Err(KernelError::Stride { stride: row_stride, row_bytes: rb });
+            return Err(KernelError::Stride {
+                stride: row_stride,
+                row_bytes: rb,
+            });
         }
         if rows > 0 {
             let expected = (rows - 1)
@@ -201,16 +235,30 @@ impl<'a> MatRef<'a> {
                 .and_then(|v| v.checked_add(rb))
                 .ok_or_else(overflow)?;
             if data.len() < expected {
-                return Err(KernelError::DataLength { expected, actual: data.len() });
+                return Err(KernelError::DataLength {
+                    expected,
+                    actual: data.len(),
+                });
             }
         }
-        Ok(MatRef { dtype, rows, cols, row_stride, data })
+        Ok(MatRef {
+            dtype,
+            rows,
+            cols,
+            row_stride,
+            data,
+        })
     }
 
     /// Sub-view of rows `r0..r1` (zero-copy).
     pub fn rows_range(&self, r0: usize, r1: usize) -> Result<MatRef<'a>, KernelError> {
         if r0 > r1 || r1 > self.rows {
-            return Err(KernelError::Range { axis: "rows", start: r0, end: r1, len: self.rows });
+            return Err(KernelError::Range {
+                axis: "rows",
+                start: r0,
+                end: r1,
+                len: self.rows,
+            });
         }
         let rb = self.row_bytes();
         let data = if r1 > r0 {
@@ -229,14 +277,25 @@ impl<'a> MatRef<'a> {
     /// Sub-view of columns `c0..c1` (multiples of the block length); same stride, data offset by bytes.
     pub fn cols_range(&self, c0: usize, c1: usize) -> Result<MatRef<'a>, KernelError> {
         if c0 > c1 || c1 > self.cols {
-            return Err(KernelError::Range { axis: "cols", start: c0, end: c1, len: self.cols });
+            return Err(KernelError::Range {
+                axis: "cols",
+                start: c0,
+                end: c1,
+                len: self.cols,
+            });
         }
         let bl = self.dtype.block_len();
         if !c0.is_multiple_of(bl) {
-            return Err(KernelError::UnalignedCols { dtype: self.dtype, cols: c0 });
+            return Err(KernelError::UnalignedCols {
+                dtype: self.dtype,
+                cols: c0,
+            });
         }
         if !c1.is_multiple_of(bl) {
-            return Err(KernelError::UnalignedCols { dtype: self.dtype, cols: c1 });
+            return Err(KernelError::UnalignedCols {
+                dtype: self.dtype,
+                cols: c1,
+            });
         }
         let off = c0 / bl * self.dtype.block_bytes();
         let data = self.data.get(off..).unwrap_or(&self.data[..0]);

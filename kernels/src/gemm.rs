@@ -15,7 +15,13 @@ const KC: usize = 256;
 
 /// y[t][r] = sum_c W[r,c] * x[t][c] for `n` tokens (x: n x cols, y: n x rows, row-major).
 /// Much faster than `n` GEMVs: W is dequantised once per GEMM and reused across tokens.
-pub fn gemm(pool: &ThreadPool, w: MatRef, x: &[f32], n: usize, y: &mut [f32]) -> Result<(), KernelError> {
+pub fn gemm(
+    pool: &ThreadPool,
+    w: MatRef,
+    x: &[f32],
+    n: usize,
+    y: &mut [f32],
+) -> Result<(), KernelError> {
     check_gemv(&w, x.len(), y.len(), n)?;
     let isa = active_isa();
     if n == 0 || w.rows == 0 {
@@ -105,19 +111,51 @@ macro_rules! tile_match {
 }
 
 /// Run the microkernel for `mr` tokens starting at `x` (row stride `ldx`).
-fn tile_dispatch(isa: Isa, mr: usize, x: &[f32], ldx: usize, wp: &[f32], kc: usize, out: &mut [f32; MR * NR]) {
+fn tile_dispatch(
+    isa: Isa,
+    mr: usize,
+    x: &[f32],
+    ldx: usize,
+    wp: &[f32],
+    kc: usize,
+    out: &mut [f32; MR * NR],
+) {
     debug_assert!((1..=MR).contains(&mr));
     debug_assert!(x.len() >= (mr - 1) * ldx + kc);
     debug_assert!(wp.len() >= kc * NR);
     match isa {
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512 => unsafe {
-            tile_match!(crate::gemv::avx512::gemm_tile, mr, x.as_ptr(), ldx, wp.as_ptr(), kc, out.as_mut_ptr())
+            tile_match!(
+                crate::gemv::avx512::gemm_tile,
+                mr,
+                x.as_ptr(),
+                ldx,
+                wp.as_ptr(),
+                kc,
+                out.as_mut_ptr()
+            )
         },
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 => unsafe {
-            tile_match!(crate::gemv::avx2::gemm_tile, mr, x.as_ptr(), ldx, wp.as_ptr(), kc, out.as_mut_ptr())
+            tile_match!(
+                crate::gemv::avx2::gemm_tile,
+                mr,
+                x.as_ptr(),
+                ldx,
+                wp.as_ptr(),
+                kc,
+                out.as_mut_ptr()
+            )
         },
-        _ => tile_match!(crate::gemv::scalar::gemm_tile, mr, x, ldx, wp, kc, &mut out[..]),
+        _ => tile_match!(
+            crate::gemv::scalar::gemm_tile,
+            mr,
+            x,
+            ldx,
+            wp,
+            kc,
+            &mut out[..]
+        ),
     }
 }

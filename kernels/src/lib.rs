@@ -2,6 +2,8 @@
 //! (GGML block layouts), norms, RoPE and attention, with runtime SIMD dispatch
 //! (AVX-512, AVX2+FMA+F16C, NEON, scalar) and a persistent thread pool.
 
+#![warn(missing_docs)]
+
 pub mod attention;
 pub mod bench;
 pub mod dtype;

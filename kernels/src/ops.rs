@@ -5,8 +5,20 @@ use crate::isa::active_isa;
 
 /// RMSNorm, HF Llama semantics: `out = (x / sqrt(mean(x^2) + eps)) * weight`, in f32.
 pub fn rmsnorm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
-    assert_eq!(x.len(), weight.len(), "rmsnorm: weight length {} != x length {}", weight.len(), x.len());
-    assert_eq!(x.len(), out.len(), "rmsnorm: out length {} != x length {}", out.len(), x.len());
+    assert_eq!(
+        x.len(),
+        weight.len(),
+        "rmsnorm: weight length {} != x length {}",
+        weight.len(),
+        x.len()
+    );
+    assert_eq!(
+        x.len(),
+        out.len(),
+        "rmsnorm: out length {} != x length {}",
+        out.len(),
+        x.len()
+    );
     if x.is_empty() {
         return;
     }
@@ -36,7 +48,13 @@ pub fn softmax(x: &mut [f32]) {
 
 /// SwiGLU gate: `gate[i] = silu(gate[i]) * up[i]` with `silu(g) = g / (1 + exp(-g))`.
 pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
-    assert_eq!(gate.len(), up.len(), "silu_mul: up length {} != gate length {}", up.len(), gate.len());
+    assert_eq!(
+        gate.len(),
+        up.len(),
+        "silu_mul: up length {} != gate length {}",
+        up.len(),
+        gate.len()
+    );
     for (g, u) in gate.iter_mut().zip(up) {
         *g = *g / (1.0 + (-*g).exp()) * u;
     }
@@ -44,7 +62,13 @@ pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
 
 /// Residual add: `acc[i] += x[i]`.
 pub fn add_in_place(acc: &mut [f32], x: &[f32]) {
-    assert_eq!(acc.len(), x.len(), "add_in_place: x length {} != acc length {}", x.len(), acc.len());
+    assert_eq!(
+        acc.len(),
+        x.len(),
+        "add_in_place: x length {} != acc length {}",
+        x.len(),
+        acc.len()
+    );
     for (a, v) in acc.iter_mut().zip(x) {
         *a += v;
     }

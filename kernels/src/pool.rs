@@ -1,35 +1,38 @@
 //! Persistent spinning-then-parking worker pool used to split kernel work across threads.
+//!
+//! Tasks are claimed from a generation-tagged atomic counter, so the caller never waits for a
+//! worker that has not started: if workers are descheduled (e.g. a busy machine), the caller
+//! simply runs the remaining tasks itself and only waits for tasks already in flight.
 
-use std::cell::UnsafeCell;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-/// Type-erased borrowed task closure; only dereferenced while `run` is blocked.
-type JobPtr = *const (dyn Fn(usize) + Sync + 'static);
+/// Type-erased borrowed task closure; only called after claiming a task of its own generation.
+#[derive(Clone, Copy)]
+struct Job {
+    f: *const (dyn Fn(usize) + Sync + 'static),
+    n_tasks: usize,
+    gen: u32,
+}
+// SAFETY: the pointee is `Sync`; validity is guaranteed by the claim protocol (see `run`).
+unsafe impl Send for Job {}
 
 struct Shared {
     /// Bumped once per `run`; workers wake on change.
     generation: AtomicUsize,
-    /// Next task index to claim.
-    next: AtomicUsize,
-    /// Number of tasks in the current job.
-    n_tasks: AtomicUsize,
-    /// Workers that have not yet finished the current generation.
-    pending: AtomicUsize,
+    /// `(gen << 32) | next_task_index`.
+    next: AtomicU64,
+    /// Tasks of the current generation that have finished.
+    done: AtomicUsize,
     /// Workers currently parked (or about to park).
     sleepers: AtomicUsize,
     shutdown: AtomicBool,
-    job: UnsafeCell<Option<JobPtr>>,
+    job: Mutex<Option<Job>>,
     lock: Mutex<()>,
     cv: Condvar,
 }
-
-// SAFETY: `job` is written only by the thread holding `run_lock` before the generation bump
-// (Release) and read by workers after observing it (Acquire); `run` waits for all workers.
-unsafe impl Sync for Shared {}
-unsafe impl Send for Shared {}
 
 /// How long an idle worker spins before parking.
 const SPIN_TIME: Duration = Duration::from_millis(2);
@@ -39,7 +42,7 @@ const SPIN_TIME: Duration = Duration::from_millis(2);
 pub struct ThreadPool {
     n_threads: usize,
     shared: Arc<Shared>,
-    run_lock: Mutex<()>,
+    run_lock: Mutex<u32>,
     handles: Vec<JoinHandle<()>>,
 }
 
@@ -49,12 +52,11 @@ impl ThreadPool {
         let n_threads = n_threads.max(1);
         let shared = Arc::new(Shared {
             generation: AtomicUsize::new(0),
-            next: AtomicUsize::new(0),
-            n_tasks: AtomicUsize::new(0),
-            pending: AtomicUsize::new(0),
+            next: AtomicU64::new(0),
+            done: AtomicUsize::new(0),
             sleepers: AtomicUsize::new(0),
             shutdown: AtomicBool::new(false),
-            job: UnsafeCell::new(None),
+            job: Mutex::new(None),
             lock: Mutex::new(()),
             cv: Condvar::new(),
         });
@@ -67,7 +69,12 @@ impl ThreadPool {
                     .expect("failed to spawn kernel worker thread")
             })
             .collect();
-        ThreadPool { n_threads, shared, run_lock: Mutex::new(()), handles }
+        ThreadPool {
+            n_threads,
+            shared,
+            run_lock: Mutex::new(0),
+            handles,
+        }
     }
 
     /// Total threads used by `run` (workers + caller).
@@ -85,48 +92,99 @@ impl ThreadPool {
             (0..n_tasks).for_each(f);
             return;
         }
-        let _guard = match self.run_lock.try_lock() {
+        let mut guard = match self.run_lock.try_lock() {
             Ok(g) => g,
             Err(_) => {
                 (0..n_tasks).for_each(f);
                 return;
             }
         };
+        *guard = guard.wrapping_add(1);
+        let gen = *guard;
         let s = &*self.shared;
-        // SAFETY: lifetime erased; the pointer is only used until `pending` reaches zero below.
-        let ptr: JobPtr = unsafe { std::mem::transmute::<&(dyn Fn(usize) + Sync), JobPtr>(f) };
-        unsafe { *s.job.get() = Some(ptr) };
-        s.n_tasks.store(n_tasks, Ordering::Relaxed);
-        s.next.store(0, Ordering::Relaxed);
-        s.pending.store(self.n_threads - 1, Ordering::Relaxed);
+        // SAFETY: lifetime erased; a worker only calls it after claiming an index < n_tasks of
+        // this generation, and we return only after all n_tasks have completed.
+        let fp = unsafe {
+            std::mem::transmute::<&(dyn Fn(usize) + Sync), *const (dyn Fn(usize) + Sync + 'static)>(
+                f,
+            )
+        };
+        *s.job.lock().unwrap_or_else(|e| e.into_inner()) = Some(Job {
+            f: fp,
+            n_tasks,
+            gen,
+        });
+        s.done.store(0, Ordering::SeqCst);
+        s.next.store((gen as u64) << 32, Ordering::SeqCst);
         s.generation.fetch_add(1, Ordering::SeqCst);
         if s.sleepers.load(Ordering::SeqCst) > 0 {
             let _l = s.lock.lock().unwrap_or_else(|e| e.into_inner());
             s.cv.notify_all();
         }
-        // Waits for the workers even if `f` panics on this thread, so the borrow stays valid.
-        let _wait = WaitGuard(s);
-        // The caller works too.
-        loop {
-            let i = s.next.fetch_add(1, Ordering::Relaxed);
-            if i >= n_tasks {
-                break;
-            }
+        // Waits for in-flight tasks even if `f` panics here, so the borrow stays valid.
+        let _wait = WaitGuard { s, n_tasks };
+        while let Some(i) = claim(s, gen, n_tasks) {
             f(i);
+            s.done.fetch_add(1, Ordering::Release);
         }
     }
 }
 
-struct WaitGuard<'a>(&'a Shared);
+/// Claim the next task index of generation `gen`, or `None` when that job is exhausted/stale.
+fn claim(s: &Shared, gen: u32, n_tasks: usize) -> Option<usize> {
+    let mut cur = s.next.load(Ordering::Acquire);
+    loop {
+        let idx = (cur & 0xffff_ffff) as usize;
+        if (cur >> 32) as u32 != gen || idx >= n_tasks {
+            return None;
+        }
+        match s
+            .next
+            .compare_exchange_weak(cur, cur + 1, Ordering::AcqRel, Ordering::Acquire)
+        {
+            Ok(_) => return Some(idx),
+            Err(v) => cur = v,
+        }
+    }
+}
+
+struct WaitGuard<'a> {
+    s: &'a Shared,
+    n_tasks: usize,
+}
 
 impl Drop for WaitGuard<'_> {
     fn drop(&mut self) {
-        let s = self.0;
-        while s.pending.load(Ordering::Acquire) != 0 {
-            std::hint::spin_loop();
+        let s = self.s;
+        if std::thread::panicking() {
+            // Stop workers from claiming more, then wait for the ones in flight.
+            let claimed = loop {
+                let cur = s.next.load(Ordering::Acquire);
+                let idx = ((cur & 0xffff_ffff) as usize).min(self.n_tasks);
+                let stop = (cur & !0xffff_ffff) | self.n_tasks as u64;
+                if s.next
+                    .compare_exchange(cur, stop, Ordering::AcqRel, Ordering::Acquire)
+                    .is_ok()
+                {
+                    break idx;
+                }
+            };
+            // The task that panicked on this thread never completes.
+            while s.done.load(Ordering::Acquire) + 1 < claimed {
+                std::thread::yield_now();
+            }
+        } else {
+            let mut spins = 0u32;
+            while s.done.load(Ordering::Acquire) < self.n_tasks {
+                spins += 1;
+                if spins > 2000 {
+                    std::thread::yield_now();
+                } else {
+                    std::hint::spin_loop();
+                }
+            }
         }
-        // SAFETY: all workers are done with the job.
-        unsafe { *s.job.get() = None };
+        *s.job.lock().unwrap_or_else(|e| e.into_inner()) = None;
     }
 }
 
@@ -136,12 +194,12 @@ fn worker(s: Arc<Shared>) {
         // Wait for a new generation: spin first, then park.
         let start = Instant::now();
         let mut spins = 0u32;
-        let gen = loop {
+        seen = loop {
             let g = s.generation.load(Ordering::Acquire);
             if g != seen {
                 break g;
             }
-            spins += 1;
+            spins = spins.wrapping_add(1);
             if spins.is_multiple_of(1024) && start.elapsed() > SPIN_TIME {
                 s.sleepers.fetch_add(1, Ordering::SeqCst);
                 let mut l = s.lock.lock().unwrap_or_else(|e| e.into_inner());
@@ -154,24 +212,17 @@ fn worker(s: Arc<Shared>) {
                 std::hint::spin_loop();
             }
         };
-        seen = gen;
         if s.shutdown.load(Ordering::Acquire) {
             return;
         }
-        // SAFETY: published before the generation bump; valid until we decrement `pending`.
-        let job = unsafe { *s.job.get() };
-        if let Some(ptr) = job {
-            let f = unsafe { &*ptr };
-            let n = s.n_tasks.load(Ordering::Relaxed);
-            loop {
-                let i = s.next.fetch_add(1, Ordering::Relaxed);
-                if i >= n {
-                    break;
-                }
-                f(i);
+        let job = *s.job.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(job) = job {
+            while let Some(i) = claim(&s, job.gen, job.n_tasks) {
+                // SAFETY: we claimed an unfinished task of `job.gen`, so its `run` is still waiting.
+                unsafe { (*job.f)(i) };
+                s.done.fetch_add(1, Ordering::Release);
             }
         }
-        s.pending.fetch_sub(1, Ordering::Release);
     }
 }
 
@@ -192,6 +243,8 @@ impl Drop for ThreadPool {
 
 impl std::fmt::Debug for ThreadPool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ThreadPool").field("n_threads", &self.n_threads).finish()
+        f.debug_struct("ThreadPool")
+            .field("n_threads", &self.n_threads)
+            .finish()
     }
 }

@@ -22,10 +22,13 @@ pub(crate) fn f32_to_bf16_bits(x: f32) -> u16 {
 }
 
 fn check_lengths(dtype: DType, n: usize, bytes: usize, what: &str) {
-    let rb = dtype
-        .row_bytes(n)
-        .unwrap_or_else(|| panic!("{what}: {n} elements is not a multiple of the {dtype} block length"));
-    assert!(bytes >= rb, "{what}: {dtype} row of {n} elements needs {rb} bytes, got {bytes}");
+    let rb = dtype.row_bytes(n).unwrap_or_else(|| {
+        panic!("{what}: {n} elements is not a multiple of the {dtype} block length")
+    });
+    assert!(
+        bytes >= rb,
+        "{what}: {dtype} row of {n} elements needs {rb} bytes, got {bytes}"
+    );
 }
 
 /// Dequantise one row of `out.len()` elements (a multiple of the block length) from `data`.

@@ -46,7 +46,11 @@ pub fn rope_inv_freq(head_dim: usize, theta: f32, scaling: Option<Llama3Scaling>
             let fv = *f;
             // torch `scalar / tensor` is `reciprocal(tensor) * scalar`.
             let wavelen = (1.0f32 / fv) * two_pi;
-            let mut llama = if wavelen > low_freq_wavelen { fv / s.factor } else { fv };
+            let mut llama = if wavelen > low_freq_wavelen {
+                fv / s.factor
+            } else {
+                fv
+            };
             let smooth = ((1.0f32 / wavelen) * old_ctx_f - s.low_freq_factor) / denom;
             let smoothed = (1.0f32 - smooth) * llama / s.factor + smooth * llama;
             // torch: ~(wavelen < high) * ~(wavelen > low); NaN-free inputs, so this is the same test.
@@ -63,11 +67,29 @@ pub fn rope_inv_freq(head_dim: usize, theta: f32, scaling: Option<Llama3Scaling>
 
 /// Rotate every head of `x` (`n_heads * head_dim` values, one token) to position `pos`, in place.
 /// Angles are `pos as f32 * inv_freq[i]` (f32), like HF.
-pub fn apply_rope(x: &mut [f32], head_dim: usize, pos: usize, inv_freq: &[f32], layout: RopeLayout) {
-    assert!(head_dim.is_multiple_of(2) && head_dim > 0, "apply_rope: head_dim {head_dim} must be even and > 0");
-    assert_eq!(x.len() % head_dim, 0, "apply_rope: x length {} not a multiple of head_dim {head_dim}", x.len());
+pub fn apply_rope(
+    x: &mut [f32],
+    head_dim: usize,
+    pos: usize,
+    inv_freq: &[f32],
+    layout: RopeLayout,
+) {
+    assert!(
+        head_dim.is_multiple_of(2) && head_dim > 0,
+        "apply_rope: head_dim {head_dim} must be even and > 0"
+    );
+    assert_eq!(
+        x.len() % head_dim,
+        0,
+        "apply_rope: x length {} not a multiple of head_dim {head_dim}",
+        x.len()
+    );
     let half = head_dim / 2;
-    assert!(inv_freq.len() >= half, "apply_rope: inv_freq has {} entries, need {half}", inv_freq.len());
+    assert!(
+        inv_freq.len() >= half,
+        "apply_rope: inv_freq has {} entries, need {half}",
+        inv_freq.len()
+    );
     let mut cs = [(0.0f32, 0.0f32); 128];
     let mut cs_vec = Vec::new();
     let cs: &mut [(f32, f32)] = if half <= 128 {

@@ -1,5 +1,7 @@
 //! Kernel correctness against f64 scalar references, on every available ISA and 1/2 threads.
 
+#![allow(clippy::needless_range_loop)]
+
 use std::sync::{Mutex, MutexGuard};
 
 use half::f16;
@@ -43,7 +45,14 @@ impl Rng {
     }
 }
 
-const ALL: [DType; 6] = [DType::F32, DType::F16, DType::BF16, DType::Q8_0, DType::Q4_0, DType::Q4_1];
+const ALL: [DType; 6] = [
+    DType::F32,
+    DType::F16,
+    DType::BF16,
+    DType::Q8_0,
+    DType::Q4_0,
+    DType::Q4_1,
+];
 
 fn h(b: &[u8]) -> f32 {
     f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32()
@@ -65,7 +74,9 @@ fn ref_dequant(dtype: DType, data: &[u8], n: usize) -> Vec<f32> {
         }
         DType::BF16 => {
             for i in 0..n {
-                out[i] = f32::from_bits((u16::from_le_bytes([data[2 * i], data[2 * i + 1]]) as u32) << 16);
+                out[i] = f32::from_bits(
+                    (u16::from_le_bytes([data[2 * i], data[2 * i + 1]]) as u32) << 16,
+                );
             }
         }
         DType::Q8_0 => {
@@ -78,7 +89,11 @@ fn ref_dequant(dtype: DType, data: &[u8], n: usize) -> Vec<f32> {
             for i in 0..n {
                 let b = &data[(i / 32) * 18..];
                 let j = i % 32;
-                let nib = if j < 16 { b[2 + j] & 15 } else { b[2 + j - 16] >> 4 };
+                let nib = if j < 16 {
+                    b[2 + j] & 15
+                } else {
+                    b[2 + j - 16] >> 4
+                };
                 out[i] = (nib as i32 - 8) as f32 * h(b);
             }
         }
@@ -86,7 +101,11 @@ fn ref_dequant(dtype: DType, data: &[u8], n: usize) -> Vec<f32> {
             for i in 0..n {
                 let b = &data[(i / 32) * 20..];
                 let j = i % 32;
-                let nib = if j < 16 { b[4 + j] & 15 } else { b[4 + j - 16] >> 4 };
+                let nib = if j < 16 {
+                    b[4 + j] & 15
+                } else {
+                    b[4 + j - 16] >> 4
+                };
                 out[i] = nib as f32 * h(b) + h(&b[2..]);
             }
         }
@@ -95,7 +114,13 @@ fn ref_dequant(dtype: DType, data: &[u8], n: usize) -> Vec<f32> {
 }
 
 /// Random matrix bytes (rows x cols) quantised from uniform data, with an optional stride padding.
-fn rand_matrix(rng: &mut Rng, dtype: DType, rows: usize, cols: usize, pad: usize) -> (Vec<u8>, usize) {
+fn rand_matrix(
+    rng: &mut Rng,
+    dtype: DType,
+    rows: usize,
+    cols: usize,
+    pad: usize,
+) -> (Vec<u8>, usize) {
     let rb = dtype.row_bytes(cols).unwrap();
     let stride = rb + pad;
     let mut data = vec![0xAAu8; rows * stride];
@@ -122,12 +147,22 @@ fn ref_matvec(w: &MatRef, x: &[f32]) -> (Vec<f64>, Vec<f64>) {
 
 fn assert_close(got: f32, want: f64, mag: f64, tol: f64, ctx: &str) {
     let err = (got as f64 - want).abs();
-    assert!(err <= tol * mag.max(1e-30) + 1e-30, "{ctx}: got {got}, want {want}, err {err}, mag {mag}");
+    assert!(
+        err <= tol * mag.max(1e-30) + 1e-30,
+        "{ctx}: got {got}, want {want}, err {err}, mag {mag}"
+    );
 }
 
 #[test]
 fn dtype_properties() {
-    let expect = [(1, 4, "f32"), (1, 2, "f16"), (1, 2, "bf16"), (32, 34, "q8_0"), (32, 18, "q4_0"), (32, 20, "q4_1")];
+    let expect = [
+        (1, 4, "f32"),
+        (1, 2, "f16"),
+        (1, 2, "bf16"),
+        (32, 34, "q8_0"),
+        (32, 18, "q4_0"),
+        (32, 20, "q4_1"),
+    ];
     for (d, (bl, bb, name)) in ALL.iter().zip(expect) {
         assert_eq!(d.block_len(), bl);
         assert_eq!(d.block_bytes(), bb);
@@ -142,8 +177,14 @@ fn dtype_properties() {
 fn matref_validation() {
     let data = vec![0u8; 3 * 40];
     assert!(MatRef::new(DType::Q4_1, 3, 64, &data).is_ok());
-    assert!(matches!(MatRef::new(DType::Q4_1, 3, 64, &data[..119]), Err(KernelError::DataLength { .. })));
-    assert!(matches!(MatRef::new(DType::Q4_1, 3, 48, &data), Err(KernelError::UnalignedCols { .. })));
+    assert!(matches!(
+        MatRef::new(DType::Q4_1, 3, 64, &data[..119]),
+        Err(KernelError::DataLength { .. })
+    ));
+    assert!(matches!(
+        MatRef::new(DType::Q4_1, 3, 48, &data),
+        Err(KernelError::UnalignedCols { .. })
+    ));
     assert!(matches!(
         MatRef::with_stride(DType::Q4_1, 3, 64, 39, &data),
         Err(KernelError::Stride { .. })
@@ -164,7 +205,11 @@ fn matref_validation() {
     let c = m.cols_range(32, 64).unwrap();
     assert_eq!((c.cols, c.row_stride, c.row(0).len()), (32, 50, 20));
     assert_eq!(c.row(1).as_ptr(), big[70..].as_ptr());
-    let e = KernelError::Shape { what: "x", expected: 3, actual: 4 };
+    let e = KernelError::Shape {
+        what: "x",
+        expected: 3,
+        actual: 4,
+    };
     assert!(e.to_string().contains("x has length 4"));
     let _: &dyn std::error::Error = &e;
 }
@@ -183,14 +228,20 @@ fn quant_layouts_and_roundtrip() {
             let mut got = vec![0.0f32; n];
             dequantize_row(dtype, &q, &mut got);
             for i in 0..n {
-                assert_eq!(got[i].to_bits(), want[i].to_bits(), "{dtype:?} {isa:?} elem {i}");
+                assert_eq!(
+                    got[i].to_bits(),
+                    want[i].to_bits(),
+                    "{dtype:?} {isa:?} elem {i}"
+                );
             }
         });
         // Round-trip error bounds from the GGML rounding rules.
         for (b, xb) in x.chunks(32).enumerate() {
-            let (amax, min, max) = xb.iter().fold((0f32, f32::MAX, f32::MIN), |(a, mi, ma), v| {
-                (a.max(v.abs()), mi.min(*v), ma.max(*v))
-            });
+            let (amax, min, max) = xb
+                .iter()
+                .fold((0f32, f32::MAX, f32::MIN), |(a, mi, ma), v| {
+                    (a.max(v.abs()), mi.min(*v), ma.max(*v))
+                });
             let bound = match dtype {
                 DType::F32 => 0.0,
                 DType::F16 => amax * 1e-3,
@@ -202,7 +253,11 @@ fn quant_layouts_and_roundtrip() {
             };
             for (i, v) in xb.iter().enumerate() {
                 let err = (want[b * 32 + i] - v).abs();
-                assert!(err <= bound + 1e-7, "{dtype:?} block {b} elem {i}: {v} vs {}", want[b * 32 + i]);
+                assert!(
+                    err <= bound + 1e-7,
+                    "{dtype:?} block {b} elem {i}: {v} vs {}",
+                    want[b * 32 + i]
+                );
             }
         }
     }
@@ -228,7 +283,7 @@ fn quant_reference_examples() {
     let mut q = [0u8; 18];
     quantize_row(DType::Q4_0, &x, &mut q);
     assert_eq!(h(&q), 2.0);
-    assert_eq!(q[2], 0 | (15 << 4));
+    assert_eq!(q[2], 15 << 4); // low nibble 0 (element 0), high nibble 15 (element 16)
     assert_eq!(q[3] & 15, 10);
     assert_eq!(q[3] >> 4, 8);
     // Q4_1: min -1, max 14 -> d = 1, m = -1.
@@ -239,7 +294,7 @@ fn quant_reference_examples() {
     let mut q = [0u8; 20];
     quantize_row(DType::Q4_1, &x, &mut q);
     assert_eq!((h(&q), h(&q[2..])), (1.0, -1.0));
-    assert_eq!(q[4], 0 | (1 << 4));
+    assert_eq!(q[4], 1 << 4); // element 0 -> 0, element 16 -> 1
     assert_eq!(q[5], 1 | (15 << 4));
     assert_eq!(q[6] & 15, 3);
     // All-zero block: d = 0 and id = 0, no NaNs.
@@ -257,7 +312,11 @@ fn quant_reference_examples() {
 }
 
 fn check_gemv_case(rng: &mut Rng, dtype: DType, rows: usize, cols: usize, pad: usize, slice: bool) {
-    let full_cols = if slice { cols + 2 * dtype.block_len().max(32) } else { cols };
+    let full_cols = if slice {
+        cols + 2 * dtype.block_len().max(32)
+    } else {
+        cols
+    };
     let (data, stride) = rand_matrix(rng, dtype, rows, full_cols, pad);
     let mut w = MatRef::with_stride(dtype, rows, full_cols, stride, &data).unwrap();
     if slice {
@@ -273,7 +332,10 @@ fn check_gemv_case(rng: &mut Rng, dtype: DType, rows: usize, cols: usize, pad: u
             let mut y = vec![f32::NAN; rows];
             gemv(pool, w, &x, &mut y).unwrap();
             for r in 0..rows {
-                let ctx = format!("gemv {dtype:?} {isa:?} {rows}x{cols} t{} row {r}", pool.n_threads());
+                let ctx = format!(
+                    "gemv {dtype:?} {isa:?} {rows}x{cols} t{} row {r}",
+                    pool.n_threads()
+                );
                 assert_close(y[r], want[r], mag[r], 1e-5, &ctx);
             }
             match &first {
@@ -291,7 +353,11 @@ fn check_gemv_case(rng: &mut Rng, dtype: DType, rows: usize, cols: usize, pad: u
 fn gemv_matches_reference() {
     let mut rng = Rng::new(2);
     for dtype in ALL {
-        let cols_list: &[usize] = if dtype.block_len() == 32 { &[32, 96, 576] } else { &[1, 7, 33, 67, 577] };
+        let cols_list: &[usize] = if dtype.block_len() == 32 {
+            &[32, 96, 576]
+        } else {
+            &[1, 7, 33, 67, 577]
+        };
         for &rows in &[1usize, 3, 17, 33] {
             for &cols in cols_list {
                 check_gemv_case(&mut rng, dtype, rows, cols, 0, false);
@@ -312,6 +378,42 @@ fn gemv_strided_and_sliced() {
 }
 
 #[test]
+fn gemv_offset_weights() {
+    // Blocks far from zero-mean stress the Q4 "d*sum(q*x) + m*sum(x)" decompositions.
+    let mut rng = Rng::new(9);
+    let pools = [ThreadPool::new(1), ThreadPool::new(2)];
+    for dtype in [DType::Q4_0, DType::Q4_1, DType::Q8_0] {
+        for offset in [5.0f32, -3.0, 100.0] {
+            let (rows, cols) = (9, 192);
+            let rb = dtype.row_bytes(cols).unwrap();
+            let mut data = vec![0u8; rows * rb];
+            for r in 0..rows {
+                let v: Vec<f32> = rng.vec(cols).iter().map(|v| v * 0.1 + offset).collect();
+                quantize_row(dtype, &v, &mut data[r * rb..(r + 1) * rb]);
+            }
+            let w = MatRef::new(dtype, rows, cols, &data).unwrap();
+            let x = rng.vec(cols);
+            let (want, mag) = ref_matvec(&w, &x);
+            for_each_isa(|isa| {
+                for pool in &pools {
+                    let mut y = vec![0.0; rows];
+                    gemv(pool, w, &x, &mut y).unwrap();
+                    for r in 0..rows {
+                        assert_close(
+                            y[r],
+                            want[r],
+                            mag[r],
+                            1e-5,
+                            &format!("offset {offset} {dtype:?} {isa:?}"),
+                        );
+                    }
+                }
+            });
+        }
+    }
+}
+
+#[test]
 fn gemv_large_parallel() {
     // Big enough to be split into many tasks.
     let mut rng = Rng::new(4);
@@ -325,7 +427,11 @@ fn gemm_matches_reference() {
     let mut rng = Rng::new(5);
     let pools = [ThreadPool::new(1), ThreadPool::new(2)];
     for dtype in ALL {
-        let cols_list: &[usize] = if dtype.block_len() == 32 { &[64, 320] } else { &[5, 67, 300] };
+        let cols_list: &[usize] = if dtype.block_len() == 32 {
+            &[64, 320]
+        } else {
+            &[5, 67, 300]
+        };
         for &rows in &[1usize, 3, 33, 70] {
             for &cols in cols_list {
                 for &n in &[1usize, 2, 5, 7, 13] {
@@ -346,12 +452,16 @@ fn gemm_matches_reference() {
                             let mut y = vec![f32::NAN; n * rows];
                             gemm(pool, w, &x, n, &mut y).unwrap();
                             for i in 0..n * rows {
-                                let ctx = format!("gemm {dtype:?} {isa:?} {rows}x{cols} n{n} idx {i}");
+                                let ctx =
+                                    format!("gemm {dtype:?} {isa:?} {rows}x{cols} n{n} idx {i}");
                                 assert_close(y[i], want[i].0, want[i].1, 1e-5, &ctx);
                             }
                             match &first {
                                 None => first = Some(y),
-                                Some(f) => assert!(f.iter().zip(&y).all(|(a, b)| a.to_bits() == b.to_bits())),
+                                Some(f) => assert!(f
+                                    .iter()
+                                    .zip(&y)
+                                    .all(|(a, b)| a.to_bits() == b.to_bits())),
                             }
                         }
                     });
@@ -367,14 +477,32 @@ fn gemv_gemm_shape_errors() {
     let data = vec![0u8; 4 * 20];
     let w = MatRef::new(DType::Q4_1, 4, 32, &data).unwrap();
     let mut y = vec![0.0; 4];
-    assert!(matches!(gemv(&pool, w, &[0.0; 31], &mut y), Err(KernelError::Shape { what: "x", .. })));
-    assert!(matches!(gemv(&pool, w, &[0.0; 32], &mut y[..3]), Err(KernelError::Shape { what: "y", .. })));
+    assert!(matches!(
+        gemv(&pool, w, &[0.0; 31], &mut y),
+        Err(KernelError::Shape { what: "x", .. })
+    ));
+    assert!(matches!(
+        gemv(&pool, w, &[0.0; 32], &mut y[..3]),
+        Err(KernelError::Shape { what: "y", .. })
+    ));
     assert!(gemm(&pool, w, &[0.0; 64], 3, &mut [0.0; 12]).is_err());
     assert!(gemm(&pool, w, &[0.0; 96], 3, &mut [0.0; 11]).is_err());
     // Hand-built inconsistent view must be rejected, not read out of bounds.
-    let bad = MatRef { dtype: DType::Q4_1, rows: 5, cols: 32, row_stride: 20, data: &data };
+    let bad = MatRef {
+        dtype: DType::Q4_1,
+        rows: 5,
+        cols: 32,
+        row_stride: 20,
+        data: &data,
+    };
     assert!(gemv(&pool, bad, &[0.0; 32], &mut [0.0; 5]).is_err());
-    let bad = MatRef { dtype: DType::Q4_1, rows: 4, cols: 48, row_stride: 20, data: &data };
+    let bad = MatRef {
+        dtype: DType::Q4_1,
+        rows: 4,
+        cols: 48,
+        row_stride: 20,
+        data: &data,
+    };
     assert!(gemv(&pool, bad, &[0.0; 48], &mut [0.0; 4]).is_err());
     // Empty shapes are fine.
     let e = MatRef::new(DType::F32, 0, 8, &[]).unwrap();
@@ -395,7 +523,10 @@ fn ops_match_reference() {
             let r = 1.0 / (ms + 1e-5).sqrt();
             for i in 0..n {
                 let want = x[i] as f64 * r * wt[i] as f64;
-                assert!((out[i] as f64 - want).abs() <= 1e-5 * want.abs().max(1e-3), "rmsnorm {isa:?}");
+                assert!(
+                    (out[i] as f64 - want).abs() <= 1e-5 * want.abs().max(1e-3),
+                    "rmsnorm {isa:?}"
+                );
             }
             let mut s: Vec<f32> = x.iter().map(|v| v * 30.0).collect();
             let mx = s.iter().fold(f32::MIN, |a, b| a.max(*b)) as f64;
@@ -403,7 +534,10 @@ fn ops_match_reference() {
             let want: Vec<f64> = s.iter().map(|v| (*v as f64 - mx).exp() / den).collect();
             softmax(&mut s);
             for i in 0..n {
-                assert!((s[i] as f64 - want[i]).abs() <= 1e-6 + 1e-5 * want[i], "softmax");
+                assert!(
+                    (s[i] as f64 - want[i]).abs() <= 1e-6 + 1e-5 * want[i],
+                    "softmax"
+                );
             }
             let mut g = x.clone();
             silu_mul(&mut g, &wt);
@@ -433,7 +567,12 @@ fn rope_inv_freq_and_rotation() {
         assert!(((*f as f64) - want).abs() <= 2e-7 * want, "inv_freq {i}");
     }
     // Llama 3.1 scaling: high-frequency dims unchanged, low-frequency divided by factor, medium smoothed.
-    let sc = Llama3Scaling { factor: 8.0, low_freq_factor: 1.0, high_freq_factor: 4.0, original_max_position_embeddings: 8192 };
+    let sc = Llama3Scaling {
+        factor: 8.0,
+        low_freq_factor: 1.0,
+        high_freq_factor: 4.0,
+        original_max_position_embeddings: 8192,
+    };
     let scaled = rope_inv_freq(128, 500000.0, Some(sc));
     let base = rope_inv_freq(128, 500000.0, None);
     for i in 0..64 {
@@ -447,7 +586,11 @@ fn rope_inv_freq_and_rotation() {
             let s = (8192.0 / wl - 1.0) / 3.0;
             (1.0 - s) * f / 8.0 + s * f
         };
-        assert!(((scaled[i] as f64) - want).abs() <= 1e-6 * want, "llama3 inv_freq {i}: {} vs {want}", scaled[i]);
+        assert!(
+            ((scaled[i] as f64) - want).abs() <= 1e-6 * want,
+            "llama3 inv_freq {i}: {} vs {want}",
+            scaled[i]
+        );
     }
     assert_eq!(scaled[0], base[0]);
     assert_eq!(scaled[63], base[63] / 8.0);
@@ -468,7 +611,10 @@ fn rope_inv_freq_and_rotation() {
                 let (c, s) = (ang.cos(), ang.sin());
                 let wa = x[a] as f64 * c - x[b] as f64 * s;
                 let wb = x[b] as f64 * c + x[a] as f64 * s;
-                assert!((y[a] as f64 - wa).abs() < 1e-6 && (y[b] as f64 - wb).abs() < 1e-6, "{layout:?}");
+                assert!(
+                    (y[a] as f64 - wa).abs() < 1e-6 && (y[b] as f64 - wb).abs() < 1e-6,
+                    "{layout:?}"
+                );
             }
         }
     }
@@ -498,7 +644,11 @@ fn ref_attention(
             let sc: Vec<f64> = (0..n_ctx)
                 .map(|j| {
                     let kk = &k[(kvh * cap + j) * hd..][..hd];
-                    qv.iter().zip(kk).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>() / (hd as f64).sqrt()
+                    qv.iter()
+                        .zip(kk)
+                        .map(|(a, b)| *a as f64 * *b as f64)
+                        .sum::<f64>()
+                        / (hd as f64).sqrt()
                 })
                 .collect();
             let mx = sc.iter().cloned().fold(f64::MIN, f64::max);
@@ -519,7 +669,12 @@ fn ref_attention(
 fn attention_matches_reference() {
     let mut rng = Rng::new(8);
     let pools = [ThreadPool::new(1), ThreadPool::new(2)];
-    for &(nh, nkv, hd, start, nt, cap) in &[(4usize, 2usize, 16usize, 0usize, 1usize, 8usize), (6, 2, 33, 5, 4, 12), (9, 3, 64, 20, 3, 40), (2, 2, 8, 0, 7, 7)] {
+    for &(nh, nkv, hd, start, nt, cap) in &[
+        (4usize, 2usize, 16usize, 0usize, 1usize, 8usize),
+        (6, 2, 33, 5, 4, 12),
+        (9, 3, 64, 20, 3, 40),
+        (2, 2, 8, 0, 7, 7),
+    ] {
         let q = rng.vec(nt * nh * hd);
         let k = rng.vec(nkv * cap * hd);
         let v = rng.vec(nkv * cap * hd);
@@ -529,7 +684,12 @@ fn attention_matches_reference() {
                 let mut out = vec![f32::NAN; q.len()];
                 attention(pool, &q, nt, start, nh, nkv, hd, &k, &v, cap, &mut out).unwrap();
                 for i in 0..out.len() {
-                    assert!((out[i] as f64 - want[i]).abs() < 2e-5, "attention {isa:?} idx {i}: {} vs {}", out[i], want[i]);
+                    assert!(
+                        (out[i] as f64 - want[i]).abs() < 2e-5,
+                        "attention {isa:?} idx {i}: {} vs {}",
+                        out[i],
+                        want[i]
+                    );
                 }
             }
         });
@@ -560,9 +720,11 @@ fn pool_runs_every_task_once() {
         }
         // Nested use runs inline instead of deadlocking.
         let total = AtomicUsize::new(0);
-        pool.run(4, &|_| pool.run(3, &|_| {
-            total.fetch_add(1, Ordering::Relaxed);
-        }));
+        pool.run(4, &|_| {
+            pool.run(3, &|_| {
+                total.fetch_add(1, Ordering::Relaxed);
+            })
+        });
         assert_eq!(total.load(Ordering::Relaxed), 12);
     }
     fn assert_send_sync<T: Send + Sync>() {}
@@ -576,7 +738,10 @@ fn isa_selection() {
     assert!(avail.contains(&Isa::Scalar));
     assert!(avail.contains(&detected_isa()));
     #[cfg(target_arch = "x86_64")]
-    assert!(matches!(set_isa(Isa::Neon), Err(KernelError::IsaUnavailable(Isa::Neon))));
+    assert!(matches!(
+        set_isa(Isa::Neon),
+        Err(KernelError::IsaUnavailable(Isa::Neon))
+    ));
     set_isa(Isa::Scalar).unwrap();
     assert_eq!(active_isa(), Isa::Scalar);
     set_isa(detected_isa()).unwrap();

@@ -4,4 +4,5 @@
 pub mod model;
 pub mod net;
 pub mod proto;
+pub mod store;
 pub mod worker;

@@ -2,15 +2,17 @@
 //! stream of their QUIC connection. Messages are bincode (via [`crate::net::wire`]);
 //! tensors (weights, hidden states) follow their header message as raw frames.
 //!
-//! A session: `Hello` → `Welcome` | `Refused`; `Setup` → weights (`Tensor` + raw frame,
-//! …, `WeightsDone`) → data links → `Ready`; then `Step` (+ hidden-state frame) →
-//! `StepDone`, repeated, with `Reset` between generations; `End` closes it.
+//! A session: `Hello` → `Welcome` | `Refused`; `Setup` (with the rank's shard
+//! manifest) → `NeedBlocks` (what the node's cache lacks or holds corrupt) →
+//! `BlockData` chunks (+ raw frames) → `BlocksDone` → data links → `Ready`; then
+//! `Step` (+ hidden-state frame) → `StepDone`, repeated, with `Reset` between
+//! generations; `End` closes it.
 
 use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::{ModelConfig, Role, SplitPlan};
+use crate::store::{BlockNeed, Manifest};
 use crate::net::{Algo, WireDType};
 
 /// Stream tag of a session's control stream.
@@ -29,21 +31,15 @@ pub enum ToNode {
     },
     /// The node's part in the session.
     Setup(Box<Setup>),
-    /// A weight tensor follows as one raw frame of exactly `rows × row_bytes(cols)` bytes.
-    Tensor {
-        /// What the tensor is.
-        role: Role,
-        /// Layer index (0 for global tensors).
-        layer: u32,
-        /// GGML type id of the data.
-        ggml_type: u32,
-        /// Rows.
-        rows: u64,
-        /// Columns.
-        cols: u64,
+    /// A chunk of shard block `index` starting at byte `offset` follows as one raw frame.
+    BlockData {
+        /// Block index in the manifest.
+        index: u32,
+        /// Byte offset inside the block.
+        offset: u64,
     },
-    /// All weights have been sent.
-    WeightsDone,
+    /// Every needed block has been sent.
+    BlocksDone,
     /// Run layers on `n` tokens at positions `start..start+n`; the residual stream
     /// `[n][hidden]` follows as one raw f32 frame.
     Step {
@@ -68,14 +64,12 @@ pub struct Setup {
     pub rank: u32,
     /// Ranks in the session.
     pub world: u32,
-    /// Model hyper-parameters.
-    pub config: ModelConfig,
-    /// Identity of the model (see `ModelFiles::identity`).
+    /// Identity of the model.
     pub model_id: String,
-    /// The whole split plan.
-    pub plan: SplitPlan,
-    /// The plan's identity as the coordinator computed it.
+    /// Identity of the split plan.
     pub plan_id: String,
+    /// The manifest of this rank's shard (plan and config inside).
+    pub manifest: Manifest,
     /// Allreduce algorithm.
     pub algo: Algo,
     /// Allreduce payload type.
@@ -101,8 +95,13 @@ pub enum FromNode {
         /// Human-readable reason.
         reason: String,
     },
-    /// Weights loaded and links up.
-    Ready,
+    /// Blocks of the shard the node must receive (empty: its cache has them all, intact).
+    NeedBlocks(Vec<BlockNeed>),
+    /// Shard ready and links up.
+    Ready {
+        /// Blocks kept resident by the node's window (0: the whole shard).
+        window: u32,
+    },
     /// A step finished; its timings at this node.
     StepDone(NodeStepTimes),
     /// The session failed at the node.
@@ -123,4 +122,10 @@ pub struct NodeStepTimes {
     pub reduce_total_s: f64,
     /// Seconds idle between the previous step's end and this step's start.
     pub idle_s: f64,
+    /// Seconds waiting for the sliding window to bring a block in.
+    pub disk_wait_s: f64,
+    /// Bytes read from storage during the step.
+    pub disk_read_bytes: u64,
+    /// Peak resident set size of the node process so far (VmHWM).
+    pub peak_rss_bytes: u64,
 }

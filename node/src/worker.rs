@@ -1,20 +1,20 @@
 //! The node server: accepts authenticated QUIC connections, serves one session at a
 //! time (one after another without restarting), and runs its slice of every layer.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 use tpi_kernels::ThreadPool;
 
-use crate::model::forward::SliceSource;
-use crate::model::gguf::ggml_dtype;
-use crate::model::{ModelError, RankModel, Role, Weight};
+use crate::model::ModelError;
+use crate::store::{window_for_budget, Shard, ShardCache, StoreError, Window};
 use crate::net::collective::{accept_data_link, accept_data_stream, open_data_link, DATA_STREAM_TAG};
 use crate::net::frame::{read_frame_of, FrameKind};
 use crate::net::wire::{f32_from_le_bytes, PROTOCOL_VERSION};
+use crate::store::window::{disk_read_bytes, peak_rss};
 use crate::net::{Connection, Credential, DataLink, Endpoint, Group, NetError, Stream, TransportOptions};
 use crate::proto::{FromNode, NodeStepTimes, Setup, ToNode, CONTROL_STREAM_TAG, MAX_CONTROL};
 
@@ -29,10 +29,38 @@ pub struct NodeOptions {
     pub credential: Credential,
     /// QUIC tuning.
     pub transport: TransportOptions,
+    /// Root of the node's state; shards are cached under `data_dir/shards`.
+    pub data_dir: PathBuf,
+    /// A shard directory given directly (used read-only when it matches the session).
+    pub shard_dir: Option<PathBuf>,
+    /// Blocks to keep resident (sliding window); None: derive from `mem_budget`.
+    pub window: Option<usize>,
+    /// Memory budget in bytes from which the window is derived; None with no
+    /// `window` keeps the whole shard resident.
+    pub mem_budget: Option<u64>,
 }
 
-/// Largest single weight tensor a node accepts (a guard against hostile sizes).
-const MAX_TENSOR_BYTES: u64 = 16 << 30;
+/// Memory a node needs besides weights and KV cache (runtime, buffers, code).
+pub const FIXED_OVERHEAD: u64 = 64 << 20;
+
+/// Picks the sliding window for a shard: `window` if given, else from the budget
+/// (None: the whole shard stays resident).
+pub fn choose_window(
+    m: &crate::store::Manifest,
+    window: Option<usize>,
+    mem_budget: Option<u64>,
+    kv_bytes: u64,
+) -> Option<usize> {
+    if let Some(w) = window {
+        return Some(w.max(1));
+    }
+    let budget = mem_budget?;
+    let sizes: Vec<u64> = m.stream_order().iter().map(|&i| m.blocks[i].len).collect();
+    window_for_budget(budget, FIXED_OVERHEAD + kv_bytes, &sizes)
+}
+
+/// Largest shard chunk frame a node accepts.
+pub const MAX_CHUNK: usize = 16 << 20;
 /// Time allowed to set up worker-to-worker links.
 const LINK_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -47,6 +75,9 @@ pub enum SessionError {
     /// Model shapes or kernels.
     #[error(transparent)]
     Model(#[from] ModelError),
+    /// Shard files.
+    #[error(transparent)]
+    Store(#[from] StoreError),
     /// The coordinator sent something out of order or inconsistent.
     #[error("{0}")]
     Protocol(String),
@@ -72,12 +103,12 @@ pub async fn serve(ep: Endpoint, opts: NodeOptions) {
                 continue;
             }
         };
-        let (ep, pool, inbox, busy, threads) = (
+        let (ep, pool, inbox, busy, opts) = (
             ep.clone(),
             pool.clone(),
             inbox.clone(),
             busy.clone(),
-            opts.threads,
+            opts.clone(),
         );
         tokio::spawn(async move {
             let stream = match conn.accept_stream().await {
@@ -100,7 +131,7 @@ pub async fn serve(ep: Endpoint, opts: NodeOptions) {
                     };
                     let peer = conn.remote_addr();
                     tracing::info!("session from {peer}");
-                    match run_session(&ep, &conn, stream, &pool, threads, &inbox).await {
+                    match run_session(&ep, &conn, stream, &pool, &opts, &inbox).await {
                         Ok(()) => tracing::info!("session from {peer} ended"),
                         Err(e) => tracing::warn!("session from {peer} failed: {e}"),
                     }
@@ -121,43 +152,30 @@ pub async fn serve(ep: Endpoint, opts: NodeOptions) {
     }
 }
 
-struct ReceivedWeights(HashMap<(Role, usize), Weight>, bool);
-
-impl SliceSource for ReceivedWeights {
-    fn fetch(&self, role: Role, layer: usize) -> Result<Weight, ModelError> {
-        self.0
-            .get(&(role, layer))
-            .cloned()
-            .ok_or_else(|| ModelError::MissingTensor(format!("{role:?} of layer {layer}")))
-    }
-    fn has_bias(&self) -> bool {
-        self.1
-    }
-}
-
 fn validate_setup(s: &Setup) -> Result<(), String> {
-    s.config.validate().map_err(|e| e.to_string())?;
-    s.plan.check().map_err(|e| e.to_string())?;
-    let id = s.plan.id();
-    if id != s.plan_id {
+    let m = &s.manifest;
+    m.check()?;
+    m.config.validate().map_err(|e| e.to_string())?;
+    if m.plan_id != s.plan_id {
         return Err(format!(
-            "plan identity differs: the coordinator says {}, the plan it sent hashes to {id}",
-            s.plan_id
+            "plan identity differs: the session is for plan {}, the manifest for {}",
+            s.plan_id, m.plan_id
         ));
     }
-    if s.plan.world() != s.world as usize || s.rank == 0 || s.rank >= s.world {
+    if m.model_id != s.model_id {
         return Err(format!(
-            "rank {} of world {} does not fit a plan of {} ranks",
+            "model identity differs: the session is for model {}, the manifest for {}",
+            s.model_id, m.model_id
+        ));
+    }
+    if m.plan.world() != s.world as usize || s.rank == 0 || s.rank >= s.world || m.rank != s.rank {
+        return Err(format!(
+            "rank {} of world {} does not fit a manifest for rank {} of {}",
             s.rank,
             s.world,
-            s.plan.world()
+            m.rank,
+            m.plan.world()
         ));
-    }
-    if s.plan.n_heads != s.config.n_heads
-        || s.plan.n_kv_heads != s.config.n_kv_heads
-        || s.plan.intermediate_size != s.config.intermediate_size
-    {
-        return Err("the plan was made for another model shape".into());
     }
     if s.addrs.len() != s.world as usize {
         return Err("address list does not match the world size".into());
@@ -165,12 +183,45 @@ fn validate_setup(s: &Setup) -> Result<(), String> {
     Ok(())
 }
 
+/// Checks that a shard directory given with `--shard` is the one the session needs.
+fn check_given_shard(dir: &std::path::Path, s: &Setup) -> Result<Shard, String> {
+    let shard = Shard::open(dir).map_err(|e| e.to_string())?;
+    let m = &shard.manifest;
+    let want = &s.manifest;
+    if m.model_id != want.model_id {
+        return Err(format!(
+            "the local shard {} is for model {}, the session runs model {}",
+            dir.display(),
+            m.model_id,
+            want.model_id
+        ));
+    }
+    if m.plan_id != want.plan_id || m.rank != want.rank {
+        return Err(format!(
+            "the local shard {} is for plan {} rank {}, the session wants plan {} rank {}",
+            dir.display(),
+            m.plan_id,
+            m.rank,
+            want.plan_id,
+            want.rank
+        ));
+    }
+    if m != want {
+        return Err(format!("the local shard {} differs from the session's manifest", dir.display()));
+    }
+    let bad = shard.corrupt_blocks();
+    if !bad.is_empty() {
+        return Err(format!("the local shard {} has corrupt blocks {bad:?}", dir.display()));
+    }
+    Ok(shard)
+}
+
 async fn run_session(
     ep: &Endpoint,
     conn: &Connection,
     mut ctl: Stream,
     pool: &Arc<ThreadPool>,
-    threads: usize,
+    opts: &NodeOptions,
     inbox: &Inbox,
 ) -> Result<(), SessionError> {
     match ctl.recv_msg::<ToNode>(MAX_CONTROL).await? {
@@ -186,7 +237,7 @@ async fn run_session(
     }
     ctl.send_msg(&FromNode::Welcome {
         version: PROTOCOL_VERSION,
-        threads: threads as u32,
+        threads: opts.threads as u32,
     })
     .await?;
     let setup = match ctl.recv_msg::<ToNode>(MAX_CONTROL).await? {
@@ -197,55 +248,62 @@ async fn run_session(
         ctl.send_msg(&FromNode::Refused { reason: reason.clone() }).await?;
         return Err(SessionError::Protocol(reason));
     }
-    let result = session_body(ep, conn, &mut ctl, pool, inbox, &setup).await;
+    let result = session_body(ep, conn, &mut ctl, pool, opts, inbox, &setup).await;
     if let Err(e) = &result {
         let _ = ctl.send_msg(&FromNode::Error { msg: e.to_string() }).await;
     }
     result
 }
 
-async fn receive_weights(ctl: &mut Stream, setup: &Setup) -> Result<ReceivedWeights, SessionError> {
-    let mut map = HashMap::new();
+/// Brings the session's shard to this node: the given `--shard` directory, the intact
+/// cached copy, or whatever blocks the coordinator sends for the cache.
+async fn obtain_shard(ctl: &mut Stream, opts: &NodeOptions, setup: &Setup) -> Result<Shard, SessionError> {
+    if let Some(dir) = &opts.shard_dir {
+        return match check_given_shard(dir, setup) {
+            Ok(s) => {
+                ctl.send_msg(&FromNode::NeedBlocks(Vec::new())).await?;
+                Ok(s)
+            }
+            Err(reason) => {
+                ctl.send_msg(&FromNode::Refused { reason: reason.clone() }).await?;
+                Err(SessionError::Protocol(reason))
+            }
+        };
+    }
+    let cache = ShardCache::new(&opts.data_dir.join("shards"));
+    let m = &setup.manifest;
+    let needs = cache.needs(m)?;
+    let receiver = if needs.is_empty() {
+        None
+    } else {
+        Some(cache.receiver(m)?)
+    };
+    ctl.send_msg(&FromNode::NeedBlocks(needs.clone())).await?;
+    let Some(mut rx) = receiver else {
+        return Ok(Shard::open(&cache.dir_for(m))?);
+    };
     let mut buf = Vec::new();
     loop {
-        match ctl.recv_msg::<ToNode>(MAX_CONTROL).await? {
-            ToNode::Tensor {
-                role,
-                layer,
-                ggml_type,
-                rows,
-                cols,
-            } => {
-                let dtype = ggml_dtype(ggml_type)
-                    .map_err(|t| SessionError::Protocol(format!("unsupported tensor type {t}")))?;
-                let rb = dtype
-                    .row_bytes(cols as usize)
-                    .ok_or_else(|| SessionError::Protocol(format!("bad tensor width {cols}")))?
-                    as u64;
-                let bytes = rb
-                    .checked_mul(rows)
-                    .filter(|&b| b <= MAX_TENSOR_BYTES)
-                    .ok_or_else(|| SessionError::Protocol("tensor too large".into()))?;
-                if layer as usize >= setup.config.n_layers {
-                    return Err(SessionError::Protocol(format!("layer {layer} out of range")));
+        match ctl.recv_msg::<ToNode>(MAX_CONTROL).await {
+            Ok(ToNode::BlockData { index, offset }) => {
+                if let Err(e) = read_frame_of(&mut ctl.recv, FrameKind::Tensor, &mut buf, MAX_CHUNK).await {
+                    let _ = rx.checkpoint();
+                    return Err(e.into());
                 }
-                read_frame_of(&mut ctl.recv, FrameKind::Tensor, &mut buf, bytes as usize).await?;
-                if buf.len() as u64 != bytes {
-                    return Err(SessionError::Protocol(format!(
-                        "tensor {role:?}/{layer}: got {} bytes, expected {bytes}",
-                        buf.len()
-                    )));
-                }
-                let w = Weight::from_vec(dtype, rows as usize, cols as usize, std::mem::take(&mut buf))?;
-                map.insert((role, layer as usize), w);
+                rx.write(index, offset, &buf)?;
             }
-            ToNode::WeightsDone => break,
-            other => {
-                return Err(SessionError::Protocol(format!("expected a tensor, got {other:?}")))
+            Ok(ToNode::BlocksDone) => break,
+            Ok(other) => {
+                let _ = rx.checkpoint();
+                return Err(SessionError::Protocol(format!("expected shard data, got {other:?}")));
+            }
+            Err(e) => {
+                let _ = rx.checkpoint();
+                return Err(e.into());
             }
         }
     }
-    Ok(ReceivedWeights(map, setup.config.attention_bias))
+    Ok(rx.finish()?)
 }
 
 async fn build_links(
@@ -306,21 +364,31 @@ async fn session_body(
     conn: &Connection,
     ctl: &mut Stream,
     pool: &Arc<ThreadPool>,
+    opts: &NodeOptions,
     inbox: &Inbox,
     setup: &Setup,
 ) -> Result<(), SessionError> {
     let (tx, mut rx) = mpsc::channel(16);
     *inbox.lock().unwrap() = Some(tx);
     let rank = setup.rank as usize;
-    let slice = setup.plan.ranks[rank].clone();
-    let weights = receive_weights(ctl, setup).await?;
-    let model = RankModel::build(&setup.config, &slice, &weights)?;
-    drop(weights);
+    let shard = obtain_shard(ctl, opts, setup).await?;
+    let model = shard.rank_model()?;
+    let mut cache = model.new_cache(setup.capacity as usize);
+    let m = &shard.manifest;
+    let w = choose_window(m, opts.window, opts.mem_budget, cache.bytes() as u64);
+    let regions = m
+        .stream_order()
+        .iter()
+        .map(|&i| m.blocks[i].offset as usize..(m.blocks[i].offset + m.blocks[i].len) as usize)
+        .collect();
+    let window = Window::new(shard.map(), shard.file(), regions, w);
     let links = build_links(ep, conn, setup, &mut rx).await?;
     let mut group = Group::new(rank, setup.world as usize, setup.algo, setup.dtype, links)?;
-    let mut cache = model.new_cache(setup.capacity as usize);
-    ctl.send_msg(&FromNode::Ready).await?;
-    let d = setup.config.hidden_size;
+    ctl.send_msg(&FromNode::Ready {
+        window: if window.is_streaming() { window.size() as u32 } else { 0 },
+    })
+    .await?;
+    let d = m.config.hidden_size;
     let mut buf = Vec::new();
     let mut x = Vec::new();
     let mut last_end = Instant::now();
@@ -340,10 +408,11 @@ async fn session_body(
                 x.resize(n * d, 0f32);
                 f32_from_le_bytes(&buf, &mut x)?;
                 let handle = tokio::runtime::Handle::current();
+                let read0 = disk_read_bytes().unwrap_or(0);
                 let mut wait = 0f64;
                 let mut total = 0f64;
                 let times = tokio::task::block_in_place(|| {
-                    model.forward_layers::<SessionError>(pool, &mut x, n, start, &mut cache, &mut |part| {
+                    model.forward_layers::<SessionError>(pool, &mut x, n, start, &mut cache, Some(&window), &mut |part| {
                         let st = handle.block_on(group.allreduce(part))?;
                         wait += st.wait.as_secs_f64();
                         total += st.total.as_secs_f64();
@@ -356,6 +425,9 @@ async fn session_body(
                     reduce_wait_s: wait,
                     reduce_total_s: total,
                     idle_s,
+                    disk_wait_s: times.disk_wait_s,
+                    disk_read_bytes: disk_read_bytes().unwrap_or(0).saturating_sub(read0),
+                    peak_rss_bytes: peak_rss().unwrap_or(0),
                 }))
                 .await?;
             }

@@ -105,6 +105,34 @@ fn built_bin(package: &str, bin: &str, cell: &'static OnceLock<PathBuf>) -> Path
         let mut cmd = Command::new(cargo);
         cmd.current_dir(workspace_root())
             .args(["build", "-p", package, "--bin", bin]);
+        // Cargo gives the running test the environment of *this* crate (CARGO_PKG_NAME,
+        // CARGO_MANIFEST_DIR, ...). Build scripts such as ring's declare
+        // `rerun-if-env-changed` on those names, so passing them on would make this build and
+        // the outer `cargo test` rebuild each other's dependencies every time.
+        for (k, _) in std::env::vars_os() {
+            let k = k.to_string_lossy();
+            let per_crate = [
+                "CARGO_PKG_",
+                "CARGO_BIN_EXE_",
+                "CARGO_CFG_",
+                "CARGO_MANIFEST_",
+                "DEP_",
+            ]
+            .iter()
+            .any(|p| k.starts_with(p))
+                || [
+                    "CARGO_CRATE_NAME",
+                    "CARGO_BIN_NAME",
+                    "CARGO_PRIMARY_PACKAGE",
+                    "CARGO_TARGET_TMPDIR",
+                    "CARGO_RUSTC_CURRENT_DIR",
+                    "OUT_DIR",
+                ]
+                .contains(&k.as_ref());
+            if per_crate {
+                cmd.env_remove(k.as_ref());
+            }
+        }
         match profile.as_str() {
             "debug" => {}
             "release" => {

@@ -4,6 +4,7 @@ mod bench;
 mod chat;
 mod cluster;
 mod run;
+mod shard;
 
 use std::path::PathBuf;
 
@@ -14,6 +15,7 @@ use tpi_coordinator::engine::{Backend, LocalBackend, StepReport};
 use tpi_coordinator::local::LocalCluster;
 use tpi_node::model::ModelConfig;
 use tpi_node::net::{Algo, Credential, WireDType};
+use tpi_node::store::{Quant, Shard};
 use tpi_coordinator::loader::LoadedModel;
 use tpi_coordinator::sampler::SamplerConfig;
 
@@ -39,6 +41,8 @@ pub enum Command {
     Bench(bench::BenchArgs),
     /// Manage the cluster credential (CA and device certificates).
     Cluster(cluster::ClusterCmd),
+    /// Pre-split a model into per-rank shard directories.
+    Shard(shard::ShardArgs),
 }
 
 /// Where the model is and how to compute it.
@@ -53,6 +57,17 @@ pub struct ModelArgs {
     /// Context length (prompt + generated); default: the model's maximum.
     #[arg(long)]
     pub ctx: Option<usize>,
+    /// Stream weights from disk keeping W blocks resident (rank 0 and local nodes).
+    #[arg(long, value_name = "W")]
+    pub window: Option<usize>,
+    /// Memory budget (e.g. 1.5GiB) from which the window is derived; weights stay
+    /// resident when the whole shard fits.
+    #[arg(long, value_parser = parse_size)]
+    pub mem_budget: Option<u64>,
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    tpi_node::store::parse_bytes(s)
 }
 
 impl ModelArgs {
@@ -96,6 +111,12 @@ pub struct ClusterArgs {
     /// Print where each step's time went, per rank.
     #[arg(long)]
     pub profile: bool,
+    /// Weight type of shards made on demand (keep, q8_0, q4_0, q4_1, f16, f32).
+    #[arg(long, default_value = "keep")]
+    pub quant: Quant,
+    /// Use the shards in this `tpi shard --out` directory.
+    #[arg(long)]
+    pub shards: Option<PathBuf>,
 }
 
 /// Sampling flags.
@@ -198,13 +219,30 @@ pub fn open_backend(
             if c.ratios.is_some() {
                 bail!("--ratios needs a cluster (--nodes or --local-cluster N with N >= 2)");
             }
-            let backend = LocalBackend::new(&loaded.files, m.threads())?;
+            if m.window.is_none() && m.mem_budget.is_none() && c.shards.is_none() && c.quant == Quant::Keep {
+                let backend = LocalBackend::new(&loaded.files, m.threads())?;
+                return Ok((loaded, Box::new(backend)));
+            }
+            let plan = tpi_node::model::SplitPlan::even(&loaded.files.config, 1)?;
+            let dirs = tpi_coordinator::shards::ensure_shards(&loaded.files, &plan, c.quant, c.shards.as_deref())?;
+            let shard = Shard::open(&dirs[0])?;
+            let backend = LocalBackend::from_shard(&shard, m.threads(), m.window, m.mem_budget, capacity)?;
             return Ok((loaded, Box::new(backend)));
         }
         (Some(n), _) => {
             let cores = std::thread::available_parallelism().map(|x| x.get()).unwrap_or(1);
             let t = c.node_threads.unwrap_or((cores / n).max(1));
-            let lc = LocalCluster::spawn(n - 1, t, &[])?;
+            let mut extra = vec![
+                "--data-dir".to_string(),
+                tpi_coordinator::shards::cache_root().display().to_string(),
+            ];
+            if let Some(w) = m.window {
+                extra.extend(["--window".to_string(), w.to_string()]);
+            }
+            if let Some(b) = m.mem_budget {
+                extra.extend(["--mem-budget".to_string(), b.to_string()]);
+            }
+            let lc = LocalCluster::spawn(n - 1, t, &extra)?;
             let (addrs, cred) = (lc.addrs.clone(), lc.credential.clone());
             (Some(lc), addrs, cred)
         }
@@ -239,6 +277,10 @@ pub fn open_backend(
         coordinator_share: c.coordinator_share,
         threads,
         connect_timeout: std::time::Duration::from_secs(5),
+        quant: c.quant,
+        shards: c.shards.clone(),
+        window: m.window,
+        mem_budget: m.mem_budget,
     };
     let backend = ClusterBackend::connect(&loaded.files, &credential, &opts, capacity)?;
     Ok((
@@ -304,5 +346,6 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Chat(a) => chat::chat(a),
         Command::Bench(a) => bench::bench(a),
         Command::Cluster(a) => cluster::cluster(a),
+        Command::Shard(a) => shard::shard(a),
     }
 }

@@ -119,6 +119,7 @@ pub fn run(a: RunArgs) -> anyhow::Result<()> {
             "finish_reason": out.finish,
             "prefill_tokens": out.prefilled,
             "steps": out.steps,
+            "backend": session.backend().info(),
         });
         writeln!(stdout, "{j}")?;
     } else {

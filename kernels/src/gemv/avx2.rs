@@ -23,12 +23,24 @@ unsafe fn h2f(p: *const u8) -> f32 {
 
 /// GEMV over rows `r0..r1` (4 rows at a time to reuse x loads); `aux` is `gemv_aux` output.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(crate) unsafe fn gemv_rows(w: &MatRef, r0: usize, r1: usize, x: &[f32], aux: &[f32], y: &mut [f32]) {
+pub(crate) unsafe fn gemv_rows(
+    w: &MatRef,
+    r0: usize,
+    r1: usize,
+    x: &[f32],
+    aux: &[f32],
+    y: &mut [f32],
+) {
     let base = w.data.as_ptr();
     let st = w.row_stride;
     let mut r = r0;
     while r + 4 <= r1 {
-        let p = [base.add(r * st), base.add((r + 1) * st), base.add((r + 2) * st), base.add((r + 3) * st)];
+        let p = [
+            base.add(r * st),
+            base.add((r + 1) * st),
+            base.add((r + 2) * st),
+            base.add((r + 3) * st),
+        ];
         let mut out = [0.0f32; 4];
         rows_kernel::<4>(w.dtype, p, w.cols, x.as_ptr(), aux.as_ptr(), &mut out);
         y[r - r0..r - r0 + 4].copy_from_slice(&out);
@@ -36,7 +48,14 @@ pub(crate) unsafe fn gemv_rows(w: &MatRef, r0: usize, r1: usize, x: &[f32], aux:
     }
     while r < r1 {
         let mut out = [0.0f32; 1];
-        rows_kernel::<1>(w.dtype, [base.add(r * st)], w.cols, x.as_ptr(), aux.as_ptr(), &mut out);
+        rows_kernel::<1>(
+            w.dtype,
+            [base.add(r * st)],
+            w.cols,
+            x.as_ptr(),
+            aux.as_ptr(),
+            &mut out,
+        );
         y[r - r0] = out[0];
         r += 1;
     }
@@ -69,9 +88,9 @@ unsafe fn load8<const K: u8>(p: *const u8, i: usize) -> __m256 {
     match K {
         0 => _mm256_loadu_ps((p as *const f32).add(i)),
         1 => _mm256_cvtph_ps(_mm_loadu_si128(p.add(2 * i) as *const __m128i)),
-        _ => _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(_mm_loadu_si128(
-            p.add(2 * i) as *const __m128i,
-        )))),
+        _ => _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(
+            _mm_loadu_si128(p.add(2 * i) as *const __m128i),
+        ))),
     }
 }
 
@@ -87,7 +106,12 @@ unsafe fn load1<const K: u8>(p: *const u8, i: usize) -> f32 {
 
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-unsafe fn rows_float<const R: usize, const K: u8>(p: [*const u8; R], cols: usize, x: *const f32, out: &mut [f32; R]) {
+unsafe fn rows_float<const R: usize, const K: u8>(
+    p: [*const u8; R],
+    cols: usize,
+    x: *const f32,
+    out: &mut [f32; R],
+) {
     let mut acc0 = [_mm256_setzero_ps(); R];
     let mut acc1 = [_mm256_setzero_ps(); R];
     let n16 = cols / 16 * 16;
@@ -125,7 +149,12 @@ unsafe fn i8x8(p: *const u8) -> __m256 {
 
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-unsafe fn rows_q8_0<const R: usize>(p: [*const u8; R], nb: usize, x: *const f32, out: &mut [f32; R]) {
+unsafe fn rows_q8_0<const R: usize>(
+    p: [*const u8; R],
+    nb: usize,
+    x: *const f32,
+    out: &mut [f32; R],
+) {
     let mut acc = [_mm256_setzero_ps(); R];
     for b in 0..nb {
         let xb = x.add(b * 32);
@@ -170,7 +199,11 @@ unsafe fn rows_q4<const R: usize, const Q41: bool>(
         let x1 = _mm256_loadu_ps(xb.add(8));
         let x2 = _mm256_loadu_ps(xb.add(16));
         let x3 = _mm256_loadu_ps(xb.add(24));
-        let xs = if Q41 { _mm_castpd_ps(_mm_load_sd(aux.add(2 * b) as *const f64)) } else { _mm_setzero_ps() };
+        let xs = if Q41 {
+            _mm_castpd_ps(_mm_load_sd(aux.add(2 * b) as *const f64))
+        } else {
+            _mm_setzero_ps()
+        };
         for r in 0..R {
             let q = p[r].add(b * bb);
             let raw = _mm_loadu_si128(q.add(qoff) as *const __m128i);
@@ -244,7 +277,10 @@ pub(crate) unsafe fn dequant_row(dtype: DType, data: &[u8], out: &mut [f32]) {
                 let q = src.add(b * 34);
                 let d = _mm256_set1_ps(h2f(q));
                 for j in 0..4 {
-                    _mm256_storeu_ps(dst.add(b * 32 + 8 * j), _mm256_mul_ps(i8x8(q.add(2 + 8 * j)), d));
+                    _mm256_storeu_ps(
+                        dst.add(b * 32 + 8 * j),
+                        _mm256_mul_ps(i8x8(q.add(2 + 8 * j)), d),
+                    );
                 }
             }
         }
@@ -261,7 +297,12 @@ pub(crate) unsafe fn dequant_row(dtype: DType, data: &[u8], out: &mut [f32]) {
                 let raw = _mm_loadu_si128(q.add(qoff) as *const __m128i);
                 let lo = _mm_and_si128(raw, m0f);
                 let hi = _mm_and_si128(_mm_srli_epi16::<4>(raw), m0f);
-                let parts = [lo, _mm_unpackhi_epi64(lo, lo), hi, _mm_unpackhi_epi64(hi, hi)];
+                let parts = [
+                    lo,
+                    _mm_unpackhi_epi64(lo, lo),
+                    hi,
+                    _mm_unpackhi_epi64(hi, hi),
+                ];
                 for (j, part) in parts.iter().enumerate() {
                     let v = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_cvtepu8_epi32(*part), off));
                     let mut v = _mm256_mul_ps(v, d);
@@ -285,7 +326,11 @@ pub(crate) unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut i = 0;
     while i + 16 <= n {
         a0 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pb.add(i)), a0);
-        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i + 8)), _mm256_loadu_ps(pb.add(i + 8)), a1);
+        a1 = _mm256_fmadd_ps(
+            _mm256_loadu_ps(pa.add(i + 8)),
+            _mm256_loadu_ps(pb.add(i + 8)),
+            a1,
+        );
         i += 16;
     }
     if i + 8 <= n {
@@ -313,7 +358,10 @@ pub(crate) unsafe fn sum(a: &[f32]) -> f32 {
         }
         i += 32;
     }
-    let mut s = hsum256(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
+    let mut s = hsum256(_mm256_add_ps(
+        _mm256_add_ps(acc[0], acc[1]),
+        _mm256_add_ps(acc[2], acc[3]),
+    ));
     while i < n {
         s += *p.add(i);
         i += 1;
@@ -329,7 +377,10 @@ pub(crate) unsafe fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
     let av = _mm256_set1_ps(alpha);
     let mut i = 0;
     while i + 8 <= n {
-        _mm256_storeu_ps(py.add(i), _mm256_fmadd_ps(av, _mm256_loadu_ps(px.add(i)), _mm256_loadu_ps(py.add(i))));
+        _mm256_storeu_ps(
+            py.add(i),
+            _mm256_fmadd_ps(av, _mm256_loadu_ps(px.add(i)), _mm256_loadu_ps(py.add(i))),
+        );
         i += 8;
     }
     while i < n {
@@ -340,7 +391,13 @@ pub(crate) unsafe fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
 
 /// GEMM register tile over a 32-wide packed panel, as two 16-wide halves (12 accumulators each).
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(crate) unsafe fn gemm_tile<const MR: usize>(x: *const f32, ldx: usize, wp: *const f32, kc: usize, out: *mut f32) {
+pub(crate) unsafe fn gemm_tile<const MR: usize>(
+    x: *const f32,
+    ldx: usize,
+    wp: *const f32,
+    kc: usize,
+    out: *mut f32,
+) {
     for h in 0..2 {
         let wh = wp.add(16 * h);
         let mut acc0 = [_mm256_setzero_ps(); MR];

@@ -31,12 +31,24 @@ unsafe fn h2f(p: *const u8) -> f32 {
 
 /// GEMV over rows `r0..r1` (4 rows at a time to reuse x loads); `aux` is `gemv_aux` output.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
-pub(crate) unsafe fn gemv_rows(w: &MatRef, r0: usize, r1: usize, x: &[f32], aux: &[f32], y: &mut [f32]) {
+pub(crate) unsafe fn gemv_rows(
+    w: &MatRef,
+    r0: usize,
+    r1: usize,
+    x: &[f32],
+    aux: &[f32],
+    y: &mut [f32],
+) {
     let base = w.data.as_ptr();
     let st = w.row_stride;
     let mut r = r0;
     while r + 4 <= r1 {
-        let p = [base.add(r * st), base.add((r + 1) * st), base.add((r + 2) * st), base.add((r + 3) * st)];
+        let p = [
+            base.add(r * st),
+            base.add((r + 1) * st),
+            base.add((r + 2) * st),
+            base.add((r + 3) * st),
+        ];
         let mut out = [0.0f32; 4];
         rows_kernel::<4>(w.dtype, p, w.cols, x.as_ptr(), aux.as_ptr(), &mut out);
         y[r - r0..r - r0 + 4].copy_from_slice(&out);
@@ -44,7 +56,14 @@ pub(crate) unsafe fn gemv_rows(w: &MatRef, r0: usize, r1: usize, x: &[f32], aux:
     }
     while r < r1 {
         let mut out = [0.0f32; 1];
-        rows_kernel::<1>(w.dtype, [base.add(r * st)], w.cols, x.as_ptr(), aux.as_ptr(), &mut out);
+        rows_kernel::<1>(
+            w.dtype,
+            [base.add(r * st)],
+            w.cols,
+            x.as_ptr(),
+            aux.as_ptr(),
+            &mut out,
+        );
         y[r - r0] = out[0];
         r += 1;
     }
@@ -77,9 +96,9 @@ unsafe fn load16<const K: u8>(p: *const u8, i: usize) -> __m512 {
     match K {
         0 => _mm512_loadu_ps((p as *const f32).add(i)),
         1 => _mm512_cvtph_ps(_mm256_loadu_si256(p.add(2 * i) as *const __m256i)),
-        _ => _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(_mm256_loadu_si256(
-            p.add(2 * i) as *const __m256i,
-        )))),
+        _ => _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(
+            _mm256_loadu_si256(p.add(2 * i) as *const __m256i),
+        ))),
     }
 }
 
@@ -95,7 +114,12 @@ unsafe fn load1<const K: u8>(p: *const u8, i: usize) -> f32 {
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
 #[inline]
-unsafe fn rows_float<const R: usize, const K: u8>(p: [*const u8; R], cols: usize, x: *const f32, out: &mut [f32; R]) {
+unsafe fn rows_float<const R: usize, const K: u8>(
+    p: [*const u8; R],
+    cols: usize,
+    x: *const f32,
+    out: &mut [f32; R],
+) {
     let mut acc0 = [_mm512_setzero_ps(); R];
     let mut acc1 = [_mm512_setzero_ps(); R];
     let n32 = cols / 32 * 32;
@@ -125,31 +149,21 @@ unsafe fn rows_float<const R: usize, const K: u8>(p: [*const u8; R], cols: usize
     }
 }
 
-/// Copy the raw f16 `d` (and `m`) words of `n` blocks into a buffer and convert them with one
-/// `vcvtph2ps`, giving `[d0, m0, d1, m1, ...]` as f32 (so per-block scales become free
-/// memory-broadcast FMA operands instead of per-block scalar conversions).
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
 #[inline]
-unsafe fn block_scales(p: *const u8, bb: usize, n: usize, out: &mut [f32; 16]) -> __m512 {
-    let mut raw = [0u32; 8];
-    for (i, v) in raw.iter_mut().enumerate().take(n) {
-        *v = (p.add(i * bb) as *const u32).read_unaligned();
-    }
-    let f = _mm512_cvtph_ps(_mm256_loadu_si256(raw.as_ptr() as *const __m256i));
-    _mm512_storeu_ps(out.as_mut_ptr(), f);
-    f
-}
-
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
-#[inline]
-unsafe fn rows_q8_0<const R: usize>(p: [*const u8; R], nb: usize, x: *const f32, out: &mut [f32; R]) {
+unsafe fn rows_q8_0<const R: usize>(
+    p: [*const u8; R],
+    nb: usize,
+    x: *const f32,
+    out: &mut [f32; R],
+) {
     let mut acc = [_mm512_setzero_ps(); R];
     let mut sc = [[0.0f32; 16]; R];
     let mut b0 = 0;
     while b0 < nb {
         let nbc = (nb - b0).min(8);
         for r in 0..R {
-            block_scales(p[r].add(b0 * 34), 34, nbc, &mut sc[r]);
+            block_scales::<false>(p[r].add(b0 * 34), 34, nbc, &mut sc[r]);
         }
         for i in 0..nbc {
             let b = b0 + i;
@@ -157,8 +171,12 @@ unsafe fn rows_q8_0<const R: usize>(p: [*const u8; R], nb: usize, x: *const f32,
             let xh = _mm512_loadu_ps(x.add(b * 32 + 16));
             for r in 0..R {
                 let q = p[r].add(b * 34);
-                let q0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(q.add(2) as *const __m128i)));
-                let q1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(q.add(18) as *const __m128i)));
+                let q0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
+                    q.add(2) as *const __m128i
+                )));
+                let q1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
+                    q.add(18) as *const __m128i
+                )));
                 let t = _mm512_fmadd_ps(q1, xh, _mm512_mul_ps(q0, xl));
                 acc[r] = _mm512_fmadd_ps(t, _mm512_set1_ps(sc[r][2 * i]), acc[r]);
             }
@@ -191,31 +209,67 @@ unsafe fn rows_q4<const R: usize, const Q41: bool>(
     let qoff = if Q41 { 4 } else { 2 };
     let xp = aux.add((2 * nb).div_ceil(16) * 16);
     let mut acc = [_mm512_setzero_ps(); R];
-    let mut accm = [_mm_setzero_ps(); R];
-    for b in 0..nb {
-        let xl = _mm512_loadu_ps(xp.add(b * 32));
-        let xh = _mm512_loadu_ps(xp.add(b * 32 + 16));
-        let xs = _mm_castpd_ps(_mm_load_sd(aux.add(2 * b) as *const f64));
+    let mut accm = [_mm512_setzero_ps(); R];
+    let mut sc = [[0.0f32; 16]; R];
+    let mut b0 = 0;
+    while b0 < nb {
+        let nbc = (nb - b0).min(8);
         for r in 0..R {
-            let blk = p[r].add(b * bb);
-            let v = _mm512_broadcast_i32x4(_mm_loadu_si128(blk.add(qoff) as *const __m128i));
-            let lo = _mm512_castsi512_ps(_mm512_ternarylogic_epi32::<0xEA>(_mm512_rolv_epi32(v, rot_lo), mask, one));
-            let hi = _mm512_castsi512_ps(_mm512_ternarylogic_epi32::<0xEA>(_mm512_rolv_epi32(v, rot_hi), mask, one));
-            let t = _mm512_fmadd_ps(hi, xh, _mm512_mul_ps(lo, xl));
-            let dmi = if Q41 {
-                (blk as *const i32).read_unaligned()
-            } else {
-                (blk as *const u16).read_unaligned() as i32
-            };
-            let dm = _mm_cvtph_ps(_mm_cvtsi32_si128(dmi));
-            acc[r] = _mm512_fmadd_ps(_mm512_broadcastss_ps(dm), t, acc[r]);
-            accm[r] = _mm_fmadd_ps(dm, xs, accm[r]);
+            let f = block_scales::<Q41>(p[r].add(b0 * bb), bb, nbc, &mut sc[r]);
+            accm[r] = _mm512_fmadd_ps(f, _mm512_loadu_ps(aux.add(2 * b0)), accm[r]);
         }
+        for i in 0..nbc {
+            let b = b0 + i;
+            let xl = _mm512_loadu_ps(xp.add(b * 32));
+            let xh = _mm512_loadu_ps(xp.add(b * 32 + 16));
+            for r in 0..R {
+                let blk = p[r].add(b * bb);
+                let v = _mm512_broadcast_i32x4(_mm_loadu_si128(blk.add(qoff) as *const __m128i));
+                let lo = _mm512_castsi512_ps(_mm512_ternarylogic_epi32::<0xEA>(
+                    _mm512_rolv_epi32(v, rot_lo),
+                    mask,
+                    one,
+                ));
+                let hi = _mm512_castsi512_ps(_mm512_ternarylogic_epi32::<0xEA>(
+                    _mm512_rolv_epi32(v, rot_hi),
+                    mask,
+                    one,
+                ));
+                let t = _mm512_fmadd_ps(hi, xh, _mm512_mul_ps(lo, xl));
+                acc[r] = _mm512_fmadd_ps(t, _mm512_set1_ps(sc[r][2 * i]), acc[r]);
+            }
+        }
+        b0 += nbc;
     }
     for r in 0..R {
-        let m = accm[r];
-        out[r] = 16.0 * hsum512(acc[r]) + (_mm_cvtss_f32(m) + _mm_cvtss_f32(_mm_movehdup_ps(m)));
+        out[r] = 16.0 * hsum512(acc[r]) + hsum512(accm[r]);
     }
+}
+
+/// Convert the f16 `[d, m]` words of `n <= 8` blocks (Q4_0: `[d, 0]`) to f32 with one
+/// `vcvtph2ps`, gathered through registers (no narrow-store/wide-load forwarding stall);
+/// stores them to `out` for broadcast-operand FMAs and returns them.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+#[inline]
+unsafe fn block_scales<const Q41: bool>(
+    p: *const u8,
+    bb: usize,
+    n: usize,
+    out: &mut [f32; 16],
+) -> __m512 {
+    let ld = |i: usize| -> i32 {
+        if i >= n {
+            0
+        } else if Q41 {
+            (p.add(i * bb) as *const i32).read_unaligned()
+        } else {
+            (p.add(i * bb) as *const u16).read_unaligned() as i32
+        }
+    };
+    let raw = _mm256_setr_epi32(ld(0), ld(1), ld(2), ld(3), ld(4), ld(5), ld(6), ld(7));
+    let f = _mm512_cvtph_ps(raw);
+    _mm512_storeu_ps(out.as_mut_ptr(), f);
+    f
 }
 
 /// Dequantise a row (bit-identical to the scalar reference: multiply, then add, no FMA).
@@ -249,8 +303,12 @@ pub(crate) unsafe fn dequant_row(dtype: DType, data: &[u8], out: &mut [f32]) {
             for b in 0..n / 32 {
                 let q = src.add(b * 34);
                 let d = _mm512_set1_ps(h2f(q));
-                let q0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(q.add(2) as *const __m128i)));
-                let q1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(q.add(18) as *const __m128i)));
+                let q0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
+                    q.add(2) as *const __m128i
+                )));
+                let q1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
+                    q.add(18) as *const __m128i
+                )));
                 _mm512_storeu_ps(dst.add(b * 32), _mm512_mul_ps(q0, d));
                 _mm512_storeu_ps(dst.add(b * 32 + 16), _mm512_mul_ps(q1, d));
             }
@@ -290,7 +348,11 @@ pub(crate) unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut i = 0;
     while i + 32 <= n {
         a0 = _mm512_fmadd_ps(_mm512_loadu_ps(pa.add(i)), _mm512_loadu_ps(pb.add(i)), a0);
-        a1 = _mm512_fmadd_ps(_mm512_loadu_ps(pa.add(i + 16)), _mm512_loadu_ps(pb.add(i + 16)), a1);
+        a1 = _mm512_fmadd_ps(
+            _mm512_loadu_ps(pa.add(i + 16)),
+            _mm512_loadu_ps(pb.add(i + 16)),
+            a1,
+        );
         i += 32;
     }
     if i + 16 <= n {
@@ -318,7 +380,10 @@ pub(crate) unsafe fn sum(a: &[f32]) -> f32 {
         }
         i += 64;
     }
-    let mut s = hsum512(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3])));
+    let mut s = hsum512(_mm512_add_ps(
+        _mm512_add_ps(acc[0], acc[1]),
+        _mm512_add_ps(acc[2], acc[3]),
+    ));
     while i < n {
         s += *p.add(i);
         i += 1;
@@ -334,7 +399,10 @@ pub(crate) unsafe fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
     let av = _mm512_set1_ps(alpha);
     let mut i = 0;
     while i + 16 <= n {
-        _mm512_storeu_ps(py.add(i), _mm512_fmadd_ps(av, _mm512_loadu_ps(px.add(i)), _mm512_loadu_ps(py.add(i))));
+        _mm512_storeu_ps(
+            py.add(i),
+            _mm512_fmadd_ps(av, _mm512_loadu_ps(px.add(i)), _mm512_loadu_ps(py.add(i))),
+        );
         i += 16;
     }
     while i < n {
@@ -345,7 +413,13 @@ pub(crate) unsafe fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
 
 /// GEMM register tile: `out[t][0..32] = sum_k x[t*ldx+k] * wp[k*32..k*32+32]` for `MR` (<= 6) tokens.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
-pub(crate) unsafe fn gemm_tile<const MR: usize>(x: *const f32, ldx: usize, wp: *const f32, kc: usize, out: *mut f32) {
+pub(crate) unsafe fn gemm_tile<const MR: usize>(
+    x: *const f32,
+    ldx: usize,
+    wp: *const f32,
+    kc: usize,
+    out: *mut f32,
+) {
     let mut acc0 = [_mm512_setzero_ps(); MR];
     let mut acc1 = [_mm512_setzero_ps(); MR];
     for k in 0..kc {

@@ -69,8 +69,18 @@ pub(crate) fn gemv_aux(isa: Isa, dtype: DType, x: &[f32]) -> Vec<f32> {
 }
 
 /// Compute `y[i] = dot(row r0+i, x)` for rows `r0..r1` on an explicit ISA. Shapes must be validated.
-pub(crate) fn gemv_rows_isa(isa: Isa, w: &MatRef, r0: usize, r1: usize, x: &[f32], aux: &[f32], y: &mut [f32]) {
+pub(crate) fn gemv_rows_isa(
+    isa: Isa,
+    w: &MatRef,
+    r0: usize,
+    r1: usize,
+    x: &[f32],
+    aux: &[f32],
+    y: &mut [f32],
+) {
     debug_assert_eq!(y.len(), r1 - r0);
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = aux;
     match isa {
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512 => unsafe { avx512::gemv_rows(w, r0, r1, x, aux, y) },
@@ -82,16 +92,33 @@ pub(crate) fn gemv_rows_isa(isa: Isa, w: &MatRef, r0: usize, r1: usize, x: &[f32
     }
 }
 
-pub(crate) fn check_gemv(w: &MatRef, x_len: usize, y_len: usize, n: usize) -> Result<(), KernelError> {
+pub(crate) fn check_gemv(
+    w: &MatRef,
+    x_len: usize,
+    y_len: usize,
+    n: usize,
+) -> Result<(), KernelError> {
     // Re-validate the view: its fields are public and could have been built by hand.
     MatRef::with_stride(w.dtype, w.rows, w.cols, w.row_stride, w.data)?;
-    let xe = n.checked_mul(w.cols).ok_or_else(|| KernelError::Invalid("x size overflows".into()))?;
+    let xe = n
+        .checked_mul(w.cols)
+        .ok_or_else(|| KernelError::Invalid("x size overflows".into()))?;
     if x_len != xe {
-        return Err(KernelError::Shape { what: "x", expected: xe, actual: x_len });
+        return Err(KernelError::Shape {
+            what: "x",
+            expected: xe,
+            actual: x_len,
+        });
     }
-    let ye = n.checked_mul(w.rows).ok_or_else(|| KernelError::Invalid("y size overflows".into()))?;
+    let ye = n
+        .checked_mul(w.rows)
+        .ok_or_else(|| KernelError::Invalid("y size overflows".into()))?;
     if y_len != ye {
-        return Err(KernelError::Shape { what: "y", expected: ye, actual: y_len });
+        return Err(KernelError::Shape {
+            what: "y",
+            expected: ye,
+            actual: y_len,
+        });
     }
     Ok(())
 }
@@ -114,7 +141,10 @@ pub(crate) fn gemv_unchecked(isa: Isa, pool: &ThreadPool, w: &MatRef, x: &[f32],
     }
     let aux = gemv_aux(isa, w.dtype, x);
     let max_tasks_by_size = (w.weight_bytes() / MIN_TASK_BYTES).max(1);
-    let n_tasks = (pool.n_threads() * 4).min(max_tasks_by_size).min(rows.div_ceil(ROW_BLOCK)).max(1);
+    let n_tasks = (pool.n_threads() * 4)
+        .min(max_tasks_by_size)
+        .min(rows.div_ceil(ROW_BLOCK))
+        .max(1);
     if n_tasks == 1 || pool.n_threads() == 1 {
         gemv_rows_isa(isa, w, 0, rows, x, &aux, y);
         return;

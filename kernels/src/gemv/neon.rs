@@ -17,14 +17,25 @@ pub(crate) unsafe fn gemv_rows(w: &MatRef, r0: usize, r1: usize, x: &[f32], y: &
         let row = w.row(r);
         let mut acc = [vdupq_n_f32(0.0); 4];
         for b in 0..full {
-            dequantize_row_scalar(dtype, &row[b * chunk_bytes..(b + 1) * chunk_bytes], &mut buf);
+            dequantize_row_scalar(
+                dtype,
+                &row[b * chunk_bytes..(b + 1) * chunk_bytes],
+                &mut buf,
+            );
             let xp = x.as_ptr().add(b * 32);
             let bp = buf.as_ptr();
             for j in 0..8 {
-                acc[j % 4] = vfmaq_f32(acc[j % 4], vld1q_f32(bp.add(4 * j)), vld1q_f32(xp.add(4 * j)));
+                acc[j % 4] = vfmaq_f32(
+                    acc[j % 4],
+                    vld1q_f32(bp.add(4 * j)),
+                    vld1q_f32(xp.add(4 * j)),
+                );
             }
         }
-        let mut s = vaddvq_f32(vaddq_f32(vaddq_f32(acc[0], acc[1]), vaddq_f32(acc[2], acc[3])));
+        let mut s = vaddvq_f32(vaddq_f32(
+            vaddq_f32(acc[0], acc[1]),
+            vaddq_f32(acc[2], acc[3]),
+        ));
         if rem > 0 {
             let eb = dtype.block_bytes();
             let start = full * chunk_bytes;
@@ -87,7 +98,10 @@ pub(crate) unsafe fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
     let av = vdupq_n_f32(alpha);
     let mut i = 0;
     while i + 4 <= n {
-        vst1q_f32(py.add(i), vfmaq_f32(vld1q_f32(py.add(i)), av, vld1q_f32(px.add(i))));
+        vst1q_f32(
+            py.add(i),
+            vfmaq_f32(vld1q_f32(py.add(i)), av, vld1q_f32(px.add(i))),
+        );
         i += 4;
     }
     while i < n {

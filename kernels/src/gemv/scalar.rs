@@ -15,7 +15,11 @@ pub(crate) fn gemv_rows(w: &MatRef, r0: usize, r1: usize, x: &[f32], y: &mut [f3
         let mut tail = 0.0f32;
         let full = w.cols / bl;
         for b in 0..full {
-            dequantize_row_scalar(dtype, &row[b * chunk_bytes..(b + 1) * chunk_bytes], &mut buf);
+            dequantize_row_scalar(
+                dtype,
+                &row[b * chunk_bytes..(b + 1) * chunk_bytes],
+                &mut buf,
+            );
             let xb = &x[b * bl..(b + 1) * bl];
             for i in 0..32 {
                 acc[i % 8] += buf[i] * xb[i];
@@ -24,7 +28,11 @@ pub(crate) fn gemv_rows(w: &MatRef, r0: usize, r1: usize, x: &[f32], y: &mut [f3
         let rem = w.cols - full * bl;
         if rem > 0 {
             let eb = dtype.block_bytes();
-            dequantize_row_scalar(dtype, &row[full * chunk_bytes..full * chunk_bytes + rem * eb], &mut buf[..rem]);
+            dequantize_row_scalar(
+                dtype,
+                &row[full * chunk_bytes..full * chunk_bytes + rem * eb],
+                &mut buf[..rem],
+            );
             for i in 0..rem {
                 tail += buf[i] * x[full * bl + i];
             }
@@ -74,7 +82,13 @@ pub(crate) fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
 }
 
 /// Scalar GEMM tile: `out[t][j] = sum_k x[t*ldx + k] * wp[k*32 + j]` for `MR` tokens, 32 packed rows.
-pub(crate) fn gemm_tile<const MR: usize>(x: &[f32], ldx: usize, wp: &[f32], kc: usize, out: &mut [f32]) {
+pub(crate) fn gemm_tile<const MR: usize>(
+    x: &[f32],
+    ldx: usize,
+    wp: &[f32],
+    kc: usize,
+    out: &mut [f32],
+) {
     let mut acc = [[0.0f32; 32]; MR];
     for k in 0..kc {
         let wk = &wp[k * 32..k * 32 + 32];

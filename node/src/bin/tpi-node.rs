@@ -27,14 +27,34 @@ enum Cmd {
         /// Compute threads (default: all cores).
         #[arg(long)]
         threads: Option<usize>,
-        /// Where the node keeps its state (identity, shard cache).
+        /// Where the node keeps its state (identity, shard cache); default $TPI_CACHE or ~/.cache/tpi.
         #[arg(long)]
         data_dir: Option<PathBuf>,
+        /// Use this shard directory (made by `tpi shard`) when it matches the session.
+        #[arg(long)]
+        shard: Option<PathBuf>,
+        /// Stream weights keeping W blocks resident.
+        #[arg(long, value_name = "W")]
+        window: Option<usize>,
+        /// Memory budget (e.g. 1.5GiB) from which the window is derived.
+        #[arg(long, value_parser = tpi_node::store::parse_bytes)]
+        mem_budget: Option<u64>,
         /// Cluster credential directory (ca.pem, cert.pem, key.pem), made by `tpi cluster init`.
         /// Default: DATA_DIR/credential, then ~/.config/tpi/credential.
         #[arg(long)]
         credential: Option<PathBuf>,
     },
+}
+
+/// $TPI_CACHE, else ~/.cache/tpi (shared with the coordinator on one machine, so a
+/// local cluster finds the shards the coordinator wrote).
+fn default_data_dir() -> PathBuf {
+    if let Some(p) = std::env::var_os("TPI_CACHE") {
+        return PathBuf::from(p);
+    }
+    std::env::var_os("HOME")
+        .map(|h| PathBuf::from(h).join(".cache/tpi"))
+        .unwrap_or_else(|| std::env::temp_dir().join("tpi-node"))
 }
 
 fn default_credential(data_dir: Option<&PathBuf>) -> Option<PathBuf> {
@@ -70,15 +90,18 @@ fn real_main() -> anyhow::Result<()> {
         threads,
         data_dir,
         credential,
+        shard,
+        window,
+        mem_budget,
     } = Cli::parse().cmd;
+    let data_dir = data_dir.unwrap_or_else(default_data_dir);
     if threads == Some(0) {
         anyhow::bail!("--threads must be at least 1");
     }
-    if let Some(d) = &data_dir {
-        std::fs::create_dir_all(d).with_context(|| format!("cannot create {}", d.display()))?;
-    }
+    std::fs::create_dir_all(&data_dir)
+        .with_context(|| format!("cannot create {}", data_dir.display()))?;
     let cred_dir = credential
-        .or_else(|| default_credential(data_dir.as_ref()))
+        .or_else(|| default_credential(Some(&data_dir)))
         .context("no cluster credential: pass --credential DIR (made by `tpi cluster init`)")?;
     let credential = Credential::load(&cred_dir)
         .with_context(|| format!("cannot load the credential in {}", cred_dir.display()))?;
@@ -92,6 +115,10 @@ fn real_main() -> anyhow::Result<()> {
         threads,
         credential,
         transport: TransportOptions::default(),
+        data_dir,
+        shard_dir: shard,
+        window,
+        mem_budget,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

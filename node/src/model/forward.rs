@@ -370,6 +370,16 @@ pub struct Head {
 }
 
 impl Head {
+    /// A head from its parts.
+    pub fn new(embed: Weight, final_norm: Vec<f32>, lm_head: Weight, eps: f32) -> Self {
+        Head {
+            embed,
+            final_norm,
+            lm_head,
+            eps,
+        }
+    }
+
     /// Loads the head from a full model's tensors.
     pub fn from_store(store: &TensorStore, cfg: &ModelConfig) -> Result<Self, ModelError> {
         let embed = store.role(cfg, Role::Embed, 0)?;
@@ -419,6 +429,17 @@ pub struct StepTimes {
     pub compute_s: f64,
     /// Seconds inside allreduce calls.
     pub reduce_s: f64,
+    /// Seconds waiting for the sliding window to make a block resident.
+    pub disk_wait_s: f64,
+}
+
+/// Called around each block's compute (stream position `2·layer + block`), so a
+/// sliding window can make the block resident first and release it after.
+pub trait BlockHooks: Send + Sync {
+    /// Before block `pos` computes.
+    fn before(&self, pos: usize);
+    /// After block `pos` computed.
+    fn after(&self, pos: usize);
 }
 
 impl RankModel {
@@ -433,6 +454,7 @@ impl RankModel {
         n: usize,
         start: usize,
         cache: &mut KvCache,
+        hooks: Option<&dyn BlockHooks>,
         reduce: &mut dyn FnMut(&mut [f32]) -> Result<(), E>,
     ) -> Result<StepTimes, E>
     where
@@ -443,11 +465,20 @@ impl RankModel {
         let mut times = StepTimes::default();
         for l in 0..self.cfg.n_layers {
             for block in 0..2 {
+                let pos = 2 * l + block;
+                let tw = std::time::Instant::now();
+                if let Some(h) = hooks {
+                    h.before(pos);
+                }
                 let t0 = std::time::Instant::now();
+                times.disk_wait_s += (t0 - tw).as_secs_f64();
                 if block == 0 {
                     self.attn_block(pool, l, x, n, start, cache, &mut part)?;
                 } else {
                     self.mlp_block(pool, l, x, n, &mut part)?;
+                }
+                if let Some(h) = hooks {
+                    h.after(pos);
                 }
                 let t1 = std::time::Instant::now();
                 reduce(&mut part)?;

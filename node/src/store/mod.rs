@@ -1,0 +1,81 @@
+//! Shard files and the sliding-window scheduler that streams them from disk.
+pub mod cache;
+pub mod manifest;
+pub mod shard;
+pub mod window;
+
+pub use cache::{BlockNeed, Receiver, ShardCache};
+pub use manifest::{BlockEntry, BlockKind, Manifest};
+pub use shard::{load_manifest, write_shard, Quant, Shard};
+pub use window::{window_for_budget, Window, WindowStats};
+
+use std::path::Path;
+
+/// Errors of the shard store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// File system trouble, with the path.
+    #[error("{path}: {source}")]
+    Io {
+        /// The path.
+        path: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// A manifest or shard that does not hold together.
+    #[error("invalid shard: {0}")]
+    Invalid(String),
+    /// Model trouble while sharding.
+    #[error(transparent)]
+    Model(#[from] crate::model::ModelError),
+}
+
+impl StoreError {
+    /// An I/O error at `path`.
+    pub fn io(path: &Path, source: std::io::Error) -> Self {
+        StoreError::Io {
+            path: path.display().to_string(),
+            source,
+        }
+    }
+}
+
+/// Parses a byte size such as `1.5GiB`, `512MiB`, `300MB`, `4096` (binary and decimal units).
+pub fn parse_bytes(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let v: f64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not a size (e.g. 1.5GiB, 512MiB)"))?;
+    let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "k" | "kb" => 1e3,
+        "m" | "mb" => 1e6,
+        "g" | "gb" => 1e9,
+        "t" | "tb" => 1e12,
+        "kib" => 1024.0,
+        "mib" => 1024.0 * 1024.0,
+        "gib" => 1024.0 * 1024.0 * 1024.0,
+        "tib" => 1024f64.powi(4),
+        u => return Err(format!("unknown size unit `{u}` in `{s}`")),
+    };
+    if !v.is_finite() || v < 0.0 {
+        return Err(format!("`{s}` is not a size"));
+    }
+    Ok((v * mult) as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn sizes_parse() {
+        assert_eq!(super::parse_bytes("4096").unwrap(), 4096);
+        assert_eq!(super::parse_bytes("1.5GiB").unwrap(), 1610612736);
+        assert_eq!(super::parse_bytes("300MB").unwrap(), 300_000_000);
+        assert!(super::parse_bytes("lots").is_err());
+        assert!(super::parse_bytes("3 parsecs").is_err());
+    }
+}

@@ -1,0 +1,346 @@
+//! Writing a rank's shard (streaming, tensor by tensor) and opening one (memory-mapped).
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use memmap2::Mmap;
+use sha2::{Digest, Sha256};
+use tpi_kernels::DType;
+
+use super::manifest::*;
+use super::StoreError;
+use crate::model::forward::{slice_weight, SliceSource};
+use crate::model::gguf::{ggml_dtype, ggml_type_id};
+use crate::model::weights::Blob;
+use crate::model::{Head, ModelConfig, ModelFiles, RankModel, Role, SplitPlan, Weight};
+
+/// Weight type of the matrices in a shard.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Quant {
+    /// Whatever the source model has.
+    Keep,
+    /// Re-quantise to this dtype.
+    To(DType),
+}
+
+impl std::str::FromStr for Quant {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Ok(match s {
+            "keep" => Quant::Keep,
+            "q8_0" => Quant::To(DType::Q8_0),
+            "q4_0" => Quant::To(DType::Q4_0),
+            "q4_1" => Quant::To(DType::Q4_1),
+            "f16" => Quant::To(DType::F16),
+            "f32" => Quant::To(DType::F32),
+            o => return Err(format!("unknown quantisation `{o}` (keep, q8_0, q4_0, q4_1, f16, f32)")),
+        })
+    }
+}
+
+impl std::fmt::Display for Quant {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Quant::Keep => f.write_str("keep"),
+            Quant::To(d) => f.write_str(d.name()),
+        }
+    }
+}
+
+fn align(x: u64, a: u64) -> u64 {
+    x.div_ceil(a) * a
+}
+
+fn is_matrix(role: Role) -> bool {
+    !matches!(
+        role,
+        Role::AttnNorm | Role::MlpNorm | Role::FinalNorm | Role::Bq | Role::Bk | Role::Bv
+    )
+}
+
+/// Converts a weight to `target` row by row (dequantise, re-quantise), or copies it dense.
+fn convert(w: &Weight, target: DType, what: &str) -> Result<(DType, Vec<u8>), StoreError> {
+    if w.dtype == target {
+        return Ok((target, w.to_dense_bytes()));
+    }
+    let rb = target.row_bytes(w.cols).ok_or_else(|| {
+        StoreError::Invalid(format!(
+            "cannot store {what} ({} columns) as {}: not a whole number of {}-element blocks",
+            w.cols,
+            target.name(),
+            target.block_len()
+        ))
+    })?;
+    let mut out = vec![0u8; rb * w.rows];
+    let mut row = vec![0f32; w.cols];
+    for r in 0..w.rows {
+        w.row_f32(r, &mut row);
+        tpi_kernels::quantize_row(target, &row, &mut out[r * rb..(r + 1) * rb]);
+    }
+    Ok((target, out))
+}
+
+/// The roles of one block for `rank` under `plan`.
+fn block_roles(cfg: &ModelConfig, plan: &SplitPlan, rank: usize, kind: BlockKind) -> Vec<Role> {
+    let s = &plan.ranks[rank];
+    match kind {
+        BlockKind::Attn(_) => {
+            let mut r = vec![Role::AttnNorm];
+            if s.has_attn() {
+                r.extend([Role::Wq, Role::Wk, Role::Wv, Role::Wo]);
+                if cfg.attention_bias {
+                    r.extend([Role::Bq, Role::Bk, Role::Bv]);
+                }
+            }
+            r
+        }
+        BlockKind::Mlp(_) => {
+            let mut r = vec![Role::MlpNorm];
+            if !s.ffn.is_empty() {
+                r.extend([Role::Gate, Role::Up, Role::Down]);
+            }
+            r
+        }
+        BlockKind::Head => vec![Role::FinalNorm, Role::LmHead],
+        BlockKind::Embed => vec![Role::Embed],
+    }
+}
+
+/// Writes rank `rank`'s shard of `files` under `plan` into `dir`, one block at a time
+/// (peak memory: one block). The manifest is written last, atomically.
+pub fn write_shard(
+    files: &ModelFiles,
+    plan: &SplitPlan,
+    rank: usize,
+    quant: Quant,
+    dir: &Path,
+) -> Result<Manifest, StoreError> {
+    let cfg = &files.config;
+    std::fs::create_dir_all(dir).map_err(|e| StoreError::io(dir, e))?;
+    let tmp = dir.join(format!("{DATA_FILE}.tmp"));
+    let mut f = File::create(&tmp).map_err(|e| StoreError::io(&tmp, e))?;
+    let mut kinds: Vec<BlockKind> = (0..cfg.n_layers as u32)
+        .flat_map(|l| [BlockKind::Attn(l), BlockKind::Mlp(l)])
+        .collect();
+    if rank == 0 {
+        kinds.push(BlockKind::Head);
+        kinds.push(BlockKind::Embed);
+    }
+    let slice = &plan.ranks[rank];
+    let mut blocks = Vec::with_capacity(kinds.len());
+    let mut pos = 0u64;
+    for kind in kinds {
+        let layer = match kind {
+            BlockKind::Attn(l) | BlockKind::Mlp(l) => l as usize,
+            _ => 0,
+        };
+        let mut data: Vec<u8> = Vec::new();
+        let mut tensors = Vec::new();
+        for role in block_roles(cfg, plan, rank, kind) {
+            let full = if role == Role::LmHead && cfg.tie_word_embeddings {
+                files.store.role(cfg, Role::Embed, 0)?
+            } else {
+                files.store.role(cfg, role, layer)?
+            };
+            let w = slice_weight(cfg, slice, role, &full)?;
+            let what = format!("layer {layer} {role:?}");
+            let (dtype, bytes) = if !is_matrix(role) {
+                let v = w.to_f32_vec();
+                (DType::F32, v.iter().flat_map(|x| x.to_le_bytes()).collect())
+            } else {
+                match quant {
+                    Quant::Keep => (w.dtype, w.to_dense_bytes()),
+                    Quant::To(t) => convert(&w, t, &what)?,
+                }
+            };
+            let off = align(data.len() as u64, TENSOR_ALIGN);
+            data.resize(off as usize, 0);
+            data.extend_from_slice(&bytes);
+            tensors.push(TensorEntry {
+                role,
+                layer: layer as u32,
+                ggml_type: ggml_type_id(dtype),
+                rows: w.rows as u64,
+                cols: w.cols as u64,
+                offset: off,
+                len: bytes.len() as u64,
+            });
+        }
+        let offset = align(pos, BLOCK_ALIGN);
+        f.seek(SeekFrom::Start(offset)).map_err(|e| StoreError::io(&tmp, e))?;
+        f.write_all(&data).map_err(|e| StoreError::io(&tmp, e))?;
+        pos = offset + data.len() as u64;
+        blocks.push(BlockEntry {
+            kind,
+            offset,
+            len: data.len() as u64,
+            sha256: hex::encode(Sha256::digest(&data)),
+            tensors,
+        });
+    }
+    f.set_len(pos).map_err(|e| StoreError::io(&tmp, e))?;
+    f.sync_all().map_err(|e| StoreError::io(&tmp, e))?;
+    drop(f);
+    let data_path = dir.join(DATA_FILE);
+    std::fs::rename(&tmp, &data_path).map_err(|e| StoreError::io(&data_path, e))?;
+    let manifest = Manifest {
+        format: SHARD_FORMAT,
+        model_id: files.identity(),
+        plan_id: plan.id(),
+        plan: plan.clone(),
+        rank: rank as u32,
+        config: cfg.clone(),
+        quant: quant.to_string(),
+        blocks,
+        file_len: pos,
+    };
+    save_manifest(dir, &manifest)?;
+    Ok(manifest)
+}
+
+/// Writes `manifest.json` atomically (temp file, fsync, rename).
+pub fn save_manifest(dir: &Path, m: &Manifest) -> Result<(), StoreError> {
+    let tmp = dir.join(format!("{MANIFEST_FILE}.tmp"));
+    let text = serde_json::to_vec_pretty(m).map_err(|e| StoreError::Invalid(e.to_string()))?;
+    let mut f = File::create(&tmp).map_err(|e| StoreError::io(&tmp, e))?;
+    f.write_all(&text).map_err(|e| StoreError::io(&tmp, e))?;
+    f.sync_all().map_err(|e| StoreError::io(&tmp, e))?;
+    let dst = dir.join(MANIFEST_FILE);
+    std::fs::rename(&tmp, &dst).map_err(|e| StoreError::io(&dst, e))
+}
+
+/// Reads and checks a manifest.
+pub fn load_manifest(dir: &Path) -> Result<Manifest, StoreError> {
+    let p = dir.join(MANIFEST_FILE);
+    let text = std::fs::read(&p).map_err(|e| StoreError::io(&p, e))?;
+    let m: Manifest = serde_json::from_slice(&text)
+        .map_err(|e| StoreError::Invalid(format!("{}: {e}", p.display())))?;
+    m.check()
+        .map_err(|e| StoreError::Invalid(format!("{}: {e}", p.display())))?;
+    Ok(m)
+}
+
+/// An opened, memory-mapped shard.
+pub struct Shard {
+    /// Its directory.
+    pub dir: PathBuf,
+    /// Its manifest.
+    pub manifest: Manifest,
+    map: Arc<Mmap>,
+    file: Arc<File>,
+    index: HashMap<(Role, u32), (usize, usize)>,
+}
+
+impl Shard {
+    /// Opens a shard directory: manifest check, data file length check, map.
+    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        let manifest = load_manifest(dir)?;
+        let p = dir.join(DATA_FILE);
+        let file = File::open(&p).map_err(|e| StoreError::io(&p, e))?;
+        let len = file.metadata().map_err(|e| StoreError::io(&p, e))?.len();
+        if len != manifest.file_len {
+            return Err(StoreError::Invalid(format!(
+                "{} is {len} bytes, the manifest says {}",
+                p.display(),
+                manifest.file_len
+            )));
+        }
+        // SAFETY: read-only map of a file tpi only replaces by rename, never rewrites in place.
+        let map = unsafe { Mmap::map(&file) }.map_err(|e| StoreError::io(&p, e))?;
+        let mut index = HashMap::new();
+        for (bi, b) in manifest.blocks.iter().enumerate() {
+            for (ti, t) in b.tensors.iter().enumerate() {
+                index.insert((t.role, t.layer), (bi, ti));
+            }
+        }
+        Ok(Shard {
+            dir: dir.to_path_buf(),
+            manifest,
+            map: Arc::new(map),
+            file: Arc::new(file),
+            index,
+        })
+    }
+
+    /// The map (for the window scheduler).
+    pub fn map(&self) -> Arc<Mmap> {
+        self.map.clone()
+    }
+
+    /// The open data file (for page-cache advice).
+    pub fn file(&self) -> Arc<File> {
+        self.file.clone()
+    }
+
+    /// Whether block `i`'s bytes hash to its manifest sha256.
+    pub fn verify_block(&self, i: usize) -> bool {
+        let b = &self.manifest.blocks[i];
+        let bytes = &self.map[b.offset as usize..(b.offset + b.len) as usize];
+        hex::encode(Sha256::digest(bytes)) == b.sha256
+    }
+
+    /// Indices of blocks whose checksum fails.
+    pub fn corrupt_blocks(&self) -> Vec<usize> {
+        (0..self.manifest.blocks.len())
+            .filter(|&i| !self.verify_block(i))
+            .collect()
+    }
+
+    /// A tensor as a zero-copy weight view.
+    pub fn weight(&self, role: Role, layer: usize) -> Result<Weight, crate::model::ModelError> {
+        let (bi, ti) = self
+            .index
+            .get(&(role, layer as u32))
+            .copied()
+            .ok_or_else(|| crate::model::ModelError::MissingTensor(format!("{role:?} of layer {layer} in the shard")))?;
+        let b = &self.manifest.blocks[bi];
+        let t = &b.tensors[ti];
+        let dtype = ggml_dtype(t.ggml_type).map_err(|d| crate::model::ModelError::UnsupportedDType {
+            tensor: format!("{role:?}"),
+            dtype: d,
+        })?;
+        let w = Weight::new(
+            dtype,
+            t.rows as usize,
+            t.cols as usize,
+            Blob::Map(self.map.clone()),
+            (b.offset + t.offset) as usize,
+        )?;
+        if w.nbytes() as u64 != t.len {
+            return Err(crate::model::ModelError::Input(format!(
+                "shard tensor {role:?}/{layer}: {} bytes, manifest says {}",
+                w.nbytes(),
+                t.len
+            )));
+        }
+        Ok(w)
+    }
+
+    /// This rank's slice of every layer, over the map.
+    pub fn rank_model(&self) -> Result<RankModel, crate::model::ModelError> {
+        let m = &self.manifest;
+        RankModel::build(&m.config, &m.plan.ranks[m.rank as usize], self)
+    }
+
+    /// Rank 0's head (embedding, final norm, LM head), over the map.
+    pub fn head(&self) -> Result<Head, crate::model::ModelError> {
+        Ok(Head::new(
+            self.weight(Role::Embed, 0)?,
+            self.weight(Role::FinalNorm, 0)?.to_f32_vec(),
+            self.weight(Role::LmHead, 0)?,
+            self.manifest.config.rms_norm_eps,
+        ))
+    }
+}
+
+impl SliceSource for Shard {
+    fn fetch(&self, role: Role, layer: usize) -> Result<Weight, crate::model::ModelError> {
+        self.weight(role, layer)
+    }
+    fn has_bias(&self) -> bool {
+        self.manifest.config.attention_bias
+    }
+}

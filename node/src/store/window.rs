@@ -1,0 +1,331 @@
+//! The sliding-window scheduler: keeps the next `w` blocks of a memory-mapped shard
+//! resident while the current one computes, and releases each block when done, so a
+//! node's resident weights stay within `w` blocks. The window wraps across tokens.
+//!
+//! A prefetch thread makes blocks resident (madvise WILLNEED, then touching every
+//! page). A finished block is released (madvise DONTNEED, and its page-cache pages are
+//! dropped with posix_fadvise so the next token really reads it again from disk, as on
+//! a device whose RAM cannot hold the model). When every block fits, all are loaded
+//! once and nothing is ever released: small models never pay for streaming.
+
+use std::fs::File;
+use std::ops::Range;
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use memmap2::Mmap;
+
+use crate::model::forward::BlockHooks;
+
+const PAGE: usize = 4096;
+
+/// Which stream positions the prefetcher should hold when position `current` computes:
+/// `current` and the `w − 1` after it, wrapping over `n` positions. Pure; the policy.
+pub fn window_targets(current: usize, w: usize, n: usize) -> Vec<usize> {
+    if n == 0 {
+        return Vec::new();
+    }
+    (0..w.min(n)).map(|k| (current + k) % n).collect()
+}
+
+/// Picks the window size for a memory budget: blocks that fit after the fixed costs,
+/// at least 2 (one computing, one loading); `None` means everything fits (no streaming).
+pub fn window_for_budget(budget: u64, fixed: u64, block_sizes: &[u64]) -> Option<usize> {
+    let total: u64 = block_sizes.iter().sum();
+    if fixed + total <= budget {
+        return None;
+    }
+    let max = block_sizes.iter().copied().max().unwrap_or(1).max(1);
+    let w = (budget.saturating_sub(fixed) / max) as usize;
+    Some(w.clamp(2, block_sizes.len().max(2)))
+}
+
+#[derive(Default)]
+struct State {
+    loaded: Vec<bool>,
+    current: usize,
+    stop: bool,
+}
+
+/// Counters of the window since it was created.
+#[derive(Clone, Copy, Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct WindowStats {
+    /// Seconds the compute thread waited for a block to become resident.
+    pub wait_s: f64,
+    /// Seconds the prefetch thread spent loading blocks.
+    pub load_s: f64,
+    /// Bytes made resident by the prefetch thread.
+    pub loaded_bytes: u64,
+    /// Block loads.
+    pub loads: u64,
+}
+
+struct Inner {
+    map: Arc<Mmap>,
+    file: Arc<File>,
+    regions: Vec<Range<usize>>,
+    w: usize,
+    streaming: bool,
+    state: Mutex<State>,
+    cv: Condvar,
+    stats: Mutex<WindowStats>,
+}
+
+/// A sliding window over the blocks of one shard, in stream order.
+pub struct Window {
+    inner: Arc<Inner>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Inner {
+    fn load(&self, i: usize) {
+        let r = &self.regions[i];
+        let t0 = Instant::now();
+        let _ = self
+            .map
+            .advise_range(memmap2::Advice::WillNeed, r.start, r.len());
+        let bytes = &self.map[r.clone()];
+        let mut acc = 0u8;
+        let mut p = 0;
+        while p < bytes.len() {
+            // SAFETY: p < len; a volatile read forces the page in.
+            acc ^= unsafe { std::ptr::read_volatile(bytes.as_ptr().add(p)) };
+            p += PAGE;
+        }
+        std::hint::black_box(acc);
+        let mut s = self.stats.lock().unwrap();
+        s.load_s += t0.elapsed().as_secs_f64();
+        s.loaded_bytes += r.len() as u64;
+        s.loads += 1;
+    }
+
+    fn release(&self, i: usize) {
+        let r = &self.regions[i];
+        // SAFETY: the map is read-only and file-backed: DONTNEED only drops our page
+        // mappings; later reads fault the data back in from the file.
+        let _ = unsafe {
+            self.map
+                .unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, r.start, r.len())
+        };
+        #[cfg(target_os = "linux")]
+        {
+            use std::os::fd::AsRawFd;
+            // SAFETY: plain syscall on a valid fd; advisory only.
+            unsafe {
+                libc::posix_fadvise(
+                    self.file.as_raw_fd(),
+                    r.start as libc::off_t,
+                    r.len() as libc::off_t,
+                    libc::POSIX_FADV_DONTNEED,
+                );
+            }
+        }
+    }
+
+    fn prefetch_loop(&self) {
+        let n = self.regions.len();
+        loop {
+            let next = {
+                let mut st = self.state.lock().unwrap();
+                loop {
+                    if st.stop {
+                        return;
+                    }
+                    let want = if self.streaming {
+                        window_targets(st.current, self.w, n)
+                    } else {
+                        (0..n).collect()
+                    };
+                    if let Some(&i) = want.iter().find(|&&i| !st.loaded[i]) {
+                        break i;
+                    }
+                    st = self.cv.wait(st).unwrap();
+                }
+            };
+            self.load(next);
+            let mut st = self.state.lock().unwrap();
+            st.loaded[next] = true;
+            self.cv.notify_all();
+        }
+    }
+}
+
+impl Window {
+    /// Starts the prefetcher over `regions` (byte ranges of `map`, in compute order).
+    /// `w`: blocks to keep resident; `None` loads everything once and never releases.
+    pub fn new(map: Arc<Mmap>, file: Arc<File>, regions: Vec<Range<usize>>, w: Option<usize>) -> Self {
+        let n = regions.len();
+        let streaming = matches!(w, Some(w) if w < n);
+        let inner = Arc::new(Inner {
+            map,
+            file,
+            w: w.unwrap_or(n).max(1),
+            streaming,
+            state: Mutex::new(State {
+                loaded: vec![false; n],
+                current: 0,
+                stop: false,
+            }),
+            cv: Condvar::new(),
+            stats: Mutex::new(WindowStats::default()),
+            regions,
+        });
+        let t = inner.clone();
+        let thread = std::thread::Builder::new()
+            .name("tpi-prefetch".into())
+            .spawn(move || t.prefetch_loop())
+            .ok();
+        Window { inner, thread }
+    }
+
+    /// Whether blocks are released after use (the shard does not fit the budget).
+    pub fn is_streaming(&self) -> bool {
+        self.inner.streaming
+    }
+
+    /// Blocks kept resident.
+    pub fn size(&self) -> usize {
+        self.inner.w
+    }
+
+    /// Counters so far.
+    pub fn stats(&self) -> WindowStats {
+        *self.inner.stats.lock().unwrap()
+    }
+
+    /// Blocks until stream position `i` is resident; returns the time waited.
+    pub fn enter(&self, i: usize) -> Duration {
+        let t0 = Instant::now();
+        let mut st = self.inner.state.lock().unwrap();
+        st.current = i;
+        self.inner.cv.notify_all();
+        while !st.loaded[i] {
+            st = self.inner.cv.wait(st).unwrap();
+        }
+        drop(st);
+        let waited = t0.elapsed();
+        self.inner.stats.lock().unwrap().wait_s += waited.as_secs_f64();
+        waited
+    }
+
+    /// Marks position `i` done: releases it when streaming and lets the window move on.
+    pub fn leave(&self, i: usize) {
+        if !self.inner.streaming {
+            return;
+        }
+        let mut st = self.inner.state.lock().unwrap();
+        // Keep it if the window (wrapping) still wants it.
+        let n = self.inner.regions.len();
+        let next = (i + 1) % n;
+        if window_targets(next, self.inner.w, n).contains(&i) {
+            return;
+        }
+        st.loaded[i] = false;
+        st.current = next;
+        drop(st);
+        self.inner.release(i);
+        self.inner.cv.notify_all();
+    }
+}
+
+impl BlockHooks for Window {
+    fn before(&self, pos: usize) {
+        if pos < self.inner.regions.len() {
+            self.enter(pos);
+        }
+    }
+    fn after(&self, pos: usize) {
+        if pos < self.inner.regions.len() {
+            self.leave(pos);
+        }
+    }
+}
+
+impl Drop for Window {
+    fn drop(&mut self) {
+        self.inner.state.lock().unwrap().stop = true;
+        self.inner.cv.notify_all();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Peak resident set size of this process (VmHWM), bytes.
+pub fn peak_rss() -> Option<u64> {
+    proc_status_kb("VmHWM:").map(|k| k * 1024)
+}
+
+/// Current resident set size (VmRSS), bytes.
+pub fn current_rss() -> Option<u64> {
+    proc_status_kb("VmRSS:").map(|k| k * 1024)
+}
+
+fn proc_status_kb(key: &str) -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    s.lines()
+        .find(|l| l.starts_with(key))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// Bytes this process has caused to be read from storage (/proc/self/io read_bytes).
+pub fn disk_read_bytes() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/io").ok()?;
+    s.lines()
+        .find(|l| l.starts_with("read_bytes:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets_wrap() {
+        assert_eq!(window_targets(0, 2, 5), vec![0, 1]);
+        assert_eq!(window_targets(4, 2, 5), vec![4, 0]);
+        assert_eq!(window_targets(3, 9, 4), vec![3, 0, 1, 2]);
+        assert!(window_targets(0, 2, 0).is_empty());
+    }
+
+    #[test]
+    fn budget_picks_window() {
+        let blocks = [100u64, 200, 100, 200];
+        assert_eq!(window_for_budget(1000, 100, &blocks), None);
+        assert_eq!(window_for_budget(500, 100, &blocks), Some(2));
+        assert_eq!(window_for_budget(700, 100, &blocks), Some(3));
+        assert_eq!(window_for_budget(10, 100, &blocks), Some(2));
+    }
+
+    #[test]
+    fn window_streams_a_file() {
+        let dir = std::env::temp_dir().join(format!("tpi-window-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("f.bin");
+        let data: Vec<u8> = (0..8 * PAGE).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&p, &data).unwrap();
+        let f = File::open(&p).unwrap();
+        let map = Arc::new(unsafe { Mmap::map(&f).unwrap() });
+        let regions: Vec<Range<usize>> = (0..4).map(|i| i * 2 * PAGE..(i + 1) * 2 * PAGE).collect();
+        let w = Window::new(map.clone(), Arc::new(f), regions, Some(2));
+        assert!(w.is_streaming());
+        for _token in 0..3 {
+            for i in 0..4 {
+                w.enter(i);
+                assert_eq!(map[i * 2 * PAGE + 5], ((i * 2 * PAGE + 5) % 251) as u8);
+                w.leave(i);
+            }
+        }
+        let s = w.stats();
+        assert!(s.loads >= 12, "{s:?}");
+        drop(w);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

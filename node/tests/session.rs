@@ -1,0 +1,387 @@
+//! The node's session protocol, driven in-process over real loopback QUIC: a node server
+//! (`tpi_node::worker::serve`) on 127.0.0.1:0 and a raw client speaking the control
+//! stream by hand. Covers the refusals (protocol version, plan identity, out-of-order
+//! messages) and hostile input (garbage bytes, a 4 GiB frame header): each ends only the
+//! session that sent it, and the server goes on serving the next one.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use tpi_node::model::{ModelFiles, SplitPlan};
+use tpi_node::net::frame::{encode_header, FrameKind};
+use tpi_node::net::wire::PROTOCOL_VERSION;
+use tpi_node::net::{
+    Algo, CaBundle, Connection, Credential, Endpoint, NetError, Stream, TransportOptions, WireDType,
+};
+use tpi_node::proto::{FromNode, Setup, ToNode, CONTROL_STREAM_TAG, MAX_CONTROL};
+use tpi_node::store::{write_shard, Manifest, Quant};
+use tpi_node::worker::{bind, serve, NodeOptions};
+
+/// Limit on any single wait for the node.
+const T: Duration = Duration::from_secs(5);
+
+/// A directory under the system temp dir, removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> TempDir {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let p = std::env::temp_dir().join(format!(
+            "tpi-node-session-{tag}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).expect("create temp dir");
+        TempDir(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A node server running in this process, plus a client credential from the same CA.
+struct TestNode {
+    addr: SocketAddr,
+    ep: Endpoint,
+    client_cred: Credential,
+    _ca: CaBundle,
+    _data: TempDir,
+}
+
+impl TestNode {
+    async fn start() -> TestNode {
+        let (ca, node_cred) = Credential::ephemeral_cluster().expect("ephemeral cluster");
+        let client_cred = ca
+            .issue("test-coordinator")
+            .expect("issue client credential");
+        let data = TempDir::new("data");
+        let opts = NodeOptions {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            threads: 1,
+            credential: node_cred,
+            transport: TransportOptions::default(),
+            data_dir: data.0.clone(),
+            shard_dir: None,
+            window: None,
+            mem_budget: None,
+        };
+        let (ep, addr) = bind(&opts).expect("bind node");
+        tokio::spawn(serve(ep.clone(), opts));
+        TestNode {
+            addr,
+            ep,
+            client_cred,
+            _ca: ca,
+            _data: data,
+        }
+    }
+
+    /// Dials the node and opens a control stream.
+    async fn open(&self) -> (Endpoint, Connection, Stream) {
+        let cep = Endpoint::client(&self.client_cred).expect("client endpoint");
+        let conn = cep.connect(self.addr, T).await.expect("connect to node");
+        let s = conn
+            .open_stream(CONTROL_STREAM_TAG)
+            .await
+            .expect("open control stream");
+        (cep, conn, s)
+    }
+
+    /// Opens a session that the node accepts (Hello → Welcome). Retries briefly while the
+    /// node still reports the previous session as running (it ends asynchronously).
+    async fn open_welcomed(&self) -> (Endpoint, Connection, Stream) {
+        let t0 = Instant::now();
+        loop {
+            let (cep, conn, mut s) = self.open().await;
+            s.send_msg(&ToNode::Hello {
+                version: PROTOCOL_VERSION,
+            })
+            .await
+            .expect("send Hello");
+            match recv(&mut s).await {
+                Ok(FromNode::Welcome { version, threads }) => {
+                    assert_eq!(version, PROTOCOL_VERSION);
+                    assert_eq!(threads, 1);
+                    return (cep, conn, s);
+                }
+                Ok(FromNode::Refused { reason }) if reason.contains("busy") && t0.elapsed() < T => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                other => panic!("a valid Hello was not welcomed: {other:?}"),
+            }
+        }
+    }
+}
+
+impl Drop for TestNode {
+    fn drop(&mut self) {
+        self.ep.close("test over");
+    }
+}
+
+async fn recv(s: &mut Stream) -> Result<FromNode, NetError> {
+    match tokio::time::timeout(T, s.recv_msg::<FromNode>(MAX_CONTROL)).await {
+        Ok(r) => r,
+        Err(_) => panic!("the node neither answered nor ended the session within {T:?}"),
+    }
+}
+
+/// Rank 1's real shard manifest of a fixture (gqa12_f32: 12 heads, 4 KV heads) split
+/// over 2 ranks.
+fn fixture_manifest(tmp: &TempDir) -> Manifest {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../testbed/fixtures/models/gqa12_f32");
+    let files = ModelFiles::open(&p).expect("open fixture");
+    let plan = SplitPlan::new(&files.config, &[1.0, 1.0]).expect("plan");
+    write_shard(&files, &plan, 1, Quant::Keep, &tmp.0.join("shard")).expect("write shard")
+}
+
+fn setup_for(m: &Manifest, plan_id: String) -> Setup {
+    Setup {
+        rank: 1,
+        world: 2,
+        model_id: m.model_id.clone(),
+        plan_id,
+        manifest: m.clone(),
+        algo: Algo::Star,
+        dtype: WireDType::F32,
+        addrs: vec![None, Some("127.0.0.1:9".parse().unwrap())],
+        capacity: 16,
+    }
+}
+
+/// Peak resident memory of this process, in KiB (Linux; 0 elsewhere).
+fn vm_hwm_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Deterministic pseudo-random bytes (xorshift), so a failure reproduces.
+fn garbage(n: usize, mut seed: u64) -> Vec<u8> {
+    (0..n)
+        .map(|_| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed >> 24) as u8
+        })
+        .collect()
+}
+
+/// After the node ended a session on an error, the client sees the stream or connection
+/// end (not a hang).
+async fn expect_session_ended(s: &mut Stream, what: &str) -> NetError {
+    match recv(s).await {
+        Err(e) => e,
+        Ok(m) => panic!("after {what} the node answered {m:?} instead of ending the session"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hello_with_another_version_is_refused_naming_both() {
+    let node = TestNode::start().await;
+    let (_cep, _conn, mut s) = node.open().await;
+    s.send_msg(&ToNode::Hello { version: 99 }).await.unwrap();
+    match recv(&mut s).await {
+        Ok(FromNode::Refused { reason }) => {
+            assert!(
+                reason.contains("99") && reason.contains(&PROTOCOL_VERSION.to_string()),
+                "the refusal should name both versions (99 and {PROTOCOL_VERSION}): {reason}"
+            );
+        }
+        other => panic!("expected Refused for version 99, got {other:?}"),
+    }
+    // The node still serves a correct coordinator afterwards.
+    let _ok = node.open_welcomed().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn setup_with_wrong_plan_id_is_refused_naming_the_plan() {
+    let node = TestNode::start().await;
+    let tmp = TempDir::new("manifest");
+    let m = fixture_manifest(&tmp);
+    let real_id = m.plan_id.clone();
+    assert_eq!(real_id, m.plan.id());
+    let bogus = "0123456789abcdef".to_string();
+    assert_ne!(real_id, bogus);
+
+    // The session claims another plan than its manifest's.
+    let (_cep, _conn, mut s) = node.open_welcomed().await;
+    s.send_msg(&ToNode::Setup(Box::new(setup_for(&m, bogus.clone()))))
+        .await
+        .unwrap();
+    match recv(&mut s).await {
+        Ok(FromNode::Refused { reason }) => {
+            assert!(
+                reason.contains("plan identity")
+                    && reason.contains(&bogus)
+                    && reason.contains(&real_id),
+                "the refusal should name the plan identity (claimed {bogus}, actual {real_id}): {reason}"
+            );
+        }
+        other => panic!("expected Refused for a wrong plan_id, got {other:?}"),
+    }
+    drop(s);
+
+    // The manifest's plan does not hash to the plan id it (and the session) claim.
+    let mut forged = m.clone();
+    forged.plan_id = bogus.clone();
+    let (_cep, _conn, mut s) = node.open_welcomed().await;
+    s.send_msg(&ToNode::Setup(Box::new(setup_for(&forged, bogus.clone()))))
+        .await
+        .unwrap();
+    match recv(&mut s).await {
+        Ok(FromNode::Refused { reason }) => {
+            assert!(
+                reason.contains("plan") && reason.contains("id"),
+                "the refusal should say the plan identity is wrong: {reason}"
+            );
+        }
+        other => panic!("expected Refused for a plan that does not hash to its id, got {other:?}"),
+    }
+    drop(s);
+
+    // A matching Setup passes validation: the node (empty cache) asks for blocks.
+    let (_cep2, _conn2, mut s2) = node.open_welcomed().await;
+    s2.send_msg(&ToNode::Setup(Box::new(setup_for(&m, real_id))))
+        .await
+        .unwrap();
+    match recv(&mut s2).await {
+        Ok(FromNode::NeedBlocks(needs)) => assert!(
+            !needs.is_empty(),
+            "a node with an empty cache should need blocks"
+        ),
+        other => panic!("a matching Setup should be answered with NeedBlocks, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_frame_ends_session_and_node_keeps_serving() {
+    let node = TestNode::start().await;
+    for seed in [1u64, 0x9e3779b97f4a7c15, 42] {
+        let (_cep, _conn, mut s) = node.open().await;
+        let bytes = garbage(64, seed);
+        s.send.write_all(&bytes).await.expect("write garbage");
+        let t0 = Instant::now();
+        let e = expect_session_ended(&mut s, "64 random bytes").await;
+        eprintln!(
+            "garbage (seed {seed:#x}) ended the session in {:?}: {e}",
+            t0.elapsed()
+        );
+        // Next session works.
+        let (_c, _k, mut ok) = node.open_welcomed().await;
+        ok.send_msg(&ToNode::End).await.unwrap();
+    }
+    // A well-formed frame header with garbage (non-bincode) payload.
+    let (_cep, _conn, mut s) = node.open().await;
+    let payload = garbage(100, 7);
+    let hdr = encode_header(FrameKind::Control, payload.len()).unwrap();
+    s.send.write_all(&hdr).await.unwrap();
+    s.send.write_all(&payload).await.unwrap();
+    let e = expect_session_ended(&mut s, "a control frame of garbage").await;
+    eprintln!("garbage control payload ended the session: {e}");
+    let _ok = node.open_welcomed().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn four_gib_frame_header_is_refused_without_allocating() {
+    let node = TestNode::start().await;
+    let hwm0 = vm_hwm_kib();
+    // The largest length a frame header can announce: 4 GiB - 1.
+    let (_cep, _conn, mut s) = node.open().await;
+    let hdr = encode_header(FrameKind::Control, u32::MAX as usize).unwrap();
+    assert_eq!(&hdr[..4], &[0xff, 0xff, 0xff, 0xff]);
+    s.send.write_all(&hdr).await.unwrap();
+    s.send.write_all(&[0u8; 1024]).await.unwrap();
+    let t0 = Instant::now();
+    let e = expect_session_ended(&mut s, "a 4 GiB Control frame header").await;
+    eprintln!("4 GiB header ended the session in {:?}: {e}", t0.elapsed());
+
+    // The same inside a session: a Step's tensor frame announcing 4 GiB. A Step before
+    // Setup is refused anyway, so send the header where the Hello should be, as a Tensor.
+    let (_cep, _conn, mut s) = node.open().await;
+    let hdr = encode_header(FrameKind::Tensor, u32::MAX as usize).unwrap();
+    s.send.write_all(&hdr).await.unwrap();
+    let e = expect_session_ended(&mut s, "a 4 GiB Tensor frame header").await;
+    eprintln!("4 GiB tensor header ended the session: {e}");
+
+    let hwm1 = vm_hwm_kib();
+    assert!(
+        hwm1 < hwm0 + 512 * 1024,
+        "peak RSS grew from {hwm0} KiB to {hwm1} KiB: the node allocated for a hostile length"
+    );
+    let (_c, _k, mut ok) = node.open_welcomed().await;
+    ok.send_msg(&ToNode::End).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn step_before_setup_is_refused() {
+    let node = TestNode::start().await;
+    let (_cep, _conn, mut s) = node.open_welcomed().await;
+    s.send_msg(&ToNode::Step { start: 0, n: 1 }).await.unwrap();
+    // Also send the hidden-state frame a Step carries, as a real coordinator would.
+    let hdr = encode_header(FrameKind::Tensor, 4 * 96).unwrap();
+    let _ = s.send.write_all(&hdr).await;
+    let _ = s.send.write_all(&[0u8; 4 * 96]).await;
+    let t0 = Instant::now();
+    let r = recv(&mut s).await;
+    eprintln!("Step before Setup answered in {:?}: {r:?}", t0.elapsed());
+    match r {
+        Ok(FromNode::Refused { reason }) | Ok(FromNode::Error { msg: reason }) => {
+            assert!(
+                reason.contains("Setup"),
+                "the refusal should say a Setup was expected: {reason}"
+            );
+        }
+        other => {
+            panic!("a Step before Setup should be refused with a message saying why; got {other:?}")
+        }
+    }
+    let _ok = node.open_welcomed().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn step_instead_of_hello_is_refused() {
+    let node = TestNode::start().await;
+    let (_cep, _conn, mut s) = node.open().await;
+    s.send_msg(&ToNode::Step { start: 0, n: 1 }).await.unwrap();
+    let r = recv(&mut s).await;
+    eprintln!("Step instead of Hello: {r:?}");
+    match r {
+        Ok(FromNode::Refused { reason }) | Ok(FromNode::Error { msg: reason }) => {
+            assert!(reason.contains("Hello"), "{reason}");
+        }
+        // Ending the session without a word is acceptable here: nothing was negotiated.
+        Err(_) => {}
+        Ok(other) => panic!("unexpected answer to a Step instead of Hello: {other:?}"),
+    }
+    let _ok = node.open_welcomed().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn second_session_while_busy_is_refused() {
+    let node = TestNode::start().await;
+    let (_cep, _conn, _s) = node.open_welcomed().await;
+    let (_cep2, _conn2, mut s2) = node.open().await;
+    s2.send_msg(&ToNode::Hello {
+        version: PROTOCOL_VERSION,
+    })
+    .await
+    .ok(); // the node may refuse (and close) before reading it
+    match recv(&mut s2).await {
+        Ok(FromNode::Refused { reason }) => assert!(reason.contains("busy"), "{reason}"),
+        other => panic!("a second concurrent session should be refused as busy, got {other:?}"),
+    }
+}

@@ -1,0 +1,366 @@
+//! [`DelayLine`]: per-link FIFOs drained by one timing thread.
+//!
+//! Each link (keyed by a [`SocketAddr`]) is a FIFO with a serialisation clock:
+//! a packet departs at `max(now, link_free_at) + size*8/bandwidth` (which then
+//! becomes `link_free_at`) and is delivered at `departure + latency + jitter`,
+//! clamped to be no earlier than the previous delivery on that link, so packets
+//! never reorder. One std thread per delay line sleeps until the earliest due
+//! packet (to ~200 µs before it, then yields in a spin) and hands it to its
+//! [`Sink`]; tokio timers (1 ms granularity) are never used.
+
+use std::{
+    cmp::Ordering as CmpOrdering,
+    collections::{BinaryHeap, HashMap},
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Condvar, Mutex, MutexGuard,
+    },
+    time::{Duration, Instant},
+};
+
+use crate::link::LinkSpec;
+
+/// Where a delayed packet goes when it is due.
+pub trait Sink: Send + Sync + 'static {
+    /// Deliver `data` to `dest` now. Returns false when it could not be delivered.
+    fn deliver(&self, dest: SocketAddr, data: &[u8]) -> bool;
+}
+
+/// Counters shared by a delay line and whoever watches it.
+#[derive(Debug, Default)]
+struct Counters {
+    packets_sent: AtomicU64,
+    bytes_sent: AtomicU64,
+    dropped_loss: AtomicU64,
+    dropped_queue: AtomicU64,
+    send_errors: AtomicU64,
+}
+
+/// A cheap, clonable handle on a delay line's (or emulated socket's) counters.
+#[derive(Clone, Debug, Default)]
+pub struct LinkStats(Arc<Counters>);
+
+/// A point-in-time copy of [`LinkStats`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StatsSnapshot {
+    /// Datagrams actually handed to the real socket.
+    pub packets_sent: u64,
+    /// Bytes actually handed to the real socket.
+    pub bytes_sent: u64,
+    /// Datagrams dropped by the random loss model.
+    pub dropped_loss: u64,
+    /// Datagrams dropped because the link queue was full (drop-tail).
+    pub dropped_queue: u64,
+    /// Datagrams the real socket refused when they were due.
+    pub send_errors: u64,
+}
+
+impl LinkStats {
+    /// Copy the counters now.
+    pub fn snapshot(&self) -> StatsSnapshot {
+        let c = &self.0;
+        StatsSnapshot {
+            packets_sent: c.packets_sent.load(Ordering::Relaxed),
+            bytes_sent: c.bytes_sent.load(Ordering::Relaxed),
+            dropped_loss: c.dropped_loss.load(Ordering::Relaxed),
+            dropped_queue: c.dropped_queue.load(Ordering::Relaxed),
+            send_errors: c.send_errors.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// What happened to a submitted packet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Scheduled for delivery at this instant.
+    Scheduled(Instant),
+    /// Dropped by the loss model (it still used its serialisation time).
+    Lost,
+    /// Dropped because the link's queue was full.
+    QueueFull,
+}
+
+struct Packet {
+    due: Instant,
+    seq: u64,
+    dest: SocketAddr,
+    data: Vec<u8>,
+    sink: Arc<dyn Sink>,
+}
+
+impl PartialEq for Packet {
+    fn eq(&self, other: &Self) -> bool {
+        self.due == other.due && self.seq == other.seq
+    }
+}
+impl Eq for Packet {}
+impl PartialOrd for Packet {
+    fn partial_cmp(&self, other: &Self) -> Option<CmpOrdering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Packet {
+    // Reversed: BinaryHeap is a max-heap, we want the earliest (due, seq) on top.
+    fn cmp(&self, other: &Self) -> CmpOrdering {
+        (other.due, other.seq).cmp(&(self.due, self.seq))
+    }
+}
+
+struct LinkClock {
+    free_at: Instant,
+    last_delivery: Instant,
+}
+
+struct State {
+    heap: BinaryHeap<Packet>,
+    links: HashMap<SocketAddr, LinkClock>,
+    seq: u64,
+    rng: u64,
+    shutdown: bool,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    cv: Condvar,
+    counters: LinkStats,
+}
+
+/// Per-link FIFOs with latency, bandwidth, jitter, loss and drop-tail, drained by one thread.
+pub struct DelayLine {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for DelayLine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DelayLine")
+            .field("stats", &self.shared.counters.snapshot())
+            .finish()
+    }
+}
+
+/// How long before a packet is due the timing thread stops sleeping and starts spinning.
+const SPIN_WINDOW: Duration = Duration::from_micros(200);
+
+fn seed() -> u64 {
+    static N: AtomicU64 = AtomicU64::new(0x9E37_79B9_7F4A_7C15);
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(1);
+    (t ^ N.fetch_add(0x9E37_79B9_7F4A_7C15, Ordering::Relaxed)) | 1
+}
+
+/// xorshift64* -> uniform in [0, 1).
+fn uniform(rng: &mut u64) -> f64 {
+    let mut x = *rng;
+    x ^= x >> 12;
+    x ^= x << 25;
+    x ^= x >> 27;
+    *rng = x;
+    (x.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 11) as f64 / (1u64 << 53) as f64
+}
+
+impl DelayLine {
+    /// Start a delay line and its timing thread (named `name`).
+    pub fn new(name: &str) -> std::io::Result<Self> {
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State {
+                heap: BinaryHeap::new(),
+                links: HashMap::new(),
+                seq: 0,
+                rng: seed(),
+                shutdown: false,
+            }),
+            cv: Condvar::new(),
+            counters: LinkStats::default(),
+        });
+        let s = shared.clone();
+        std::thread::Builder::new()
+            .name(name.to_string())
+            .spawn(move || timing_thread(&s))?;
+        Ok(Self { shared })
+    }
+
+    /// The counters of this line.
+    pub fn stats(&self) -> LinkStats {
+        self.shared.counters.clone()
+    }
+
+    /// Queue `data` for `dest` on the link `key` with `spec`; `sink` delivers it when due.
+    pub fn submit(
+        &self,
+        key: SocketAddr,
+        spec: &LinkSpec,
+        dest: SocketAddr,
+        data: Vec<u8>,
+        sink: &Arc<dyn Sink>,
+    ) -> Verdict {
+        let now = Instant::now();
+        let mut st = lock(&self.shared.state);
+        let st = &mut *st;
+        let clock = st.links.entry(key).or_insert(LinkClock {
+            free_at: now,
+            last_delivery: now,
+        });
+        let start = clock.free_at.max(now);
+        if let Some(bps) = spec.bandwidth_bps {
+            let backlog = (start - now).as_secs_f64() * bps as f64 / 8.0;
+            if backlog + data.len() as f64 > spec.queue_bytes as f64 {
+                self.shared
+                    .counters
+                    .0
+                    .dropped_queue
+                    .fetch_add(1, Ordering::Relaxed);
+                return Verdict::QueueFull;
+            }
+        }
+        let departure = start + spec.serialisation(data.len());
+        clock.free_at = departure;
+        if spec.loss > 0.0 && uniform(&mut st.rng) < spec.loss {
+            self.shared
+                .counters
+                .0
+                .dropped_loss
+                .fetch_add(1, Ordering::Relaxed);
+            return Verdict::Lost;
+        }
+        let mut delivery = departure + spec.latency;
+        if !spec.jitter.is_zero() {
+            let j = (uniform(&mut st.rng) * 2.0 - 1.0) * spec.jitter.as_secs_f64();
+            delivery = if j >= 0.0 {
+                delivery + Duration::from_secs_f64(j)
+            } else {
+                delivery
+                    .checked_sub(Duration::from_secs_f64(-j))
+                    .unwrap_or(departure)
+                    .max(departure)
+            };
+        }
+        delivery = delivery.max(clock.last_delivery);
+        clock.last_delivery = delivery;
+        st.seq += 1;
+        let was_earliest = st.heap.peek().map_or(true, |p| delivery < p.due);
+        st.heap.push(Packet {
+            due: delivery,
+            seq: st.seq,
+            dest,
+            data,
+            sink: sink.clone(),
+        });
+        if was_earliest {
+            self.shared.cv.notify_one();
+        }
+        Verdict::Scheduled(delivery)
+    }
+
+    /// How long until the link `key` has serialised everything queued on it.
+    pub fn backlog(&self, key: SocketAddr) -> Duration {
+        let st = lock(&self.shared.state);
+        st.links
+            .get(&key)
+            .map(|c| c.free_at.saturating_duration_since(Instant::now()))
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for DelayLine {
+    fn drop(&mut self) {
+        // The thread delivers what is already scheduled, then exits.
+        lock(&self.shared.state).shutdown = true;
+        self.shared.cv.notify_one();
+    }
+}
+
+fn lock(m: &Mutex<State>) -> MutexGuard<'_, State> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn timing_thread(shared: &Shared) {
+    let mut due_now: Vec<Packet> = Vec::new();
+    let mut st = lock(&shared.state);
+    loop {
+        let Some(top) = st.heap.peek() else {
+            if st.shutdown {
+                return;
+            }
+            st = shared.cv.wait(st).unwrap_or_else(|e| e.into_inner());
+            continue;
+        };
+        let due = top.due;
+        let now = Instant::now();
+        if due > now {
+            let wait = due - now;
+            if wait > SPIN_WINDOW {
+                st = shared
+                    .cv
+                    .wait_timeout(st, wait - SPIN_WINDOW)
+                    .unwrap_or_else(|e| e.into_inner())
+                    .0;
+            } else {
+                drop(st);
+                while Instant::now() < due {
+                    std::thread::yield_now();
+                }
+                st = lock(&shared.state);
+            }
+            continue;
+        }
+        while st.heap.peek().is_some_and(|p| p.due <= now) {
+            due_now.push(st.heap.pop().expect("peeked"));
+        }
+        drop(st);
+        let c = &shared.counters.0;
+        for p in due_now.drain(..) {
+            if p.sink.deliver(p.dest, &p.data) {
+                c.packets_sent.fetch_add(1, Ordering::Relaxed);
+                c.bytes_sent
+                    .fetch_add(p.data.len() as u64, Ordering::Relaxed);
+            } else {
+                c.send_errors.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        st = lock(&shared.state);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::mpsc;
+
+    struct Chan(Mutex<mpsc::Sender<(Instant, Vec<u8>)>>);
+    impl Sink for Chan {
+        fn deliver(&self, _dest: SocketAddr, data: &[u8]) -> bool {
+            self.0
+                .lock()
+                .unwrap()
+                .send((Instant::now(), data.to_vec()))
+                .is_ok()
+        }
+    }
+
+    #[test]
+    fn fifo_under_jitter_and_queue_drop() {
+        let line = DelayLine::new("t").unwrap();
+        let (tx, rx) = mpsc::channel();
+        let sink: Arc<dyn Sink> = Arc::new(Chan(Mutex::new(tx)));
+        let key: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let spec: LinkSpec = "1ms,jitter=0.9ms".parse().unwrap();
+        for i in 0u32..500 {
+            line.submit(key, &spec, key, i.to_le_bytes().to_vec(), &sink);
+        }
+        for i in 0u32..500 {
+            let (_, d) = rx.recv().unwrap();
+            assert_eq!(d, i.to_le_bytes().to_vec());
+        }
+        // A 10 kB queue at 1 Mbit/s takes 6 of 1500-byte packets, then drops.
+        let spec: LinkSpec = "0ms,1mbit,queue=10kb".parse().unwrap();
+        let key2: SocketAddr = "127.0.0.1:2".parse().unwrap();
+        let v: Vec<_> = (0..10)
+            .map(|_| line.submit(key2, &spec, key2, vec![0; 1500], &sink))
+            .collect();
+        let full = v.iter().filter(|v| **v == Verdict::QueueFull).count();
+        assert!((3..=5).contains(&full), "{v:?}");
+    }
+}
