@@ -47,6 +47,8 @@ pub struct ClusterOptions {
     pub window: Option<usize>,
     /// Rank 0's memory budget, bytes.
     pub mem_budget: Option<u64>,
+    /// Emulated links for rank 0's outgoing traffic (testbed).
+    pub link: Option<tpi_node::net::emulation::LinkEmulation>,
 }
 
 /// Shard bytes sent to each node when the session started (0 when its cache was complete).
@@ -83,6 +85,9 @@ pub struct ClusterBackend {
     window: Window,
     setup: SetupReport,
     last: StepReport,
+    /// Rank 0's part of the step whose worker timings are still in flight.
+    pending: Option<StepReport>,
+    reports: Vec<StepReport>,
     last_end: Instant,
 }
 
@@ -158,11 +163,16 @@ impl ClusterBackend {
             .map_err(|e| Error::Io(e.to_string()))?;
         let endpoint = {
             let _g = rt.enter();
-            Endpoint::client_bind(
-                "0.0.0.0:0".parse().unwrap(),
-                credential,
-                &TransportOptions::default(),
-            )?
+            let bind = "0.0.0.0:0".parse().unwrap();
+            match &opts.link {
+                Some(l) => {
+                    let addrs: Vec<Option<SocketAddr>> =
+                        std::iter::once(None).chain(opts.nodes.iter().map(|a| Some(*a))).collect();
+                    l.set_ranks(0, &addrs);
+                    l.endpoint(bind, false, credential, &TransportOptions::default())?
+                }
+                None => Endpoint::client_bind(bind, credential, &TransportOptions::default())?,
+            }
         };
         let model_id = files.identity();
         let plan_id = plan.id();
@@ -314,6 +324,8 @@ impl ClusterBackend {
             window,
             setup,
             last: StepReport::default(),
+            pending: None,
+            reports: Vec::new(),
             last_end: Instant::now(),
         })
     }
@@ -326,6 +338,40 @@ impl ClusterBackend {
     /// What setting up the session cost (shard transfers) and the windows in force.
     pub fn setup_report(&self) -> &SetupReport {
         &self.setup
+    }
+
+    /// Completes the previous step's report with the workers' timings. They were sent
+    /// as each worker finished, so by the next step they have arrived: collecting them
+    /// here keeps that round trip off every token's critical path.
+    fn finish_pending(&mut self) -> Result<()> {
+        let Some(mut report) = self.pending.take() else {
+            return Ok(());
+        };
+        let nodes = &mut self.nodes;
+        let worker_times: Vec<NodeStepTimes> =
+            self.rt
+                .block_on(try_join_all(nodes.iter_mut().enumerate().map(|(i, node)| async move {
+                    match expect_msg(node, i + 1).await? {
+                        FromNode::StepDone(t) => Ok(t),
+                        other => Err(node_err(node.addr, i + 1, format!("unexpected {other:?}"))),
+                    }
+                })))?;
+        let ms = |s: f64| s * 1e3;
+        for (i, t) in worker_times.iter().enumerate() {
+            report.ranks.push(RankStep {
+                rank: i + 1,
+                compute_ms: ms(t.compute_s),
+                allreduce_wait_ms: ms(t.reduce_wait_s),
+                allreduce_transfer_ms: ms(t.reduce_total_s - t.reduce_wait_s),
+                idle_ms: ms(t.idle_s),
+                disk_wait_ms: ms(t.disk_wait_s),
+                disk_read_bytes: t.disk_read_bytes,
+                peak_rss_bytes: t.peak_rss_bytes,
+            });
+        }
+        self.last = report.clone();
+        self.reports.push(report);
+        Ok(())
     }
 
     /// Explains a failed allreduce: names the node whose link broke.
@@ -346,6 +392,7 @@ impl Backend for ClusterBackend {
     }
 
     fn reset(&mut self, capacity: usize) -> Result<()> {
+        self.finish_pending()?;
         let nodes = &mut self.nodes;
         self.rt.block_on(try_join_all(nodes.iter_mut().enumerate().map(|(i, n)| {
             let msg = ToNode::Reset {
@@ -376,6 +423,7 @@ impl Backend for ClusterBackend {
             )));
         }
         let read0 = disk_read_bytes().unwrap_or(0);
+        self.finish_pending()?;
         let mut x = self.head.embed(tokens)?;
         let payload = f32_to_le_bytes(&x);
         let nodes = &mut self.nodes;
@@ -418,49 +466,32 @@ impl Backend for ClusterBackend {
         self.window.after(head_pos);
         let head_s = t1.elapsed().as_secs_f64();
         let head_wait = (t1 - tw).as_secs_f64();
-        let nodes = &mut self.nodes;
-        let worker_times: Vec<NodeStepTimes> =
-            self.rt
-                .block_on(try_join_all(nodes.iter_mut().enumerate().map(|(i, node)| async move {
-                    match expect_msg(node, i + 1).await? {
-                        FromNode::StepDone(t) => Ok(t),
-                        other => Err(node_err(node.addr, i + 1, format!("unexpected {other:?}"))),
-                    }
-                })))?;
         let ms = |s: f64| s * 1e3;
-        let mut ranks = vec![RankStep {
-            rank: 0,
-            compute_ms: ms(times.compute_s + head_s),
-            allreduce_wait_ms: ms(wait),
-            allreduce_transfer_ms: ms(total - wait),
-            idle_ms: ms(idle0),
-            disk_wait_ms: ms(times.disk_wait_s + head_wait),
-            disk_read_bytes: disk_read_bytes().unwrap_or(0).saturating_sub(read0),
-            peak_rss_bytes: peak_rss().unwrap_or(0),
-        }];
-        for (i, t) in worker_times.iter().enumerate() {
-            ranks.push(RankStep {
-                rank: i + 1,
-                compute_ms: ms(t.compute_s),
-                allreduce_wait_ms: ms(t.reduce_wait_s),
-                allreduce_transfer_ms: ms(t.reduce_total_s - t.reduce_wait_s),
-                idle_ms: ms(t.idle_s),
-                disk_wait_ms: ms(t.disk_wait_s),
-                disk_read_bytes: t.disk_read_bytes,
-                peak_rss_bytes: t.peak_rss_bytes,
-            });
-        }
-        self.last_end = Instant::now();
-        self.last = StepReport {
+        self.pending = Some(StepReport {
             tokens: n,
             wall_ms: ms(t0.elapsed().as_secs_f64()),
-            ranks,
-        };
+            ranks: vec![RankStep {
+                rank: 0,
+                compute_ms: ms(times.compute_s + head_s),
+                allreduce_wait_ms: ms(wait),
+                allreduce_transfer_ms: ms(total - wait),
+                idle_ms: ms(idle0),
+                disk_wait_ms: ms(times.disk_wait_s + head_wait),
+                disk_read_bytes: disk_read_bytes().unwrap_or(0).saturating_sub(read0),
+                peak_rss_bytes: peak_rss().unwrap_or(0),
+            }],
+        });
+        self.last_end = Instant::now();
         Ok(logits)
     }
 
     fn last_step(&self) -> StepReport {
         self.last.clone()
+    }
+
+    fn take_reports(&mut self) -> Result<Vec<StepReport>> {
+        self.finish_pending()?;
+        Ok(std::mem::take(&mut self.reports))
     }
 
     fn info(&self) -> serde_json::Value {

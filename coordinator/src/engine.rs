@@ -54,8 +54,11 @@ pub trait Backend: Send {
     fn capacity(&self) -> usize;
     /// Runs `tokens` at positions `start..`; returns the logits after the last one.
     fn forward(&mut self, tokens: &[u32], start: usize) -> Result<Vec<f32>>;
-    /// The timing report of the most recent forward step.
+    /// The most recent complete step report (in a cluster, worker timings arrive
+    /// after the step, so this may lag one step behind).
     fn last_step(&self) -> StepReport;
+    /// Every step report since the last call, completed (waits for late worker timings).
+    fn take_reports(&mut self) -> Result<Vec<StepReport>>;
     /// Facts about the backend's setup (cluster, shard transfers, windows), as JSON.
     fn info(&self) -> serde_json::Value {
         serde_json::Value::Null
@@ -70,6 +73,7 @@ pub struct LocalBackend {
     pool: ThreadPool,
     window: Option<Window>,
     last: StepReport,
+    reports: Vec<StepReport>,
 }
 
 impl LocalBackend {
@@ -99,6 +103,7 @@ impl LocalBackend {
             pool: ThreadPool::new(threads.max(1)),
             window: Some(Window::new(shard.map(), shard.file(), regions, w)),
             last: StepReport::default(),
+            reports: Vec::new(),
         })
     }
 
@@ -117,6 +122,7 @@ impl LocalBackend {
             pool: ThreadPool::new(threads.max(1)),
             window: None,
             last: StepReport::default(),
+            reports: Vec::new(),
         })
     }
 }
@@ -175,10 +181,14 @@ impl Backend for LocalBackend {
                 ..Default::default()
             }],
         };
+        self.reports.push(self.last.clone());
         Ok(logits)
     }
     fn last_step(&self) -> StepReport {
         self.last.clone()
+    }
+    fn take_reports(&mut self) -> Result<Vec<StepReport>> {
+        Ok(std::mem::take(&mut self.reports))
     }
     fn info(&self) -> serde_json::Value {
         serde_json::json!({

@@ -155,6 +155,8 @@ impl Session {
             finish: Finish::Length,
             steps: Vec::new(),
         };
+        // Drop reports of earlier calls so this output's steps are its own.
+        self.backend.take_reports()?;
         let r = self.backend.forward(&req.prompt_ids[reuse..], reuse);
         let mut logits = match r {
             Ok(l) => l,
@@ -163,7 +165,6 @@ impl Session {
                 return Err(e);
             }
         };
-        out.steps.push(self.backend.last_step());
         self.cached.extend_from_slice(&req.prompt_ids[reuse..]);
         let mut t_first = None;
         while out.generated_ids.len() < budget {
@@ -196,12 +197,12 @@ impl Session {
                     return Err(e);
                 }
             };
-            out.steps.push(self.backend.last_step());
             self.cached.push(id);
         }
         if let Some(t) = t_first {
             out.decode_time = t.elapsed();
         }
+        out.steps = self.backend.take_reports()?;
         Ok(out)
     }
 }

@@ -1,5 +1,6 @@
 //! tpi-coordinator: the planner, tokenizer, sampling and generation loop (rank 0), and the `tpi` CLI.
 pub mod chat;
+pub mod discovery;
 pub mod cluster;
 pub mod local;
 pub mod engine;
@@ -7,7 +8,9 @@ pub mod error;
 pub mod generate;
 pub mod loader;
 pub mod npy;
+pub mod planner;
 pub mod sampler;
+pub mod server;
 pub mod shards;
 pub mod tokenizer;
 

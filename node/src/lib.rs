@@ -1,6 +1,7 @@
 //! tpi-node: one rank of a tpi cluster. Model loading, the split plan, the forward
 //! pass of a rank's slice of each layer, the QUIC transport with its collectives, and
 //! the node server.
+pub mod discovery;
 pub mod model;
 pub mod net;
 pub mod proto;

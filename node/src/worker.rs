@@ -15,6 +15,7 @@ use crate::net::collective::{accept_data_link, accept_data_stream, open_data_lin
 use crate::net::frame::{read_frame_of, FrameKind};
 use crate::net::wire::{f32_from_le_bytes, PROTOCOL_VERSION};
 use crate::store::window::{disk_read_bytes, peak_rss};
+use crate::net::emulation::LinkEmulation;
 use crate::net::{Connection, Credential, DataLink, Endpoint, Group, NetError, Stream, TransportOptions};
 use crate::proto::{FromNode, NodeStepTimes, Setup, ToNode, CONTROL_STREAM_TAG, MAX_CONTROL};
 
@@ -38,6 +39,8 @@ pub struct NodeOptions {
     /// Memory budget in bytes from which the window is derived; None with no
     /// `window` keeps the whole shard resident.
     pub mem_budget: Option<u64>,
+    /// Emulated links for this node's outgoing traffic (testbed).
+    pub link: Option<LinkEmulation>,
 }
 
 /// Memory a node needs besides weights and KV cache (runtime, buffers, code).
@@ -85,7 +88,10 @@ pub enum SessionError {
 
 /// Binds the endpoint; returns it with its bound address (for `--listen 127.0.0.1:0`).
 pub fn bind(opts: &NodeOptions) -> Result<(Endpoint, SocketAddr), NetError> {
-    let ep = Endpoint::server_with(opts.listen, &opts.credential, &opts.transport)?;
+    let ep = match &opts.link {
+        Some(l) => l.endpoint(opts.listen, true, &opts.credential, &opts.transport)?,
+        None => Endpoint::server_with(opts.listen, &opts.credential, &opts.transport)?,
+    };
     let addr = ep.local_addr()?;
     Ok((ep, addr))
 }
@@ -127,6 +133,7 @@ pub async fn serve(ep: Endpoint, opts: NodeOptions) {
                                 reason: "node is busy with another session".into(),
                             })
                             .await;
+                        linger(&conn, s).await;
                         return;
                     };
                     let peer = conn.remote_addr();
@@ -135,6 +142,9 @@ pub async fn serve(ep: Endpoint, opts: NodeOptions) {
                         Ok(()) => tracing::info!("session from {peer} ended"),
                         Err(e) => tracing::warn!("session from {peer} failed: {e}"),
                     }
+                    // Let the last message (an error, a refusal) reach the coordinator
+                    // before the connection goes away.
+                    let _ = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
                     *inbox.lock().unwrap() = None;
                 }
                 DATA_STREAM_TAG => {
@@ -150,6 +160,13 @@ pub async fn serve(ep: Endpoint, opts: NodeOptions) {
             }
         });
     }
+}
+
+/// Finishes our side of `s` and waits (briefly) for the peer to close, so what we
+/// sent last is delivered rather than cut off by the connection closing.
+async fn linger(conn: &Connection, mut s: Stream) {
+    let _ = s.send.finish();
+    let _ = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
 }
 
 fn validate_setup(s: &Setup) -> Result<(), String> {
@@ -371,6 +388,9 @@ async fn session_body(
     let (tx, mut rx) = mpsc::channel(16);
     *inbox.lock().unwrap() = Some(tx);
     let rank = setup.rank as usize;
+    if let Some(l) = &opts.link {
+        l.set_ranks(rank, &setup.addrs);
+    }
     let shard = obtain_shard(ctl, opts, setup).await?;
     let model = shard.rank_model()?;
     let mut cache = model.new_cache(setup.capacity as usize);

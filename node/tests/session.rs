@@ -70,6 +70,7 @@ impl TestNode {
             shard_dir: None,
             window: None,
             mem_budget: None,
+            link: None,
         };
         let (ep, addr) = bind(&opts).expect("bind node");
         tokio::spawn(serve(ep.clone(), opts));
@@ -289,7 +290,7 @@ async fn garbage_frame_ends_session_and_node_keeps_serving() {
     let payload = garbage(100, 7);
     let hdr = encode_header(FrameKind::Control, payload.len()).unwrap();
     s.send.write_all(&hdr).await.unwrap();
-    s.send.write_all(&payload).await.unwrap();
+    let _ = s.send.write_all(&payload).await;
     let e = expect_session_ended(&mut s, "a control frame of garbage").await;
     eprintln!("garbage control payload ended the session: {e}");
     let _ok = node.open_welcomed().await;
@@ -304,7 +305,8 @@ async fn four_gib_frame_header_is_refused_without_allocating() {
     let hdr = encode_header(FrameKind::Control, u32::MAX as usize).unwrap();
     assert_eq!(&hdr[..4], &[0xff, 0xff, 0xff, 0xff]);
     s.send.write_all(&hdr).await.unwrap();
-    s.send.write_all(&[0u8; 1024]).await.unwrap();
+    // The node may have closed already: the padding need not arrive.
+    let _ = s.send.write_all(&[0u8; 1024]).await;
     let t0 = Instant::now();
     let e = expect_session_ended(&mut s, "a 4 GiB Control frame header").await;
     eprintln!("4 GiB header ended the session in {:?}: {e}", t0.elapsed());

@@ -8,6 +8,8 @@
 //! with the same profile, so that the binary under test is never stale. Set
 //! `TPI_TEST_NO_BUILD=1` to skip that build and use whatever binary is there (it must exist).
 
+pub mod harness;
+
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

@@ -170,6 +170,14 @@ fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
 /// `fails` (so one test reports every broken configuration at once).
 fn compare(label: &str, base: &Gen, got: &Gen, tol: Option<f32>, fails: &mut Vec<String>) {
     let mut line = format!("{label}: {:.2}s", got.secs);
+    // The run really was spread over the ranks asked for (one timing entry per rank).
+    let world = got.json["steps"][0]["ranks"].as_array().map(|r| r.len());
+    let want = label_world(label);
+    if want.is_some() && world != want {
+        fails.push(format!(
+            "{label}: the report shows {world:?} ranks, expected {want:?}"
+        ));
+    }
     if got.ids != base.ids {
         fails.push(format!(
             "{label}: ids {:?} differ from one rank's {:?}",
@@ -193,6 +201,29 @@ fn compare(label: &str, base: &Gen, got: &Gen, tol: Option<f32>, fails: &mut Vec
         }
     }
     eprintln!("{line}");
+}
+
+/// The world size a label names: "N=3", "--local-cluster 3", or "--nodes a,b" (+1).
+fn label_world(label: &str) -> Option<usize> {
+    if let Some(i) = label.find("N=") {
+        return label[i + 2..]
+            .split(|c: char| !c.is_ascii_digit())
+            .next()
+            .and_then(|n| n.parse().ok());
+    }
+    if let Some(i) = label.find("--local-cluster ") {
+        return label[i + 16..]
+            .split(' ')
+            .next()
+            .and_then(|n| n.parse().ok());
+    }
+    if let Some(i) = label.find("--nodes ") {
+        return label[i + 8..]
+            .split(' ')
+            .next()
+            .map(|l| l.split(',').count() + 1);
+    }
+    None
 }
 
 fn finish(what: &str, fails: Vec<String>) {

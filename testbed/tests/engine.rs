@@ -144,7 +144,6 @@ fn check_random_fixture(name: &str) {
         eprintln!("{name} prompt {i}: --threads 1 vs 2 logits max |Δ| = {d12:.3e}");
     }
     println!("FIXTURE {name}: logits max |Δ| vs reference = {fixture_max:.3e}");
-    eprintln!("FIXTURE {name}: logits max |Δ| vs reference = {fixture_max:.3e}");
 }
 
 macro_rules! random_fixture_tests {
@@ -233,8 +232,7 @@ fn check_smollm2_generation(i: usize) {
         assert_eq!((rows, cols), (SMOLLM2_STEPS, vocab), "{what}: logits shape");
         let n = ref_rows.min(ok_steps);
         let (d, r, c) = max_abs_diff(&logits, &ref_logits, vocab, n);
-        println!("FIXTURE smollm2 generation {i}: logits max |Δ| over {n} rows = {d:.3e}");
-        eprintln!("FIXTURE smollm2 generation {i}: logits max |Δ| over {n} rows = {d:.3e} (row {r}, col {c})");
+        println!("FIXTURE smollm2 generation {i}: logits max |Δ| over {n} rows = {d:.3e} (row {r}, col {c})");
         assert!(
             d <= SMOLLM2_LOGITS_TOL,
             "{what}: logits max |Δ| {d:e} at row {r} col {c} (got {}, want {}) exceeds {SMOLLM2_LOGITS_TOL:e}",

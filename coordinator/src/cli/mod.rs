@@ -3,7 +3,10 @@
 mod bench;
 mod chat;
 mod cluster;
+mod nodes;
+mod plan;
 mod run;
+mod serve;
 mod shard;
 
 use std::path::PathBuf;
@@ -15,6 +18,7 @@ use tpi_coordinator::engine::{Backend, LocalBackend, StepReport};
 use tpi_coordinator::local::LocalCluster;
 use tpi_node::model::ModelConfig;
 use tpi_node::net::{Algo, Credential, WireDType};
+use tpi_node::net::emulation::LinkEmulation;
 use tpi_node::store::{Quant, Shard};
 use tpi_coordinator::loader::LoadedModel;
 use tpi_coordinator::sampler::SamplerConfig;
@@ -43,6 +47,12 @@ pub enum Command {
     Cluster(cluster::ClusterCmd),
     /// Pre-split a model into per-rank shard directories.
     Shard(shard::ShardArgs),
+    /// List the nodes announcing themselves on the local network (mDNS).
+    Nodes(nodes::NodesArgs),
+    /// Print the split plan for a cluster and the simulator's predicted latency.
+    Plan(plan::PlanArgs),
+    /// Serve an OpenAI-compatible HTTP API (chat and text completions).
+    Serve(serve::ServeArgs),
 }
 
 /// Where the model is and how to compute it.
@@ -84,9 +94,13 @@ impl ModelArgs {
 /// Where the other ranks are and how they talk.
 #[derive(Args, Debug, Clone)]
 pub struct ClusterArgs {
-    /// Nodes to run across, as host:port,host:port (each a `tpi-node serve`).
+    /// Nodes to run across, as host:port,host:port (each a `tpi-node serve`), or
+    /// `auto` to find them over mDNS (fastest first; see --n).
     #[arg(long, value_delimiter = ',', conflicts_with = "local_cluster")]
     pub nodes: Option<Vec<String>>,
+    /// With --nodes auto: ranks in all, rank 0 included (default: every node found + 1).
+    #[arg(long = "n", value_name = "N")]
+    pub n: Option<usize>,
     /// Spawn N-1 local tpi-node processes on 127.0.0.1 (rank 0 is this process).
     #[arg(long, value_name = "N")]
     pub local_cluster: Option<usize>,
@@ -117,19 +131,26 @@ pub struct ClusterArgs {
     /// Use the shards in this `tpi shard --out` directory.
     #[arg(long)]
     pub shards: Option<PathBuf>,
+    /// Emulate this link on every rank's outgoing traffic (rank 0 and local nodes),
+    /// e.g. 2ms,300mbit[,jitter=0.2ms][,loss=0.1%].
+    #[arg(long, conflicts_with = "topology")]
+    pub link: Option<tpi_sim::LinkSpec>,
+    /// Emulate the links of this topology file (index = rank).
+    #[arg(long)]
+    pub topology: Option<PathBuf>,
 }
 
 /// Sampling flags.
 #[derive(Args, Debug, Clone)]
 pub struct SamplingArgs {
     /// Sampling temperature; 0 = greedy.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     pub temperature: f32,
     /// Keep only the k most likely tokens (0 = off).
     #[arg(long, default_value_t = 0)]
     pub top_k: usize,
     /// Nucleus sampling threshold (1 = off).
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     pub top_p: f32,
     /// RNG seed (same seed, same output).
     #[arg(long, default_value_t = 0)]
@@ -179,6 +200,12 @@ impl Backend for WithLocal {
     fn last_step(&self) -> StepReport {
         self.backend.last_step()
     }
+    fn take_reports(&mut self) -> tpi_coordinator::Result<Vec<StepReport>> {
+        self.backend.take_reports()
+    }
+    fn info(&self) -> serde_json::Value {
+        self.backend.info()
+    }
 }
 
 fn resolve_nodes(list: &[String]) -> anyhow::Result<Vec<std::net::SocketAddr>> {
@@ -213,6 +240,10 @@ pub fn open_backend(
     }
     let loaded = LoadedModel::open(&m.model)
         .with_context(|| format!("cannot load model {}", m.model.display()))?;
+    if c.n.is_some() && !c.nodes.as_deref().is_some_and(plan::is_auto) {
+        bail!("--n picks discovered nodes; use it with --nodes auto");
+    }
+    let mut auto_ratios: Option<Vec<f64>> = None;
     let (local, nodes, credential) = match (&c.local_cluster, &c.nodes) {
         (Some(0), _) => bail!("--local-cluster needs N >= 1"),
         (Some(1), _) | (None, None) => {
@@ -242,9 +273,34 @@ pub fn open_backend(
             if let Some(b) = m.mem_budget {
                 extra.extend(["--mem-budget".to_string(), b.to_string()]);
             }
+            if let Some(l) = &c.link {
+                extra.extend(["--link".to_string(), l.to_string()]);
+            }
+            if let Some(t) = &c.topology {
+                extra.extend(["--topology".to_string(), t.display().to_string()]);
+            }
+            // Local nodes are private to this run: do not announce them.
+            extra.push("--no-mdns".to_string());
             let lc = LocalCluster::spawn(n - 1, t, &extra)?;
             let (addrs, cred) = (lc.addrs.clone(), lc.credential.clone());
             (Some(lc), addrs, cred)
+        }
+        (None, Some(list)) if plan::is_auto(list) => {
+            let found = plan::discover(c)?;
+            if c.ratios.is_none() {
+                let t = m.threads();
+                let p = plan::auto_ratios(&loaded.files, m, c, &found, t)?;
+                tracing::info!("planner ratios {:?}", p.weights);
+                auto_ratios = Some(p.weights);
+            }
+            let dir = c
+                .credential
+                .clone()
+                .or_else(default_credential)
+                .context("--nodes auto needs the cluster credential: pass --credential DIR (made by `tpi cluster init`)")?;
+            let cred = Credential::load(&dir)
+                .with_context(|| format!("cannot load the credential in {}", dir.display()))?;
+            (None, found.iter().map(|d| d.addr).collect(), cred)
         }
         (None, Some(list)) => {
             let addrs = resolve_nodes(list)?;
@@ -273,7 +329,7 @@ pub fn open_backend(
         nodes,
         algo: c.allreduce,
         dtype: c.allreduce_dtype,
-        ratios: c.ratios.clone(),
+        ratios: c.ratios.clone().or(auto_ratios),
         coordinator_share: c.coordinator_share,
         threads,
         connect_timeout: std::time::Duration::from_secs(5),
@@ -281,6 +337,13 @@ pub fn open_backend(
         shards: c.shards.clone(),
         window: m.window,
         mem_budget: m.mem_budget,
+        link: match (&c.link, &c.topology) {
+            (Some(l), _) => Some(LinkEmulation::uniform(*l)),
+            (None, Some(t)) => Some(LinkEmulation::with_topology(
+                tpi_sim::Topology::load(t).with_context(|| format!("cannot load topology {}", t.display()))?,
+            )),
+            (None, None) => None,
+        },
     };
     let backend = ClusterBackend::connect(&loaded.files, &credential, &opts, capacity)?;
     Ok((
@@ -347,5 +410,8 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Bench(a) => bench::bench(a),
         Command::Cluster(a) => cluster::cluster(a),
         Command::Shard(a) => shard::shard(a),
+        Command::Nodes(a) => nodes::nodes(a),
+        Command::Plan(a) => plan::plan(a),
+        Command::Serve(a) => serve::serve(a),
     }
 }

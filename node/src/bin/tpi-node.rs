@@ -7,6 +7,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use tpi_node::net::emulation::LinkEmulation;
 use tpi_node::net::{Credential, TransportOptions};
 use tpi_node::worker::{bind, serve, NodeOptions};
 
@@ -39,10 +40,22 @@ enum Cmd {
         /// Memory budget (e.g. 1.5GiB) from which the window is derived.
         #[arg(long, value_parser = tpi_node::store::parse_bytes)]
         mem_budget: Option<u64>,
+        /// Emulate this link on all outgoing traffic, e.g. 2ms,300mbit[,jitter=0.2ms][,loss=0.1%].
+        #[arg(long, conflicts_with = "topology")]
+        link: Option<tpi_sim::LinkSpec>,
+        /// Emulate the links of this topology file (node index = session rank).
+        #[arg(long)]
+        topology: Option<PathBuf>,
         /// Cluster credential directory (ca.pem, cert.pem, key.pem), made by `tpi cluster init`.
         /// Default: DATA_DIR/credential, then ~/.config/tpi/credential.
         #[arg(long)]
         credential: Option<PathBuf>,
+        /// Do not announce this node over mDNS (`_tpi._udp.local.`).
+        #[arg(long)]
+        no_mdns: bool,
+        /// Name to announce over mDNS (default: the host name).
+        #[arg(long)]
+        advertise_name: Option<String>,
     },
 }
 
@@ -93,7 +106,18 @@ fn real_main() -> anyhow::Result<()> {
         shard,
         window,
         mem_budget,
+        link,
+        topology,
+        no_mdns,
+        advertise_name,
     } = Cli::parse().cmd;
+    let link = match (link, topology) {
+        (Some(l), _) => Some(LinkEmulation::uniform(l)),
+        (None, Some(t)) => Some(LinkEmulation::with_topology(
+            tpi_sim::Topology::load(&t).with_context(|| format!("cannot load topology {}", t.display()))?,
+        )),
+        (None, None) => None,
+    };
     let data_dir = data_dir.unwrap_or_else(default_data_dir);
     if threads == Some(0) {
         anyhow::bail!("--threads must be at least 1");
@@ -119,6 +143,7 @@ fn real_main() -> anyhow::Result<()> {
         shard_dir: shard,
         window,
         mem_budget,
+        link,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -129,8 +154,33 @@ fn real_main() -> anyhow::Result<()> {
         // The first stdout line announces the bound address (used by `tpi --local-cluster`).
         println!("listening on {addr}");
         std::io::stdout().flush()?;
+        // Announce over mDNS (in the background; dropped, i.e. withdrawn, on exit).
+        let _advert = if no_mdns {
+            None
+        } else {
+            let o = tpi_node::discovery::AdvertOptions {
+                data_dir: opts.data_dir.clone(),
+                listen: addr,
+                threads,
+                name: advertise_name,
+                duplicate_check: std::time::Duration::from_secs(2),
+            };
+            match tpi_node::discovery::spawn_advert(o) {
+                Ok(h) => Some(h),
+                Err(e) => {
+                    tracing::warn!("no mDNS advert: {e}");
+                    None
+                }
+            }
+        };
         tracing::info!("tpi-node serving on {addr} with {threads} threads");
-        serve(ep, opts).await;
+        // SIGINT/SIGTERM end serving gracefully, so the mDNS advert says goodbye.
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            _ = serve(ep, opts) => {}
+            _ = tokio::signal::ctrl_c() => tracing::info!("interrupted; stopping"),
+            _ = term.recv() => tracing::info!("terminated; stopping"),
+        }
         Ok(())
     })
 }

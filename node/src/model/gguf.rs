@@ -243,14 +243,14 @@ pub fn ggml_type_id(d: DType) -> u32 {
 impl GgufFile {
     /// Opens and validates a GGUF file: header, metadata and every tensor's bounds.
     pub fn open(path: &Path) -> Result<Self, ModelError> {
-        let file = std::fs::File::open(path).map_err(|source| ModelError::Io {
+        let file = std::fs::File::open(path).map_err(|err| ModelError::Io {
             path: path.to_path_buf(),
-            source,
+            err,
         })?;
         // SAFETY: the map is read-only; tpi never writes model files while serving them.
-        let map = unsafe { Mmap::map(&file) }.map_err(|source| ModelError::Io {
+        let map = unsafe { Mmap::map(&file) }.map_err(|err| ModelError::Io {
             path: path.to_path_buf(),
-            source,
+            err,
         })?;
         Self::parse(path, Arc::new(map))
     }

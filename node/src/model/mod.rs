@@ -32,15 +32,15 @@ pub struct ModelFiles {
 impl ModelFiles {
     /// Opens a `.gguf` file or an HF model directory.
     pub fn open(path: &Path) -> Result<Self, ModelError> {
-        let meta = std::fs::metadata(path).map_err(|source| ModelError::Io {
+        let meta = std::fs::metadata(path).map_err(|err| ModelError::Io {
             path: path.to_path_buf(),
-            source,
+            err,
         })?;
         if meta.is_dir() {
             let cfg_path = path.join("config.json");
-            let text = std::fs::read_to_string(&cfg_path).map_err(|source| ModelError::Io {
+            let text = std::fs::read_to_string(&cfg_path).map_err(|err| ModelError::Io {
                 path: cfg_path.clone(),
-                source,
+                err,
             })?;
             let config = ModelConfig::from_hf_json(&text)?;
             let store = TensorStore::from_hf_dir(path)?;

@@ -307,14 +307,14 @@ pub struct TensorStore {
 }
 
 fn map_file(path: &Path) -> Result<Mmap, ModelError> {
-    let file = std::fs::File::open(path).map_err(|source| ModelError::Io {
+    let file = std::fs::File::open(path).map_err(|err| ModelError::Io {
         path: path.to_path_buf(),
-        source,
+        err,
     })?;
     // SAFETY: read-only map of a model file that tpi never writes while it is open.
-    unsafe { Mmap::map(&file) }.map_err(|source| ModelError::Io {
+    unsafe { Mmap::map(&file) }.map_err(|err| ModelError::Io {
         path: path.to_path_buf(),
-        source,
+        err,
     })
 }
 
@@ -366,9 +366,9 @@ impl TensorStore {
         let files: Vec<PathBuf> = if single.exists() {
             vec![single]
         } else if index.exists() {
-            let text = std::fs::read_to_string(&index).map_err(|source| ModelError::Io {
+            let text = std::fs::read_to_string(&index).map_err(|err| ModelError::Io {
                 path: index.clone(),
-                source,
+                err,
             })?;
             let v: serde_json::Value = serde_json::from_str(&text)
                 .map_err(|e| ModelError::corrupt(&index, e.to_string()))?;

@@ -13,6 +13,7 @@
 
 pub mod bench;
 pub mod collective;
+pub mod emulation;
 pub mod frame;
 pub mod tls;
 pub mod transport;

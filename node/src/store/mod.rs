@@ -15,12 +15,12 @@ use std::path::Path;
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// File system trouble, with the path.
-    #[error("{path}: {source}")]
+    #[error("{path}: {err}")]
     Io {
         /// The path.
         path: String,
         /// The OS error.
-        source: std::io::Error,
+        err: std::io::Error,
     },
     /// A manifest or shard that does not hold together.
     #[error("invalid shard: {0}")]
@@ -32,10 +32,10 @@ pub enum StoreError {
 
 impl StoreError {
     /// An I/O error at `path`.
-    pub fn io(path: &Path, source: std::io::Error) -> Self {
+    pub fn io(path: &Path, err: std::io::Error) -> Self {
         StoreError::Io {
             path: path.display().to_string(),
-            source,
+            err,
         }
     }
 }

@@ -1,0 +1,443 @@
+//! `tpi plan`: print the split plan and the simulator's prediction; plus the helpers
+//! `--nodes auto` uses (discovery, rank 0's GEMV rate, the planner's ratios).
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::Args;
+use tpi_coordinator::discovery::{self, DiscoveredNode};
+use tpi_coordinator::planner::{self, RankCaps};
+use tpi_node::model::{ModelConfig, ModelFiles, Role};
+use tpi_node::store::Quant;
+
+use super::{resolve_nodes, ClusterArgs, ModelArgs};
+
+/// How long `--nodes auto` listens for adverts.
+pub const AUTO_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// `tpi plan` flags.
+#[derive(Args, Debug)]
+pub struct PlanArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
+    /// Memory budget per rank, rank 0 first (e.g. 8GiB,2GiB); default: discovered RAM.
+    #[arg(long, value_delimiter = ',', value_parser = super::parse_size)]
+    pub budgets: Option<Vec<u64>>,
+    /// Prompt length for the predicted TTFT.
+    #[arg(long, default_value_t = 128)]
+    pub prompt_len: usize,
+}
+
+/// Whether `--nodes` asks for discovery.
+pub fn is_auto(list: &[String]) -> bool {
+    list.len() == 1 && list[0].trim().eq_ignore_ascii_case("auto")
+}
+
+/// Browses for nodes and picks `--n` of them (fastest GEMV first), printing warnings
+/// (duplicate ids) to stderr. Errors when none is found.
+pub fn discover(c: &ClusterArgs) -> anyhow::Result<Vec<DiscoveredNode>> {
+    let b = discovery::browse(AUTO_TIMEOUT)?;
+    for w in &b.warnings {
+        eprintln!("warning: {w}");
+    }
+    if b.nodes.is_empty() {
+        bail!("{}", discovery::nothing_found(AUTO_TIMEOUT));
+    }
+    let picked = discovery::pick(&b, c.n, tpi_node::net::wire::PROTOCOL_VERSION)?;
+    for (i, d) in picked.iter().enumerate() {
+        tracing::info!(
+            "rank {}: {} ({}) at {}, {:.1} GB/s GEMV",
+            i + 1,
+            d.name,
+            d.id,
+            d.addr,
+            d.gemv_gbs
+        );
+    }
+    Ok(picked)
+}
+
+/// Rank 0's GEMV rate, measured like the nodes measure theirs.
+pub fn local_gemv(threads: usize) -> f64 {
+    tpi_node::discovery::measure_gemv_gbs(threads)
+}
+
+/// Bytes per weight of the shards this session uses.
+pub fn bytes_per_weight(files: &ModelFiles, quant: Quant) -> anyhow::Result<f64> {
+    if let Quant::To(dt) = quant {
+        let b = dt.block_len();
+        return Ok(dt.row_bytes(b).unwrap_or(4 * b) as f64 / b as f64);
+    }
+    let w = files
+        .store
+        .role(&files.config, Role::Wq, 0)
+        .context("cannot read layer 0's query weight")?;
+    Ok(w.nbytes() as f64 / (w.rows * w.cols).max(1) as f64)
+}
+
+/// The planner's ratios for rank 0 plus `nodes` (rank 0 measured here with `threads`,
+/// its RAM read here; `coordinator_share` scales rank 0, 0 = coordinate only).
+pub fn auto_ratios(
+    files: &ModelFiles,
+    m: &ModelArgs,
+    c: &ClusterArgs,
+    nodes: &[DiscoveredNode],
+    threads: usize,
+) -> anyhow::Result<planner::Planned> {
+    let bpw = bytes_per_weight(files, c.quant)?;
+    let mut caps = vec![rank0_caps(&files.config, bpw, threads, c.coordinator_share)];
+    caps.extend(
+        nodes
+            .iter()
+            .map(|d| RankCaps::from_ram(d.gemv_gbs.max(1e-3), d.ram)),
+    );
+    plan_caps(&files.config, bpw, &caps, streaming(m), c.coordinator_share)
+}
+
+fn streaming(m: &ModelArgs) -> bool {
+    m.window.is_some() || m.mem_budget.is_some()
+}
+
+fn rank0_caps(cfg: &ModelConfig, bpw: f64, threads: usize, share: f64) -> RankCaps {
+    let mut r = RankCaps::from_ram(
+        local_gemv(threads) * share.max(0.0),
+        tpi_node::discovery::total_ram().unwrap_or(0),
+    );
+    r.extra_bytes = planner::rank0_extra_bytes(cfg, bpw);
+    r
+}
+
+/// Plans; a rank 0 with no compute (share 0) gets weight 0 and the nodes split the rest.
+fn plan_caps(
+    cfg: &ModelConfig,
+    bpw: f64,
+    caps: &[RankCaps],
+    streaming: bool,
+    share: f64,
+) -> anyhow::Result<planner::Planned> {
+    if share > 0.0 || caps.len() == 1 {
+        return planner::plan(cfg, bpw, caps, streaming);
+    }
+    let p = planner::plan(cfg, bpw, &caps[1..], streaming)?;
+    let mut weights = vec![0.0];
+    weights.extend(&p.weights);
+    let plan = tpi_node::model::SplitPlan::new(cfg, &weights)?;
+    let bytes = plan
+        .ranks
+        .iter()
+        .map(|s| planner::slice_bytes(cfg, s, bpw))
+        .collect();
+    let mut capped = vec![false];
+    capped.extend(&p.capped);
+    Ok(planner::Planned {
+        weights,
+        plan,
+        bytes,
+        capped,
+    })
+}
+
+struct Rank {
+    label: String,
+    gemv: f64,
+    ram: u64,
+}
+
+/// Runs `tpi plan`.
+pub fn plan(a: PlanArgs) -> anyhow::Result<()> {
+    let (m, c) = (&a.model, &a.cluster);
+    let files = ModelFiles::open(&m.model)
+        .with_context(|| format!("cannot load model {}", m.model.display()))?;
+    let cfg = &files.config;
+    let bpw = bytes_per_weight(&files, c.quant)?;
+    let cores = std::thread::available_parallelism()
+        .map(|x| x.get())
+        .unwrap_or(1);
+    let ram0 = tpi_node::discovery::total_ram().unwrap_or(0);
+    // Who the ranks are and what they can do.
+    let mut ranks: Vec<Rank> = Vec::new();
+    match (&c.local_cluster, &c.nodes) {
+        (Some(0), _) => bail!("--local-cluster needs N >= 1"),
+        (Some(n), _) => {
+            let t = c.node_threads.unwrap_or((cores / n).max(1));
+            let g = local_gemv(m.threads.unwrap_or(t));
+            for i in 0..*n {
+                ranks.push(Rank {
+                    label: if i == 0 {
+                        "this machine".into()
+                    } else {
+                        format!("local node {i}")
+                    },
+                    gemv: g,
+                    ram: ram0 / *n as u64,
+                });
+            }
+        }
+        (None, Some(list)) if is_auto(list) => {
+            let nodes = discover(c)?;
+            ranks.push(Rank {
+                label: "this machine".into(),
+                gemv: local_gemv(m.threads()),
+                ram: ram0,
+            });
+            ranks.extend(nodes.iter().map(|d| Rank {
+                label: format!("{} {}", d.name, d.addr),
+                gemv: d.gemv_gbs,
+                ram: d.ram,
+            }));
+        }
+        (None, Some(list)) => {
+            let addrs = resolve_nodes(list)?;
+            if addrs.is_empty() {
+                bail!("--nodes lists no address");
+            }
+            // Use what the nodes announce when they can be heard; else assume rank 0's rate.
+            let heard = discovery::browse(Duration::from_secs(1))
+                .map(|b| b.nodes)
+                .unwrap_or_default();
+            let g0 = local_gemv(m.threads());
+            ranks.push(Rank {
+                label: "this machine".into(),
+                gemv: g0,
+                ram: ram0,
+            });
+            for addr in addrs {
+                let d = heard.iter().find(|d| same_node(d.addr, addr));
+                ranks.push(match d {
+                    Some(d) => Rank {
+                        label: format!("{} {}", d.name, addr),
+                        gemv: d.gemv_gbs,
+                        ram: d.ram,
+                    },
+                    None => Rank {
+                        label: format!("{addr} (not heard; assumed like rank 0)"),
+                        gemv: g0,
+                        ram: 0,
+                    },
+                });
+            }
+        }
+        (None, None) => {
+            let Some(r) = &c.ratios else {
+                bail!("say where the ranks are: --nodes auto, --nodes host:port,…, --local-cluster N, or --ratios r0,r1,…");
+            };
+            let g0 = local_gemv(m.threads());
+            for i in 0..r.len() {
+                ranks.push(Rank {
+                    label: if i == 0 {
+                        "this machine".into()
+                    } else {
+                        format!("rank {i}")
+                    },
+                    gemv: g0,
+                    ram: 0,
+                });
+            }
+        }
+    }
+    let n = ranks.len();
+    if let Some(r) = &c.ratios {
+        if r.len() != n {
+            bail!("--ratios has {} numbers but there are {n} ranks", r.len());
+        }
+    }
+    if let Some(b) = &a.budgets {
+        if b.len() != n {
+            bail!("--budgets has {} sizes but there are {n} ranks", b.len());
+        }
+    }
+    let extra0 = planner::rank0_extra_bytes(cfg, bpw);
+    let caps: Vec<RankCaps> = ranks
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let mut k = RankCaps::from_ram(r.gemv.max(1e-3), r.ram);
+            if let Some(b) = &a.budgets {
+                k.mem_budget = Some(b[i]);
+            }
+            if i == 0 {
+                k.gemv_gbs *= c.coordinator_share.max(0.0);
+                k.extra_bytes = extra0;
+            }
+            k
+        })
+        .collect();
+    let planned = match &c.ratios {
+        Some(r) => {
+            let plan = tpi_node::model::SplitPlan::new(cfg, r)?;
+            let bytes = plan
+                .ranks
+                .iter()
+                .map(|s| planner::slice_bytes(cfg, s, bpw))
+                .collect();
+            let s: f64 = r.iter().sum();
+            planner::Planned {
+                weights: r.iter().map(|x| x / s).collect(),
+                plan,
+                bytes,
+                capped: vec![false; n],
+            }
+        }
+        None => plan_caps(cfg, bpw, &caps, streaming(m), c.coordinator_share)?,
+    };
+    print!("{}", render(&files, bpw, &ranks, &caps, &planned));
+    // The links for the prediction: --topology, else --link (default 1ms,1gbit).
+    let (topology, link_desc) = match (&c.link, &c.topology) {
+        (Some(l), _) => (tpi_sim::Topology::uniform(*l), format!("link {l}")),
+        (None, Some(t)) => (
+            tpi_sim::Topology::load(t)
+                .with_context(|| format!("cannot load topology {}", t.display()))?,
+            format!("topology {}", t.display()),
+        ),
+        (None, None) => {
+            let l: tpi_sim::LinkSpec = "1ms,1gbit".parse().map_err(anyhow::Error::msg)?;
+            (
+                tpi_sim::Topology::uniform(l),
+                format!("link {l} (default; set --link)"),
+            )
+        }
+    };
+    // The simulator's prediction for this split.
+    let pred = predict(cfg, bpw, &ranks, &caps, &planned, topology, c, a.prompt_len);
+    println!(
+        "predicted ({} allreduce, {}): TTFT {:.1} ms for a {}-token prompt, {:.2} ms/token \
+         (compute {:.2}, allreduce {:.2}, disk wait {:.2}, overhead {:.2})",
+        pred.algo,
+        link_desc,
+        ms(pred.ttft),
+        a.prompt_len,
+        ms(pred.token),
+        ms(pred.breakdown.compute),
+        ms(pred.breakdown.allreduce),
+        ms(pred.breakdown.disk_wait),
+        ms(pred.breakdown.overhead)
+    );
+    Ok(())
+}
+
+fn same_node(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() == b.port() && (a.ip() == b.ip() || b.ip().is_unspecified())
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn render(
+    files: &ModelFiles,
+    bpw: f64,
+    ranks: &[Rank],
+    caps: &[RankCaps],
+    p: &planner::Planned,
+) -> String {
+    use std::fmt::Write;
+    let cfg = &files.config;
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "model {}: {} layers, {} heads / {} KV heads, MLP {}, {:.3} bytes/weight, layer stack {}",
+        files.path.display(),
+        cfg.n_layers,
+        cfg.n_heads,
+        cfg.n_kv_heads,
+        cfg.intermediate_size,
+        bpw,
+        discovery::fmt_bytes(planner::stack_bytes(cfg, bpw))
+    );
+    let _ = writeln!(s, "plan {} over {} ranks:", p.plan.id(), p.plan.world());
+    let _ = writeln!(
+        s,
+        "  {:>4}  {:>6}  {:>9}  {:>9}  {:>11}  {:>10}  {:>8}  {:>10}  {}",
+        "rank", "ratio", "heads", "kv heads", "mlp cols", "weights", "gemv", "budget", "where"
+    );
+    for (i, r) in p.plan.ranks.iter().enumerate() {
+        let budget = caps[i]
+            .weight_budget()
+            .map(discovery::fmt_bytes)
+            .unwrap_or_else(|| "-".into());
+        let _ = writeln!(
+            s,
+            "  {:>4}  {:>6.3}  {:>9}  {:>9}  {:>11}  {:>10}  {:>4.1}GB/s  {:>10}  {}{}",
+            i,
+            p.weights[i],
+            format!("{}..{}", r.heads.start, r.heads.end),
+            format!("{}..{}", r.kv_heads.start, r.kv_heads.end),
+            format!("{}..{}", r.ffn.start, r.ffn.end),
+            discovery::fmt_bytes(p.bytes[i]),
+            ranks[i].gemv,
+            budget,
+            ranks[i].label,
+            if p.capped[i] {
+                " (capped by memory)"
+            } else {
+                ""
+            }
+        );
+    }
+    s
+}
+
+#[allow(clippy::too_many_arguments)]
+fn predict(
+    cfg: &ModelConfig,
+    bpw: f64,
+    ranks: &[Rank],
+    caps: &[RankCaps],
+    p: &planner::Planned,
+    topology: tpi_sim::Topology,
+    c: &ClusterArgs,
+    prompt_len: usize,
+) -> tpi_sim::Prediction {
+    let shape = tpi_sim::ModelShape {
+        hidden: cfg.hidden_size,
+        layers: cfg.n_layers,
+        heads: cfg.n_heads,
+        kv_heads: cfg.n_kv_heads,
+        head_dim: cfg.head_dim,
+        ffn: cfg.intermediate_size,
+        vocab: cfg.vocab_size,
+        bytes_per_weight: bpw,
+        tied_embeddings: cfg.tie_word_embeddings,
+    };
+    // The simulator splits work in proportion to compute rates. Give every rank the
+    // rate at which the plan's slowest rank gets through its share, times its share:
+    // the simulator then reproduces this plan's split and its critical path.
+    let share: Vec<f64> = p.weights.clone();
+    let pace = (0..ranks.len())
+        .filter(|&i| share[i] > 0.0)
+        .map(|i| ranks[i].gemv.max(1e-3) / share[i])
+        .fold(f64::INFINITY, f64::min);
+    let devices = (0..ranks.len())
+        .map(|i| tpi_sim::Device {
+            compute_gbs: (share[i] * pace).max(pace * 1e-6),
+            mem_budget_bytes: caps[i].mem_budget.unwrap_or(8 << 30),
+            ..tpi_sim::Device::default()
+        })
+        .collect();
+    let calibration = tpi_sim::Calibration {
+        activation_bytes: match c.allreduce_dtype {
+            tpi_node::net::WireDType::F16 => 2.0,
+            _ => 4.0,
+        },
+        ..tpi_sim::Calibration::default()
+    };
+    let algo = match c.allreduce {
+        tpi_node::net::Algo::Ring => tpi_sim::Algo::Ring,
+        tpi_node::net::Algo::Tree => tpi_sim::Algo::Tree,
+        _ => tpi_sim::Algo::Star,
+    };
+    let cluster = tpi_sim::Cluster {
+        shape,
+        devices,
+        topology,
+        calibration,
+        workload: tpi_sim::Workload {
+            prompt_len: prompt_len.max(1),
+            gen_tokens: 128,
+        },
+    };
+    tpi_sim::predict(&cluster, algo)
+}
