@@ -253,16 +253,25 @@ impl ClusterBackend {
                     let bar = bars.add(ProgressBar::new(total));
                     bar.set_style(style.clone());
                     bar.set_prefix(format!("shard → {}", node.addr));
-                    let map = shard.map();
+                    // Read through a buffer, not the map: sending a shard should not
+                    // make it resident in the coordinator.
+                    let file = shard.file();
+                    let mut chunk = vec![0u8; CHUNK];
                     for n in &needs {
                         let b = &m.blocks[n.index as usize];
                         let mut off = n.have.min(b.len);
                         while off < b.len {
                             let len = (b.len - off).min(CHUNK as u64);
-                            let start = (b.offset + off) as usize;
+                            let buf = &mut chunk[..len as usize];
+                            {
+                                use std::os::unix::fs::FileExt;
+                                file.read_exact_at(buf, b.offset + off)
+                                    .map_err(|e| Error::Io(format!("reading rank {rank}'s shard: {e}")))?;
+                            }
+                            let buf = &chunk[..len as usize];
                             let r = async {
                                 send(node, rank, &ToNode::BlockData { index: n.index, offset: off }).await?;
-                                write_frame(&mut node.ctl.send, FrameKind::Tensor, &map[start..start + len as usize])
+                                write_frame(&mut node.ctl.send, FrameKind::Tensor, buf)
                                     .await
                                     .map_err(|e| node_err(node.addr, rank, e))
                             }

@@ -158,13 +158,17 @@ pub fn pick(b: &Browse, n: Option<usize>, proto: u32) -> anyhow::Result<Vec<Disc
     Ok(usable.into_iter().take(want).collect())
 }
 
-/// Human-readable bytes (GiB/MiB).
+/// Human-readable bytes (GiB, MiB, KiB or B).
 pub fn fmt_bytes(b: u64) -> String {
-    let b = b as f64;
-    if b >= (1u64 << 30) as f64 {
-        format!("{:.1}GiB", b / (1u64 << 30) as f64)
+    let f = b as f64;
+    if b >= 1 << 30 {
+        format!("{:.1}GiB", f / (1u64 << 30) as f64)
+    } else if b >= 1 << 20 {
+        format!("{:.1}MiB", f / (1u64 << 20) as f64)
+    } else if b >= 1 << 10 {
+        format!("{:.1}KiB", f / 1024.0)
     } else {
-        format!("{:.0}MiB", b / (1u64 << 20) as f64)
+        format!("{b}B")
     }
 }
 
@@ -180,7 +184,7 @@ pub fn table(nodes: &[DiscoveredNode]) -> String {
     for n in nodes {
         let _ = writeln!(
             s,
-            "{:<32}  {:<16}  {:<22}  {:>5}  {:>5}  {:>8}  {:>9}  {:>6.1}GB/s  {:>6}",
+            "{:<32}  {:<16}  {:<22}  {:>5}  {:>5}  {:>8}  {:>9}  {:>6.2}GB/s  {:>6}",
             n.id,
             n.name,
             n.addr.to_string(),

@@ -33,7 +33,7 @@ impl RankCaps {
     pub fn from_ram(gemv_gbs: f64, ram: u64) -> Self {
         RankCaps {
             gemv_gbs,
-            mem_budget: (ram > 0).then(|| (ram as f64 * RAM_FRACTION) as u64),
+            mem_budget: (ram > 0).then_some((ram as f64 * RAM_FRACTION) as u64),
             extra_bytes: 0,
         }
     }

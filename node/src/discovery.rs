@@ -150,11 +150,21 @@ pub fn hostname() -> String {
     }
 }
 
-/// This machine's Q4_0 GEMV rate in GB/s of weight bytes, measured in well under a
-/// second (the planner's capability number; the coordinator measures rank 0 the same way).
+/// This machine's Q4_0 GEMV rate in GB/s of weight bytes (the planner's capability
+/// number; the coordinator measures rank 0 the same way). Bounded to about a second: a
+/// short probe runs first, and the full 4096x4096 measurement only when the probe says
+/// it will be quick (a slow device, or an unoptimised build, keeps the probe's number).
 pub fn measure_gemv_gbs(threads: usize) -> f64 {
-    let pool = tpi_kernels::ThreadPool::new(threads.max(1));
-    tpi_kernels::bench::gemv_gbs(&pool, tpi_kernels::DType::Q4_0, 4096, 4096, 3)
+    use tpi_kernels::{bench::gemv_gbs, DType, ThreadPool};
+    let pool = ThreadPool::new(threads.max(1));
+    let t = Instant::now();
+    let probe = gemv_gbs(&pool, DType::Q4_0, 256, 4096, 1);
+    // The full run quantises 16x the rows and streams ~3.5x the bytes, 3 times.
+    if t.elapsed() < Duration::from_millis(60) {
+        gemv_gbs(&pool, DType::Q4_0, 4096, 4096, 3)
+    } else {
+        probe
+    }
 }
 
 /// What a node announces (the TXT record, plus where it listens).
@@ -191,7 +201,7 @@ impl Advert {
             ("cores".into(), self.cores.to_string()),
             ("ram".into(), self.ram.to_string()),
             ("disk_free".into(), self.disk_free.to_string()),
-            ("gemv_gbs".into(), format!("{:.3}", self.gemv_gbs)),
+            ("gemv_gbs".into(), format!("{:.4}", self.gemv_gbs)),
             ("shards".into(), self.shards.to_string()),
             ("name".into(), self.name.clone()),
         ]
@@ -466,8 +476,8 @@ pub fn browse_with(
 ) -> Result<Vec<Resolved>, DiscoveryError> {
     let rx = daemon.browse(SERVICE_TYPE)?;
     let deadline = Instant::now() + timeout;
-    let mut found: HashMap<String, (u16, BTreeSet<IpAddr>, BTreeMap<String, String>)> =
-        HashMap::new();
+    type Seen = (u16, BTreeSet<IpAddr>, BTreeMap<String, String>);
+    let mut found: HashMap<String, Seen> = HashMap::new();
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
@@ -559,7 +569,7 @@ mod tests {
             ip: Some("127.0.0.1".parse().unwrap()),
         };
         let info = a.service_info().unwrap();
-        assert_eq!(info.get_property_val_str("gemv_gbs"), Some("9.500"));
+        assert_eq!(info.get_property_val_str("gemv_gbs"), Some("9.5000"));
         assert_eq!(info.get_property_val_str("id"), Some(a.id.as_str()));
         assert_eq!(info.get_port(), 7070);
         assert!(info.get_fullname().starts_with(&a.id));

@@ -14,7 +14,7 @@ use crate::store::{window_for_budget, Shard, ShardCache, StoreError, Window};
 use crate::net::collective::{accept_data_link, accept_data_stream, open_data_link, DATA_STREAM_TAG};
 use crate::net::frame::{read_frame_of, FrameKind};
 use crate::net::wire::{f32_from_le_bytes, PROTOCOL_VERSION};
-use crate::store::window::{disk_read_bytes, peak_rss};
+use crate::store::window::{disk_read_bytes, peak_rss, reset_peak_rss};
 use crate::net::emulation::LinkEmulation;
 use crate::net::{Connection, Credential, DataLink, Endpoint, Group, NetError, Stream, TransportOptions};
 use crate::proto::{FromNode, NodeStepTimes, Setup, ToNode, CONTROL_STREAM_TAG, MAX_CONTROL};
@@ -126,7 +126,9 @@ pub async fn serve(ep: Endpoint, opts: NodeOptions) {
             };
             match stream.tag {
                 CONTROL_STREAM_TAG => {
-                    let Ok(_guard) = busy.try_lock() else {
+                    // A session that just ended may still be releasing the node: wait a little.
+                    let guard = tokio::time::timeout(Duration::from_secs(3), busy.lock()).await;
+                    let Ok(_guard) = guard else {
                         let mut s = stream;
                         let _ = s
                             .send_msg(&FromNode::Refused {
@@ -140,11 +142,13 @@ pub async fn serve(ep: Endpoint, opts: NodeOptions) {
                     tracing::info!("session from {peer}");
                     match run_session(&ep, &conn, stream, &pool, &opts, &inbox).await {
                         Ok(()) => tracing::info!("session from {peer} ended"),
-                        Err(e) => tracing::warn!("session from {peer} failed: {e}"),
+                        Err(e) => {
+                            tracing::warn!("session from {peer} failed: {e}");
+                            // Let the last message (an error, a refusal) reach the
+                            // coordinator before the connection goes away.
+                            let _ = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
+                        }
                     }
-                    // Let the last message (an error, a refusal) reach the coordinator
-                    // before the connection goes away.
-                    let _ = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
                     *inbox.lock().unwrap() = None;
                 }
                 DATA_STREAM_TAG => {
@@ -388,6 +392,7 @@ async fn session_body(
     let (tx, mut rx) = mpsc::channel(16);
     *inbox.lock().unwrap() = Some(tx);
     let rank = setup.rank as usize;
+    reset_peak_rss();
     if let Some(l) = &opts.link {
         l.set_ranks(rank, &setup.addrs);
     }

@@ -350,8 +350,8 @@ fn render(
     let _ = writeln!(s, "plan {} over {} ranks:", p.plan.id(), p.plan.world());
     let _ = writeln!(
         s,
-        "  {:>4}  {:>6}  {:>9}  {:>9}  {:>11}  {:>10}  {:>8}  {:>10}  {}",
-        "rank", "ratio", "heads", "kv heads", "mlp cols", "weights", "gemv", "budget", "where"
+        "  {:>4}  {:>6}  {:>9}  {:>9}  {:>11}  {:>10}  {:>9}  {:>10}  where",
+        "rank", "ratio", "heads", "kv heads", "mlp cols", "weights", "gemv", "budget"
     );
     for (i, r) in p.plan.ranks.iter().enumerate() {
         let budget = caps[i]
@@ -360,7 +360,7 @@ fn render(
             .unwrap_or_else(|| "-".into());
         let _ = writeln!(
             s,
-            "  {:>4}  {:>6.3}  {:>9}  {:>9}  {:>11}  {:>10}  {:>4.1}GB/s  {:>10}  {}{}",
+            "  {:>4}  {:>6.3}  {:>9}  {:>9}  {:>11}  {:>10}  {:>5.2}GB/s  {:>10}  {}{}",
             i,
             p.weights[i],
             format!("{}..{}", r.heads.start, r.heads.end),

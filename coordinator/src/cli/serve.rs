@@ -39,14 +39,22 @@ pub fn serve(a: ServeArgs) -> anyhow::Result<()> {
     let sampler = a.sampling.sampler()?;
     let model_id = a.model_id.clone().unwrap_or_else(|| {
         let p = &a.model.model;
-        let stem = if p.is_dir() { p.file_name() } else { p.file_stem() };
+        let stem = if p.is_dir() {
+            p.file_name()
+        } else {
+            p.file_stem()
+        };
         stem.map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_else(|| "model".into())
     });
     let ranks: Vec<Option<String>> = match (&a.cluster.local_cluster, &a.cluster.nodes) {
         (Some(n), _) => (0..(*n).max(1)).map(|_| None).collect(),
         (None, Some(list)) => std::iter::once(None)
-            .chain(list.iter().filter(|s| !s.trim().is_empty()).map(|s| Some(s.trim().to_string())))
+            .chain(
+                list.iter()
+                    .filter(|s| !s.trim().is_empty())
+                    .map(|s| Some(s.trim().to_string())),
+            )
             .collect(),
         (None, None) => vec![None],
     };

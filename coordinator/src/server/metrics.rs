@@ -9,7 +9,9 @@ use std::time::Duration;
 use crate::engine::StepReport;
 
 /// TTFT histogram bucket bounds, seconds.
-const TTFT_BUCKETS: [f64; 12] = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
+const TTFT_BUCKETS: [f64; 12] = [
+    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
 
 /// One rank's state as last seen.
 #[derive(Clone, Debug, serde::Serialize)]
@@ -25,6 +27,9 @@ pub struct NodeStatus {
     /// Allreduce wait of its last step, ms.
     pub last_allreduce_wait_ms: Option<f64>,
 }
+
+/// Reads one total of a rank.
+type RankField = fn(&RankTotals) -> f64;
 
 #[derive(Default, Clone, Copy)]
 struct RankTotals {
@@ -123,7 +128,13 @@ impl Metrics {
     }
 
     /// Records a finished generation (possibly cut short by its client).
-    pub fn generation(&self, prompt: usize, generated: usize, tokens_per_s: f64, steps: &[StepReport]) {
+    pub fn generation(
+        &self,
+        prompt: usize,
+        generated: usize,
+        tokens_per_s: f64,
+        steps: &[StepReport],
+    ) {
         let mut g = self.lock();
         g.prompt += prompt as u64;
         g.generated += generated as u64;
@@ -155,13 +166,16 @@ impl Metrics {
     }
 
     /// Records a backend failure: `/health` turns to `error`, and the rank the message
-    /// names (`(rank R)`) is marked down, or every remote rank when none is named.
+    /// names (`rank R`) is marked down, or every remote rank when none is named.
     pub fn backend_failed(&self, msg: &str) {
         let mut g = self.lock();
         g.error = Some(msg.to_string());
-        let named = msg.find("(rank ").and_then(|i| {
-            let rest = &msg[i + 6..];
-            let end = rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len());
+        // The first `rank N` in the message names the rank at fault.
+        let named = msg.match_indices("rank ").find_map(|(i, _)| {
+            let rest = &msg[i + 5..];
+            let end = rest
+                .find(|c: char| !c.is_ascii_digit())
+                .unwrap_or(rest.len());
             rest[..end].parse::<usize>().ok()
         });
         for n in g.nodes.iter_mut() {
@@ -197,12 +211,21 @@ impl Metrics {
     pub fn render(&self) -> String {
         let g = self.lock();
         let mut s = String::new();
-        let _ = writeln!(s, "# HELP tpi_requests_total HTTP requests answered, by endpoint and status code.");
+        let _ = writeln!(
+            s,
+            "# HELP tpi_requests_total HTTP requests answered, by endpoint and status code."
+        );
         let _ = writeln!(s, "# TYPE tpi_requests_total counter");
         for ((ep, st), n) in &g.requests {
-            let _ = writeln!(s, "tpi_requests_total{{endpoint=\"{ep}\",status=\"{st}\"}} {n}");
+            let _ = writeln!(
+                s,
+                "tpi_requests_total{{endpoint=\"{ep}\",status=\"{st}\"}} {n}"
+            );
         }
-        let _ = writeln!(s, "# HELP tpi_requests_cancelled_total Generations stopped because the client went away.");
+        let _ = writeln!(
+            s,
+            "# HELP tpi_requests_cancelled_total Generations stopped because the client went away."
+        );
         let _ = writeln!(s, "# TYPE tpi_requests_cancelled_total counter");
         if g.cancelled.is_empty() {
             let _ = writeln!(s, "tpi_requests_cancelled_total{{endpoint=\"chat\"}} 0");
@@ -213,25 +236,42 @@ impl Metrics {
         let _ = writeln!(s, "# HELP tpi_generated_tokens_total Tokens generated.");
         let _ = writeln!(s, "# TYPE tpi_generated_tokens_total counter");
         let _ = writeln!(s, "tpi_generated_tokens_total {}", g.generated);
-        let _ = writeln!(s, "# HELP tpi_prompt_tokens_total Prompt tokens received by generations.");
+        let _ = writeln!(
+            s,
+            "# HELP tpi_prompt_tokens_total Prompt tokens received by generations."
+        );
         let _ = writeln!(s, "# TYPE tpi_prompt_tokens_total counter");
         let _ = writeln!(s, "tpi_prompt_tokens_total {}", g.prompt);
         let _ = writeln!(s, "# HELP tpi_ttft_seconds Time from request arrival (queueing included) to the first token.");
         let _ = writeln!(s, "# TYPE tpi_ttft_seconds histogram");
         for (i, b) in TTFT_BUCKETS.iter().enumerate() {
-            let _ = writeln!(s, "tpi_ttft_seconds_bucket{{le=\"{b}\"}} {}", g.ttft_counts[i]);
+            let _ = writeln!(
+                s,
+                "tpi_ttft_seconds_bucket{{le=\"{b}\"}} {}",
+                g.ttft_counts[i]
+            );
         }
         let _ = writeln!(s, "tpi_ttft_seconds_bucket{{le=\"+Inf\"}} {}", g.ttft_n);
         let _ = writeln!(s, "tpi_ttft_seconds_sum {}", g.ttft_sum);
         let _ = writeln!(s, "tpi_ttft_seconds_count {}", g.ttft_n);
-        let _ = writeln!(s, "# HELP tpi_tokens_per_second Decode speed of the last generation.");
+        let _ = writeln!(
+            s,
+            "# HELP tpi_tokens_per_second Decode speed of the last generation."
+        );
         let _ = writeln!(s, "# TYPE tpi_tokens_per_second gauge");
         let _ = writeln!(s, "tpi_tokens_per_second {}", g.tokens_per_s);
-        let _ = writeln!(s, "# HELP tpi_steps_total Forward steps run (prefills and decode steps).");
+        let _ = writeln!(
+            s,
+            "# HELP tpi_steps_total Forward steps run (prefills and decode steps)."
+        );
         let _ = writeln!(s, "# TYPE tpi_steps_total counter");
         let _ = writeln!(s, "tpi_steps_total {}", g.steps);
-        let per_rank: [(&str, &str, fn(&RankTotals) -> f64); 3] = [
-            ("tpi_compute_seconds_total", "Seconds each rank spent computing.", |t| t.compute_s),
+        let per_rank: [(&str, &str, RankField); 3] = [
+            (
+                "tpi_compute_seconds_total",
+                "Seconds each rank spent computing.",
+                |t| t.compute_s,
+            ),
             (
                 "tpi_allreduce_wait_seconds_total",
                 "Seconds each rank spent blocked in allreduce waiting for peers.",
@@ -250,17 +290,57 @@ impl Metrics {
                 let _ = writeln!(s, "{name}{{rank=\"{r}\"}} {}", f(t));
             }
         }
-        let _ = writeln!(s, "# HELP tpi_queue_depth Requests waiting for the generation worker.");
+        let _ = writeln!(
+            s,
+            "# HELP tpi_queue_depth Requests waiting for the generation worker."
+        );
         let _ = writeln!(s, "# TYPE tpi_queue_depth gauge");
-        let _ = writeln!(s, "tpi_queue_depth {}", self.queue_depth.load(Ordering::Relaxed).max(0));
+        let _ = writeln!(
+            s,
+            "tpi_queue_depth {}",
+            self.queue_depth.load(Ordering::Relaxed).max(0)
+        );
         let _ = writeln!(s, "# HELP tpi_busy 1 while a generation is running.");
         let _ = writeln!(s, "# TYPE tpi_busy gauge");
         let _ = writeln!(s, "tpi_busy {}", g.busy as u8);
-        let _ = writeln!(s, "# HELP tpi_node_up 1 if the rank worked in the last step (0 after it failed).");
+        let _ = writeln!(
+            s,
+            "# HELP tpi_node_up 1 if the rank worked in the last step (0 after it failed)."
+        );
         let _ = writeln!(s, "# TYPE tpi_node_up gauge");
         for n in &g.nodes {
-            let _ = writeln!(s, "tpi_node_up{{rank=\"{}\"}} {}", n.rank, (n.status == "up") as u8);
+            let _ = writeln!(
+                s,
+                "tpi_node_up{{rank=\"{}\"}} {}",
+                n.rank,
+                (n.status == "up") as u8
+            );
         }
         s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Metrics;
+
+    #[test]
+    fn backend_failure_marks_the_named_rank_down() {
+        let m = Metrics::new(vec![None, None, None]);
+        m.backend_failed("cluster step failed: connection to rank 2 (127.0.0.1:1) lost");
+        let h = m.health_json("m", 16);
+        assert_eq!(h["status"], "error");
+        let st: Vec<_> = h["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| n["status"].clone())
+            .collect();
+        assert_eq!(st, ["up", "up", "down"]);
+        assert!(m.render().contains("tpi_node_up{rank=\"2\"} 0"));
+        let m = Metrics::new(vec![None, None]);
+        m.backend_failed("something broke");
+        assert_eq!(m.health_json("m", 16)["nodes"][1]["status"], "down");
+        assert_eq!(m.health_json("m", 16)["nodes"][0]["status"], "up");
     }
 }

@@ -149,7 +149,10 @@ async fn health(State(st): State<Arc<AppState>>) -> Response {
 
 async fn metrics_text(State(st): State<Arc<AppState>>) -> Response {
     (
-        [(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
         st.metrics.render(),
     )
         .into_response()
@@ -166,28 +169,45 @@ struct Prepared {
     include_usage: bool,
 }
 
-fn prepare(st: &AppState, c: CommonParams, prompt_ids: Vec<u32>, chat: bool) -> Result<Prepared, ApiError> {
+fn prepare(
+    st: &AppState,
+    c: CommonParams,
+    prompt_ids: Vec<u32>,
+    chat: bool,
+) -> Result<Prepared, ApiError> {
     if let Some(n) = c.n {
         if n != 1 {
-            return Err(ApiError::invalid(format!("only n=1 is supported, got n={n}"), Some("n")));
+            return Err(ApiError::invalid(
+                format!("only n=1 is supported, got n={n}"),
+                Some("n"),
+            ));
         }
     }
     let mut sampler = st.cfg.sampler;
     if let Some(t) = c.temperature {
         if !t.is_finite() || t < 0.0 {
-            return Err(ApiError::invalid(format!("temperature must be >= 0, got {t}"), Some("temperature")));
+            return Err(ApiError::invalid(
+                format!("temperature must be >= 0, got {t}"),
+                Some("temperature"),
+            ));
         }
         sampler.temperature = t;
     }
     if let Some(p) = c.top_p {
         if !(p > 0.0 && p <= 1.0) {
-            return Err(ApiError::invalid(format!("top_p must be in (0, 1], got {p}"), Some("top_p")));
+            return Err(ApiError::invalid(
+                format!("top_p must be in (0, 1], got {p}"),
+                Some("top_p"),
+            ));
         }
         sampler.top_p = p;
     }
     if let Some(k) = c.top_k {
         if k < 0 {
-            return Err(ApiError::invalid(format!("top_k must be >= 0, got {k}"), Some("top_k")));
+            return Err(ApiError::invalid(
+                format!("top_k must be >= 0, got {k}"),
+                Some("top_k"),
+            ));
         }
         sampler.top_k = k as usize;
     }
@@ -196,7 +216,10 @@ fn prepare(st: &AppState, c: CommonParams, prompt_ids: Vec<u32>, chat: bool) -> 
     }
     let p = prompt_ids.len();
     if p == 0 {
-        return Err(ApiError::invalid("the prompt is empty", Some(if chat { "messages" } else { "prompt" })));
+        return Err(ApiError::invalid(
+            "the prompt is empty",
+            Some(if chat { "messages" } else { "prompt" }),
+        ));
     }
     let ctx = st.context;
     if p >= ctx {
@@ -217,7 +240,10 @@ fn prepare(st: &AppState, c: CommonParams, prompt_ids: Vec<u32>, chat: bool) -> 
     };
     let max_tokens = match asked {
         Some(m) if m < 1 => {
-            return Err(ApiError::invalid(format!("{field} must be at least 1, got {m}"), Some(field)));
+            return Err(ApiError::invalid(
+                format!("{field} must be at least 1, got {m}"),
+                Some(field),
+            ));
         }
         Some(m) if p as i64 + m > ctx as i64 => {
             return Err(ApiError {
@@ -255,7 +281,12 @@ struct Ticket {
     _cancel: CancelOnDrop,
 }
 
-fn submit(st: &AppState, endpoint: &'static str, p: &Prepared, arrived: Instant) -> Result<Ticket, ApiError> {
+fn submit(
+    st: &AppState,
+    endpoint: &'static str,
+    p: &Prepared,
+    arrived: Instant,
+) -> Result<Ticket, ApiError> {
     let (etx, erx) = mpsc::unbounded_channel();
     let flag = Arc::new(AtomicBool::new(false));
     let job = Job {
@@ -280,7 +311,10 @@ fn submit(st: &AppState, endpoint: &'static str, p: &Prepared, arrived: Instant)
             Err(match e {
                 mpsc::error::TrySendError::Full(_) => ApiError {
                     status: StatusCode::TOO_MANY_REQUESTS,
-                    message: format!("the server is busy: {} requests are already waiting", st.cfg.max_queue),
+                    message: format!(
+                        "the server is busy: {} requests are already waiting",
+                        st.cfg.max_queue
+                    ),
                     kind: "rate_limit_error",
                     param: None,
                     code: Some("queue_full"),
@@ -332,7 +366,10 @@ async fn collect(t: &mut Ticket) -> Result<(String, &'static str, usize), ApiErr
 
 fn render_chat(st: &AppState, req: &ChatCompletionRequest) -> Result<Vec<u32>, ApiError> {
     if req.messages.is_empty() {
-        return Err(ApiError::invalid("`messages` must not be empty", Some("messages")));
+        return Err(ApiError::invalid(
+            "`messages` must not be empty",
+            Some("messages"),
+        ));
     }
     let mut msgs = Vec::with_capacity(req.messages.len());
     for (i, m) in req.messages.iter().enumerate() {
@@ -365,7 +402,9 @@ fn render_chat(st: &AppState, req: &ChatCompletionRequest) -> Result<Vec<u32>, A
                         ("text", Some(t)) => s.push_str(t),
                         (k, _) => {
                             return Err(ApiError::invalid(
-                                format!("messages[{i}]: only text content parts are supported, got `{k}`"),
+                                format!(
+                                "messages[{i}]: only text content parts are supported, got `{k}`"
+                            ),
                                 Some(&format!("messages[{i}].content")),
                             ))
                         }
@@ -376,18 +415,23 @@ fn render_chat(st: &AppState, req: &ChatCompletionRequest) -> Result<Vec<u32>, A
         };
         msgs.push(Message::new(role, content));
     }
-    let template = st
-        .template
-        .as_ref()
-        .ok_or_else(|| ApiError::invalid("this model has no chat template: use /v1/completions", None))?;
+    let template = st.template.as_ref().ok_or_else(|| {
+        ApiError::invalid("this model has no chat template: use /v1/completions", None)
+    })?;
     let text = template.render(&msgs, true);
-    let tok = st.model.tokenizer().map_err(|e| ApiError::invalid(e.to_string(), None))?;
+    let tok = st
+        .model
+        .tokenizer()
+        .map_err(|e| ApiError::invalid(e.to_string(), None))?;
     tok.encode(&text, false)
         .map_err(|e| ApiError::server(StatusCode::INTERNAL_SERVER_ERROR, e.to_string(), None))
 }
 
 fn encode_prompt(st: &AppState, prompt: PromptIn) -> Result<Vec<u32>, ApiError> {
-    let tok = st.model.tokenizer().map_err(|e| ApiError::invalid(e.to_string(), None))?;
+    let tok = st
+        .model
+        .tokenizer()
+        .map_err(|e| ApiError::invalid(e.to_string(), None))?;
     let enc = |s: &str| {
         tok.encode(s, true)
             .map_err(|e| ApiError::server(StatusCode::INTERNAL_SERVER_ERROR, e.to_string(), None))
@@ -421,7 +465,11 @@ async fn completions(State(st): State<Arc<AppState>>, body: Bytes) -> Response {
     finish_response(&st, "completions", r)
 }
 
-fn finish_response(st: &AppState, endpoint: &'static str, r: Result<Response, ApiError>) -> Response {
+fn finish_response(
+    st: &AppState,
+    endpoint: &'static str,
+    r: Result<Response, ApiError>,
+) -> Response {
     let resp = r.unwrap_or_else(|e| e.into_response());
     st.metrics.request(endpoint, resp.status().as_u16());
     resp
@@ -606,7 +654,11 @@ fn events_for(ev: JobEvent, m: &Meta, kind: Kind, out: &mut Vec<Event>) -> bool 
                 Kind::Completion => text_chunk(m, String::new(), Some(finish_reason)),
             });
             if m.include_usage {
-                out.push(usage_chunk(m, kind, Usage::new(m.prompt_tokens, completion_tokens)));
+                out.push(usage_chunk(
+                    m,
+                    kind,
+                    Usage::new(m.prompt_tokens, completion_tokens),
+                ));
             }
             out.push(Event::default().data("[DONE]"));
             true

@@ -33,7 +33,11 @@ impl ApiError {
     }
 
     /// A server-side failure with the given status.
-    pub fn server(status: StatusCode, message: impl Into<String>, code: Option<&'static str>) -> Self {
+    pub fn server(
+        status: StatusCode,
+        message: impl Into<String>,
+        code: Option<&'static str>,
+    ) -> Self {
         ApiError {
             status,
             message: message.into(),
@@ -65,11 +69,16 @@ impl IntoResponse for ApiError {
 /// Parses a JSON request body, turning every failure (syntax, wrong type, missing field)
 /// into a 400 that names the offending field. The body must be a JSON object; `T` and
 /// [`CommonParams`] are both read from it (unknown fields are ignored).
-pub fn parse_body<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<(T, CommonParams), ApiError> {
+pub fn parse_body<T: serde::de::DeserializeOwned>(
+    bytes: &[u8],
+) -> Result<(T, CommonParams), ApiError> {
     let v: serde_json::Value = serde_json::from_slice(bytes)
         .map_err(|e| ApiError::invalid(format!("could not parse the JSON body: {e}"), None))?;
     if !v.is_object() {
-        return Err(ApiError::invalid("the request body must be a JSON object", None));
+        return Err(ApiError::invalid(
+            "the request body must be a JSON object",
+            None,
+        ));
     }
     Ok((from_value(&v)?, from_value(&v)?))
 }
@@ -81,7 +90,10 @@ fn from_value<T: serde::de::DeserializeOwned>(v: &serde_json::Value) -> Result<T
         if path.is_empty() || path == "." {
             ApiError::invalid(format!("invalid request body: {inner}"), None)
         } else {
-            ApiError::invalid(format!("invalid request body: `{path}`: {inner}"), Some(&path))
+            ApiError::invalid(
+                format!("invalid request body: `{path}`: {inner}"),
+                Some(&path),
+            )
         }
     })
 }

@@ -94,7 +94,12 @@ impl StopMatcher {
             return (piece.to_string(), false);
         }
         self.buf.push_str(piece);
-        if let Some(pos) = self.stops.iter().filter_map(|s| self.buf.find(s.as_str())).min() {
+        if let Some(pos) = self
+            .stops
+            .iter()
+            .filter_map(|s| self.buf.find(s.as_str()))
+            .min()
+        {
             let out = self.buf[..pos].to_string();
             self.buf.clear();
             return (out, true);

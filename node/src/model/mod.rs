@@ -116,8 +116,8 @@ impl ModelFiles {
         h.update(serde_json::to_string(&self.config).unwrap_or_default());
         h.update(self.store.total_bytes().to_le_bytes());
         if let Ok(e) = self.store.role(&self.config, Role::Embed, 0) {
-            let b = e.to_dense_bytes();
-            h.update(&b[..b.len().min(1 << 16)]);
+            let m = e.mat();
+            h.update(&m.data[..m.data.len().min(1 << 16)]);
         }
         hex::encode(&h.finalize()[..12])
     }

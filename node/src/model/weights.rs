@@ -181,6 +181,20 @@ impl Weight {
         out
     }
 
+    /// Drops this view's pages from the process's resident set (file-backed maps
+    /// only; they fault back in from the file if read again). Lets a streaming pass
+    /// over a large model, such as sharding it, stay small in memory.
+    pub fn release_pages(&self) {
+        if let Blob::Map(m) = &self.blob {
+            let len = self.span().len();
+            // SAFETY: the map is read-only and file-backed, so DONTNEED only drops our
+            // page mappings; the data stays in the file.
+            let _ = unsafe {
+                m.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, self.offset, len)
+            };
+        }
+    }
+
     /// Bytes a GEMV over this view streams.
     pub fn nbytes(&self) -> usize {
         self.row_bytes() * self.rows

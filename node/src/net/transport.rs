@@ -203,9 +203,10 @@ pub struct TransportOptions {
     /// [`NetError::Closed`] (default 1.5 s, so a killed peer surfaces within 2 s). The
     /// effective value is the minimum of both sides'.
     pub idle_timeout: Duration,
-    /// Per-stream receive window in bytes (default 64 MiB).
+    /// Per-stream receive window in bytes (default 16 MiB: bounds what a fast sender can
+    /// make a node buffer, e.g. during shard transfers).
     pub stream_window: u64,
-    /// Per-connection receive window, also used as the send window (default 128 MiB).
+    /// Per-connection receive window, also used as the send window (default 32 MiB).
     pub connection_window: u64,
     /// Initial congestion window in bytes (default 2 MiB), so small collectives never
     /// wait on slow start.
@@ -224,8 +225,8 @@ impl Default for TransportOptions {
         TransportOptions {
             keep_alive: Duration::from_millis(250),
             idle_timeout: Duration::from_millis(1500),
-            stream_window: 64 << 20,
-            connection_window: 128 << 20,
+            stream_window: 16 << 20,
+            connection_window: 32 << 20,
             initial_window: 2 << 20,
             initial_rtt: Duration::from_millis(20),
             socket_buffer: 4 << 20,

@@ -12,12 +12,10 @@ use std::fs::{File, OpenOptions};
 use std::io::{Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
-use memmap2::Mmap;
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
 use super::manifest::{Manifest, DATA_FILE, MANIFEST_FILE};
-use super::shard::{load_manifest, save_manifest, Shard};
+use super::shard::{hash_range, load_manifest, save_manifest, Shard};
 use super::StoreError;
 
 /// A block the node lacks: its index and how many of its bytes are already on disk.
@@ -242,11 +240,8 @@ impl Receiver {
         let path = self.dir.join(DATA_FILE);
         self.file.set_len(self.manifest.file_len).map_err(io(&path))?;
         self.file.sync_all().map_err(io(&path))?;
-        // SAFETY: read-only map of the file we just wrote and synced.
-        let map = unsafe { Mmap::map(&self.file) }.map_err(io(&path))?;
         for (i, b) in self.manifest.blocks.iter().enumerate() {
-            let bytes = &map[b.offset as usize..(b.offset + b.len) as usize];
-            if hex::encode(Sha256::digest(bytes)) != b.sha256 {
+            if hash_range(&self.file, b.offset, b.len).map_err(io(&path))? != b.sha256 {
                 let mut p = self.progress;
                 p.have.insert(i as u32, 0);
                 let _ = write_progress(&self.dir, &p);
@@ -255,7 +250,6 @@ impl Receiver {
                 )));
             }
         }
-        drop(map);
         save_manifest(&self.dir, &self.manifest)?;
         let _ = std::fs::remove_file(self.dir.join(PROGRESS));
         if self.final_dir.exists() {

@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::{Seek, SeekFrom, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -61,26 +61,54 @@ fn is_matrix(role: Role) -> bool {
     )
 }
 
-/// Converts a weight to `target` row by row (dequantise, re-quantise), or copies it dense.
-fn convert(w: &Weight, target: DType, what: &str) -> Result<(DType, Vec<u8>), StoreError> {
-    if w.dtype == target {
-        return Ok((target, w.to_dense_bytes()));
+/// Streams one tensor into the shard file row by row (converting to `target` if
+/// asked), feeding the block's hash; returns the stored dtype and byte length.
+/// Memory: one row, never the tensor.
+fn write_tensor(
+    out: &mut impl Write,
+    hash: &mut Sha256,
+    w: &Weight,
+    target: Option<DType>,
+    what: &str,
+) -> Result<(DType, u64), std::io::Error> {
+    let m = w.mat();
+    let dtype = target.unwrap_or(w.dtype);
+    let mut written = 0u64;
+    let mut emit = |bytes: &[u8], out: &mut dyn Write| -> std::io::Result<()> {
+        hash.update(bytes);
+        written += bytes.len() as u64;
+        out.write_all(bytes)
+    };
+    if dtype == w.dtype {
+        for r in 0..w.rows {
+            emit(m.row(r), out)?;
+        }
+        return Ok((dtype, written));
     }
-    let rb = target.row_bytes(w.cols).ok_or_else(|| {
-        StoreError::Invalid(format!(
-            "cannot store {what} ({} columns) as {}: not a whole number of {}-element blocks",
-            w.cols,
-            target.name(),
-            target.block_len()
-        ))
+    let rb = dtype.row_bytes(w.cols).ok_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!(
+                "cannot store {what} ({} columns) as {}: not a whole number of {}-element blocks",
+                w.cols,
+                dtype.name(),
+                dtype.block_len()
+            ),
+        )
     })?;
-    let mut out = vec![0u8; rb * w.rows];
     let mut row = vec![0f32; w.cols];
+    let mut q = vec![0u8; rb];
     for r in 0..w.rows {
         w.row_f32(r, &mut row);
-        tpi_kernels::quantize_row(target, &row, &mut out[r * rb..(r + 1) * rb]);
+        if dtype == DType::F32 {
+            let b: Vec<u8> = row.iter().flat_map(|x| x.to_le_bytes()).collect();
+            emit(&b, out)?;
+        } else {
+            tpi_kernels::quantize_row(dtype, &row, &mut q);
+            emit(&q, out)?;
+        }
     }
-    Ok((target, out))
+    Ok((dtype, written))
 }
 
 /// The roles of one block for `rank` under `plan`.
@@ -131,13 +159,18 @@ pub fn write_shard(
     }
     let slice = &plan.ranks[rank];
     let mut blocks = Vec::with_capacity(kinds.len());
+    let mut out = std::io::BufWriter::with_capacity(1 << 20, &mut f);
     let mut pos = 0u64;
+    let ioe = |e: std::io::Error| StoreError::Invalid(format!("writing {}: {e}", tmp.display()));
     for kind in kinds {
         let layer = match kind {
             BlockKind::Attn(l) | BlockKind::Mlp(l) => l as usize,
             _ => 0,
         };
-        let mut data: Vec<u8> = Vec::new();
+        let offset = align(pos, BLOCK_ALIGN);
+        out.write_all(&vec![0u8; (offset - pos) as usize]).map_err(ioe)?;
+        let mut hash = Sha256::new();
+        let mut len = 0u64;
         let mut tensors = Vec::new();
         for role in block_roles(cfg, plan, rank, kind) {
             let full = if role == Role::LmHead && cfg.tie_word_embeddings {
@@ -146,41 +179,47 @@ pub fn write_shard(
                 files.store.role(cfg, role, layer)?
             };
             let w = slice_weight(cfg, slice, role, &full)?;
-            let what = format!("layer {layer} {role:?}");
-            let (dtype, bytes) = if !is_matrix(role) {
-                let v = w.to_f32_vec();
-                (DType::F32, v.iter().flat_map(|x| x.to_le_bytes()).collect())
-            } else {
-                match quant {
-                    Quant::Keep => (w.dtype, w.to_dense_bytes()),
-                    Quant::To(t) => convert(&w, t, &what)?,
-                }
+            let pad = align(len, TENSOR_ALIGN) - len;
+            let zeros = vec![0u8; pad as usize];
+            hash.update(&zeros);
+            out.write_all(&zeros).map_err(ioe)?;
+            len += pad;
+            let target = match (is_matrix(role), quant) {
+                (false, _) => Some(DType::F32),
+                (true, Quant::Keep) => None,
+                (true, Quant::To(t)) => Some(t),
             };
-            let off = align(data.len() as u64, TENSOR_ALIGN);
-            data.resize(off as usize, 0);
-            data.extend_from_slice(&bytes);
+            let what = format!("layer {layer} {role:?}");
+            let (dtype, n) = write_tensor(&mut out, &mut hash, &w, target, &what).map_err(|e| {
+                if e.kind() == std::io::ErrorKind::InvalidInput {
+                    StoreError::Invalid(e.to_string())
+                } else {
+                    ioe(e)
+                }
+            })?;
+            full.release_pages();
             tensors.push(TensorEntry {
                 role,
                 layer: layer as u32,
                 ggml_type: ggml_type_id(dtype),
                 rows: w.rows as u64,
                 cols: w.cols as u64,
-                offset: off,
-                len: bytes.len() as u64,
+                offset: len,
+                len: n,
             });
+            len += n;
         }
-        let offset = align(pos, BLOCK_ALIGN);
-        f.seek(SeekFrom::Start(offset)).map_err(|e| StoreError::io(&tmp, e))?;
-        f.write_all(&data).map_err(|e| StoreError::io(&tmp, e))?;
-        pos = offset + data.len() as u64;
+        pos = offset + len;
         blocks.push(BlockEntry {
             kind,
             offset,
-            len: data.len() as u64,
-            sha256: hex::encode(Sha256::digest(&data)),
+            len,
+            sha256: hex::encode(hash.finalize()),
             tensors,
         });
     }
+    out.flush().map_err(ioe)?;
+    drop(out);
     f.set_len(pos).map_err(|e| StoreError::io(&tmp, e))?;
     f.sync_all().map_err(|e| StoreError::io(&tmp, e))?;
     drop(f);
@@ -199,6 +238,21 @@ pub fn write_shard(
     };
     save_manifest(dir, &manifest)?;
     Ok(manifest)
+}
+
+/// sha256 (hex) of `len` bytes of `f` from `offset`, read in 1 MiB pieces.
+pub fn hash_range(f: &File, offset: u64, len: u64) -> std::io::Result<String> {
+    use std::os::unix::fs::FileExt;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut done = 0u64;
+    while done < len {
+        let n = ((len - done) as usize).min(buf.len());
+        f.read_exact_at(&mut buf[..n], offset + done)?;
+        h.update(&buf[..n]);
+        done += n as u64;
+    }
+    Ok(hex::encode(h.finalize()))
 }
 
 /// Writes `manifest.json` atomically (temp file, fsync, rename).
@@ -275,11 +329,11 @@ impl Shard {
         self.file.clone()
     }
 
-    /// Whether block `i`'s bytes hash to its manifest sha256.
+    /// Whether block `i`'s bytes hash to its manifest sha256. Reads through a small
+    /// buffer rather than the map, so verifying a shard does not make it resident.
     pub fn verify_block(&self, i: usize) -> bool {
         let b = &self.manifest.blocks[i];
-        let bytes = &self.map[b.offset as usize..(b.offset + b.len) as usize];
-        hex::encode(Sha256::digest(bytes)) == b.sha256
+        hash_range(&self.file, b.offset, b.len).is_ok_and(|h| h == b.sha256)
     }
 
     /// Indices of blocks whose checksum fails.

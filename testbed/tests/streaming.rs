@@ -1,0 +1,969 @@
+//! Weight streaming and shard distribution, end to end: streamed output equals resident
+//! output, a node's peak memory stays within its window, shards are cached, corrupt
+//! blocks are caught and fetched again, foreign manifests are refused, a full disk
+//! fails cleanly, and an interrupted transfer resumes.
+//!
+//! Every `tpi` process gets a private `TPI_CACHE` (one per test), so tests never share
+//! shard caches; testbed nodes get a private `--data-dir`. Tests in this file run one
+//! at a time (a process-wide lock): the big-model tests move ~0.5 GB each and the
+//! machines running the suite may have 2 cores.
+//!
+//! The SmolLM2 tests need the model: run `scripts/fetch-model.sh` first (or set
+//! `TPI_SMOLLM2_GGUF`). They fail, never skip, when it is missing.
+
+use std::io::{BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus, Stdio};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tpi_testbed::harness::{ClusterSpec, Testbed};
+use tpi_testbed::{
+    cmdline, ids, model_fixture_dirs, read_json, read_npy, smollm2_gguf, tokens_arg, tpi_bin,
+    TempDir,
+};
+
+/// Longest any single `tpi` command may take here.
+const RUN_TIMEOUT: Duration = Duration::from_secs(300);
+/// Max |Δ logit| between a streamed and a resident run (the same kernels on the same
+/// bytes: expected bitwise equal).
+const STREAM_TOL: f32 = 1e-6;
+/// A node's fixed memory besides weights and KV cache (tpi_node::worker::FIXED_OVERHEAD).
+const FIXED_OVERHEAD: u64 = 64 << 20;
+
+fn serial() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Runs `cmd` with a wall-clock limit; returns (status, stdout, stderr). Kills it and
+/// panics on timeout.
+fn run_limited(mut cmd: Command, what: &str) -> (ExitStatus, String, String) {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {what}: {e}"));
+    let mut out = child.stdout.take().unwrap();
+    let mut err = child.stderr.take().unwrap();
+    let to = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = out.read_to_string(&mut s);
+        s
+    });
+    let te = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = err.read_to_string(&mut s);
+        s
+    });
+    let t0 = Instant::now();
+    let status = loop {
+        if let Some(st) = child.try_wait().expect("try_wait") {
+            break st;
+        }
+        if t0.elapsed() > RUN_TIMEOUT {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{what} did not finish within {RUN_TIMEOUT:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    (status, to.join().unwrap(), te.join().unwrap())
+}
+
+/// A `tpi` command with a private shard cache.
+fn tpi_cmd(args: &[String], cache: &Path) -> Command {
+    let mut c = Command::new(tpi_bin());
+    c.args(args).env("TPI_CACHE", cache).env_remove("RUST_LOG");
+    c
+}
+
+/// Runs `tpi` (private cache), requires success and parses its `--json` object.
+fn tpi_json(args: &[String], cache: &Path) -> Value {
+    let what = format!("`{}`", cmdline(args));
+    let (st, out, err) = run_limited(tpi_cmd(args, cache), &what);
+    assert!(
+        st.success(),
+        "{what} failed ({st}):\nstdout:\n{out}\nstderr:\n{err}"
+    );
+    serde_json::from_str(out.trim())
+        .unwrap_or_else(|e| panic!("{what} printed no JSON object ({e}):\n{out}\nstderr:\n{err}"))
+}
+
+/// Runs `tpi run` against a testbed (private cache); returns (status, stdout, stderr).
+fn tb_run(tb: &Testbed, model: &Path, args: &[&str], cache: &Path) -> (ExitStatus, String, String) {
+    let mut cmd = tb.run_command(model, args);
+    cmd.env("TPI_CACHE", cache);
+    run_limited(
+        cmd,
+        &format!("tpi run --model {} {}", model.display(), args.join(" ")),
+    )
+}
+
+/// Like [`tb_run`] but requires success and parses `--json`.
+fn tb_json(tb: &Testbed, model: &Path, args: &[&str], cache: &Path) -> Value {
+    let (st, out, err) = tb_run(tb, model, args, cache);
+    assert!(
+        st.success(),
+        "tpi run {} failed ({st}):\nstdout:\n{out}\nstderr:\n{err}",
+        args.join(" ")
+    );
+    serde_json::from_str(out.trim())
+        .unwrap_or_else(|e| panic!("tpi run printed no JSON object ({e}):\n{out}\nstderr:\n{err}"))
+}
+
+fn u64s(v: &Value) -> Vec<u64> {
+    v.as_array()
+        .unwrap_or_else(|| panic!("expected an array of integers, got {v}"))
+        .iter()
+        .map(|x| {
+            x.as_u64()
+                .unwrap_or_else(|| panic!("expected an integer, got {x}"))
+        })
+        .collect()
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| {
+            let d = (x - y).abs();
+            if d.is_nan() {
+                f32::INFINITY
+            } else {
+                d
+            }
+        })
+        .fold(0.0, f32::max)
+}
+
+fn finish(what: &str, fails: Vec<String>) {
+    assert!(
+        fails.is_empty(),
+        "{what}: {} failure(s):\n{}",
+        fails.len(),
+        fails.join("\n")
+    );
+}
+
+/// One generation's ids, logits and JSON.
+struct Gen {
+    ids: Vec<u32>,
+    shape: (usize, usize),
+    logits: Vec<f32>,
+    json: Value,
+}
+
+fn gen(args: &[String], npy: &Path, cache: &Path) -> Gen {
+    let mut a = args.to_vec();
+    a.extend([
+        "--json".into(),
+        "--logits-out".into(),
+        npy.display().to_string(),
+    ]);
+    let json = tpi_json(&a, cache);
+    let (shape, logits) = read_npy(npy);
+    Gen {
+        ids: ids(&json["generated_ids"]),
+        shape,
+        logits,
+        json,
+    }
+}
+
+/// Streamed vs resident: same ids, logits within [`STREAM_TOL`], windows as expected.
+fn compare_stream(
+    label: &str,
+    resident: &Gen,
+    streamed: &Gen,
+    world: usize,
+    fails: &mut Vec<String>,
+) {
+    if resident.ids != streamed.ids {
+        fails.push(format!(
+            "{label}: ids differ\n  resident {:?}\n  streamed {:?}",
+            resident.ids, streamed.ids
+        ));
+    }
+    if resident.shape != streamed.shape {
+        fails.push(format!(
+            "{label}: logits shape {:?} vs {:?}",
+            resident.shape, streamed.shape
+        ));
+    } else {
+        let d = max_abs_diff(&resident.logits, &streamed.logits);
+        eprintln!("{label}: logits max |Δ| streamed vs resident = {d:.3e}");
+        if d > STREAM_TOL {
+            fails.push(format!("{label}: logits max |Δ| {d:e} > {STREAM_TOL:e}"));
+        }
+    }
+    let wr = u64s(&resident.json["backend"]["windows"]);
+    let ws = u64s(&streamed.json["backend"]["windows"]);
+    if wr != vec![0; world] {
+        fails.push(format!(
+            "{label}: resident run reports windows {wr:?}, expected {:?}",
+            vec![0; world]
+        ));
+    }
+    if ws != vec![2; world] {
+        fails.push(format!(
+            "{label}: streamed run reports windows {ws:?}, expected {:?}",
+            vec![2; world]
+        ));
+    }
+}
+
+#[test]
+fn streaming_matches_resident_for_every_fixture() {
+    let _g = serial();
+    let cache = TempDir::new("stream-fix-cache");
+    let tmp = TempDir::new("stream-fix");
+    let mut fails = Vec::new();
+    for dir in model_fixture_dirs() {
+        let name = dir.file_name().unwrap().to_string_lossy().to_string();
+        let reference = read_json(&dir.join("reference.json"));
+        let n_new = reference["n_new_tokens"].as_u64().expect("n_new_tokens");
+        let prompt = ids(&reference["prompts"][0]["prompt_ids"]);
+        let base: Vec<String> = vec![
+            "run".into(),
+            "--model".into(),
+            dir.display().to_string(),
+            "--tokens".into(),
+            tokens_arg(&prompt),
+            "--max-tokens".into(),
+            n_new.to_string(),
+            "--ignore-eos".into(),
+            "--threads".into(),
+            "1".into(),
+        ];
+        let resident = gen(&base, &tmp.join(format!("{name}_res.npy")), cache.path());
+        let mut sargs = base.clone();
+        sargs.extend(["--window".into(), "2".into()]);
+        let streamed = gen(&sargs, &tmp.join(format!("{name}_win.npy")), cache.path());
+        compare_stream(&name, &resident, &streamed, 1, &mut fails);
+    }
+    finish("streamed vs resident (fixtures)", fails);
+}
+
+#[test]
+fn streaming_matches_resident_smollm2_on_1_2_3_nodes() {
+    let _g = serial();
+    let model = smollm2_gguf();
+    let cache = TempDir::new("stream-smol-cache");
+    let tmp = TempDir::new("stream-smol");
+    let mut fails = Vec::new();
+    for n in 1..=3usize {
+        let base: Vec<String> = vec![
+            "run".into(),
+            "--model".into(),
+            model.display().to_string(),
+            "--tokens".into(),
+            "1,504,3458,282,253,1345,314,260".into(),
+            "--max-tokens".into(),
+            "16".into(),
+            "--ignore-eos".into(),
+            "--threads".into(),
+            "1".into(),
+            "--node-threads".into(),
+            "1".into(),
+            "--local-cluster".into(),
+            n.to_string(),
+        ];
+        let resident = gen(&base, &tmp.join(format!("n{n}_res.npy")), cache.path());
+        let mut sargs = base.clone();
+        sargs.extend(["--window".into(), "2".into()]);
+        let streamed = gen(&sargs, &tmp.join(format!("n{n}_win.npy")), cache.path());
+        compare_stream(
+            &format!("SmolLM2 on {n} node(s)"),
+            &resident,
+            &streamed,
+            n,
+            &mut fails,
+        );
+    }
+    finish("streamed vs resident (SmolLM2)", fails);
+}
+
+// ---------------------------------------------------------------------------------------
+// A random-weight model larger than the memory bound, written by hand (not committed).
+
+struct XorShift(u64);
+
+impl XorShift {
+    fn next(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.0 = x;
+        x
+    }
+    /// Uniform in [-1, 1).
+    fn unit(&mut self) -> f32 {
+        (self.next() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+    }
+}
+
+const BIG_HIDDEN: usize = 1024;
+const BIG_INTER: usize = 4096;
+const BIG_LAYERS: usize = 8;
+const BIG_HEADS: usize = 16;
+const BIG_KV_HEADS: usize = 4;
+const BIG_VOCAB: usize = 1024;
+const BIG_CTX: usize = 256;
+
+/// Writes config.json + model.safetensors (F32, ≈ 490 MB) into `dir`; returns the
+/// tensor bytes.
+fn write_big_model(dir: &Path) -> u64 {
+    let config = serde_json::json!({
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": BIG_HIDDEN,
+        "intermediate_size": BIG_INTER,
+        "num_hidden_layers": BIG_LAYERS,
+        "num_attention_heads": BIG_HEADS,
+        "num_key_value_heads": BIG_KV_HEADS,
+        "vocab_size": BIG_VOCAB,
+        "tie_word_embeddings": true,
+        "max_position_embeddings": BIG_CTX,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "hidden_act": "silu",
+        "attention_bias": false,
+        "mlp_bias": false,
+        "torch_dtype": "float32"
+    });
+    std::fs::write(
+        dir.join("config.json"),
+        serde_json::to_vec_pretty(&config).unwrap(),
+    )
+    .unwrap();
+    let hd = BIG_HIDDEN / BIG_HEADS;
+    let kv = BIG_KV_HEADS * hd;
+    // (name, shape, is_norm)
+    let mut tensors: Vec<(String, Vec<usize>, bool)> = vec![(
+        "model.embed_tokens.weight".into(),
+        vec![BIG_VOCAB, BIG_HIDDEN],
+        false,
+    )];
+    for l in 0..BIG_LAYERS {
+        let p = format!("model.layers.{l}");
+        tensors.push((
+            format!("{p}.input_layernorm.weight"),
+            vec![BIG_HIDDEN],
+            true,
+        ));
+        tensors.push((
+            format!("{p}.self_attn.q_proj.weight"),
+            vec![BIG_HIDDEN, BIG_HIDDEN],
+            false,
+        ));
+        tensors.push((
+            format!("{p}.self_attn.k_proj.weight"),
+            vec![kv, BIG_HIDDEN],
+            false,
+        ));
+        tensors.push((
+            format!("{p}.self_attn.v_proj.weight"),
+            vec![kv, BIG_HIDDEN],
+            false,
+        ));
+        tensors.push((
+            format!("{p}.self_attn.o_proj.weight"),
+            vec![BIG_HIDDEN, BIG_HIDDEN],
+            false,
+        ));
+        tensors.push((
+            format!("{p}.post_attention_layernorm.weight"),
+            vec![BIG_HIDDEN],
+            true,
+        ));
+        tensors.push((
+            format!("{p}.mlp.gate_proj.weight"),
+            vec![BIG_INTER, BIG_HIDDEN],
+            false,
+        ));
+        tensors.push((
+            format!("{p}.mlp.up_proj.weight"),
+            vec![BIG_INTER, BIG_HIDDEN],
+            false,
+        ));
+        tensors.push((
+            format!("{p}.mlp.down_proj.weight"),
+            vec![BIG_HIDDEN, BIG_INTER],
+            false,
+        ));
+    }
+    tensors.push(("model.norm.weight".into(), vec![BIG_HIDDEN], true));
+    let mut header = serde_json::Map::new();
+    header.insert("__metadata__".into(), serde_json::json!({"format": "pt"}));
+    let mut off = 0u64;
+    for (name, shape, _) in &tensors {
+        let n: usize = shape.iter().product();
+        let end = off + 4 * n as u64;
+        header.insert(
+            name.clone(),
+            serde_json::json!({"dtype": "F32", "shape": shape, "data_offsets": [off, end]}),
+        );
+        off = end;
+    }
+    let mut h = serde_json::to_vec(&Value::Object(header)).unwrap();
+    while h.len() % 8 != 0 {
+        h.push(b' ');
+    }
+    let f = std::fs::File::create(dir.join("model.safetensors")).unwrap();
+    let mut w = BufWriter::with_capacity(1 << 20, f);
+    w.write_all(&(h.len() as u64).to_le_bytes()).unwrap();
+    w.write_all(&h).unwrap();
+    let mut rng = XorShift(0x9E37_79B9_7F4A_7C15);
+    let mut buf = Vec::with_capacity(1 << 20);
+    for (_, shape, norm) in &tensors {
+        let n: usize = shape.iter().product();
+        let cols = *shape.last().unwrap();
+        let scale = if *norm {
+            0.1
+        } else if shape[0] == BIG_VOCAB {
+            1.0
+        } else {
+            1.0 / (cols as f32).sqrt()
+        };
+        let mut left = n;
+        while left > 0 {
+            let k = left.min(1 << 18);
+            buf.clear();
+            for _ in 0..k {
+                let v = if *norm {
+                    1.0 + scale * rng.unit()
+                } else {
+                    scale * rng.unit()
+                };
+                buf.extend_from_slice(&v.to_le_bytes());
+            }
+            w.write_all(&buf).unwrap();
+            left -= k;
+        }
+    }
+    w.flush().unwrap();
+    off
+}
+
+/// The complete (non-partial) shard directories under a node's data dir.
+fn node_shard_dirs(data_dir: &Path) -> Vec<PathBuf> {
+    let root = data_dir.join("shards");
+    let mut v: Vec<PathBuf> = std::fs::read_dir(&root)
+        .map(|rd| {
+            rd.filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.join("manifest.json").is_file())
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+/// (offset, len, is_embedding) of every block of a manifest.
+fn blocks(manifest: &Value) -> Vec<(u64, u64, bool)> {
+    manifest["blocks"]
+        .as_array()
+        .expect("manifest blocks")
+        .iter()
+        .map(|b| {
+            (
+                b["offset"].as_u64().unwrap(),
+                b["len"].as_u64().unwrap(),
+                b["kind"] == Value::String("Embed".into()),
+            )
+        })
+        .collect()
+}
+
+/// Byte-compares two files; returns the first differing offset, if any.
+fn first_difference(a: &Path, b: &Path) -> Option<u64> {
+    let mut fa = std::fs::File::open(a).unwrap_or_else(|e| panic!("{}: {e}", a.display()));
+    let mut fb = std::fs::File::open(b).unwrap_or_else(|e| panic!("{}: {e}", b.display()));
+    let (mut ba, mut bb) = (vec![0u8; 1 << 22], vec![0u8; 1 << 22]);
+    let mut pos = 0u64;
+    loop {
+        let na = read_full(&mut fa, &mut ba);
+        let nb = read_full(&mut fb, &mut bb);
+        if na != nb || ba[..na] != bb[..nb] {
+            let i = ba[..na.min(nb)]
+                .iter()
+                .zip(&bb[..na.min(nb)])
+                .position(|(x, y)| x != y)
+                .unwrap_or(na.min(nb));
+            return Some(pos + i as u64);
+        }
+        if na == 0 {
+            return None;
+        }
+        pos += na as u64;
+    }
+}
+
+fn read_full(f: &mut std::fs::File, buf: &mut [u8]) -> usize {
+    let mut n = 0;
+    while n < buf.len() {
+        match f.read(&mut buf[n..]).expect("read") {
+            0 => break,
+            k => n += k,
+        }
+    }
+    n
+}
+
+/// The coordinator's copy of the shard cached under `key` in `cache`.
+fn coordinator_shard(cache: &Path, key: &Path) -> PathBuf {
+    cache
+        .join("shards")
+        .join(key.file_name().expect("shard dir name"))
+        .join("shard.bin")
+}
+
+const BIG_RUN: [&str; 12] = [
+    "--coordinator-share",
+    "0",
+    "--window",
+    "2",
+    "--tokens",
+    "1,2,3",
+    "--max-tokens",
+    "4",
+    "--ignore-eos",
+    "--threads",
+    "1",
+    "--json",
+];
+
+fn node_spec(extra: &[&str]) -> ClusterSpec {
+    ClusterSpec {
+        ranks: 2,
+        node_threads: 1,
+        node_args: extra.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    }
+}
+
+#[test]
+fn big_model_node_peak_memory_caching_and_corrupt_block_repair() {
+    let _g = serial();
+    let model = TempDir::new("stream-big-model");
+    let bytes = write_big_model(model.path());
+    eprintln!("big model: {:.1} MB of f32 tensors", bytes as f64 / 1e6);
+    let cache = TempDir::new("stream-big-cache");
+    let tb = Testbed::start(node_spec(&["--window", "2"])).expect("testbed");
+    let mut fails = Vec::new();
+
+    // 2. Peak memory of the node (rank 1 holds every layer).
+    let j1 = tb_json(&tb, model.path(), &BIG_RUN, cache.path());
+    let dirs = node_shard_dirs(&tb.nodes[0].data_dir);
+    assert_eq!(
+        dirs.len(),
+        1,
+        "node shard dirs after the first run: {dirs:?}"
+    );
+    let shard_dir = dirs[0].clone();
+    let manifest = read_json(&shard_dir.join("manifest.json"));
+    let bl = blocks(&manifest);
+    let file_len = manifest["file_len"].as_u64().unwrap();
+    let payload: u64 = bl.iter().map(|b| b.1).sum();
+    let max_block = bl.iter().filter(|b| !b.2).map(|b| b.1).max().unwrap();
+    let hd = BIG_HIDDEN / BIG_HEADS;
+    let kv_bytes = (BIG_LAYERS * 2 * BIG_KV_HEADS * hd * BIG_CTX * 4) as u64;
+    let bound = 2 * max_block + kv_bytes + FIXED_OVERHEAD;
+    let steps = j1["steps"].as_array().expect("steps");
+    let rss = steps.last().unwrap()["ranks"][1]["peak_rss_bytes"]
+        .as_u64()
+        .unwrap();
+    let mb = |x: u64| x as f64 / (1 << 20) as f64;
+    eprintln!(
+        "node: shard {:.1} MiB ({} blocks), largest block {:.1} MiB, KV {:.1} MiB, \
+         bound 2×block+KV+64 MiB = {:.1} MiB, 40% of shard = {:.1} MiB, peak RSS {:.1} MiB",
+        mb(file_len),
+        bl.len(),
+        mb(max_block),
+        mb(kv_bytes),
+        mb(bound),
+        mb(file_len * 2 / 5),
+        mb(rss)
+    );
+    assert!(file_len >= 400_000_000, "node shard only {file_len} bytes");
+    if rss == 0 || rss >= bound {
+        fails.push(format!(
+            "node peak RSS {:.1} MiB not within (0, {:.1} MiB)",
+            mb(rss),
+            mb(bound)
+        ));
+    }
+    if rss as f64 >= 0.4 * file_len as f64 {
+        fails.push(format!(
+            "node peak RSS {:.1} MiB not below 40% of its {:.1} MiB shard",
+            mb(rss),
+            mb(file_len)
+        ));
+    }
+    let w1 = u64s(&j1["backend"]["windows"]);
+    if w1 != vec![2, 2] {
+        fails.push(format!("windows {w1:?}, expected [2, 2]"));
+    }
+    let sent1 = u64s(&j1["backend"]["shard_bytes_sent"]);
+    eprintln!("first run: shard_bytes_sent {sent1:?} (block payload {payload})");
+    if sent1 != vec![payload] {
+        fails.push(format!(
+            "first run sent {sent1:?}, expected the whole shard payload [{payload}]"
+        ));
+    }
+    let ids1 = ids(&j1["generated_ids"]);
+
+    // 3. Caching: the same nodes, again: nothing is sent.
+    let j2 = tb_json(&tb, model.path(), &BIG_RUN, cache.path());
+    let sent2 = u64s(&j2["backend"]["shard_bytes_sent"]);
+    eprintln!("second run: shard_bytes_sent {sent2:?}");
+    if sent2 != vec![0] {
+        fails.push(format!("second run (cached) sent {sent2:?}, expected [0]"));
+    }
+    if ids(&j2["generated_ids"]) != ids1 {
+        fails.push(format!(
+            "second run ids {:?} != first {ids1:?}",
+            ids(&j2["generated_ids"])
+        ));
+    }
+
+    // 4. Corrupt block 1 on the node's disk: caught by checksum, fetched again.
+    let data = shard_dir.join("shard.bin");
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&data)
+            .unwrap();
+        let at = bl[1].0 + bl[1].1 / 2;
+        let mut b = [0u8; 16];
+        f.read_exact_at(&mut b, at).unwrap();
+        for x in &mut b {
+            *x ^= 0xA5;
+        }
+        f.write_all_at(&b, at).unwrap();
+        f.sync_all().unwrap();
+        eprintln!(
+            "flipped 16 bytes at {at} (block 1: offset {}, len {})",
+            bl[1].0, bl[1].1
+        );
+    }
+    let (st, out, err) = tb_run(&tb, model.path(), &BIG_RUN, cache.path());
+    if !st.success() {
+        fails.push(format!(
+            "run after corrupting block 1 failed ({st}):\n{err}"
+        ));
+    } else {
+        let j3: Value = serde_json::from_str(out.trim()).expect("json");
+        let sent3 = u64s(&j3["backend"]["shard_bytes_sent"]);
+        eprintln!(
+            "after corruption: shard_bytes_sent {sent3:?} (block 1 is {} bytes)",
+            bl[1].1
+        );
+        if sent3 != vec![bl[1].1] || bl[1].1 == 0 || bl[1].1 >= payload {
+            fails.push(format!(
+                "after corrupting block 1: sent {sent3:?}, expected exactly block 1's {} bytes",
+                bl[1].1
+            ));
+        }
+        if ids(&j3["generated_ids"]) != ids1 {
+            fails.push(format!(
+                "ids after repair {:?} != {ids1:?}",
+                ids(&j3["generated_ids"])
+            ));
+        }
+        let reference = coordinator_shard(cache.path(), &shard_dir);
+        let repaired = node_shard_dirs(&tb.nodes[0].data_dir);
+        if repaired != vec![shard_dir.clone()] {
+            fails.push(format!("node shard dirs after repair: {repaired:?}"));
+        } else if let Some(at) = first_difference(&data, &reference) {
+            fails.push(format!(
+                "repaired {} differs from the coordinator's {} at byte {at}",
+                data.display(),
+                reference.display()
+            ));
+        }
+    }
+    drop(tb);
+    finish("big model on a node", fails);
+}
+
+#[test]
+fn foreign_manifest_is_refused() {
+    let _g = serial();
+    let cache = TempDir::new("stream-foreign-cache");
+    let tmp = TempDir::new("stream-foreign");
+    let fixtures = model_fixture_dirs();
+    let model = fixtures
+        .iter()
+        .find(|d| d.ends_with("gqa_f32_tied"))
+        .expect("gqa_f32_tied fixture")
+        .clone();
+    let other = fixtures
+        .iter()
+        .find(|d| d.ends_with("mha_f32_untied"))
+        .expect("mha_f32_untied fixture")
+        .clone();
+    let mut fails = Vec::new();
+    // (label, shard source, tpi shard split args, what the message must name)
+    let cases: [(&str, &Path, [&str; 2], &str); 2] = [
+        (
+            "another plan (--ratios 3,1)",
+            &model,
+            ["--ratios", "3,1"],
+            "plan",
+        ),
+        ("another model", &other, ["--nodes", "2"], "model"),
+    ];
+    for (i, (label, src, split, word)) in cases.iter().enumerate() {
+        let out = tmp.join(format!("shards{i}"));
+        let args: Vec<String> = ["shard", "--model", &src.display().to_string()]
+            .iter()
+            .map(|s| s.to_string())
+            .chain(split.iter().map(|s| s.to_string()))
+            .chain(["--out".to_string(), out.display().to_string()])
+            .collect();
+        let (st, o, e) = run_limited(tpi_cmd(&args, cache.path()), &cmdline(&args));
+        assert!(st.success(), "`{}` failed: {o}\n{e}", cmdline(&args));
+        let m = read_json(&out.join("rank-1").join("manifest.json"));
+        let foreign_id = m[if *word == "plan" {
+            "plan_id"
+        } else {
+            "model_id"
+        }]
+        .as_str()
+        .unwrap()
+        .to_string();
+        let shard_arg = out.join("rank-1").display().to_string();
+        let tb = Testbed::start(node_spec(&["--shard", &shard_arg])).expect("testbed");
+        let (st, _out, err) = tb_run(
+            &tb,
+            &model,
+            &[
+                "--tokens",
+                "1,2",
+                "--max-tokens",
+                "2",
+                "--threads",
+                "1",
+                "--json",
+            ],
+            cache.path(),
+        );
+        eprintln!("{label}: exit {st}; stderr: {}", err.trim());
+        if st.success() {
+            fails.push(format!("{label}: tpi run succeeded with a foreign --shard"));
+        } else if !err.contains(word) || !err.contains(&foreign_id) {
+            fails.push(format!(
+                "{label}: the error does not name the {word} mismatch (foreign {word} id {foreign_id}):\n{err}"
+            ));
+        }
+    }
+    finish("foreign manifests", fails);
+}
+
+/// Unmounts a tmpfs on drop (lazily if still busy).
+struct Mount(PathBuf);
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let ok = Command::new("umount")
+            .arg(&self.0)
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        if !ok {
+            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+}
+
+fn find_files(dir: &Path, name: &str, out: &mut Vec<PathBuf>) {
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                find_files(&p, name, out);
+            } else if p.file_name().is_some_and(|n| n == name) {
+                out.push(p);
+            }
+        }
+    }
+}
+
+#[test]
+fn full_disk_fails_cleanly_without_a_partial_shard() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("NOTICE: full_disk_fails_cleanly_without_a_partial_shard skipped: needs root to mount a tmpfs");
+        return;
+    }
+    let _g = serial();
+    let model = smollm2_gguf();
+    let cache = TempDir::new("stream-full-cache");
+    let tb = Testbed::start(node_spec(&[])).expect("testbed");
+    // The node keeps every shard under DATA_DIR/shards: make that an 8 MiB tmpfs.
+    let shards = tb.nodes[0].data_dir.join("shards");
+    std::fs::create_dir_all(&shards).unwrap();
+    let st = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=8m", "tmpfs"])
+        .arg(&shards)
+        .status()
+        .expect("mount");
+    assert!(
+        st.success(),
+        "mount -t tmpfs on {} failed: {st}",
+        shards.display()
+    );
+    let mount = Mount(shards.clone());
+    let (st, out, err) = tb_run(
+        &tb,
+        &model,
+        &[
+            "--tokens",
+            "1,2,3",
+            "--max-tokens",
+            "2",
+            "--threads",
+            "1",
+            "--json",
+        ],
+        cache.path(),
+    );
+    eprintln!("full disk: exit {st}; stderr: {}", err.trim());
+    let mut manifests = Vec::new();
+    find_files(&shards, "manifest.json", &mut manifests);
+    let mut fails = Vec::new();
+    if st.success() {
+        fails.push(format!("tpi run succeeded with an 8 MiB node disk:\n{out}"));
+    }
+    let lower = err.to_lowercase();
+    if !(lower.contains("disk space") || lower.contains("no space")) {
+        fails.push(format!("the error does not name disk space:\n{err}"));
+    }
+    if !manifests.is_empty() {
+        fails.push(format!(
+            "manifest(s) written for a partial shard: {manifests:?}"
+        ));
+    }
+    drop(tb);
+    drop(mount);
+    finish("full disk", fails);
+}
+
+#[test]
+fn interrupted_transfer_resumes() {
+    let _g = serial();
+    let model = TempDir::new("stream-resume-model");
+    write_big_model(model.path());
+    let cache = TempDir::new("stream-resume-cache");
+    let tb = Testbed::start(node_spec(&["--window", "2"])).expect("testbed");
+    let partial_root = tb.nodes[0].data_dir.join("shards");
+    let mut child = {
+        let mut c = tb.run_command(model.path(), &BIG_RUN);
+        c.env("TPI_CACHE", cache.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        c.spawn().expect("spawn tpi run")
+    };
+    // Kill the coordinator once the node has recorded progress (a whole block).
+    let t0 = Instant::now();
+    let progress = loop {
+        let found = std::fs::read_dir(&partial_root).ok().and_then(|rd| {
+            rd.flatten().map(|e| e.path()).find(|p| {
+                p.to_string_lossy().ends_with(".partial") && p.join("progress.json").is_file()
+            })
+        });
+        if let Some(p) = found {
+            break p.join("progress.json");
+        }
+        if let Some(st) = child.try_wait().unwrap() {
+            panic!("tpi run ended ({st}) before the node recorded any transfer progress");
+        }
+        assert!(
+            t0.elapsed() < RUN_TIMEOUT,
+            "no transfer progress within {RUN_TIMEOUT:?}"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    let killed_at = t0.elapsed();
+    // Wait until the node has noticed and checkpointed (its session ends).
+    std::thread::sleep(Duration::from_millis(500));
+    let prog = std::fs::read_to_string(&progress).unwrap_or_default();
+    eprintln!("killed tpi run after {killed_at:?}; node progress: {prog}");
+    assert!(
+        node_shard_dirs(&tb.nodes[0].data_dir).is_empty(),
+        "the transfer completed before the kill: the test could not interrupt it"
+    );
+
+    // Run again (the node may still be winding down the killed session: retry while busy).
+    let t1 = Instant::now();
+    let j = loop {
+        let (st, out, err) = tb_run(&tb, model.path(), &BIG_RUN, cache.path());
+        if st.success() {
+            break serde_json::from_str::<Value>(out.trim()).expect("json");
+        }
+        if err.contains("busy") && t1.elapsed() < Duration::from_secs(30) {
+            std::thread::sleep(Duration::from_millis(500));
+            continue;
+        }
+        panic!("the resumed run failed ({st}):\n{err}");
+    };
+    let dirs = node_shard_dirs(&tb.nodes[0].data_dir);
+    assert_eq!(
+        dirs.len(),
+        1,
+        "node shard dirs after the resumed run: {dirs:?}"
+    );
+    let manifest = read_json(&dirs[0].join("manifest.json"));
+    let payload: u64 = blocks(&manifest).iter().map(|b| b.1).sum();
+    let sent = u64s(&j["backend"]["shard_bytes_sent"]);
+    eprintln!("resumed run: shard_bytes_sent {sent:?} of a {payload}-byte shard payload");
+    let mut fails = Vec::new();
+    if sent.len() != 1 || sent[0] == 0 || sent[0] >= payload {
+        fails.push(format!(
+            "resumed run sent {sent:?}: expected more than 0 and less than the {payload}-byte shard"
+        ));
+    }
+    let reference = coordinator_shard(cache.path(), &dirs[0]);
+    if let Some(at) = first_difference(&dirs[0].join("shard.bin"), &reference) {
+        fails.push(format!(
+            "resumed shard differs from the coordinator's at byte {at}"
+        ));
+    }
+    // Output: the same as this model on one device, fully resident.
+    let single: Vec<String> = [
+        "run",
+        "--model",
+        &model.path().display().to_string(),
+        "--tokens",
+        "1,2,3",
+        "--max-tokens",
+        "4",
+        "--ignore-eos",
+        "--threads",
+        "1",
+        "--json",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let one = tpi_json(&single, cache.path());
+    let (got, want) = (ids(&j["generated_ids"]), ids(&one["generated_ids"]));
+    eprintln!("resumed ids {got:?}, one-device ids {want:?}");
+    if got != want {
+        fails.push(format!(
+            "resumed run ids {got:?} != one-device ids {want:?}"
+        ));
+    }
+    drop(tb);
+    finish("resumed transfer", fails);
+}
