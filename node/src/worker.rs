@@ -166,6 +166,12 @@ pub async fn serve(ep: Endpoint, opts: NodeOptions) {
     }
 }
 
+/// Tells the coordinator why the session cannot go on, then fails it.
+async fn refuse(ctl: &mut Stream, reason: String) -> Result<(), SessionError> {
+    ctl.send_msg(&FromNode::Refused { reason: reason.clone() }).await?;
+    Err(SessionError::Protocol(reason))
+}
+
 /// Finishes our side of `s` and waits (briefly) for the peer to close, so what we
 /// sent last is delivered rather than cut off by the connection closing.
 async fn linger(conn: &Connection, mut s: Stream) {
@@ -254,7 +260,7 @@ async fn run_session(
             ctl.send_msg(&FromNode::Refused { reason: reason.clone() }).await?;
             return Err(SessionError::Protocol(reason));
         }
-        other => return Err(SessionError::Protocol(format!("expected Hello, got {other:?}"))),
+        other => return refuse(&mut ctl, format!("expected Hello, got {other:?}")).await,
     }
     ctl.send_msg(&FromNode::Welcome {
         version: PROTOCOL_VERSION,
@@ -263,7 +269,7 @@ async fn run_session(
     .await?;
     let setup = match ctl.recv_msg::<ToNode>(MAX_CONTROL).await? {
         ToNode::Setup(s) => *s,
-        other => return Err(SessionError::Protocol(format!("expected Setup, got {other:?}"))),
+        other => return refuse(&mut ctl, format!("expected Setup, got {other:?}")).await,
     };
     if let Err(reason) = validate_setup(&setup) {
         ctl.send_msg(&FromNode::Refused { reason: reason.clone() }).await?;

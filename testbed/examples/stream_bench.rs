@@ -62,21 +62,60 @@ fn write_model(dir: &Path) -> u64 {
         "hidden_act": "silu",
         "torch_dtype": "float32"
     });
-    std::fs::write(dir.join("config.json"), serde_json::to_vec_pretty(&config).unwrap()).unwrap();
+    std::fs::write(
+        dir.join("config.json"),
+        serde_json::to_vec_pretty(&config).unwrap(),
+    )
+    .unwrap();
     let kv = KV_HEADS * (HIDDEN / HEADS);
-    let mut t: Vec<(String, Vec<usize>, bool)> =
-        vec![("model.embed_tokens.weight".into(), vec![VOCAB, HIDDEN], false)];
+    let mut t: Vec<(String, Vec<usize>, bool)> = vec![(
+        "model.embed_tokens.weight".into(),
+        vec![VOCAB, HIDDEN],
+        false,
+    )];
     for l in 0..LAYERS {
         let p = format!("model.layers.{l}");
         t.push((format!("{p}.input_layernorm.weight"), vec![HIDDEN], true));
-        t.push((format!("{p}.self_attn.q_proj.weight"), vec![HIDDEN, HIDDEN], false));
-        t.push((format!("{p}.self_attn.k_proj.weight"), vec![kv, HIDDEN], false));
-        t.push((format!("{p}.self_attn.v_proj.weight"), vec![kv, HIDDEN], false));
-        t.push((format!("{p}.self_attn.o_proj.weight"), vec![HIDDEN, HIDDEN], false));
-        t.push((format!("{p}.post_attention_layernorm.weight"), vec![HIDDEN], true));
-        t.push((format!("{p}.mlp.gate_proj.weight"), vec![INTER, HIDDEN], false));
-        t.push((format!("{p}.mlp.up_proj.weight"), vec![INTER, HIDDEN], false));
-        t.push((format!("{p}.mlp.down_proj.weight"), vec![HIDDEN, INTER], false));
+        t.push((
+            format!("{p}.self_attn.q_proj.weight"),
+            vec![HIDDEN, HIDDEN],
+            false,
+        ));
+        t.push((
+            format!("{p}.self_attn.k_proj.weight"),
+            vec![kv, HIDDEN],
+            false,
+        ));
+        t.push((
+            format!("{p}.self_attn.v_proj.weight"),
+            vec![kv, HIDDEN],
+            false,
+        ));
+        t.push((
+            format!("{p}.self_attn.o_proj.weight"),
+            vec![HIDDEN, HIDDEN],
+            false,
+        ));
+        t.push((
+            format!("{p}.post_attention_layernorm.weight"),
+            vec![HIDDEN],
+            true,
+        ));
+        t.push((
+            format!("{p}.mlp.gate_proj.weight"),
+            vec![INTER, HIDDEN],
+            false,
+        ));
+        t.push((
+            format!("{p}.mlp.up_proj.weight"),
+            vec![INTER, HIDDEN],
+            false,
+        ));
+        t.push((
+            format!("{p}.mlp.down_proj.weight"),
+            vec![HIDDEN, INTER],
+            false,
+        ));
     }
     t.push(("model.norm.weight".into(), vec![HIDDEN], true));
     let mut header = serde_json::Map::new();
@@ -138,7 +177,10 @@ fn tpi_bin() -> PathBuf {
     }
     let exe = std::env::current_exe().unwrap();
     let mut dir = exe.parent().unwrap().to_path_buf();
-    if dir.file_name().is_some_and(|n| n == "examples" || n == "deps") {
+    if dir
+        .file_name()
+        .is_some_and(|n| n == "examples" || n == "deps")
+    {
         dir.pop();
     }
     let p = dir.join("tpi");
@@ -161,7 +203,11 @@ fn tpi(args: &[&str], cache: &Path) -> (String, String) {
         String::from_utf8_lossy(&out.stdout).to_string(),
         String::from_utf8_lossy(&out.stderr).to_string(),
     );
-    assert!(out.status.success(), "tpi {args:?} failed ({}):\n{o}\n{e}", out.status);
+    assert!(
+        out.status.success(),
+        "tpi {args:?} failed ({}):\n{o}\n{e}",
+        out.status
+    );
     (o, e)
 }
 
@@ -203,7 +249,15 @@ fn run(model: &Path, cache: &Path, extra: &[&str]) -> RunStats {
     let m = model.display().to_string();
     let n = DECODE.to_string();
     let mut args = vec![
-        "run", "--model", &m, "--tokens", "1,2,3", "--max-tokens", &n, "--ignore-eos", "--json",
+        "run",
+        "--model",
+        &m,
+        "--tokens",
+        "1,2,3",
+        "--max-tokens",
+        &n,
+        "--ignore-eos",
+        "--json",
     ];
     args.extend_from_slice(extra);
     let (out, _) = tpi(&args, cache);
@@ -224,7 +278,11 @@ fn run(model: &Path, cache: &Path, extra: &[&str]) -> RunStats {
             .iter()
             .map(|x| x.as_u64().unwrap())
             .collect(),
-        decode_ms: dec.iter().map(|s| s["wall_ms"].as_f64().unwrap()).sum::<f64>() / k,
+        decode_ms: dec
+            .iter()
+            .map(|s| s["wall_ms"].as_f64().unwrap())
+            .sum::<f64>()
+            / k,
         wait_ms: f("disk_wait_ms"),
         read_bytes: f("disk_read_bytes"),
         peak_rss: steps.last().unwrap()["ranks"][0]["peak_rss_bytes"]
@@ -262,7 +320,15 @@ fn main() {
     let time_v = Command::new("/usr/bin/time")
         .arg("-v")
         .arg(tpi_bin())
-        .args(["shard", "--model", &m, "--nodes", "1", "--out", &format!("{o}-2")])
+        .args([
+            "shard",
+            "--model",
+            &m,
+            "--nodes",
+            "1",
+            "--out",
+            &format!("{o}-2"),
+        ])
         .env("TPI_CACHE", cache.path())
         .output()
         .ok()
@@ -276,7 +342,11 @@ fn main() {
     let _ = std::fs::remove_dir_all(format!("{o}-2"));
 
     // Make the one-device shard (the cache), then measure the cold read bandwidth of it.
-    let resident_warm = run(model.path(), cache.path(), &["--window", "2", "--max-tokens", "1"]);
+    let resident_warm = run(
+        model.path(),
+        cache.path(),
+        &["--window", "2", "--max-tokens", "1"],
+    );
     drop(resident_warm);
     let shard_dir = std::fs::read_dir(cache.path().join("shards"))
         .unwrap()
@@ -359,7 +429,11 @@ fn main() {
     }
     println!(
         "| ids streamed == resident | {} |",
-        if streamed.ids == resident.ids { "yes" } else { "NO" }
+        if streamed.ids == resident.ids {
+            "yes"
+        } else {
+            "NO"
+        }
     );
     if streamed.ids != resident.ids {
         println!("streamed {:?}\nresident {:?}", streamed.ids, resident.ids);

@@ -247,6 +247,8 @@ impl Testbed {
                 .arg(&cred)
                 .arg("--data-dir")
                 .arg(&data_dir)
+                // Testbed nodes are private: they are addressed directly, never announced.
+                .arg("--no-mdns")
                 .args(&spec.node_args)
                 .env("RUST_LOG", "warn")
                 .stdin(Stdio::null())

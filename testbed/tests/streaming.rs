@@ -895,10 +895,18 @@ fn interrupted_transfer_resumes() {
     let _ = child.kill();
     let _ = child.wait();
     let killed_at = t0.elapsed();
-    // Wait until the node has noticed and checkpointed (its session ends).
-    std::thread::sleep(Duration::from_millis(500));
+    // Give the node time to notice (QUIC idle timeout 1.5 s) and checkpoint its progress.
+    std::thread::sleep(Duration::from_secs(3));
     let prog = std::fs::read_to_string(&progress).unwrap_or_default();
     eprintln!("killed tpi run after {killed_at:?}; node progress: {prog}");
+    let have: u64 = serde_json::from_str::<Value>(&prog)
+        .ok()
+        .and_then(|p| {
+            p["have"]
+                .as_object()
+                .map(|m| m.values().filter_map(|v| v.as_u64()).sum())
+        })
+        .unwrap_or(0);
     assert!(
         node_shard_dirs(&tb.nodes[0].data_dir).is_empty(),
         "the transfer completed before the kill: the test could not interrupt it"
@@ -931,6 +939,12 @@ fn interrupted_transfer_resumes() {
     if sent.len() != 1 || sent[0] == 0 || sent[0] >= payload {
         fails.push(format!(
             "resumed run sent {sent:?}: expected more than 0 and less than the {payload}-byte shard"
+        ));
+    } else if sent[0] > payload - have {
+        fails.push(format!(
+            "resumed run sent {} bytes, more than the {} the node still lacked ({have} recorded in progress.json)",
+            sent[0],
+            payload - have
         ));
     }
     let reference = coordinator_shard(cache.path(), &dirs[0]);
