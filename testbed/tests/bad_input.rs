@@ -239,7 +239,7 @@ fn write_with_f64(dir: &Path, victim: &str) {
         out_header.insert(n.clone(), entry);
     }
     let mut h = serde_json::to_vec(&Value::Object(out_header)).unwrap();
-    while h.len() % 8 != 0 {
+    while !h.len().is_multiple_of(8) {
         h.push(b' ');
     }
     let mut out = (h.len() as u64).to_le_bytes().to_vec();

@@ -31,6 +31,22 @@ pub enum BenchWhat {
         #[arg(long, default_value_t = 10)]
         reps: usize,
     },
+    /// Allreduce latency for N ranks in this process (each on its own QUIC endpoint),
+    /// star vs ring vs tree, optionally over emulated links, beside the simulator's prediction.
+    Allreduce {
+        /// Rank counts.
+        #[arg(long, value_delimiter = ',', default_value = "2,3,4,5,6,7,8")]
+        ranks: Vec<usize>,
+        /// Payload in f32 elements (default: SmolLM2's hidden size).
+        #[arg(long, default_value_t = 576)]
+        elems: usize,
+        /// Emulated link on every rank's egress (e.g. 1ms,300mbit); none = loopback.
+        #[arg(long)]
+        link: Option<tpi_sim::LinkSpec>,
+        /// Timed iterations per case.
+        #[arg(long, default_value_t = 200)]
+        iters: usize,
+    },
     /// Prefill and decode speed of a model on this device.
     Model {
         /// A .gguf file or HF directory.
@@ -71,6 +87,42 @@ pub fn bench(a: BenchArgs) -> anyhow::Result<()> {
                         "  gemv {:<5} {rows}x4096: {g:6.1} GB/s = {:5.1}% of bandwidth",
                         d.name(),
                         100.0 * g / bw
+                    );
+                }
+            }
+        }
+        BenchWhat::Allreduce { ranks, elems, link, iters } => {
+            use tpi_node::net::bench::{allreduce_latency_over, median_p99};
+            use tpi_node::net::{Algo, WireDType};
+            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            let topo = tpi_sim::Topology::uniform(link.unwrap_or_else(tpi_sim::LinkSpec::ideal));
+            println!(
+                "allreduce of {elems} f32 ({} B) over {}",
+                elems * 4,
+                link.map(|l| l.to_string()).unwrap_or_else(|| "loopback".into())
+            );
+            println!(" N  algo   median_us      p99_us  predicted_us");
+            for &n in &ranks {
+                for algo in Algo::ALL {
+                    let times = rt.block_on(allreduce_latency_over(n, algo, WireDType::F32, elems, iters, link))?;
+                    let (med, p99) = median_p99(&times);
+                    let sim_algo = match algo {
+                        Algo::Star => tpi_sim::Algo::Star,
+                        Algo::Ring => tpi_sim::Algo::Ring,
+                        Algo::Tree => tpi_sim::Algo::Tree,
+                    };
+                    let pred = tpi_sim::allreduce_time(
+                        sim_algo,
+                        &topo,
+                        &tpi_sim::Calibration::default(),
+                        n,
+                        (elems * 4) as f64,
+                    );
+                    println!(
+                        "{n:>2}  {algo:<5} {:>10.1} {:>11.1} {:>13.1}",
+                        med.as_secs_f64() * 1e6,
+                        p99.as_secs_f64() * 1e6,
+                        pred.as_secs_f64() * 1e6
                     );
                 }
             }

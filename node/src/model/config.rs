@@ -322,13 +322,13 @@ impl ModelConfig {
                 return Err(cfg_err(format!("`{name}` = {v} is implausibly large")));
             }
         }
-        if self.n_heads % self.n_kv_heads != 0 {
+        if !self.n_heads.is_multiple_of(self.n_kv_heads) {
             return Err(cfg_err(format!(
                 "num_attention_heads ({}) is not a multiple of num_key_value_heads ({})",
                 self.n_heads, self.n_kv_heads
             )));
         }
-        if self.head_dim % 2 != 0 {
+        if !self.head_dim.is_multiple_of(2) {
             return Err(cfg_err("head_dim must be even for RoPE"));
         }
         if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps >= 0.0) {

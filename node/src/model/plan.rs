@@ -160,7 +160,7 @@ impl SplitPlan {
             debug_assert_eq!(next, a);
         }
         let f = cfg.intermediate_size;
-        let align = if f % FFN_ALIGN == 0 { FFN_ALIGN } else { 1 };
+        let align = if f.is_multiple_of(FFN_ALIGN) { FFN_ALIGN } else { 1 };
         let ffn_blocks = proportional(f / align, weights, false);
         let ranks = (0..n)
             .map(|i| RankSlice {
@@ -192,7 +192,7 @@ impl SplitPlan {
     /// Verifies coverage and the group invariants (used on plans received from a peer too).
     pub fn check(&self) -> Result<(), ModelError> {
         let bad = |m: String| Err(ModelError::Plan(m));
-        if self.n_kv_heads == 0 || self.n_heads % self.n_kv_heads != 0 {
+        if self.n_kv_heads == 0 || !self.n_heads.is_multiple_of(self.n_kv_heads) {
             return bad("heads not a multiple of KV heads".into());
         }
         let g = self.n_heads / self.n_kv_heads;

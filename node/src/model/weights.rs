@@ -140,7 +140,7 @@ impl Weight {
     /// Columns `c0..c1` (zero-copy; bounds must be whole quantisation blocks).
     pub fn cols_range(&self, c0: usize, c1: usize) -> Result<Weight, ModelError> {
         let bl = self.dtype.block_len();
-        if c0 > c1 || c1 > self.cols || c0 % bl != 0 || c1 % bl != 0 {
+        if c0 > c1 || c1 > self.cols || !c0.is_multiple_of(bl) || !c1.is_multiple_of(bl) {
             return Err(ModelError::Plan(format!(
                 "column slice {c0}..{c1} of {} is not aligned to {}-element {} blocks",
                 self.cols,

@@ -18,9 +18,31 @@ pub async fn allreduce_latency(
     elems: usize,
     iters: usize,
 ) -> Result<Vec<Duration>, NetError> {
+    allreduce_latency_over(world, algo, dtype, elems, iters, None).await
+}
+
+/// [`allreduce_latency`] with every rank's egress crossing an emulated `link`
+/// (None: plain loopback).
+pub async fn allreduce_latency_over(
+    world: usize,
+    algo: Algo,
+    dtype: WireDType,
+    elems: usize,
+    iters: usize,
+    link: Option<tpi_sim::LinkSpec>,
+) -> Result<Vec<Duration>, NetError> {
     let (_ca, cred) = Credential::ephemeral_cluster()?;
+    let bind = SocketAddr::from(([127, 0, 0, 1], 0));
     let eps = (0..world)
-        .map(|_| Endpoint::server(SocketAddr::from(([127, 0, 0, 1], 0)), &cred))
+        .map(|_| match link {
+            Some(l) => super::emulation::LinkEmulation::uniform(l).endpoint(
+                bind,
+                true,
+                &cred,
+                &super::transport::TransportOptions::default(),
+            ),
+            None => Endpoint::server(bind, &cred),
+        })
         .collect::<Result<Vec<_>, _>>()?;
     let addrs = eps
         .iter()
