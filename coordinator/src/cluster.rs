@@ -12,7 +12,6 @@ use tpi_node::model::forward::BlockHooks;
 use tpi_node::model::{Head, KvCache, ModelConfig, ModelFiles, RankModel, SplitPlan};
 use tpi_node::store::window::{disk_read_bytes, peak_rss};
 use tpi_node::store::{Quant, Shard, Window};
-use tpi_node::worker::choose_window;
 use tpi_node::net::collective::open_data_link;
 use tpi_node::net::frame::{write_frame, FrameKind};
 use tpi_node::net::wire::{f32_to_le_bytes, PROTOCOL_VERSION};
@@ -148,14 +147,7 @@ impl ClusterBackend {
         let model = shards[0].rank_model()?;
         let head = shards[0].head()?;
         let cache = model.new_cache(capacity);
-        let m0 = &shards[0].manifest;
-        let w0 = choose_window(m0, opts.window, opts.mem_budget, cache.bytes() as u64);
-        let regions = m0
-            .stream_order()
-            .iter()
-            .map(|&i| m0.blocks[i].offset as usize..(m0.blocks[i].offset + m0.blocks[i].len) as usize)
-            .collect();
-        let window = Window::new(shards[0].map(), shards[0].file(), regions, w0);
+        let window = shards[0].window(opts.window, opts.mem_budget, cache.bytes() as u64);
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()

@@ -8,7 +8,6 @@ use tpi_node::model::forward::{BlockHooks, StepTimes};
 use tpi_node::model::{Head, KvCache, ModelConfig, ModelFiles, RankModel, SplitPlan};
 use tpi_node::store::window::{disk_read_bytes, peak_rss};
 use tpi_node::store::{Shard, Window};
-use tpi_node::worker::choose_window;
 
 use crate::error::{Error, Result};
 
@@ -89,19 +88,13 @@ impl LocalBackend {
         let model = shard.rank_model()?;
         let head = shard.head()?;
         let cache = model.new_cache(capacity);
-        let m = &shard.manifest;
-        let w = choose_window(m, window, mem_budget, cache.bytes() as u64);
-        let regions = m
-            .stream_order()
-            .iter()
-            .map(|&i| m.blocks[i].offset as usize..(m.blocks[i].offset + m.blocks[i].len) as usize)
-            .collect();
+        let window = shard.window(window, mem_budget, cache.bytes() as u64);
         Ok(LocalBackend {
             head,
             model,
             cache,
             pool: ThreadPool::new(threads.max(1)),
-            window: Some(Window::new(shard.map(), shard.file(), regions, w)),
+            window: Some(window),
             last: StepReport::default(),
             reports: Vec::new(),
         })

@@ -10,7 +10,7 @@ use tokio::sync::mpsc;
 use tpi_kernels::ThreadPool;
 
 use crate::model::ModelError;
-use crate::store::{window_for_budget, Shard, ShardCache, StoreError, Window};
+use crate::store::{Shard, ShardCache, StoreError};
 use crate::net::collective::{accept_data_link, accept_data_stream, open_data_link, DATA_STREAM_TAG};
 use crate::net::frame::{read_frame_of, FrameKind};
 use crate::net::wire::{f32_from_le_bytes, PROTOCOL_VERSION};
@@ -43,24 +43,7 @@ pub struct NodeOptions {
     pub link: Option<LinkEmulation>,
 }
 
-/// Memory a node needs besides weights and KV cache (runtime, buffers, code).
-pub const FIXED_OVERHEAD: u64 = 64 << 20;
-
-/// Picks the sliding window for a shard: `window` if given, else from the budget
-/// (None: the whole shard stays resident).
-pub fn choose_window(
-    m: &crate::store::Manifest,
-    window: Option<usize>,
-    mem_budget: Option<u64>,
-    kv_bytes: u64,
-) -> Option<usize> {
-    if let Some(w) = window {
-        return Some(w.max(1));
-    }
-    let budget = mem_budget?;
-    let sizes: Vec<u64> = m.stream_order().iter().map(|&i| m.blocks[i].len).collect();
-    window_for_budget(budget, FIXED_OVERHEAD + kv_bytes, &sizes)
-}
+pub use crate::store::shard::{choose_window, FIXED_OVERHEAD};
 
 /// Largest shard chunk frame a node accepts.
 pub const MAX_CHUNK: usize = 16 << 20;
@@ -406,13 +389,7 @@ async fn session_body(
     let model = shard.rank_model()?;
     let mut cache = model.new_cache(setup.capacity as usize);
     let m = &shard.manifest;
-    let w = choose_window(m, opts.window, opts.mem_budget, cache.bytes() as u64);
-    let regions = m
-        .stream_order()
-        .iter()
-        .map(|&i| m.blocks[i].offset as usize..(m.blocks[i].offset + m.blocks[i].len) as usize)
-        .collect();
-    let window = Window::new(shard.map(), shard.file(), regions, w);
+    let window = shard.window(opts.window, opts.mem_budget, cache.bytes() as u64);
     let links = build_links(ep, conn, setup, &mut rx).await?;
     let mut group = Group::new(rank, setup.world as usize, setup.algo, setup.dtype, links)?;
     ctl.send_msg(&FromNode::Ready {

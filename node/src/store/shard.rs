@@ -11,6 +11,7 @@ use sha2::{Digest, Sha256};
 use tpi_kernels::DType;
 
 use super::manifest::*;
+use super::window::{window_for_budget, Window};
 use super::StoreError;
 use crate::model::forward::{slice_weight, SliceSource};
 use crate::model::gguf::{ggml_dtype, ggml_type_id};
@@ -255,6 +256,20 @@ pub fn hash_range(f: &File, offset: u64, len: u64) -> std::io::Result<String> {
     Ok(hex::encode(h.finalize()))
 }
 
+/// Memory a node needs besides weights and KV cache (runtime, buffers, code).
+pub const FIXED_OVERHEAD: u64 = 64 << 20;
+
+/// Picks the sliding window for a shard: `window` if given, else from the budget
+/// (None: the whole shard stays resident).
+pub fn choose_window(m: &Manifest, window: Option<usize>, mem_budget: Option<u64>, kv_bytes: u64) -> Option<usize> {
+    if let Some(w) = window {
+        return Some(w.max(1));
+    }
+    let budget = mem_budget?;
+    let sizes: Vec<u64> = m.stream_order().iter().map(|&i| m.blocks[i].len).collect();
+    window_for_budget(budget, FIXED_OVERHEAD + kv_bytes, &sizes)
+}
+
 /// Writes `manifest.json` atomically (temp file, fsync, rename).
 pub fn save_manifest(dir: &Path, m: &Manifest) -> Result<(), StoreError> {
     let tmp = dir.join(format!("{MANIFEST_FILE}.tmp"));
@@ -377,6 +392,19 @@ impl Shard {
     pub fn rank_model(&self) -> Result<RankModel, crate::model::ModelError> {
         let m = &self.manifest;
         RankModel::build(&m.config, &m.plan.ranks[m.rank as usize], self)
+    }
+
+    /// The sliding window over this shard's streamed blocks: `window` blocks if given,
+    /// else derived from `mem_budget` (with `kv_bytes` of KV cache), else all resident.
+    pub fn window(&self, window: Option<usize>, mem_budget: Option<u64>, kv_bytes: u64) -> Window {
+        let m = &self.manifest;
+        let w = choose_window(m, window, mem_budget, kv_bytes);
+        let regions = m
+            .stream_order()
+            .iter()
+            .map(|&i| m.blocks[i].offset as usize..(m.blocks[i].offset + m.blocks[i].len) as usize)
+            .collect();
+        Window::new(self.map(), self.file(), regions, w)
     }
 
     /// Rank 0's head (embedding, final norm, LM head), over the map.
