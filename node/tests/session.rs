@@ -393,3 +393,42 @@ async fn second_session_while_busy_is_refused() {
         other => panic!("a second concurrent session should be refused as busy, got {other:?}"),
     }
 }
+
+/// Security: a client whose certificate comes from another cluster's CA cannot start a
+/// session or send work (no Welcome, no Step accepted), and the node goes on serving
+/// its own cluster.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_without_the_cluster_credential_gets_nothing() {
+    let node = TestNode::start().await;
+    let (_other_ca, stranger) = Credential::ephemeral_cluster().expect("another cluster");
+    let cep = Endpoint::client(&stranger).expect("client endpoint");
+    // The server's certificate is not from the stranger's CA either: the client refuses it,
+    // or (TLS 1.3 checks the client certificate last) the node refuses the client.
+    let got = match cep.connect(node.addr, T).await {
+        Err(e) => format!("connect refused: {e}"),
+        Ok(conn) => match conn.open_stream(CONTROL_STREAM_TAG).await {
+            Err(e) => format!("stream refused: {e}"),
+            Ok(mut s) => {
+                let _ = s.send_msg(&ToNode::Hello { version: PROTOCOL_VERSION }).await;
+                let _ = s.send_msg(&ToNode::Step { start: 0, n: 1 }).await;
+                match tokio::time::timeout(T, recv(&mut s)).await {
+                    Ok(Ok(m)) => panic!("a stranger got an answer from the node: {m:?}"),
+                    Ok(Err(e)) => format!("session refused: {e}"),
+                    Err(_) => panic!("no error within {T:?}"),
+                }
+            }
+        },
+    };
+    assert!(
+        got.to_lowercase().contains("tls") || got.to_lowercase().contains("certificate"),
+        "the refusal should be a TLS/certificate failure: {got}"
+    );
+    // A client with a cluster-issued certificate that trusts another CA cannot connect either.
+    let mixed = Credential {
+        ca_pem: stranger.ca_pem.clone(),
+        ..node.client_cred.clone()
+    };
+    let cep = Endpoint::client(&mixed).expect("client endpoint");
+    assert!(cep.connect(node.addr, T).await.is_err(), "a client that does not trust the cluster CA must not connect");
+    let _ok = node.open_welcomed().await;
+}
