@@ -6,17 +6,19 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use futures::future::try_join_all;
-use tpi_kernels::ThreadPool;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+use tpi_kernels::ThreadPool;
 use tpi_node::model::forward::BlockHooks;
 use tpi_node::model::{Head, KvCache, ModelConfig, ModelFiles, RankModel, SplitPlan};
-use tpi_node::store::window::{disk_read_bytes, peak_rss};
-use tpi_node::store::{Quant, Shard, Window};
 use tpi_node::net::collective::open_data_link;
 use tpi_node::net::frame::{write_frame, FrameKind};
 use tpi_node::net::wire::{f32_to_le_bytes, PROTOCOL_VERSION};
-use tpi_node::net::{Algo, Connection, Credential, Endpoint, Group, NetError, Stream, TransportOptions, WireDType};
+use tpi_node::net::{
+    Algo, Connection, Credential, Endpoint, Group, NetError, Stream, TransportOptions, WireDType,
+};
 use tpi_node::proto::{FromNode, NodeStepTimes, Setup, ToNode, CONTROL_STREAM_TAG, MAX_CONTROL};
+use tpi_node::store::window::{disk_read_bytes, peak_rss};
+use tpi_node::store::{Quant, Shard, Window};
 
 use crate::engine::{Backend, RankStep, StepReport};
 use crate::error::{Error, Result};
@@ -101,7 +103,11 @@ async fn expect_msg(node: &mut Node, rank: usize) -> Result<FromNode> {
         .await
         .map_err(|e| node_err(node.addr, rank, e))?;
     match m {
-        FromNode::Refused { reason } => Err(node_err(node.addr, rank, format!("refused the session: {reason}"))),
+        FromNode::Refused { reason } => Err(node_err(
+            node.addr,
+            rank,
+            format!("refused the session: {reason}"),
+        )),
         FromNode::Error { msg } => Err(node_err(node.addr, rank, format!("failed: {msg}"))),
         m => Ok(m),
     }
@@ -158,8 +164,9 @@ impl ClusterBackend {
             let bind = "0.0.0.0:0".parse().unwrap();
             match &opts.link {
                 Some(l) => {
-                    let addrs: Vec<Option<SocketAddr>> =
-                        std::iter::once(None).chain(opts.nodes.iter().map(|a| Some(*a))).collect();
+                    let addrs: Vec<Option<SocketAddr>> = std::iter::once(None)
+                        .chain(opts.nodes.iter().map(|a| Some(*a)))
+                        .collect();
                     l.set_ranks(0, &addrs);
                     l.endpoint(bind, false, credential, &TransportOptions::default())?
                 }
@@ -307,9 +314,13 @@ impl ClusterBackend {
         let (nodes, group, sent, windows) = (nodes, group, sent, windows);
         let setup = SetupReport {
             shard_bytes_sent: sent,
-            windows: std::iter::once(if window.is_streaming() { window.size() as u32 } else { 0 })
-                .chain(windows)
-                .collect(),
+            windows: std::iter::once(if window.is_streaming() {
+                window.size() as u32
+            } else {
+                0
+            })
+            .chain(windows)
+            .collect(),
             plan_id: plan.id(),
         };
         Ok(ClusterBackend {
@@ -351,12 +362,16 @@ impl ClusterBackend {
         let nodes = &mut self.nodes;
         let worker_times: Vec<NodeStepTimes> =
             self.rt
-                .block_on(try_join_all(nodes.iter_mut().enumerate().map(|(i, node)| async move {
-                    match expect_msg(node, i + 1).await? {
-                        FromNode::StepDone(t) => Ok(t),
-                        other => Err(node_err(node.addr, i + 1, format!("unexpected {other:?}"))),
-                    }
-                })))?;
+                .block_on(try_join_all(nodes.iter_mut().enumerate().map(
+                    |(i, node)| async move {
+                        match expect_msg(node, i + 1).await? {
+                            FromNode::StepDone(t) => Ok(t),
+                            other => {
+                                Err(node_err(node.addr, i + 1, format!("unexpected {other:?}")))
+                            }
+                        }
+                    },
+                )))?;
         let ms = |s: f64| s * 1e3;
         for (i, t) in worker_times.iter().enumerate() {
             report.ranks.push(RankStep {
@@ -395,12 +410,13 @@ impl Backend for ClusterBackend {
     fn reset(&mut self, capacity: usize) -> Result<()> {
         self.finish_pending()?;
         let nodes = &mut self.nodes;
-        self.rt.block_on(try_join_all(nodes.iter_mut().enumerate().map(|(i, n)| {
-            let msg = ToNode::Reset {
-                capacity: capacity as u32,
-            };
-            async move { send(n, i + 1, &msg).await }
-        })))?;
+        self.rt
+            .block_on(try_join_all(nodes.iter_mut().enumerate().map(|(i, n)| {
+                let msg = ToNode::Reset {
+                    capacity: capacity as u32,
+                };
+                async move { send(n, i + 1, &msg).await }
+            })))?;
         self.cache = self.model.new_cache(capacity);
         Ok(())
     }
@@ -428,15 +444,26 @@ impl Backend for ClusterBackend {
         let mut x = self.head.embed(tokens)?;
         let payload = f32_to_le_bytes(&x);
         let nodes = &mut self.nodes;
-        self.rt.block_on(try_join_all(nodes.iter_mut().enumerate().map(|(i, node)| {
-            let payload = &payload;
-            async move {
-                send(node, i + 1, &ToNode::Step { start: start as u32, n: n as u32 }).await?;
-                write_frame(&mut node.ctl.send, FrameKind::Tensor, payload)
-                    .await
-                    .map_err(|e| node_err(node.addr, i + 1, e))
-            }
-        })))?;
+        self.rt
+            .block_on(try_join_all(nodes.iter_mut().enumerate().map(
+                |(i, node)| {
+                    let payload = &payload;
+                    async move {
+                        send(
+                            node,
+                            i + 1,
+                            &ToNode::Step {
+                                start: start as u32,
+                                n: n as u32,
+                            },
+                        )
+                        .await?;
+                        write_frame(&mut node.ctl.send, FrameKind::Tensor, payload)
+                            .await
+                            .map_err(|e| node_err(node.addr, i + 1, e))
+                    }
+                },
+            )))?;
         let (mut wait, mut total) = (0f64, 0f64);
         let group = &mut self.group;
         let rt = &self.rt;

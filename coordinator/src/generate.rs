@@ -139,7 +139,11 @@ impl Session {
         let need = (p + budget).min(self.context);
         if self.backend.capacity() < need {
             // Grow: a new cache, nothing reusable.
-            let cap = if self.cached.is_empty() { need } else { self.context };
+            let cap = if self.cached.is_empty() {
+                need
+            } else {
+                self.context
+            };
             self.backend.reset(cap.max(need))?;
             reuse = 0;
         }

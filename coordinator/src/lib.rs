@@ -1,12 +1,12 @@
 //! tpi-coordinator: the planner, tokenizer, sampling and generation loop (rank 0), and the `tpi` CLI.
 pub mod chat;
-pub mod discovery;
 pub mod cluster;
-pub mod local;
+pub mod discovery;
 pub mod engine;
 pub mod error;
 pub mod generate;
 pub mod loader;
+pub mod local;
 pub mod npy;
 pub mod planner;
 pub mod sampler;

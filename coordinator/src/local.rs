@@ -83,8 +83,12 @@ fn spawn_node(bin: &Path, cred_dir: &Path, threads: usize, extra: &[String]) -> 
             });
         }
     }
-    cmd.spawn()
-        .map_err(|e| Error::Io(format!("cannot start {}: {e} (set TPI_NODE_BIN or put tpi-node on PATH)", bin.display())))
+    cmd.spawn().map_err(|e| {
+        Error::Io(format!(
+            "cannot start {}: {e} (set TPI_NODE_BIN or put tpi-node on PATH)",
+            bin.display()
+        ))
+    })
 }
 
 impl LocalCluster {
@@ -131,7 +135,12 @@ impl LocalCluster {
                 .trim()
                 .strip_prefix("listening on ")
                 .and_then(|a| a.parse().ok())
-                .ok_or_else(|| Error::Cluster(format!("a local tpi-node failed to start (said {:?})", line.trim())))?;
+                .ok_or_else(|| {
+                    Error::Cluster(format!(
+                        "a local tpi-node failed to start (said {:?})",
+                        line.trim()
+                    ))
+                })?;
             me.addrs.push(addr);
         }
         Ok(me)

@@ -47,8 +47,11 @@ pub fn read_f32_2d(path: &Path) -> std::io::Result<((usize, usize), Vec<f32>)> {
         2 | 3 if b.len() >= 12 => (u32::from_le_bytes([b[8], b[9], b[10], b[11]]) as usize, 12),
         _ => return Err(bad("unsupported npy version")),
     };
-    let header = std::str::from_utf8(b.get(hstart..hstart + hlen).ok_or_else(|| bad("truncated"))?)
-        .map_err(|_| bad("header not utf-8"))?;
+    let header = std::str::from_utf8(
+        b.get(hstart..hstart + hlen)
+            .ok_or_else(|| bad("truncated"))?,
+    )
+    .map_err(|_| bad("header not utf-8"))?;
     if !header.contains("'<f4'") || header.contains("'fortran_order': True") {
         return Err(bad("expected little-endian float32, C order"));
     }

@@ -29,7 +29,10 @@ impl SamplerConfig {
     /// Rejects settings that have no meaning (negative temperature, p outside (0, 1]).
     pub fn validate(&self) -> Result<(), String> {
         if !self.temperature.is_finite() || self.temperature < 0.0 {
-            return Err(format!("temperature must be >= 0, got {}", self.temperature));
+            return Err(format!(
+                "temperature must be >= 0, got {}",
+                self.temperature
+            ));
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
             return Err(format!("top_p must be in (0, 1], got {}", self.top_p));
@@ -147,11 +150,17 @@ mod tests {
             top_p: 0.9,
             seed: 7,
         };
-        let a: Vec<u32> = (0..50).scan(Sampler::new(cfg), |s, _| Some(s.sample(&logits))).collect();
-        let b: Vec<u32> = (0..50).scan(Sampler::new(cfg), |s, _| Some(s.sample(&logits))).collect();
+        let a: Vec<u32> = (0..50)
+            .scan(Sampler::new(cfg), |s, _| Some(s.sample(&logits)))
+            .collect();
+        let b: Vec<u32> = (0..50)
+            .scan(Sampler::new(cfg), |s, _| Some(s.sample(&logits)))
+            .collect();
         assert_eq!(a, b);
         let c: Vec<u32> = (0..50)
-            .scan(Sampler::new(SamplerConfig { seed: 8, ..cfg }), |s, _| Some(s.sample(&logits)))
+            .scan(Sampler::new(SamplerConfig { seed: 8, ..cfg }), |s, _| {
+                Some(s.sample(&logits))
+            })
             .collect();
         assert_ne!(a, c);
     }
@@ -197,7 +206,17 @@ mod tests {
 
     #[test]
     fn invalid_settings_are_rejected() {
-        assert!(SamplerConfig { temperature: -1.0, ..Default::default() }.validate().is_err());
-        assert!(SamplerConfig { top_p: 0.0, ..Default::default() }.validate().is_err());
+        assert!(SamplerConfig {
+            temperature: -1.0,
+            ..Default::default()
+        }
+        .validate()
+        .is_err());
+        assert!(SamplerConfig {
+            top_p: 0.0,
+            ..Default::default()
+        }
+        .validate()
+        .is_err());
     }
 }

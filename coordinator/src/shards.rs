@@ -63,7 +63,10 @@ pub fn ensure_shards(
             Some(g) => {
                 let d = rank_dir(g, r);
                 if usable(&d, &model_id, plan, r)?.is_none() {
-                    return Err(Error::Input(format!("no shard for rank {r} in {}", g.display())));
+                    return Err(Error::Input(format!(
+                        "no shard for rank {r} in {}",
+                        g.display()
+                    )));
                 }
                 d
             }
@@ -78,7 +81,8 @@ pub fn ensure_shards(
                         .map(|t| t.subsec_nanos())
                         .unwrap_or(0);
                     let tmp = d.with_extension(format!("tmp-{}-{nanos}", std::process::id()));
-                    write_shard(files, plan, r, quant, &tmp).map_err(|e| Error::Io(e.to_string()))?;
+                    write_shard(files, plan, r, quant, &tmp)
+                        .map_err(|e| Error::Io(e.to_string()))?;
                     if usable(&d, &model_id, plan, r).ok().flatten().is_some() {
                         let _ = std::fs::remove_dir_all(&tmp);
                     } else {
@@ -86,7 +90,10 @@ pub fn ensure_shards(
                         if std::fs::rename(&tmp, &d).is_err() {
                             let _ = std::fs::remove_dir_all(&tmp);
                             if usable(&d, &model_id, plan, r)?.is_none() {
-                                return Err(Error::Io(format!("cannot install shard {}", d.display())));
+                                return Err(Error::Io(format!(
+                                    "cannot install shard {}",
+                                    d.display()
+                                )));
                             }
                         }
                     }

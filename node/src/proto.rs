@@ -12,8 +12,8 @@ use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
 
-use crate::store::{BlockNeed, Manifest};
 use crate::net::{Algo, WireDType};
+use crate::store::{BlockNeed, Manifest};
 
 /// Stream tag of a session's control stream.
 pub const CONTROL_STREAM_TAG: u8 = 0xC0;

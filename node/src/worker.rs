@@ -10,14 +10,18 @@ use tokio::sync::mpsc;
 use tpi_kernels::ThreadPool;
 
 use crate::model::ModelError;
-use crate::store::{Shard, ShardCache, StoreError};
-use crate::net::collective::{accept_data_link, accept_data_stream, open_data_link, DATA_STREAM_TAG};
+use crate::net::collective::{
+    accept_data_link, accept_data_stream, open_data_link, DATA_STREAM_TAG,
+};
+use crate::net::emulation::LinkEmulation;
 use crate::net::frame::{read_frame_of, FrameKind};
 use crate::net::wire::{f32_from_le_bytes, PROTOCOL_VERSION};
-use crate::store::window::{disk_read_bytes, peak_rss, reset_peak_rss};
-use crate::net::emulation::LinkEmulation;
-use crate::net::{Connection, Credential, DataLink, Endpoint, Group, NetError, Stream, TransportOptions};
+use crate::net::{
+    Connection, Credential, DataLink, Endpoint, Group, NetError, Stream, TransportOptions,
+};
 use crate::proto::{FromNode, NodeStepTimes, Setup, ToNode, CONTROL_STREAM_TAG, MAX_CONTROL};
+use crate::store::window::{disk_read_bytes, peak_rss, reset_peak_rss};
+use crate::store::{Shard, ShardCache, StoreError};
 
 /// How a node serves.
 #[derive(Clone)]
@@ -129,7 +133,8 @@ pub async fn serve(ep: Endpoint, opts: NodeOptions) {
                             tracing::warn!("session from {peer} failed: {e}");
                             // Let the last message (an error, a refusal) reach the
                             // coordinator before the connection goes away.
-                            let _ = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
+                            let _ =
+                                tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
                         }
                     }
                     *inbox.lock().unwrap() = None;
@@ -151,7 +156,10 @@ pub async fn serve(ep: Endpoint, opts: NodeOptions) {
 
 /// Tells the coordinator why the session cannot go on, then fails it.
 async fn refuse(ctl: &mut Stream, reason: String) -> Result<(), SessionError> {
-    ctl.send_msg(&FromNode::Refused { reason: reason.clone() }).await?;
+    ctl.send_msg(&FromNode::Refused {
+        reason: reason.clone(),
+    })
+    .await?;
     Err(SessionError::Protocol(reason))
 }
 
@@ -217,11 +225,17 @@ fn check_given_shard(dir: &std::path::Path, s: &Setup) -> Result<Shard, String> 
         ));
     }
     if m != want {
-        return Err(format!("the local shard {} differs from the session's manifest", dir.display()));
+        return Err(format!(
+            "the local shard {} differs from the session's manifest",
+            dir.display()
+        ));
     }
     let bad = shard.corrupt_blocks();
     if !bad.is_empty() {
-        return Err(format!("the local shard {} has corrupt blocks {bad:?}", dir.display()));
+        return Err(format!(
+            "the local shard {} has corrupt blocks {bad:?}",
+            dir.display()
+        ));
     }
     Ok(shard)
 }
@@ -240,7 +254,10 @@ async fn run_session(
             let reason = format!(
                 "protocol version mismatch: the coordinator speaks {version}, this node speaks {PROTOCOL_VERSION}"
             );
-            ctl.send_msg(&FromNode::Refused { reason: reason.clone() }).await?;
+            ctl.send_msg(&FromNode::Refused {
+                reason: reason.clone(),
+            })
+            .await?;
             return Err(SessionError::Protocol(reason));
         }
         other => return refuse(&mut ctl, format!("expected Hello, got {other:?}")).await,
@@ -255,7 +272,10 @@ async fn run_session(
         other => return refuse(&mut ctl, format!("expected Setup, got {other:?}")).await,
     };
     if let Err(reason) = validate_setup(&setup) {
-        ctl.send_msg(&FromNode::Refused { reason: reason.clone() }).await?;
+        ctl.send_msg(&FromNode::Refused {
+            reason: reason.clone(),
+        })
+        .await?;
         return Err(SessionError::Protocol(reason));
     }
     let result = session_body(ep, conn, &mut ctl, pool, opts, inbox, &setup).await;
@@ -267,7 +287,11 @@ async fn run_session(
 
 /// Brings the session's shard to this node: the given `--shard` directory, the intact
 /// cached copy, or whatever blocks the coordinator sends for the cache.
-async fn obtain_shard(ctl: &mut Stream, opts: &NodeOptions, setup: &Setup) -> Result<Shard, SessionError> {
+async fn obtain_shard(
+    ctl: &mut Stream,
+    opts: &NodeOptions,
+    setup: &Setup,
+) -> Result<Shard, SessionError> {
     if let Some(dir) = &opts.shard_dir {
         return match check_given_shard(dir, setup) {
             Ok(s) => {
@@ -275,7 +299,10 @@ async fn obtain_shard(ctl: &mut Stream, opts: &NodeOptions, setup: &Setup) -> Re
                 Ok(s)
             }
             Err(reason) => {
-                ctl.send_msg(&FromNode::Refused { reason: reason.clone() }).await?;
+                ctl.send_msg(&FromNode::Refused {
+                    reason: reason.clone(),
+                })
+                .await?;
                 Err(SessionError::Protocol(reason))
             }
         };
@@ -296,7 +323,9 @@ async fn obtain_shard(ctl: &mut Stream, opts: &NodeOptions, setup: &Setup) -> Re
     loop {
         match ctl.recv_msg::<ToNode>(MAX_CONTROL).await {
             Ok(ToNode::BlockData { index, offset }) => {
-                if let Err(e) = read_frame_of(&mut ctl.recv, FrameKind::Tensor, &mut buf, MAX_CHUNK).await {
+                if let Err(e) =
+                    read_frame_of(&mut ctl.recv, FrameKind::Tensor, &mut buf, MAX_CHUNK).await
+                {
                     let _ = rx.checkpoint();
                     return Err(e.into());
                 }
@@ -305,7 +334,9 @@ async fn obtain_shard(ctl: &mut Stream, opts: &NodeOptions, setup: &Setup) -> Re
             Ok(ToNode::BlocksDone) => break,
             Ok(other) => {
                 let _ = rx.checkpoint();
-                return Err(SessionError::Protocol(format!("expected shard data, got {other:?}")));
+                return Err(SessionError::Protocol(format!(
+                    "expected shard data, got {other:?}"
+                )));
             }
             Err(e) => {
                 let _ = rx.checkpoint();
@@ -365,7 +396,11 @@ async fn build_links(
     };
     tokio::time::timeout(LINK_TIMEOUT, work)
         .await
-        .map_err(|_| SessionError::Protocol(format!("rank {rank}: data links not up within {LINK_TIMEOUT:?}")))??;
+        .map_err(|_| {
+            SessionError::Protocol(format!(
+                "rank {rank}: data links not up within {LINK_TIMEOUT:?}"
+            ))
+        })??;
     Ok(links)
 }
 
@@ -393,7 +428,11 @@ async fn session_body(
     let links = build_links(ep, conn, setup, &mut rx).await?;
     let mut group = Group::new(rank, setup.world as usize, setup.algo, setup.dtype, links)?;
     ctl.send_msg(&FromNode::Ready {
-        window: if window.is_streaming() { window.size() as u32 } else { 0 },
+        window: if window.is_streaming() {
+            window.size() as u32
+        } else {
+            0
+        },
     })
     .await?;
     let d = m.config.hidden_size;
@@ -420,12 +459,20 @@ async fn session_body(
                 let mut wait = 0f64;
                 let mut total = 0f64;
                 let times = tokio::task::block_in_place(|| {
-                    model.forward_layers::<SessionError>(pool, &mut x, n, start, &mut cache, Some(&window), &mut |part| {
-                        let st = handle.block_on(group.allreduce(part))?;
-                        wait += st.wait.as_secs_f64();
-                        total += st.total.as_secs_f64();
-                        Ok(())
-                    })
+                    model.forward_layers::<SessionError>(
+                        pool,
+                        &mut x,
+                        n,
+                        start,
+                        &mut cache,
+                        Some(&window),
+                        &mut |part| {
+                            let st = handle.block_on(group.allreduce(part))?;
+                            wait += st.wait.as_secs_f64();
+                            total += st.total.as_secs_f64();
+                            Ok(())
+                        },
+                    )
                 })?;
                 last_end = Instant::now();
                 ctl.send_msg(&FromNode::StepDone(NodeStepTimes {
@@ -444,7 +491,9 @@ async fn session_body(
             }
             ToNode::End => return Ok(()),
             other => {
-                return Err(SessionError::Protocol(format!("unexpected {other:?} during a session")))
+                return Err(SessionError::Protocol(format!(
+                    "unexpected {other:?} during a session"
+                )))
             }
         }
     }

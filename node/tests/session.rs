@@ -409,7 +409,11 @@ async fn client_without_the_cluster_credential_gets_nothing() {
         Ok(conn) => match conn.open_stream(CONTROL_STREAM_TAG).await {
             Err(e) => format!("stream refused: {e}"),
             Ok(mut s) => {
-                let _ = s.send_msg(&ToNode::Hello { version: PROTOCOL_VERSION }).await;
+                let _ = s
+                    .send_msg(&ToNode::Hello {
+                        version: PROTOCOL_VERSION,
+                    })
+                    .await;
                 let _ = s.send_msg(&ToNode::Step { start: 0, n: 1 }).await;
                 match tokio::time::timeout(T, recv(&mut s)).await {
                     Ok(Ok(m)) => panic!("a stranger got an answer from the node: {m:?}"),
@@ -429,6 +433,9 @@ async fn client_without_the_cluster_credential_gets_nothing() {
         ..node.client_cred.clone()
     };
     let cep = Endpoint::client(&mixed).expect("client endpoint");
-    assert!(cep.connect(node.addr, T).await.is_err(), "a client that does not trust the cluster CA must not connect");
+    assert!(
+        cep.connect(node.addr, T).await.is_err(),
+        "a client that does not trust the cluster CA must not connect"
+    );
     let _ok = node.open_welcomed().await;
 }

@@ -115,7 +115,14 @@ impl Netns {
             bridge: bridge.clone(),
         };
         sh(&["ip", "link", "add", &bridge, "type", "bridge"])?;
-        sh(&["ip", "addr", "add", &format!("10.77.{k}.1/24"), "dev", &bridge])?;
+        sh(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("10.77.{k}.1/24"),
+            "dev",
+            &bridge,
+        ])?;
         sh(&["ip", "link", "set", &bridge, "up"])?;
         let mut ips = Vec::new();
         for i in 0..n {
@@ -124,12 +131,23 @@ impl Netns {
             let peer = format!("tpiv{tag}p{i}");
             sh(&["ip", "netns", "add", &ns])?;
             me.names.push(ns.clone());
-            sh(&["ip", "link", "add", &host, "type", "veth", "peer", "name", &peer])?;
+            sh(&[
+                "ip", "link", "add", &host, "type", "veth", "peer", "name", &peer,
+            ])?;
             sh(&["ip", "link", "set", &host, "master", &bridge])?;
             sh(&["ip", "link", "set", &host, "up"])?;
             sh(&["ip", "link", "set", &peer, "netns", &ns])?;
             let ip = format!("10.77.{k}.{}", 10 + i);
-            sh(&["ip", "-n", &ns, "addr", "add", &format!("{ip}/24"), "dev", &peer])?;
+            sh(&[
+                "ip",
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("{ip}/24"),
+                "dev",
+                &peer,
+            ])?;
             sh(&["ip", "-n", &ns, "link", "set", &peer, "up"])?;
             sh(&["ip", "-n", &ns, "link", "set", "lo", "up"])?;
             ips.push(ip);
@@ -201,7 +219,10 @@ impl Testbed {
             .arg(dir.path())
             .output()?;
         if !status.status.success() {
-            bail!("tpi cluster init failed: {}", String::from_utf8_lossy(&status.stderr));
+            bail!(
+                "tpi cluster init failed: {}",
+                String::from_utf8_lossy(&status.stderr)
+            );
         }
         let n = spec.ranks - 1;
         let (net, ips) = if spec.netns {
@@ -229,7 +250,10 @@ impl Testbed {
                 .arg(&cred)
                 .output()?;
             if !st.status.success() {
-                bail!("tpi cluster issue failed: {}", String::from_utf8_lossy(&st.stderr));
+                bail!(
+                    "tpi cluster issue failed: {}",
+                    String::from_utf8_lossy(&st.stderr)
+                );
             }
             let data_dir = tb._dir.join(format!("data{}", i + 1));
             let mut cmd = match &tb.net {
@@ -334,7 +358,10 @@ impl Testbed {
 
     /// Takes node `i`'s link down (netns mode only): the node becomes unreachable.
     pub fn cut_link(&self, i: usize) -> anyhow::Result<()> {
-        let ns = self.net.as_ref().context("cutting a link needs netns mode")?;
+        let ns = self
+            .net
+            .as_ref()
+            .context("cutting a link needs netns mode")?;
         sh(&["ip", "link", "set", &ns.host_veth(i), "down"])
     }
 
@@ -361,12 +388,20 @@ impl RunReport {
     pub fn from_json(json: serde_json::Value) -> RunReport {
         let ids = json["generated_ids"]
             .as_array()
-            .map(|a| a.iter().filter_map(|x| x.as_u64().map(|x| x as u32)).collect())
+            .map(|a| {
+                a.iter()
+                    .filter_map(|x| x.as_u64().map(|x| x as u32))
+                    .collect()
+            })
             .unwrap_or_default();
         let steps = json["steps"].as_array().cloned().unwrap_or_default();
         let dec: Vec<&serde_json::Value> = steps.iter().skip(1).collect();
         let n = dec.len().max(1) as f64;
-        let decode_ms = dec.iter().map(|s| s["wall_ms"].as_f64().unwrap_or(0.0)).sum::<f64>() / n;
+        let decode_ms = dec
+            .iter()
+            .map(|s| s["wall_ms"].as_f64().unwrap_or(0.0))
+            .sum::<f64>()
+            / n;
         let ranks = steps
             .last()
             .and_then(|s| s["ranks"].as_array())
@@ -382,8 +417,17 @@ impl RunReport {
             .collect();
         let breakdown = (0..ranks)
             .map(|r| {
-                let f = |k: &str| dec.iter().map(|s| s["ranks"][r][k].as_f64().unwrap_or(0.0)).sum::<f64>() / n;
-                (f("compute_ms"), f("allreduce_wait_ms"), f("allreduce_transfer_ms"))
+                let f = |k: &str| {
+                    dec.iter()
+                        .map(|s| s["ranks"][r][k].as_f64().unwrap_or(0.0))
+                        .sum::<f64>()
+                        / n
+                };
+                (
+                    f("compute_ms"),
+                    f("allreduce_wait_ms"),
+                    f("allreduce_transfer_ms"),
+                )
             })
             .collect();
         RunReport {

@@ -9,6 +9,7 @@
 //! `TPI_TEST_NO_BUILD=1` to skip that build and use whatever binary is there (it must exist).
 
 pub mod harness;
+pub mod synth;
 
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};

@@ -81,7 +81,11 @@ fn real_main() -> anyhow::Result<()> {
     eprintln!(
         "starting {} node(s) ({}; link {})",
         nodes.saturating_sub(1),
-        if netns { "one network namespace each" } else { "loopback" },
+        if netns {
+            "one network namespace each"
+        } else {
+            "loopback"
+        },
         link.as_deref().unwrap_or("none")
     );
     let tb = Testbed::start(ClusterSpec {

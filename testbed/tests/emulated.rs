@@ -64,7 +64,11 @@ fn output_over_emulated_links_equals_local() {
         let r = tb.run(&g, &as_strs(&gen_args(12))).expect("run");
         assert_eq!(r.ids, want, "{ranks} ranks over {link}");
         assert_eq!(r.peak_rss.len(), ranks);
-        assert!(r.peak_rss.iter().all(|&b| b > 0), "peak RSS reported: {:?}", r.peak_rss);
+        assert!(
+            r.peak_rss.iter().all(|&b| b > 0),
+            "peak RSS reported: {:?}",
+            r.peak_rss
+        );
         eprintln!(
             "{ranks} ranks over {link}: {:.1} ms/token, peak RSS {:?} MB",
             r.decode_ms,
@@ -78,13 +82,18 @@ fn lossy_link_still_completes_correctly() {
     let want = local_ids(12);
     let g = smollm2_gguf();
     let tb = Testbed::start(spec(3, "1ms,300mbit,loss=1%")).expect("testbed");
-    let r = tb.run(&g, &as_strs(&gen_args(12))).expect("run over a 1% loss link");
+    let r = tb
+        .run(&g, &as_strs(&gen_args(12)))
+        .expect("run over a 1% loss link");
     assert_eq!(r.ids, want);
 }
 
 /// Starts a long generation, waits for the first tokens on stdout, then calls `cut`;
 /// returns (exit success, stderr, seconds from the cut to the exit).
-fn interrupt_mid_generation(tb: &mut Testbed, cut: impl FnOnce(&mut Testbed)) -> (bool, String, f64) {
+fn interrupt_mid_generation(
+    tb: &mut Testbed,
+    cut: impl FnOnce(&mut Testbed),
+) -> (bool, String, f64) {
     let g = smollm2_gguf();
     let mut cmd = tb.run_command(&g, &as_strs(&gen_args(2000)));
     let mut child = cmd
@@ -121,7 +130,12 @@ fn interrupt_mid_generation(tb: &mut Testbed, cut: impl FnOnce(&mut Testbed)) ->
     };
     let dt = t0.elapsed().as_secs_f64();
     let mut err = String::new();
-    child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
     (status.success(), err, dt)
 }
 
@@ -133,7 +147,10 @@ fn node_killed_mid_generation_over_emulated_links() {
     let (ok, err, dt) = interrupt_mid_generation(&mut tb, |tb| tb.kill_node(1));
     eprintln!("failed {dt:.2} s after the kill: {err}");
     assert!(!ok, "tpi must fail when a node dies");
-    assert!(err.contains(&dead.to_string()), "error names the dead node {dead}: {err}");
+    assert!(
+        err.contains(&dead.to_string()),
+        "error names the dead node {dead}: {err}"
+    );
     assert!(!err.contains("panicked"), "{err}");
     assert!(dt < 3.0, "error surfaced after {dt:.2} s");
     drop(tb);
@@ -163,7 +180,10 @@ fn node_cut_off_in_a_namespace() {
     let (ok, err, dt) = interrupt_mid_generation(&mut tb, |tb| tb.cut_link(0).expect("link down"));
     eprintln!("failed {dt:.2} s after the link went down: {err}");
     assert!(!ok);
-    assert!(err.contains(&cut.to_string()), "error names the unreachable node {cut}: {err}");
+    assert!(
+        err.contains(&cut.to_string()),
+        "error names the unreachable node {cut}: {err}"
+    );
     assert!(dt < 3.0, "error surfaced after {dt:.2} s");
 }
 

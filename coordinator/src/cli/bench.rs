@@ -74,14 +74,29 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 /// Runs `tpi bench`.
 pub fn bench(a: BenchArgs) -> anyhow::Result<()> {
-    println!("isa: {:?} (available: {:?})", tpi_kernels::active_isa(), tpi_kernels::available_isas());
+    println!(
+        "isa: {:?} (available: {:?})",
+        tpi_kernels::active_isa(),
+        tpi_kernels::available_isas()
+    );
     match a.what {
-        BenchWhat::Kernels { threads, rows, reps } => {
+        BenchWhat::Kernels {
+            threads,
+            rows,
+            reps,
+        } => {
             for &t in &threads {
                 let pool = ThreadPool::new(t);
                 let bw = kb::memory_bandwidth_gbs(&pool, 512 << 20, reps);
                 println!("threads={t}: memory read bandwidth {bw:.1} GB/s");
-                for d in [DType::F32, DType::F16, DType::BF16, DType::Q8_0, DType::Q4_0, DType::Q4_1] {
+                for d in [
+                    DType::F32,
+                    DType::F16,
+                    DType::BF16,
+                    DType::Q8_0,
+                    DType::Q4_0,
+                    DType::Q4_1,
+                ] {
                     let g = kb::gemv_gbs(&pool, d, rows, 4096, reps);
                     println!(
                         "  gemv {:<5} {rows}x4096: {g:6.1} GB/s = {:5.1}% of bandwidth",
@@ -91,20 +106,35 @@ pub fn bench(a: BenchArgs) -> anyhow::Result<()> {
                 }
             }
         }
-        BenchWhat::Allreduce { ranks, elems, link, iters } => {
+        BenchWhat::Allreduce {
+            ranks,
+            elems,
+            link,
+            iters,
+        } => {
             use tpi_node::net::bench::{allreduce_latency_over, median_p99};
             use tpi_node::net::{Algo, WireDType};
-            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
             let topo = tpi_sim::Topology::uniform(link.unwrap_or_else(tpi_sim::LinkSpec::ideal));
             println!(
                 "allreduce of {elems} f32 ({} B) over {}",
                 elems * 4,
-                link.map(|l| l.to_string()).unwrap_or_else(|| "loopback".into())
+                link.map(|l| l.to_string())
+                    .unwrap_or_else(|| "loopback".into())
             );
             println!(" N  algo   median_us      p99_us  predicted_us");
             for &n in &ranks {
                 for algo in Algo::ALL {
-                    let times = rt.block_on(allreduce_latency_over(n, algo, WireDType::F32, elems, iters, link))?;
+                    let times = rt.block_on(allreduce_latency_over(
+                        n,
+                        algo,
+                        WireDType::F32,
+                        elems,
+                        iters,
+                        link,
+                    ))?;
                     let (med, p99) = median_p99(&times);
                     let sim_algo = match algo {
                         Algo::Star => tpi_sim::Algo::Star,
@@ -127,7 +157,13 @@ pub fn bench(a: BenchArgs) -> anyhow::Result<()> {
                 }
             }
         }
-        BenchWhat::Model { model, threads, prompt, decode, reps } => {
+        BenchWhat::Model {
+            model,
+            threads,
+            prompt,
+            decode,
+            reps,
+        } => {
             let loaded = LoadedModel::open(&model)?;
             let cfg = loaded.files.config.clone();
             let wbytes: usize = loaded.files.store.total_bytes();
@@ -138,7 +174,9 @@ pub fn bench(a: BenchArgs) -> anyhow::Result<()> {
                 cfg.hidden_size,
                 wbytes as f64 / 1e6
             );
-            let tokens: Vec<u32> = (0..prompt as u32).map(|i| (i * 7919 + 13) % cfg.vocab_size as u32).collect();
+            let tokens: Vec<u32> = (0..prompt as u32)
+                .map(|i| (i * 7919 + 13) % cfg.vocab_size as u32)
+                .collect();
             for &t in &threads {
                 let mut be = LocalBackend::new(&loaded.files, t)?;
                 let bw = kb::memory_bandwidth_gbs(&ThreadPool::new(t), 512 << 20, 5);
@@ -160,7 +198,11 @@ pub fn bench(a: BenchArgs) -> anyhow::Result<()> {
                 // Bytes streamed per decode token: every weight once (the tied head counts once more).
                 let per_tok = wbytes as f64
                     + if cfg.tie_word_embeddings {
-                        loaded.files.store.role(&cfg, tpi_node::model::Role::Embed, 0)?.nbytes() as f64
+                        loaded
+                            .files
+                            .store
+                            .role(&cfg, tpi_node::model::Role::Embed, 0)?
+                            .nbytes() as f64
                     } else {
                         0.0
                     };

@@ -49,8 +49,9 @@ fn default_dir() -> PathBuf {
 fn load_ca(dir: &std::path::Path) -> anyhow::Result<CaBundle> {
     let ca = dir.join("ca");
     Ok(CaBundle {
-        cert_pem: std::fs::read_to_string(ca.join("ca.pem"))
-            .with_context(|| format!("no cluster CA in {} (run `tpi cluster init`)", ca.display()))?,
+        cert_pem: std::fs::read_to_string(ca.join("ca.pem")).with_context(|| {
+            format!("no cluster CA in {} (run `tpi cluster init`)", ca.display())
+        })?,
         key_pem: std::fs::read_to_string(ca.join("ca-key.pem"))
             .with_context(|| format!("no CA key in {}", ca.display()))?,
     })

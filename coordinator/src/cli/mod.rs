@@ -15,13 +15,13 @@ use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
 use tpi_coordinator::cluster::{ClusterBackend, ClusterOptions};
 use tpi_coordinator::engine::{Backend, LocalBackend, StepReport};
-use tpi_coordinator::local::LocalCluster;
-use tpi_node::model::ModelConfig;
-use tpi_node::net::{Algo, Credential, WireDType};
-use tpi_node::net::emulation::LinkEmulation;
-use tpi_node::store::{Quant, Shard};
 use tpi_coordinator::loader::LoadedModel;
+use tpi_coordinator::local::LocalCluster;
 use tpi_coordinator::sampler::SamplerConfig;
+use tpi_node::model::ModelConfig;
+use tpi_node::net::emulation::LinkEmulation;
+use tpi_node::net::{Algo, Credential, WireDType};
+use tpi_node::store::{Quant, Shard};
 
 /// tpi: run large language models tensor-parallel across small devices.
 #[derive(Parser, Debug)]
@@ -250,18 +250,30 @@ pub fn open_backend(
             if c.ratios.is_some() {
                 bail!("--ratios needs a cluster (--nodes or --local-cluster N with N >= 2)");
             }
-            if m.window.is_none() && m.mem_budget.is_none() && c.shards.is_none() && c.quant == Quant::Keep {
+            if m.window.is_none()
+                && m.mem_budget.is_none()
+                && c.shards.is_none()
+                && c.quant == Quant::Keep
+            {
                 let backend = LocalBackend::new(&loaded.files, m.threads())?;
                 return Ok((loaded, Box::new(backend)));
             }
             let plan = tpi_node::model::SplitPlan::even(&loaded.files.config, 1)?;
-            let dirs = tpi_coordinator::shards::ensure_shards(&loaded.files, &plan, c.quant, c.shards.as_deref())?;
+            let dirs = tpi_coordinator::shards::ensure_shards(
+                &loaded.files,
+                &plan,
+                c.quant,
+                c.shards.as_deref(),
+            )?;
             let shard = Shard::open(&dirs[0])?;
-            let backend = LocalBackend::from_shard(&shard, m.threads(), m.window, m.mem_budget, capacity)?;
+            let backend =
+                LocalBackend::from_shard(&shard, m.threads(), m.window, m.mem_budget, capacity)?;
             return Ok((loaded, Box::new(backend)));
         }
         (Some(n), _) => {
-            let cores = std::thread::available_parallelism().map(|x| x.get()).unwrap_or(1);
+            let cores = std::thread::available_parallelism()
+                .map(|x| x.get())
+                .unwrap_or(1);
             let t = c.node_threads.unwrap_or((cores / n).max(1));
             let mut extra = vec![
                 "--data-dir".to_string(),
@@ -320,7 +332,9 @@ pub fn open_backend(
     let threads = match (&c.local_cluster, m.threads) {
         (_, Some(t)) => t,
         (Some(n), None) => {
-            let cores = std::thread::available_parallelism().map(|x| x.get()).unwrap_or(1);
+            let cores = std::thread::available_parallelism()
+                .map(|x| x.get())
+                .unwrap_or(1);
             (cores / n).max(1)
         }
         _ => m.threads(),
@@ -340,7 +354,8 @@ pub fn open_backend(
         link: match (&c.link, &c.topology) {
             (Some(l), _) => Some(LinkEmulation::uniform(*l)),
             (None, Some(t)) => Some(LinkEmulation::with_topology(
-                tpi_sim::Topology::load(t).with_context(|| format!("cannot load topology {}", t.display()))?,
+                tpi_sim::Topology::load(t)
+                    .with_context(|| format!("cannot load topology {}", t.display()))?,
             )),
             (None, None) => None,
         },
@@ -362,18 +377,30 @@ pub fn profile_summary(steps: &[StepReport]) -> String {
     let Some(first) = steps.first() else {
         return s;
     };
-    let _ = writeln!(s, "profile: prefill of {} tokens took {:.1} ms", first.tokens, first.wall_ms);
+    let _ = writeln!(
+        s,
+        "profile: prefill of {} tokens took {:.1} ms",
+        first.tokens, first.wall_ms
+    );
     let dec = &steps[1..];
     if dec.is_empty() {
         return s;
     }
     let n = dec.len() as f64;
     let wall: f64 = dec.iter().map(|d| d.wall_ms).sum::<f64>() / n;
-    let _ = writeln!(s, "profile: {} decode steps, {wall:.2} ms/token at rank 0; per rank (ms/token):", dec.len());
+    let _ = writeln!(
+        s,
+        "profile: {} decode steps, {wall:.2} ms/token at rank 0; per rank (ms/token):",
+        dec.len()
+    );
     let _ = writeln!(s, "  rank   compute  ar-wait  ar-xfer     idle");
     for r in 0..first.ranks.len() {
         let avg = |f: &dyn Fn(&tpi_coordinator::engine::RankStep) -> f64| {
-            dec.iter().filter_map(|d| d.ranks.get(r)).map(f).sum::<f64>() / n
+            dec.iter()
+                .filter_map(|d| d.ranks.get(r))
+                .map(f)
+                .sum::<f64>()
+                / n
         };
         let _ = writeln!(
             s,

@@ -51,9 +51,7 @@ pub fn run(a: RunArgs) -> anyhow::Result<()> {
         (Some(p), None) => {
             let tok = loaded.tokenizer()?;
             if a.chat {
-                let text = loaded
-                    .chat()?
-                    .render(&[Message::new("user", p)], true);
+                let text = loaded.chat()?.render(&[Message::new("user", p)], true);
                 tok.encode(&text, false)?
             } else {
                 tok.encode(p, true)?
@@ -85,7 +83,10 @@ pub fn run(a: RunArgs) -> anyhow::Result<()> {
                 Some(d) => d.push(id).unwrap_or_default(),
                 None => format!("{id} "),
             };
-            if let Err(e) = stdout.write_all(piece.as_bytes()).and_then(|_| stdout.flush()) {
+            if let Err(e) = stdout
+                .write_all(piece.as_bytes())
+                .and_then(|_| stdout.flush())
+            {
                 write_err = Some(e);
                 return false;
             }

@@ -31,7 +31,8 @@ pub struct ShardArgs {
 
 /// Runs `tpi shard`.
 pub fn shard(a: ShardArgs) -> anyhow::Result<()> {
-    let files = ModelFiles::open(&a.model).with_context(|| format!("cannot load model {}", a.model.display()))?;
+    let files = ModelFiles::open(&a.model)
+        .with_context(|| format!("cannot load model {}", a.model.display()))?;
     files.validate()?;
     let weights = match (&a.nodes, &a.ratios) {
         (Some(0), _) => bail!("--nodes must be at least 1"),

@@ -12,7 +12,11 @@ use tpi_node::net::{Credential, TransportOptions};
 use tpi_node::worker::{bind, serve, NodeOptions};
 
 #[derive(Parser, Debug)]
-#[command(name = "tpi-node", version, about = "A tpi cluster node: holds a slice of every layer and computes it.")]
+#[command(
+    name = "tpi-node",
+    version,
+    about = "A tpi cluster node: holds a slice of every layer and computes it."
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -114,7 +118,8 @@ fn real_main() -> anyhow::Result<()> {
     let link = match (link, topology) {
         (Some(l), _) => Some(LinkEmulation::uniform(l)),
         (None, Some(t)) => Some(LinkEmulation::with_topology(
-            tpi_sim::Topology::load(&t).with_context(|| format!("cannot load topology {}", t.display()))?,
+            tpi_sim::Topology::load(&t)
+                .with_context(|| format!("cannot load topology {}", t.display()))?,
         )),
         (None, None) => None,
     };

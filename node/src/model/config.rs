@@ -143,7 +143,8 @@ fn parse_scaling(s: &Value) -> Result<Option<RopeScaling>, ModelError> {
     match ty {
         "default" => Ok(None),
         "llama3" => Ok(Some(RopeScaling {
-            factor: get_f32(s, "factor")?.ok_or_else(|| cfg_err("llama3 rope_scaling needs `factor`"))?,
+            factor: get_f32(s, "factor")?
+                .ok_or_else(|| cfg_err("llama3 rope_scaling needs `factor`"))?,
             low_freq_factor: get_f32(s, "low_freq_factor")?.unwrap_or(1.0),
             high_freq_factor: get_f32(s, "high_freq_factor")?.unwrap_or(4.0),
             original_max_position_embeddings: need_usize(s, "original_max_position_embeddings")?,
@@ -184,7 +185,9 @@ impl ModelConfig {
             Some(h) => h,
             None => {
                 if n_heads == 0 || hidden % n_heads != 0 {
-                    return Err(cfg_err("hidden_size is not divisible by num_attention_heads"));
+                    return Err(cfg_err(
+                        "hidden_size is not divisible by num_attention_heads",
+                    ));
                 }
                 hidden / n_heads
             }
@@ -205,7 +208,9 @@ impl ModelConfig {
         };
         let cfg = ModelConfig {
             attention_bias: arch == "qwen2"
-                || v.get("attention_bias").and_then(|b| b.as_bool()).unwrap_or(false),
+                || v.get("attention_bias")
+                    .and_then(|b| b.as_bool())
+                    .unwrap_or(false),
             arch,
             vocab_size: need_usize(&v, "vocab_size")?,
             hidden_size: hidden,

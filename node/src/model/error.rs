@@ -22,7 +22,9 @@ pub enum ModelError {
         msg: String,
     },
     /// The model uses an architecture tpi does not run.
-    #[error("unsupported architecture `{0}` (tpi runs Llama-family models: llama, mistral, qwen2)")]
+    #[error(
+        "unsupported architecture `{0}` (tpi runs Llama-family models: llama, mistral, qwen2)"
+    )]
     UnsupportedArch(String),
     /// A tensor uses a dtype tpi has no kernel for.
     #[error("tensor `{tensor}` has unsupported dtype {dtype} (supported: f32, f16, bf16, q8_0, q4_0, q4_1)")]

@@ -136,7 +136,11 @@ impl RankModel {
     ) -> Result<Self, ModelError> {
         let hd = cfg.head_dim;
         let d = cfg.hidden_size;
-        let (qd, kvd, fd) = (slice.n_heads() * hd, slice.n_kv_heads() * hd, slice.ffn.len());
+        let (qd, kvd, fd) = (
+            slice.n_heads() * hd,
+            slice.n_kv_heads() * hd,
+            slice.ffn.len(),
+        );
         let mut layers = Vec::with_capacity(cfg.n_layers);
         for l in 0..cfg.n_layers {
             let vec_of = |role: Role, len: usize| -> Result<Vec<f32>, ModelError> {
@@ -251,8 +255,20 @@ impl RankModel {
             if let Some(b) = &ly.bv {
                 k::add_in_place(&mut vv[t * kvd..(t + 1) * kvd], b);
             }
-            k::apply_rope(&mut q[t * qd..(t + 1) * qd], hd, start + t, &self.inv_freq, layout);
-            k::apply_rope(&mut kk[t * kvd..(t + 1) * kvd], hd, start + t, &self.inv_freq, layout);
+            k::apply_rope(
+                &mut q[t * qd..(t + 1) * qd],
+                hd,
+                start + t,
+                &self.inv_freq,
+                layout,
+            );
+            k::apply_rope(
+                &mut kk[t * kvd..(t + 1) * kvd],
+                hd,
+                start + t,
+                &self.inv_freq,
+                layout,
+            );
         }
         let cap = cache.capacity;
         let (kc, vc) = cache.layer_mut(layer);
@@ -383,11 +399,12 @@ impl Head {
     /// Loads the head from a full model's tensors.
     pub fn from_store(store: &TensorStore, cfg: &ModelConfig) -> Result<Self, ModelError> {
         let embed = store.role(cfg, Role::Embed, 0)?;
-        let lm_head = if cfg.tie_word_embeddings || !store.contains(&Role::LmHead.name(store.format(), 0)) {
-            embed.clone()
-        } else {
-            store.role(cfg, Role::LmHead, 0)?
-        };
+        let lm_head =
+            if cfg.tie_word_embeddings || !store.contains(&Role::LmHead.name(store.format(), 0)) {
+                embed.clone()
+            } else {
+                store.role(cfg, Role::LmHead, 0)?
+            };
         Ok(Head {
             embed,
             final_norm: store.role_f32(cfg, Role::FinalNorm, 0)?,

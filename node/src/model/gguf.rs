@@ -358,7 +358,10 @@ impl GgufFile {
                 ));
             }
             if tensors.contains_key(&r.name) {
-                return Err(ModelError::corrupt(path, format!("duplicate tensor `{}`", r.name)));
+                return Err(ModelError::corrupt(
+                    path,
+                    format!("duplicate tensor `{}`", r.name),
+                ));
             }
             tensors.insert(
                 r.name.clone(),

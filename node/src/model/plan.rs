@@ -103,7 +103,9 @@ fn proportional(total: usize, weights: &[f64], min_one: bool) -> Vec<Range<usize
         }
         bounds[weights.len()] = b;
     }
-    (0..weights.len()).map(|i| bounds[i]..bounds[i + 1]).collect()
+    (0..weights.len())
+        .map(|i| bounds[i]..bounds[i + 1])
+        .collect()
 }
 
 impl SplitPlan {
@@ -160,7 +162,11 @@ impl SplitPlan {
             debug_assert_eq!(next, a);
         }
         let f = cfg.intermediate_size;
-        let align = if f.is_multiple_of(FFN_ALIGN) { FFN_ALIGN } else { 1 };
+        let align = if f.is_multiple_of(FFN_ALIGN) {
+            FFN_ALIGN
+        } else {
+            1
+        };
         let ffn_blocks = proportional(f / align, weights, false);
         let ranks = (0..n)
             .map(|i| RankSlice {
@@ -199,7 +205,10 @@ impl SplitPlan {
         let (mut h, mut f) = (0, 0);
         for (i, r) in self.ranks.iter().enumerate() {
             if r.heads.start != h || r.heads.end < r.heads.start {
-                return bad(format!("rank {i}: heads {:?} leave a gap or overlap", r.heads));
+                return bad(format!(
+                    "rank {i}: heads {:?} leave a gap or overlap",
+                    r.heads
+                ));
             }
             h = r.heads.end;
             if r.ffn.start != f || r.ffn.end < r.ffn.start {
@@ -226,7 +235,10 @@ impl SplitPlan {
                 grp..grp + 1
             };
             if r.kv_heads != expect {
-                return bad(format!("rank {i}: KV heads {:?}, expected {expect:?}", r.kv_heads));
+                return bad(format!(
+                    "rank {i}: KV heads {:?}, expected {expect:?}",
+                    r.kv_heads
+                ));
             }
         }
         if h != self.n_heads || f != self.intermediate_size {

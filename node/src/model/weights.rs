@@ -93,7 +93,12 @@ impl Weight {
     }
 
     /// A dense weight owning `data`.
-    pub fn from_vec(dtype: DType, rows: usize, cols: usize, data: Vec<u8>) -> Result<Self, ModelError> {
+    pub fn from_vec(
+        dtype: DType,
+        rows: usize,
+        cols: usize,
+        data: Vec<u8>,
+    ) -> Result<Self, ModelError> {
         Self::new(dtype, rows, cols, Blob::Owned(Arc::new(data)), 0)
     }
 
@@ -490,7 +495,12 @@ impl TensorStore {
     }
 
     /// A small vector tensor (norm, bias) by role, dequantised to f32.
-    pub fn role_f32(&self, cfg: &ModelConfig, role: Role, layer: usize) -> Result<Vec<f32>, ModelError> {
+    pub fn role_f32(
+        &self,
+        cfg: &ModelConfig,
+        role: Role,
+        layer: usize,
+    ) -> Result<Vec<f32>, ModelError> {
         Ok(self.role(cfg, role, layer)?.to_f32_vec())
     }
 

@@ -31,7 +31,12 @@ pub struct LinkEmulation {
 
 impl std::fmt::Debug for LinkEmulation {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "LinkEmulation({}, topology: {})", self.default, self.topology.is_some())
+        write!(
+            f,
+            "LinkEmulation({}, topology: {})",
+            self.default,
+            self.topology.is_some()
+        )
     }
 }
 

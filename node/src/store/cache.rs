@@ -100,7 +100,8 @@ impl ShardCache {
                 have: BTreeMap::new(),
             };
             for (i, b) in m.blocks.iter().enumerate() {
-                p.have.insert(i as u32, if bad.contains(&i) { 0 } else { b.len });
+                p.have
+                    .insert(i as u32, if bad.contains(&i) { 0 } else { b.len });
             }
             write_progress(&partial, &p)?;
         } else if dir.exists() {
@@ -108,8 +109,7 @@ impl ShardCache {
             std::fs::remove_dir_all(&dir).map_err(io(&dir))?;
         }
         let p = read_progress(&partial).filter(|p| p.key == m.cache_key());
-        Ok(m
-            .blocks
+        Ok(m.blocks
             .iter()
             .enumerate()
             .filter_map(|(i, b)| {
@@ -201,11 +201,10 @@ pub struct Receiver {
 impl Receiver {
     /// Writes `data` at byte `offset` of block `index`; chunks of a block must arrive in order.
     pub fn write(&mut self, index: u32, offset: u64, data: &[u8]) -> Result<(), StoreError> {
-        let b = self
-            .manifest
-            .blocks
-            .get(index as usize)
-            .ok_or_else(|| StoreError::Invalid(format!("block {index} is not in the manifest")))?;
+        let b =
+            self.manifest.blocks.get(index as usize).ok_or_else(|| {
+                StoreError::Invalid(format!("block {index} is not in the manifest"))
+            })?;
         let have = self.progress.have.get(&index).copied().unwrap_or(0);
         if offset != have {
             return Err(StoreError::Invalid(format!(
@@ -215,13 +214,18 @@ impl Receiver {
         let end = offset
             .checked_add(data.len() as u64)
             .filter(|&e| e <= b.len)
-            .ok_or_else(|| StoreError::Invalid(format!("block {index}: chunk runs past the block")))?;
+            .ok_or_else(|| {
+                StoreError::Invalid(format!("block {index}: chunk runs past the block"))
+            })?;
         let path = self.dir.join(DATA_FILE);
         self.file
             .seek(SeekFrom::Start(b.offset + offset))
             .map_err(io(&path))?;
         self.file.write_all(data).map_err(|e| {
-            StoreError::Invalid(format!("writing shard block {index} to {}: {e}", path.display()))
+            StoreError::Invalid(format!(
+                "writing shard block {index} to {}: {e}",
+                path.display()
+            ))
         })?;
         self.progress.have.insert(index, end);
         if end == b.len {
@@ -238,7 +242,9 @@ impl Receiver {
     /// Verifies every block, writes the manifest, and moves the shard into place.
     pub fn finish(self) -> Result<Shard, StoreError> {
         let path = self.dir.join(DATA_FILE);
-        self.file.set_len(self.manifest.file_len).map_err(io(&path))?;
+        self.file
+            .set_len(self.manifest.file_len)
+            .map_err(io(&path))?;
         self.file.sync_all().map_err(io(&path))?;
         for (i, b) in self.manifest.blocks.iter().enumerate() {
             if hash_range(&self.file, b.offset, b.len).map_err(io(&path))? != b.sha256 {

@@ -103,7 +103,12 @@ impl Manifest {
 
     /// This manifest's cache key.
     pub fn cache_key(&self) -> String {
-        Self::key(&self.model_id, &self.plan_id, self.rank as usize, &self.quant)
+        Self::key(
+            &self.model_id,
+            &self.plan_id,
+            self.rank as usize,
+            &self.quant,
+        )
     }
 
     /// Checks internal consistency (bounds, alignment, order) of a manifest read from disk or the network.
@@ -119,7 +124,11 @@ impl Manifest {
             return Err("the manifest's plan does not hash to its plan id".into());
         }
         if self.rank as usize >= self.plan.world() {
-            return Err(format!("rank {} outside a plan of {}", self.rank, self.plan.world()));
+            return Err(format!(
+                "rank {} outside a plan of {}",
+                self.rank,
+                self.plan.world()
+            ));
         }
         let mut end = 0u64;
         for (i, b) in self.blocks.iter().enumerate() {

@@ -37,7 +37,11 @@ impl std::str::FromStr for Quant {
             "q4_1" => Quant::To(DType::Q4_1),
             "f16" => Quant::To(DType::F16),
             "f32" => Quant::To(DType::F32),
-            o => return Err(format!("unknown quantisation `{o}` (keep, q8_0, q4_0, q4_1, f16, f32)")),
+            o => {
+                return Err(format!(
+                    "unknown quantisation `{o}` (keep, q8_0, q4_0, q4_1, f16, f32)"
+                ))
+            }
         })
     }
 }
@@ -169,7 +173,8 @@ pub fn write_shard(
             _ => 0,
         };
         let offset = align(pos, BLOCK_ALIGN);
-        out.write_all(&vec![0u8; (offset - pos) as usize]).map_err(ioe)?;
+        out.write_all(&vec![0u8; (offset - pos) as usize])
+            .map_err(ioe)?;
         let mut hash = Sha256::new();
         let mut len = 0u64;
         let mut tensors = Vec::new();
@@ -261,7 +266,12 @@ pub const FIXED_OVERHEAD: u64 = 64 << 20;
 
 /// Picks the sliding window for a shard: `window` if given, else from the budget
 /// (None: the whole shard stays resident).
-pub fn choose_window(m: &Manifest, window: Option<usize>, mem_budget: Option<u64>, kv_bytes: u64) -> Option<usize> {
+pub fn choose_window(
+    m: &Manifest,
+    window: Option<usize>,
+    mem_budget: Option<u64>,
+    kv_bytes: u64,
+) -> Option<usize> {
     if let Some(w) = window {
         return Some(w.max(1));
     }
@@ -364,13 +374,18 @@ impl Shard {
             .index
             .get(&(role, layer as u32))
             .copied()
-            .ok_or_else(|| crate::model::ModelError::MissingTensor(format!("{role:?} of layer {layer} in the shard")))?;
+            .ok_or_else(|| {
+                crate::model::ModelError::MissingTensor(format!(
+                    "{role:?} of layer {layer} in the shard"
+                ))
+            })?;
         let b = &self.manifest.blocks[bi];
         let t = &b.tensors[ti];
-        let dtype = ggml_dtype(t.ggml_type).map_err(|d| crate::model::ModelError::UnsupportedDType {
-            tensor: format!("{role:?}"),
-            dtype: d,
-        })?;
+        let dtype =
+            ggml_dtype(t.ggml_type).map_err(|d| crate::model::ModelError::UnsupportedDType {
+                tensor: format!("{role:?}"),
+                dtype: d,
+            })?;
         let w = Weight::new(
             dtype,
             t.rows as usize,

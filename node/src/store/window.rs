@@ -154,7 +154,12 @@ impl Inner {
 impl Window {
     /// Starts the prefetcher over `regions` (byte ranges of `map`, in compute order).
     /// `w`: blocks to keep resident; `None` loads everything once and never releases.
-    pub fn new(map: Arc<Mmap>, file: Arc<File>, regions: Vec<Range<usize>>, w: Option<usize>) -> Self {
+    pub fn new(
+        map: Arc<Mmap>,
+        file: Arc<File>,
+        regions: Vec<Range<usize>>,
+        w: Option<usize>,
+    ) -> Self {
         let n = regions.len();
         let streaming = matches!(w, Some(w) if w < n);
         let inner = Arc::new(Inner {
