@@ -393,7 +393,10 @@ pub fn profile_summary(steps: &[StepReport]) -> String {
         "profile: {} decode steps, {wall:.2} ms/token at rank 0; per rank (ms/token):",
         dec.len()
     );
-    let _ = writeln!(s, "  rank   compute  ar-wait  ar-xfer     idle");
+    let _ = writeln!(
+        s,
+        "  rank   compute  ar-wait  ar-xfer     idle disk-wait  disk MB  peak RSS MB"
+    );
     for r in 0..first.ranks.len() {
         let avg = |f: &dyn Fn(&tpi_coordinator::engine::RankStep) -> f64| {
             dec.iter()
@@ -402,13 +405,22 @@ pub fn profile_summary(steps: &[StepReport]) -> String {
                 .sum::<f64>()
                 / n
         };
+        let peak = dec
+            .iter()
+            .filter_map(|d| d.ranks.get(r))
+            .map(|x| x.peak_rss_bytes)
+            .max()
+            .unwrap_or(0);
         let _ = writeln!(
             s,
-            "  {r:>4} {:>9.2} {:>8.2} {:>8.2} {:>8.2}",
+            "  {r:>4} {:>9.2} {:>8.2} {:>8.2} {:>8.2} {:>9.2} {:>8.2} {:>12.1}",
             avg(&|x| x.compute_ms),
             avg(&|x| x.allreduce_wait_ms),
             avg(&|x| x.allreduce_transfer_ms),
-            avg(&|x| x.idle_ms)
+            avg(&|x| x.idle_ms),
+            avg(&|x| x.disk_wait_ms),
+            avg(&|x| x.disk_read_bytes as f64 / 1e6),
+            peak as f64 / 1e6
         );
     }
     s

@@ -308,10 +308,13 @@ mod tests {
 
     #[test]
     fn budget_picks_window() {
-        let blocks = [100u64, 200, 100, 200];
-        assert_eq!(window_for_budget(1000, 100, &blocks), None);
+        let blocks = [100u64, 200, 100, 200, 200];
+        // Everything fits: no streaming.
+        assert_eq!(window_for_budget(900, 100, &blocks), None);
+        // Otherwise as many of the largest block as fit after the fixed cost, at least 2.
         assert_eq!(window_for_budget(500, 100, &blocks), Some(2));
         assert_eq!(window_for_budget(700, 100, &blocks), Some(3));
+        assert_eq!(window_for_budget(899, 100, &blocks), Some(3));
         assert_eq!(window_for_budget(10, 100, &blocks), Some(2));
     }
 
