@@ -381,6 +381,7 @@ impl ClusterBackend {
                 allreduce_transfer_ms: ms(t.reduce_total_s - t.reduce_wait_s),
                 idle_ms: ms(t.idle_s),
                 disk_wait_ms: ms(t.disk_wait_s),
+                disk_load_ms: ms(t.disk_load_s),
                 disk_read_bytes: t.disk_read_bytes,
                 peak_rss_bytes: t.peak_rss_bytes,
             });
@@ -440,6 +441,7 @@ impl Backend for ClusterBackend {
             )));
         }
         let read0 = disk_read_bytes().unwrap_or(0);
+        let load0 = self.window.stats().load_s;
         self.finish_pending()?;
         let mut x = self.head.embed(tokens)?;
         let payload = f32_to_le_bytes(&x);
@@ -505,6 +507,7 @@ impl Backend for ClusterBackend {
                 allreduce_transfer_ms: ms(total - wait),
                 idle_ms: ms(idle0),
                 disk_wait_ms: ms(times.disk_wait_s + head_wait),
+                disk_load_ms: ms(self.window.stats().load_s - load0),
                 disk_read_bytes: disk_read_bytes().unwrap_or(0).saturating_sub(read0),
                 peak_rss_bytes: peak_rss().unwrap_or(0),
             }],

@@ -26,6 +26,8 @@ pub struct RankStep {
     pub idle_ms: f64,
     /// Milliseconds waiting for the sliding window to bring a block in from disk.
     pub disk_wait_ms: f64,
+    /// Milliseconds the prefetch thread spent loading blocks (overlapped with compute).
+    pub disk_load_ms: f64,
     /// Bytes read from storage during the step.
     pub disk_read_bytes: u64,
     /// Peak resident set size of the rank's process so far.
@@ -138,6 +140,11 @@ impl Backend for LocalBackend {
             return Err(Error::Input("empty step".into()));
         }
         let read0 = disk_read_bytes().unwrap_or(0);
+        let load0 = self
+            .window
+            .as_ref()
+            .map(|w| w.stats().load_s)
+            .unwrap_or(0.0);
         let mut x = self.head.embed(tokens)?;
         let hooks = self.window.as_ref().map(|w| w as &dyn BlockHooks);
         let times: StepTimes = self.model.forward_layers::<Error>(
@@ -169,6 +176,13 @@ impl Backend for LocalBackend {
                 rank: 0,
                 compute_ms: (times.compute_s + head_s) * 1e3,
                 disk_wait_ms: (times.disk_wait_s + head_wait) * 1e3,
+                disk_load_ms: (self
+                    .window
+                    .as_ref()
+                    .map(|w| w.stats().load_s)
+                    .unwrap_or(0.0)
+                    - load0)
+                    * 1e3,
                 disk_read_bytes: disk_read_bytes().unwrap_or(0).saturating_sub(read0),
                 peak_rss_bytes: peak_rss().unwrap_or(0),
                 ..Default::default()

@@ -124,6 +124,9 @@ pub struct NodeStepTimes {
     pub idle_s: f64,
     /// Seconds waiting for the sliding window to bring a block in.
     pub disk_wait_s: f64,
+    /// Seconds the prefetch thread spent loading blocks during the step (overlapped
+    /// with compute; compare with `disk_wait_s`).
+    pub disk_load_s: f64,
     /// Bytes read from storage during the step.
     pub disk_read_bytes: u64,
     /// Peak resident set size of the node process so far (VmHWM).

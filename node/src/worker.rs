@@ -456,6 +456,7 @@ async fn session_body(
                 f32_from_le_bytes(&buf, &mut x)?;
                 let handle = tokio::runtime::Handle::current();
                 let read0 = disk_read_bytes().unwrap_or(0);
+                let load0 = window.stats().load_s;
                 let mut wait = 0f64;
                 let mut total = 0f64;
                 let times = tokio::task::block_in_place(|| {
@@ -481,6 +482,7 @@ async fn session_body(
                     reduce_total_s: total,
                     idle_s,
                     disk_wait_s: times.disk_wait_s,
+                    disk_load_s: window.stats().load_s - load0,
                     disk_read_bytes: disk_read_bytes().unwrap_or(0).saturating_sub(read0),
                     peak_rss_bytes: peak_rss().unwrap_or(0),
                 }))

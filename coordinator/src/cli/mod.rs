@@ -395,7 +395,7 @@ pub fn profile_summary(steps: &[StepReport]) -> String {
     );
     let _ = writeln!(
         s,
-        "  rank   compute  ar-wait  ar-xfer     idle disk-wait  disk MB  peak RSS MB"
+        "  rank   compute  ar-wait  ar-xfer     idle disk-wait disk-load  disk MB  peak RSS MB"
     );
     for r in 0..first.ranks.len() {
         let avg = |f: &dyn Fn(&tpi_coordinator::engine::RankStep) -> f64| {
@@ -413,12 +413,13 @@ pub fn profile_summary(steps: &[StepReport]) -> String {
             .unwrap_or(0);
         let _ = writeln!(
             s,
-            "  {r:>4} {:>9.2} {:>8.2} {:>8.2} {:>8.2} {:>9.2} {:>8.2} {:>12.1}",
+            "  {r:>4} {:>9.2} {:>8.2} {:>8.2} {:>8.2} {:>9.2} {:>9.2} {:>8.2} {:>12.1}",
             avg(&|x| x.compute_ms),
             avg(&|x| x.allreduce_wait_ms),
             avg(&|x| x.allreduce_transfer_ms),
             avg(&|x| x.idle_ms),
             avg(&|x| x.disk_wait_ms),
+            avg(&|x| x.disk_load_ms),
             avg(&|x| x.disk_read_bytes as f64 / 1e6),
             peak as f64 / 1e6
         );
