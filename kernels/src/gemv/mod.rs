@@ -141,7 +141,7 @@ pub(crate) fn gemv_unchecked(isa: Isa, pool: &ThreadPool, w: &MatRef, x: &[f32],
     }
     let aux = gemv_aux(isa, w.dtype, x);
     let max_tasks_by_size = (w.weight_bytes() / MIN_TASK_BYTES).max(1);
-    let n_tasks = (pool.n_threads() * 4)
+    let n_tasks = (pool.n_threads() * 2)
         .min(max_tasks_by_size)
         .min(rows.div_ceil(ROW_BLOCK))
         .max(1);
