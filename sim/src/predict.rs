@@ -163,21 +163,24 @@ pub fn allreduce_time(
             2.0 * (n - 1) as f64 * step
         }
         Algo::Tree => {
+            // The binary tree tpi-node uses: rank r's parent is (r − 1) / 2, so depth
+            // ⌊log2 N⌋. Each level's children send at once; the sum goes up level by
+            // level, then comes back down.
+            let depth = |r: usize| (usize::BITS - 1 - (r + 1).leading_zeros()) as usize;
+            let levels = depth(n - 1);
             let mut total = 0.0;
-            let mut stride = 1;
-            while stride < n {
-                let pairs = (0..n)
-                    .step_by(2 * stride)
-                    .filter(|i| i + stride < n)
-                    .map(|i| (i + stride, i));
-                let (up, down) = pairs.fold((0.0f64, 0.0f64), |(u, d), (c, p)| {
-                    (
-                        u.max(message(topo, cal, c, p, bytes)),
-                        d.max(message(topo, cal, p, c, bytes)),
-                    )
-                });
+            for level in 1..=levels {
+                let (up, down) =
+                    (1..n)
+                        .filter(|&c| depth(c) == level)
+                        .fold((0.0f64, 0.0f64), |(u, d), c| {
+                            let p = (c - 1) / 2;
+                            (
+                                u.max(message(topo, cal, c, p, bytes)),
+                                d.max(message(topo, cal, p, c, bytes)),
+                            )
+                        });
                 total += up + down;
-                stride *= 2;
             }
             total
         }
@@ -329,9 +332,14 @@ mod tests {
         assert!((star - 2.0).abs() < 1e-9, "{star}");
         assert!((ring - 14.0).abs() < 1e-9, "{ring}");
         assert!((tree - 6.0).abs() < 1e-9, "{tree}");
+        // Binary tree (parent (r−1)/2): 3 and 5 ranks are 1 and 2 levels deep.
+        assert_eq!(
+            allreduce_time(Algo::Tree, &t, &c, 3, 4.0),
+            Duration::from_millis(2)
+        );
         assert_eq!(
             allreduce_time(Algo::Tree, &t, &c, 5, 4.0),
-            Duration::from_millis(6)
+            Duration::from_millis(4)
         );
         assert_eq!(allreduce_time(Algo::Star, &t, &c, 1, 4.0), Duration::ZERO);
         // With the default 50 µs per message: star = 2 × (1 ms + 50 µs).
