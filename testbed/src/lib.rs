@@ -326,3 +326,51 @@ pub fn copy_dir(src: &Path, tag: &str) -> TempDir {
     }
     t
 }
+
+/// Runs `cmd` (stdin closed, stdout and stderr captured) with a wall-clock limit and
+/// returns (status, stdout, stderr). On timeout it kills the process and panics with
+/// `what` and the stderr so far: a hung run fails the test instead of hanging it.
+pub fn run_with_limit(
+    mut cmd: Command,
+    limit: std::time::Duration,
+    what: &str,
+) -> (std::process::ExitStatus, String, String) {
+    use std::io::Read;
+    use std::process::Stdio;
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {what}: {e}"));
+    let mut out = child.stdout.take().expect("stdout piped");
+    let mut err = child.stderr.take().expect("stderr piped");
+    let to = std::thread::spawn(move || {
+        let mut s = Vec::new();
+        let _ = out.read_to_end(&mut s);
+        String::from_utf8_lossy(&s).into_owned()
+    });
+    let te = std::thread::spawn(move || {
+        let mut s = Vec::new();
+        let _ = err.read_to_end(&mut s);
+        String::from_utf8_lossy(&s).into_owned()
+    });
+    let t0 = std::time::Instant::now();
+    let status = loop {
+        if let Some(st) = child.try_wait().expect("try_wait") {
+            break st;
+        }
+        if t0.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            let e = te.join().unwrap_or_default();
+            panic!("{what} did not finish within {limit:?} (killed)\nstderr:\n{e}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    };
+    (
+        status,
+        to.join().unwrap_or_default(),
+        te.join().unwrap_or_default(),
+    )
+}

@@ -7,7 +7,7 @@
 //! (a process-wide lock): each spawns up to 12 processes and the machines running the
 //! suite may have 2 cores.
 
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use tpi_testbed::{
-    cmdline, ids, model_fixture_dirs, read_json, read_npy, smollm2_gguf, tokens_arg, tpi_bin,
-    tpi_node_bin, TempDir,
+    cmdline, ids, model_fixture_dirs, read_json, read_npy, run_with_limit, smollm2_gguf,
+    tokens_arg, tpi_bin, tpi_node_bin, TempDir,
 };
 
 /// Longest any single `tpi run` may take here.
@@ -46,46 +46,9 @@ struct Gen {
 /// Runs `tpi` with a wall-clock limit; returns (status, stdout, stderr). Kills it on
 /// timeout and panics.
 fn run_limited(args: &[String], limit: Duration) -> (ExitStatus, String, String) {
-    let bin = tpi_bin();
-    let mut child = Command::new(&bin)
-        .args(args)
-        .env_remove("RUST_LOG")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot run {}: {e}", bin.display()));
-    let mut out = child.stdout.take().unwrap();
-    let mut err = child.stderr.take().unwrap();
-    let to = std::thread::spawn(move || {
-        let mut s = Vec::new();
-        let _ = out.read_to_end(&mut s);
-        s
-    });
-    let te = std::thread::spawn(move || {
-        let mut s = Vec::new();
-        let _ = err.read_to_end(&mut s);
-        s
-    });
-    let t0 = Instant::now();
-    let status = loop {
-        if let Some(st) = child.try_wait().expect("try_wait") {
-            break st;
-        }
-        if t0.elapsed() > limit {
-            let _ = child.kill();
-            let _ = child.wait();
-            let e = String::from_utf8_lossy(&te.join().unwrap_or_default()).into_owned();
-            panic!(
-                "`{}` did not finish within {limit:?} (killed)\nstderr:\n{e}",
-                cmdline(args)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
-    let o = String::from_utf8_lossy(&to.join().unwrap_or_default()).into_owned();
-    let e = String::from_utf8_lossy(&te.join().unwrap_or_default()).into_owned();
-    (status, o, e)
+    let mut cmd = Command::new(tpi_bin());
+    cmd.args(args).env_remove("RUST_LOG");
+    run_with_limit(cmd, limit, &format!("`{}`", cmdline(args)))
 }
 
 /// `tpi run` on `model` with prompt `prompt` (ids or text), greedy, `n` tokens,

@@ -23,8 +23,8 @@ use tpi_testbed::synth::{
     write_big_model, BIG_CTX, BIG_HEADS, BIG_HIDDEN, BIG_KV_HEADS, BIG_LAYERS,
 };
 use tpi_testbed::{
-    cmdline, ids, model_fixture_dirs, read_json, read_npy, smollm2_gguf, tokens_arg, tpi_bin,
-    TempDir,
+    cmdline, ids, model_fixture_dirs, read_json, read_npy, run_with_limit, smollm2_gguf,
+    tokens_arg, tpi_bin, TempDir,
 };
 
 /// Longest any single `tpi` command may take here.
@@ -42,38 +42,8 @@ fn serial() -> MutexGuard<'static, ()> {
 
 /// Runs `cmd` with a wall-clock limit; returns (status, stdout, stderr). Kills it and
 /// panics on timeout.
-fn run_limited(mut cmd: Command, what: &str) -> (ExitStatus, String, String) {
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot run {what}: {e}"));
-    let mut out = child.stdout.take().unwrap();
-    let mut err = child.stderr.take().unwrap();
-    let to = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = out.read_to_string(&mut s);
-        s
-    });
-    let te = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = err.read_to_string(&mut s);
-        s
-    });
-    let t0 = Instant::now();
-    let status = loop {
-        if let Some(st) = child.try_wait().expect("try_wait") {
-            break st;
-        }
-        if t0.elapsed() > RUN_TIMEOUT {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("{what} did not finish within {RUN_TIMEOUT:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    (status, to.join().unwrap(), te.join().unwrap())
+fn run_limited(cmd: Command, what: &str) -> (ExitStatus, String, String) {
+    run_with_limit(cmd, RUN_TIMEOUT, what)
 }
 
 /// A `tpi` command with a private shard cache.
