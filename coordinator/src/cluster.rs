@@ -155,7 +155,7 @@ impl ClusterBackend {
         let cache = model.new_cache(capacity);
         let window = shards[0].window(opts.window, opts.mem_budget, cache.bytes() as u64);
         let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
+            .worker_threads(1)
             .enable_all()
             .build()
             .map_err(|e| Error::Io(e.to_string()))?;

@@ -151,7 +151,7 @@ fn real_main() -> anyhow::Result<()> {
         link,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(1)
         .enable_all()
         .build()?;
     rt.block_on(async {
