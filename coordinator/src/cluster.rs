@@ -14,7 +14,7 @@ use tpi_node::net::collective::open_data_link;
 use tpi_node::net::frame::{write_frame, FrameKind};
 use tpi_node::net::wire::{f32_to_le_bytes, PROTOCOL_VERSION};
 use tpi_node::net::{
-    Algo, Connection, Credential, Endpoint, Group, NetError, Stream, TransportOptions, WireDType,
+    Algo, Connection, Credential, Endpoint, Group, Stream, TransportOptions, WireDType,
 };
 use tpi_node::proto::{FromNode, NodeStepTimes, Setup, ToNode, CONTROL_STREAM_TAG, MAX_CONTROL};
 use tpi_node::store::window::{disk_read_bytes, peak_rss};
@@ -347,11 +347,6 @@ impl ClusterBackend {
         &self.plan
     }
 
-    /// What setting up the session cost (shard transfers) and the windows in force.
-    pub fn setup_report(&self) -> &SetupReport {
-        &self.setup
-    }
-
     /// Completes the previous step's report with the workers' timings. They were sent
     /// as each worker finished, so by the next step they have arrived: collecting them
     /// here keeps that round trip off every token's critical path.
@@ -390,16 +385,13 @@ impl ClusterBackend {
         self.reports.push(report);
         Ok(())
     }
+}
 
-    /// Explains a failed allreduce: names the node whose link broke.
-    fn cluster_error(&self, e: Error) -> Error {
-        match e {
-            Error::Net(n) => {
-                let msg = n.to_string();
-                Error::Cluster(format!("cluster step failed: {msg}"))
-            }
-            other => other,
-        }
+/// Explains a failed allreduce (the network error names the node whose link broke).
+fn step_error(e: Error) -> Error {
+    match e {
+        Error::Net(n) => Error::Cluster(format!("cluster step failed: {n}")),
+        other => other,
     }
 }
 
@@ -485,7 +477,7 @@ impl Backend for ClusterBackend {
         );
         let times = match res {
             Ok(t) => t,
-            Err(e) => return Err(self.cluster_error(e)),
+            Err(e) => return Err(step_error(e)),
         };
         let d = self.model.cfg.hidden_size;
         let head_pos = 2 * self.model.cfg.n_layers;
@@ -549,9 +541,4 @@ impl Drop for ClusterBackend {
         });
         self.endpoint.close("session over");
     }
-}
-
-/// Turns a connect-time [`NetError`] into an error naming the node.
-pub fn describe(addr: SocketAddr, e: NetError) -> Error {
-    Error::Cluster(format!("node {addr}: {e}"))
 }

@@ -280,11 +280,6 @@ pub fn reset_peak_rss() {
     let _ = std::fs::write("/proc/self/clear_refs", "5");
 }
 
-/// Current resident set size (VmRSS), bytes.
-pub fn current_rss() -> Option<u64> {
-    proc_status_kb("VmRSS:").map(|k| k * 1024)
-}
-
 fn proc_status_kb(key: &str) -> Option<u64> {
     let s = std::fs::read_to_string("/proc/self/status").ok()?;
     s.lines()
