@@ -374,3 +374,29 @@ pub fn run_with_limit(
         te.join().unwrap_or_default(),
     )
 }
+
+/// Largest |a − b| over paired elements; a NaN difference counts as infinite.
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| {
+            let d = (x - y).abs();
+            if d.is_nan() {
+                f32::INFINITY
+            } else {
+                d
+            }
+        })
+        .fold(0.0, f32::max)
+}
+
+/// Fails with every collected mismatch at once (tests that sweep many configurations
+/// push descriptions onto `fails` and call this at the end).
+pub fn finish(what: &str, fails: Vec<String>) {
+    assert!(
+        fails.is_empty(),
+        "{what}: {} failure(s):\n  {}",
+        fails.len(),
+        fails.join("\n  ")
+    );
+}

@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use tpi_testbed::{
-    cmdline, ids, model_fixture_dirs, read_json, read_npy, run_with_limit, smollm2_gguf,
-    tokens_arg, tpi_bin, tpi_node_bin, TempDir,
+    cmdline, finish, ids, max_abs_diff, model_fixture_dirs, read_json, read_npy, run_with_limit,
+    smollm2_gguf, tokens_arg, tpi_bin, tpi_node_bin, TempDir,
 };
 
 /// Longest any single `tpi run` may take here.
@@ -115,20 +115,6 @@ enum Prompt {
     Text(String),
 }
 
-fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| {
-            let d = (x - y).abs();
-            if d.is_nan() {
-                f32::INFINITY
-            } else {
-                d
-            }
-        })
-        .fold(0.0, f32::max)
-}
-
 /// Compares `got` with the one-rank `base`; pushes a description of any mismatch onto
 /// `fails` (so one test reports every broken configuration at once).
 fn compare(label: &str, base: &Gen, got: &Gen, tol: Option<f32>, fails: &mut Vec<String>) {
@@ -187,15 +173,6 @@ fn label_world(label: &str) -> Option<usize> {
             .map(|l| l.split(',').count() + 1);
     }
     None
-}
-
-fn finish(what: &str, fails: Vec<String>) {
-    assert!(
-        fails.is_empty(),
-        "{what}: {} failure(s):\n  {}",
-        fails.len(),
-        fails.join("\n  ")
-    );
 }
 
 fn fixture(name: &str) -> PathBuf {

@@ -23,8 +23,8 @@ use tpi_testbed::synth::{
     write_big_model, BIG_CTX, BIG_HEADS, BIG_HIDDEN, BIG_KV_HEADS, BIG_LAYERS,
 };
 use tpi_testbed::{
-    cmdline, ids, model_fixture_dirs, read_json, read_npy, run_with_limit, smollm2_gguf,
-    tokens_arg, tpi_bin, TempDir,
+    cmdline, finish, ids, max_abs_diff, model_fixture_dirs, read_json, read_npy, run_with_limit,
+    smollm2_gguf, tokens_arg, tpi_bin, TempDir,
 };
 
 /// Longest any single `tpi` command may take here.
@@ -96,29 +96,6 @@ fn u64s(v: &Value) -> Vec<u64> {
                 .unwrap_or_else(|| panic!("expected an integer, got {x}"))
         })
         .collect()
-}
-
-fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| {
-            let d = (x - y).abs();
-            if d.is_nan() {
-                f32::INFINITY
-            } else {
-                d
-            }
-        })
-        .fold(0.0, f32::max)
-}
-
-fn finish(what: &str, fails: Vec<String>) {
-    assert!(
-        fails.is_empty(),
-        "{what}: {} failure(s):\n{}",
-        fails.len(),
-        fails.join("\n")
-    );
 }
 
 /// One generation's ids, logits and JSON.
