@@ -169,7 +169,9 @@ impl Drop for Netns {
     }
 }
 
-fn read_listen_line(child: &mut Child) -> anyhow::Result<SocketAddr> {
+/// Waits (up to 20 s) for a `tpi-node serve` child's first stdout line, `listening on
+/// ADDR`, and returns ADDR; the rest of its stdout is drained so it never blocks.
+pub fn read_listen_line(child: &mut Child) -> anyhow::Result<SocketAddr> {
     let out = child.stdout.take().context("node stdout not captured")?;
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {

@@ -7,7 +7,6 @@
 //! (a process-wide lock): each spawns up to 12 processes and the machines running the
 //! suite may have 2 cores.
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -15,6 +14,7 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use tpi_testbed::harness::read_listen_line;
 use tpi_testbed::{
     cmdline, finish, ids, max_abs_diff, model_fixture_dirs, read_json, read_npy, run_with_limit,
     smollm2_gguf, tokens_arg, tpi_bin, tpi_node_bin, TempDir,
@@ -427,36 +427,18 @@ fn start_node(cred: &Path, log: &Path) -> (Proc, SocketAddr) {
         .stderr(Stdio::from(logf))
         .spawn()
         .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin.display()));
-    let out = child.stdout.take().unwrap();
+    let addr = read_listen_line(&mut child);
     let proc_ = Proc {
         child,
         what: format!("tpi-node ({})", log.display()),
     };
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut r = BufReader::new(out);
-        let mut line = String::new();
-        let _ = r.read_line(&mut line);
-        let _ = tx.send(line);
-        let mut sink = String::new();
-        while r.read_line(&mut sink).map(|n| n > 0).unwrap_or(false) {
-            sink.clear();
-        }
+    let addr = addr.unwrap_or_else(|e| {
+        panic!(
+            "{} did not announce its address ({e:#}); log:\n{}",
+            proc_.what,
+            std::fs::read_to_string(log).unwrap_or_default()
+        )
     });
-    let line = rx
-        .recv_timeout(Duration::from_secs(20))
-        .unwrap_or_else(|_| panic!("{} did not announce its address", proc_.what));
-    let addr: SocketAddr = line
-        .trim()
-        .strip_prefix("listening on ")
-        .and_then(|a| a.parse().ok())
-        .unwrap_or_else(|| {
-            panic!(
-                "{} said {line:?}, not `listening on ADDR`; log:\n{}",
-                proc_.what,
-                std::fs::read_to_string(log).unwrap_or_default()
-            )
-        });
     (proc_, addr)
 }
 

@@ -5,13 +5,14 @@
 //! Tests in this file run one at a time (a process-wide lock): their deadlines are
 //! measured in wall-clock seconds.
 
-use std::io::{BufRead, BufReader, Read};
+use std::io::Read;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use tpi_testbed::harness::read_listen_line;
 use tpi_testbed::{cmdline, fixtures_dir, smollm2_gguf, tpi_bin, tpi_node_bin, TempDir};
 
 /// A dead node must be noticed within this long after it dies.
@@ -172,31 +173,13 @@ impl Node {
             .stderr(Stdio::from(logf))
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin.display()));
-        let out = child.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut r = BufReader::new(out);
-            let mut line = String::new();
-            let _ = r.read_line(&mut line);
-            let _ = tx.send(line);
-            let mut sink = String::new();
-            while r.read_line(&mut sink).map(|n| n > 0).unwrap_or(false) {
-                sink.clear();
-            }
-        });
-        let line = rx.recv_timeout(Duration::from_secs(20));
-        let addr = line
-            .as_ref()
-            .ok()
-            .and_then(|l| l.trim().strip_prefix("listening on "))
-            .and_then(|a| a.parse().ok());
-        match addr {
-            Some(addr) => Node { child, addr, log },
-            None => {
+        match read_listen_line(&mut child) {
+            Ok(addr) => Node { child, addr, log },
+            Err(e) => {
                 let _ = child.kill();
                 let _ = child.wait();
                 panic!(
-                    "tpi-node did not announce its address (said {line:?}); log:\n{}",
+                    "tpi-node did not announce its address ({e:#}); log:\n{}",
                     std::fs::read_to_string(&log).unwrap_or_default()
                 );
             }
