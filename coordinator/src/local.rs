@@ -54,6 +54,60 @@ fn unique_dir() -> PathBuf {
     std::env::temp_dir().join(format!("tpi-local-{}-{nanos}", std::process::id()))
 }
 
+/// Makes the child started by `cmd` get SIGKILL when this process dies, however it
+/// dies (Linux PR_SET_PDEATHSIG; elsewhere a no-op), so no node outlives its parent.
+pub fn die_with_parent(cmd: &mut Command) {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::unix::process::CommandExt;
+        // SAFETY: prctl is async-signal-safe; the closure touches no allocator or locks.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = cmd;
+}
+
+/// Waits up to `timeout` for a `tpi-node serve` child (stdout piped) to print its first
+/// line, `listening on ADDR`, and returns ADDR. The rest of its stdout is drained in the
+/// background so the child never blocks on a full pipe.
+pub fn wait_for_listen(child: &mut Child, timeout: Duration) -> Result<SocketAddr> {
+    let out = child.stdout.take();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        if let Some(out) = out {
+            let mut r = BufReader::new(out);
+            let _ = r.read_line(&mut line);
+            let _ = tx.send(line);
+            let mut sink = String::new();
+            while r.read_line(&mut sink).map(|n| n > 0).unwrap_or(false) {
+                sink.clear();
+            }
+        } else {
+            let _ = tx.send(line);
+        }
+    });
+    let line = rx
+        .recv_timeout(timeout)
+        .map_err(|_| Error::Cluster(format!("a tpi-node did not start within {timeout:?}")))?;
+    line.trim()
+        .strip_prefix("listening on ")
+        .and_then(|a| a.parse().ok())
+        .ok_or_else(|| {
+            Error::Cluster(format!(
+                "a tpi-node failed to start (said {:?})",
+                line.trim()
+            ))
+        })
+}
+
 fn spawn_node(bin: &Path, cred_dir: &Path, threads: usize, extra: &[String]) -> Result<Child> {
     let mut cmd = Command::new(bin);
     cmd.arg("serve")
@@ -70,19 +124,7 @@ fn spawn_node(bin: &Path, cred_dir: &Path, threads: usize, extra: &[String]) -> 
     if std::env::var_os("RUST_LOG").is_none() {
         cmd.env("RUST_LOG", "warn");
     }
-    #[cfg(target_os = "linux")]
-    {
-        use std::os::unix::process::CommandExt;
-        // SAFETY: prctl is async-signal-safe; the closure touches no allocator or locks.
-        unsafe {
-            cmd.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-    }
+    die_with_parent(&mut cmd);
     cmd.spawn().map_err(|e| {
         Error::Io(format!(
             "cannot start {}: {e} (set TPI_NODE_BIN or put tpi-node on PATH)",
@@ -110,37 +152,9 @@ impl LocalCluster {
         let bin = node_binary();
         for _ in 0..nodes {
             let mut child = spawn_node(&bin, &cred_dir, threads, extra_args)?;
-            let out = child.stdout.take();
+            let addr = wait_for_listen(&mut child, Duration::from_secs(20));
             me.children.push(child);
-            let (tx, rx) = mpsc::channel();
-            std::thread::spawn(move || {
-                let mut line = String::new();
-                if let Some(out) = out {
-                    let mut r = BufReader::new(out);
-                    let _ = r.read_line(&mut line);
-                    let _ = tx.send(line);
-                    // Keep draining so the child never blocks on a full pipe.
-                    let mut sink = String::new();
-                    while r.read_line(&mut sink).map(|n| n > 0).unwrap_or(false) {
-                        sink.clear();
-                    }
-                } else {
-                    let _ = tx.send(line);
-                }
-            });
-            let line = rx
-                .recv_timeout(Duration::from_secs(20))
-                .map_err(|_| Error::Cluster("a local tpi-node did not start within 20 s".into()))?;
-            let addr = line
-                .trim()
-                .strip_prefix("listening on ")
-                .and_then(|a| a.parse().ok())
-                .ok_or_else(|| {
-                    Error::Cluster(format!(
-                        "a local tpi-node failed to start (said {:?})",
-                        line.trim()
-                    ))
-                })?;
+            let addr = addr?;
             me.addrs.push(addr);
         }
         Ok(me)

@@ -6,14 +6,14 @@
 //! Only loopback and the addresses of the namespaces this harness creates are ever
 //! addressed.
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
+
+use tpi_coordinator::local::{die_with_parent, wait_for_listen};
 
 use crate::{tpi_bin, tpi_node_bin, TempDir};
 
@@ -170,41 +170,9 @@ impl Drop for Netns {
 }
 
 /// Waits (up to 20 s) for a `tpi-node serve` child's first stdout line, `listening on
-/// ADDR`, and returns ADDR; the rest of its stdout is drained so it never blocks.
+/// ADDR`, and returns ADDR (the coordinator's own reader, so both parse it one way).
 pub fn read_listen_line(child: &mut Child) -> anyhow::Result<SocketAddr> {
-    let out = child.stdout.take().context("node stdout not captured")?;
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let mut r = BufReader::new(out);
-        let mut line = String::new();
-        let _ = r.read_line(&mut line);
-        let _ = tx.send(line);
-        let mut sink = String::new();
-        while r.read_line(&mut sink).map(|n| n > 0).unwrap_or(false) {
-            sink.clear();
-        }
-    });
-    let line = rx
-        .recv_timeout(Duration::from_secs(20))
-        .context("tpi-node did not start within 20 s")?;
-    line.trim()
-        .strip_prefix("listening on ")
-        .and_then(|a| a.parse().ok())
-        .with_context(|| format!("tpi-node said {:?} instead of its address", line.trim()))
-}
-
-fn pdeathsig(cmd: &mut Command) {
-    #[cfg(target_os = "linux")]
-    {
-        use std::os::unix::process::CommandExt;
-        // SAFETY: prctl is async-signal-safe.
-        unsafe {
-            cmd.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                Ok(())
-            });
-        }
-    }
+    Ok(wait_for_listen(child, Duration::from_secs(20))?)
 }
 
 impl Testbed {
@@ -286,7 +254,7 @@ impl Testbed {
             if let Some(t) = &spec.topology {
                 cmd.arg("--topology").arg(t);
             }
-            pdeathsig(&mut cmd);
+            die_with_parent(&mut cmd);
             let mut child = cmd.spawn().context("cannot start tpi-node")?;
             let addr = read_listen_line(&mut child);
             let addr = match addr {
@@ -331,7 +299,7 @@ impl Testbed {
         if let Some(t) = &self.spec.topology {
             cmd.arg("--topology").arg(t);
         }
-        pdeathsig(&mut cmd);
+        die_with_parent(&mut cmd);
         cmd
     }
 
