@@ -461,6 +461,7 @@ impl Backend for ClusterBackend {
         let (mut wait, mut total) = (0f64, 0f64);
         let group = &mut self.group;
         let rt = &self.rt;
+        let spin = tpi_node::net::spin::spin_time();
         let res = self.model.forward_layers::<Error>(
             &self.pool,
             &mut x,
@@ -469,7 +470,7 @@ impl Backend for ClusterBackend {
             &mut self.cache,
             Some(&self.window),
             &mut |part| {
-                let st = rt.block_on(group.allreduce(part))?;
+                let st = tpi_node::net::spin::block_on(rt.handle(), spin, group.allreduce(part))?;
                 wait += st.wait.as_secs_f64();
                 total += st.total.as_secs_f64();
                 Ok(())

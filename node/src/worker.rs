@@ -455,6 +455,7 @@ async fn session_body(
                 x.resize(n * d, 0f32);
                 f32_from_le_bytes(&buf, &mut x)?;
                 let handle = tokio::runtime::Handle::current();
+                let spin = crate::net::spin::spin_time();
                 let read0 = disk_read_bytes().unwrap_or(0);
                 let load0 = window.stats().load_s;
                 let mut wait = 0f64;
@@ -468,7 +469,8 @@ async fn session_body(
                         &mut cache,
                         Some(&window),
                         &mut |part| {
-                            let st = handle.block_on(group.allreduce(part))?;
+                            let st =
+                                crate::net::spin::block_on(&handle, spin, group.allreduce(part))?;
                             wait += st.wait.as_secs_f64();
                             total += st.total.as_secs_f64();
                             Ok(())

@@ -9,12 +9,14 @@
 //! - [`transport`]: the quinn endpoint / connection / stream wrappers, transport tuning
 //!   and [`NetError`].
 //! - [`collective`]: allreduce (star / ring / tree) over per-peer [`collective::DataLink`]s.
+//! - [`spin`]: drives an allreduce on the compute thread, yield-spinning before parking.
 //! - [`bench`]: an in-process loopback allreduce latency benchmark.
 
 pub mod bench;
 pub mod collective;
 pub mod emulation;
 pub mod frame;
+pub mod spin;
 pub mod tls;
 pub mod transport;
 pub mod wire;
