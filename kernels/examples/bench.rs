@@ -28,12 +28,7 @@ fn main() {
     let isas: Vec<Isa> = if args.len() > 1 {
         args[1..]
             .iter()
-            .map(|a| match a.as_str() {
-                "scalar" => Isa::Scalar,
-                "avx2" => Isa::Avx2,
-                "avx512" => Isa::Avx512,
-                _ => Isa::Neon,
-            })
+            .map(|a| Isa::from_name(a).unwrap_or_else(|| panic!("unknown ISA {a}")))
             .collect()
     } else {
         vec![detected_isa()]
@@ -50,7 +45,12 @@ fn main() {
                 DType::Q4_0,
                 DType::Q4_1,
             ] {
-                let (r, c) = (256, 1536);
+                let (r, c) = (
+                    std::env::var("ROWS")
+                        .map(|v| v.parse().unwrap())
+                        .unwrap_or(256),
+                    1536,
+                );
                 let m = rand_mat(dtype, r, c, 5);
                 let w = MatRef::new(dtype, r, c, &m).unwrap();
                 let x = vec![0.1f32; c];

@@ -125,7 +125,7 @@ fn tile_dispatch(
     debug_assert!(wp.len() >= kc * NR);
     match isa {
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => unsafe {
+        Isa::Avx512 | Isa::Avx512Vnni => unsafe {
             tile_match!(
                 crate::gemv::avx512::gemm_tile,
                 mr,

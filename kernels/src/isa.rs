@@ -13,17 +13,39 @@ pub enum Isa {
     Avx2,
     /// x86-64 AVX-512 F/BW/VL (+ AVX2, FMA, F16C).
     Avx512,
+    /// AVX-512 plus VNNI: quantised weights meet 15-bit integer activations in
+    /// `vpdpbusd`/`vpdpwssd` integer dot products (see `gemv::aux`).
+    Avx512Vnni,
     /// aarch64 Advanced SIMD.
     Neon,
 }
 
 impl Isa {
-    /// Lower-case name ("avx512", "avx2", "neon", "scalar").
+    /// Whether this path runs the AVX-512 kernels (with or without VNNI).
+    pub fn is_avx512(self) -> bool {
+        matches!(self, Isa::Avx512 | Isa::Avx512Vnni)
+    }
+
+    /// Parses a name as printed by [`Isa::name`].
+    pub fn from_name(name: &str) -> Option<Isa> {
+        [
+            Isa::Scalar,
+            Isa::Avx2,
+            Isa::Avx512,
+            Isa::Avx512Vnni,
+            Isa::Neon,
+        ]
+        .into_iter()
+        .find(|i| i.name() == name)
+    }
+
+    /// Lower-case name ("avx512vnni", "avx512", "avx2", "neon", "scalar").
     pub fn name(self) -> &'static str {
         match self {
             Isa::Scalar => "scalar",
             Isa::Avx2 => "avx2",
             Isa::Avx512 => "avx512",
+            Isa::Avx512Vnni => "avx512vnni",
             Isa::Neon => "neon",
         }
     }
@@ -34,6 +56,7 @@ impl Isa {
             Isa::Avx2 => 2,
             Isa::Avx512 => 3,
             Isa::Neon => 4,
+            Isa::Avx512Vnni => 5,
         }
     }
 
@@ -43,6 +66,7 @@ impl Isa {
             2 => Some(Isa::Avx2),
             3 => Some(Isa::Avx512),
             4 => Some(Isa::Neon),
+            5 => Some(Isa::Avx512Vnni),
             _ => None,
         }
     }
@@ -79,6 +103,9 @@ pub fn available_isas() -> Vec<Isa> {
         }
         if has_avx512() {
             v.push(Isa::Avx512);
+            if is_x86_feature_detected!("avx512vnni") {
+                v.push(Isa::Avx512Vnni);
+            }
         }
     }
     #[cfg(target_arch = "aarch64")]
@@ -112,4 +139,21 @@ pub fn set_isa(isa: Isa) -> Result<(), KernelError> {
 /// The path kernels currently use: the override if set, else `detected_isa()`.
 pub fn active_isa() -> Isa {
     Isa::from_code(OVERRIDE.load(Ordering::Relaxed)).unwrap_or_else(detected_isa)
+}
+
+/// Applies `TPI_ISA` (a name as printed by [`Isa::name`]) if set, so a user can pin a kernel
+/// path (e.g. `avx512` for f32 activations everywhere). Errors name the value and the choices.
+pub fn set_isa_from_env() -> Result<Option<Isa>, KernelError> {
+    let Ok(v) = std::env::var("TPI_ISA") else {
+        return Ok(None);
+    };
+    let isa = Isa::from_name(v.trim()).ok_or_else(|| {
+        let names: Vec<&str> = available_isas().iter().map(|i| i.name()).collect();
+        KernelError::Invalid(format!(
+            "TPI_ISA={v:?} is not a kernel path (this CPU has: {})",
+            names.join(", ")
+        ))
+    })?;
+    set_isa(isa)?;
+    Ok(Some(isa))
 }

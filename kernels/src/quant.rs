@@ -42,7 +42,9 @@ pub fn dequantize_row(dtype: DType, data: &[u8], out: &mut [f32]) {
 pub(crate) fn dequantize_row_isa(isa: Isa, dtype: DType, data: &[u8], out: &mut [f32]) {
     match isa {
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => unsafe { crate::gemv::avx512::dequant_row(dtype, data, out) },
+        Isa::Avx512 | Isa::Avx512Vnni => unsafe {
+            crate::gemv::avx512::dequant_row(dtype, data, out)
+        },
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 => unsafe { crate::gemv::avx2::dequant_row(dtype, data, out) },
         _ => dequantize_row_scalar(dtype, data, out),

@@ -131,9 +131,12 @@ fn rand_matrix(
     (data, stride)
 }
 
-fn ref_matvec(w: &MatRef, x: &[f32]) -> (Vec<f64>, Vec<f64>) {
+/// f64 reference `W x`, `sum |w x|` per row, and the worst-case error of the VNNI path's
+/// 15-bit activations per row: `sum_b max|x_b| / 65024 * sum_{i in b} |w_i|`.
+fn ref_matvec(w: &MatRef, x: &[f32]) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
     let mut y = vec![0.0; w.rows];
     let mut mag = vec![0.0; w.rows];
+    let mut act = vec![0.0; w.rows];
     for r in 0..w.rows {
         let wr = ref_dequant(w.dtype, w.row(r), w.cols);
         for c in 0..w.cols {
@@ -141,14 +144,33 @@ fn ref_matvec(w: &MatRef, x: &[f32]) -> (Vec<f64>, Vec<f64>) {
             y[r] += p;
             mag[r] += p.abs();
         }
+        for (wb, xb) in wr.chunks(32).zip(x.chunks(32)) {
+            let amax = xb.iter().fold(0.0f64, |m, v| m.max(v.abs() as f64));
+            act[r] += amax / 65024.0 * wb.iter().map(|v| v.abs() as f64).sum::<f64>();
+        }
     }
-    (y, mag)
+    (y, mag, act)
+}
+
+/// The activation-quantisation allowance for `isa`: only the VNNI path quantises x.
+fn act_allowance(isa: Isa, dtype: DType, act: f64) -> f64 {
+    let quantised = matches!(dtype, DType::Q4_0 | DType::Q4_1 | DType::Q8_0);
+    if isa == Isa::Avx512Vnni && quantised {
+        act
+    } else {
+        0.0
+    }
 }
 
 fn assert_close(got: f32, want: f64, mag: f64, tol: f64, ctx: &str) {
+    assert_close_plus(got, want, mag, tol, 0.0, ctx)
+}
+
+/// `assert_close` with an extra absolute allowance (the VNNI activation bound).
+fn assert_close_plus(got: f32, want: f64, mag: f64, tol: f64, extra: f64, ctx: &str) {
     let err = (got as f64 - want).abs();
     assert!(
-        err <= tol * mag.max(1e-30) + 1e-30,
+        err <= tol * mag.max(1e-30) + extra + 1e-30,
         "{ctx}: got {got}, want {want}, err {err}, mag {mag}"
     );
 }
@@ -324,7 +346,7 @@ fn check_gemv_case(rng: &mut Rng, dtype: DType, rows: usize, cols: usize, pad: u
         w = w.cols_range(c0, c0 + cols).unwrap();
     }
     let x = rng.vec(cols);
-    let (want, mag) = ref_matvec(&w, &x);
+    let (want, mag, act) = ref_matvec(&w, &x);
     let pools = [ThreadPool::new(1), ThreadPool::new(2)];
     for_each_isa(|isa| {
         let mut first: Option<Vec<f32>> = None;
@@ -336,7 +358,8 @@ fn check_gemv_case(rng: &mut Rng, dtype: DType, rows: usize, cols: usize, pad: u
                     "gemv {dtype:?} {isa:?} {rows}x{cols} t{} row {r}",
                     pool.n_threads()
                 );
-                assert_close(y[r], want[r], mag[r], 1e-5, &ctx);
+                let extra = act_allowance(isa, dtype, act[r]);
+                assert_close_plus(y[r], want[r], mag[r], 1e-5, extra, &ctx);
             }
             match &first {
                 None => first = Some(y),
@@ -393,21 +416,65 @@ fn gemv_offset_weights() {
             }
             let w = MatRef::new(dtype, rows, cols, &data).unwrap();
             let x = rng.vec(cols);
-            let (want, mag) = ref_matvec(&w, &x);
+            let (want, mag, act) = ref_matvec(&w, &x);
             for_each_isa(|isa| {
                 for pool in &pools {
                     let mut y = vec![0.0; rows];
                     gemv(pool, w, &x, &mut y).unwrap();
                     for r in 0..rows {
-                        assert_close(
+                        assert_close_plus(
                             y[r],
                             want[r],
                             mag[r],
                             1e-5,
+                            act_allowance(isa, dtype, act[r]),
                             &format!("offset {offset} {dtype:?} {isa:?}"),
                         );
                     }
                 }
+            });
+        }
+    }
+}
+
+#[test]
+fn vnni_gemv_exact_when_x_is_representable() {
+    // x = s * X with integer |X| <= 32512 and one |X| = 32512 per block is exactly what the
+    // VNNI path's 15-bit activations hold, so it must match the f64 reference with no
+    // quantisation allowance: this pins every lane mapping (odd block counts, 1-row tails).
+    if !available_isas().contains(&Isa::Avx512Vnni) {
+        return;
+    }
+    let mut rng = Rng::new(21);
+    let pool = ThreadPool::new(1);
+    for dtype in [DType::Q4_0, DType::Q4_1, DType::Q8_0] {
+        for (rows, cols) in [(7, 32), (5, 96), (9, 288), (4, 544)] {
+            let (data, stride) = rand_matrix(&mut rng, dtype, rows, cols, 0);
+            let w = MatRef::with_stride(dtype, rows, cols, stride, &data).unwrap();
+            let mut x: Vec<f32> = rng
+                .vec(cols)
+                .iter()
+                .map(|v| (v * 32512.0).round().clamp(-32512.0, 32512.0) / 4096.0)
+                .collect();
+            for (b, xb) in x.chunks_mut(32).enumerate() {
+                xb[b % 32] = if b % 2 == 0 { 32512.0 } else { -32512.0 } / 4096.0;
+            }
+            let (want, mag, _) = ref_matvec(&w, &x);
+            for_each_isa(|isa| {
+                if isa != Isa::Avx512Vnni {
+                    return;
+                }
+                let mut y = vec![f32::NAN; rows];
+                gemv(&pool, w, &x, &mut y).unwrap();
+                for r in 0..rows {
+                    let ctx = format!("vnni exact {dtype:?} {rows}x{cols} row {r}");
+                    assert_close(y[r], want[r], mag[r], 1e-6, &ctx);
+                }
+                // A NaN in x reaches every output, as with f32 activations.
+                let mut xn = x.clone();
+                xn[cols - 1] = f32::NAN;
+                gemv(&pool, w, &xn, &mut y).unwrap();
+                assert!(y.iter().all(|v| v.is_nan()), "{dtype:?}: NaN lost");
             });
         }
     }
@@ -439,11 +506,11 @@ fn gemm_matches_reference() {
                     let w = MatRef::with_stride(dtype, rows, cols + 32, stride, &data).unwrap();
                     let w = w.cols_range(32, 32 + cols).unwrap();
                     let x = rng.vec(n * cols);
-                    let mut want = vec![(0.0f64, 0.0f64); n * rows];
+                    let mut want = vec![(0.0f64, 0.0f64, 0.0f64); n * rows];
                     for t in 0..n {
-                        let (y, m) = ref_matvec(&w, &x[t * cols..(t + 1) * cols]);
+                        let (y, m, a) = ref_matvec(&w, &x[t * cols..(t + 1) * cols]);
                         for r in 0..rows {
-                            want[t * rows + r] = (y[r], m[r]);
+                            want[t * rows + r] = (y[r], m[r], a[r]);
                         }
                     }
                     for_each_isa(|isa| {
@@ -454,7 +521,11 @@ fn gemm_matches_reference() {
                             for i in 0..n * rows {
                                 let ctx =
                                     format!("gemm {dtype:?} {isa:?} {rows}x{cols} n{n} idx {i}");
-                                assert_close(y[i], want[i].0, want[i].1, 1e-5, &ctx);
+                                let (yw, mag, act) = want[i];
+                                // n = 1 runs the GEMV kernels.
+                                let act = if n == 1 { act } else { 0.0 };
+                                let extra = act_allowance(isa, dtype, act);
+                                assert_close_plus(y[i], yw, mag, 1e-5, extra, &ctx);
                             }
                             match &first {
                                 None => first = Some(y),

@@ -16,7 +16,8 @@ use crate::{
 /// An allreduce algorithm.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Algo {
-    /// Workers send to the hub (rank 0), the hub sums and sends back: 2 hops.
+    /// Workers send to the hub (rank 0), the hub sums and sends back: 2 hops (with two ranks,
+    /// a direct exchange: 1 hop).
     Star,
     /// Reduce-scatter then allgather around a ring: 2(N−1) steps of payload/N.
     Ring,
@@ -152,6 +153,10 @@ pub fn allreduce_time(
     }
     let max = |it: &mut dyn Iterator<Item = f64>| it.fold(0.0f64, f64::max);
     let t = match algo {
+        // Two ranks exchange partials directly: one hop each way, at the same time.
+        Algo::Star if n == 2 => {
+            message(topo, cal, 1, 0, bytes).max(message(topo, cal, 0, 1, bytes))
+        }
         Algo::Star => {
             let gather = max(&mut (1..n).map(|w| message(topo, cal, w, 0, bytes)));
             let scatter = max(&mut (1..n).map(|w| message(topo, cal, 0, w, bytes)));
@@ -342,6 +347,11 @@ mod tests {
             Duration::from_millis(4)
         );
         assert_eq!(allreduce_time(Algo::Star, &t, &c, 1, 4.0), Duration::ZERO);
+        // Two ranks: the star is a direct exchange, one hop.
+        assert_eq!(
+            allreduce_time(Algo::Star, &t, &c, 2, 4.0),
+            Duration::from_millis(1)
+        );
         // With the default 50 µs per message: star = 2 × (1 ms + 50 µs).
         let star = ms(allreduce_time(
             Algo::Star,

@@ -7,7 +7,13 @@ use std::time::Instant;
 use clap::{Args, Subcommand};
 use tpi_coordinator::engine::{Backend, LocalBackend};
 use tpi_coordinator::loader::LoadedModel;
-use tpi_kernels::{bench as kb, DType, ThreadPool};
+use tpi_kernels::{bench as kb, DType, Isa, ThreadPool};
+
+fn parse_isa(s: &str) -> Result<Isa, String> {
+    Isa::from_name(s).ok_or_else(|| {
+        format!("unknown kernel path {s:?} (scalar, avx2, avx512, avx512vnni, neon)")
+    })
+}
 
 /// `tpi bench` subcommands.
 #[derive(Args, Debug)]
@@ -27,6 +33,9 @@ pub enum BenchWhat {
         /// Matrix rows (cols = 4096 / 2 for big-matrix streaming).
         #[arg(long, default_value_t = 8192)]
         rows: usize,
+        /// Kernel paths to compare side by side (e.g. avx512,avx512vnni); default: the best.
+        #[arg(long, value_delimiter = ',', value_parser = parse_isa)]
+        isa: Vec<Isa>,
         /// Repetitions (best is reported).
         #[arg(long, default_value_t = 10)]
         reps: usize,
@@ -84,26 +93,37 @@ pub fn bench(a: BenchArgs) -> anyhow::Result<()> {
             threads,
             rows,
             reps,
+            isa,
         } => {
+            let isas = if isa.is_empty() {
+                vec![tpi_kernels::active_isa()]
+            } else {
+                isa
+            };
             for &t in &threads {
                 let pool = ThreadPool::new(t);
                 let bw = kb::memory_bandwidth_gbs(&pool, 512 << 20, reps);
                 println!("threads={t}: memory read bandwidth {bw:.1} GB/s");
-                for d in [
-                    DType::F32,
-                    DType::F16,
-                    DType::BF16,
-                    DType::Q8_0,
-                    DType::Q4_0,
-                    DType::Q4_1,
-                ] {
+                for (&isa, d) in isas.iter().flat_map(|i| {
+                    std::iter::repeat(i).zip([
+                        DType::F32,
+                        DType::F16,
+                        DType::BF16,
+                        DType::Q8_0,
+                        DType::Q4_0,
+                        DType::Q4_1,
+                    ])
+                }) {
+                    tpi_kernels::set_isa(isa)?;
                     let g = kb::gemv_gbs(&pool, d, rows, 4096, reps);
                     println!(
-                        "  gemv {:<5} {rows}x4096: {g:6.1} GB/s = {:5.1}% of bandwidth",
+                        "  gemv {:<5} {rows}x4096 {:<10}: {g:6.1} GB/s = {:5.1}% of bandwidth",
                         d.name(),
+                        isa.name(),
                         100.0 * g / bw
                     );
                 }
+                tpi_kernels::set_isa(tpi_kernels::detected_isa())?;
             }
         }
         BenchWhat::Allreduce {

@@ -444,6 +444,7 @@ pub fn init_tracing(verbose: u8) {
 
 /// Runs the chosen subcommand.
 pub fn dispatch(cli: Cli) -> anyhow::Result<()> {
+    tpi_kernels::set_isa_from_env()?;
     match cli.cmd {
         Command::Run(a) => run::run(a),
         Command::Chat(a) => chat::chat(a),

@@ -15,10 +15,17 @@ unsafe fn hsum256(v: __m256) -> f32 {
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
 #[inline]
-unsafe fn hsum512(v: __m512) -> f32 {
+pub(crate) unsafe fn hsum512(v: __m512) -> f32 {
     let lo = _mm512_castps512_ps256(v);
     let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
     hsum256(_mm256_add_ps(lo, hi))
+}
+
+/// Prefetches `p + pf` into L1 (`pf` from `prefetch_distance`: a later row group).
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+#[inline]
+pub(crate) unsafe fn prefetch_ahead(p: *const u8, pf: usize) {
+    _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(pf) as *const i8);
 }
 
 /// f16 at `p` (unaligned, little-endian) to f32 via F16C.
@@ -50,7 +57,15 @@ pub(crate) unsafe fn gemv_rows(
             base.add((r + 3) * st),
         ];
         let mut out = [0.0f32; 4];
-        rows_kernel::<4>(w.dtype, p, w.cols, x.as_ptr(), aux.as_ptr(), &mut out);
+        rows_kernel::<4>(
+            w.dtype,
+            p,
+            w.cols,
+            super::prefetch_distance(st),
+            x.as_ptr(),
+            aux.as_ptr(),
+            &mut out,
+        );
         y[r - r0..r - r0 + 4].copy_from_slice(&out);
         r += 4;
     }
@@ -60,6 +75,7 @@ pub(crate) unsafe fn gemv_rows(
             w.dtype,
             [base.add(r * st)],
             w.cols,
+            st,
             x.as_ptr(),
             aux.as_ptr(),
             &mut out,
@@ -75,17 +91,18 @@ unsafe fn rows_kernel<const R: usize>(
     dtype: DType,
     p: [*const u8; R],
     cols: usize,
+    pf: usize,
     x: *const f32,
     aux: *const f32,
     out: &mut [f32; R],
 ) {
     match dtype {
-        DType::F32 => rows_float::<R, 0>(p, cols, x, out),
-        DType::F16 => rows_float::<R, 1>(p, cols, x, out),
-        DType::BF16 => rows_float::<R, 2>(p, cols, x, out),
-        DType::Q8_0 => rows_q8_0::<R>(p, cols / 32, x, out),
-        DType::Q4_0 => rows_q4::<R, false>(p, cols / 32, aux, out),
-        DType::Q4_1 => rows_q4::<R, true>(p, cols / 32, aux, out),
+        DType::F32 => rows_float::<R, 0>(p, cols, pf, x, out),
+        DType::F16 => rows_float::<R, 1>(p, cols, pf, x, out),
+        DType::BF16 => rows_float::<R, 2>(p, cols, pf, x, out),
+        DType::Q8_0 => rows_q8_0::<R>(p, cols / 32, pf, x, out),
+        DType::Q4_0 => rows_q4::<R, false>(p, cols / 32, pf, aux, out),
+        DType::Q4_1 => rows_q4::<R, true>(p, cols / 32, pf, aux, out),
     }
 }
 
@@ -117,6 +134,7 @@ unsafe fn load1<const K: u8>(p: *const u8, i: usize) -> f32 {
 unsafe fn rows_float<const R: usize, const K: u8>(
     p: [*const u8; R],
     cols: usize,
+    pf: usize,
     x: *const f32,
     out: &mut [f32; R],
 ) {
@@ -128,6 +146,9 @@ unsafe fn rows_float<const R: usize, const K: u8>(
         let x0 = _mm512_loadu_ps(x.add(i));
         let x1 = _mm512_loadu_ps(x.add(i + 16));
         for r in 0..R {
+            if K != 0 {
+                prefetch_ahead(p[r].wrapping_add(2 * i), pf);
+            }
             acc0[r] = _mm512_fmadd_ps(load16::<K>(p[r], i), x0, acc0[r]);
             acc1[r] = _mm512_fmadd_ps(load16::<K>(p[r], i + 16), x1, acc1[r]);
         }
@@ -154,6 +175,7 @@ unsafe fn rows_float<const R: usize, const K: u8>(
 unsafe fn rows_q8_0<const R: usize>(
     p: [*const u8; R],
     nb: usize,
+    pf: usize,
     x: *const f32,
     out: &mut [f32; R],
 ) {
@@ -171,6 +193,9 @@ unsafe fn rows_q8_0<const R: usize>(
             let xh = _mm512_loadu_ps(x.add(b * 32 + 16));
             for r in 0..R {
                 let q = p[r].add(b * 34);
+                if i % 2 == 0 {
+                    prefetch_ahead(q, pf);
+                }
                 let q0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
                     q.add(2) as *const __m128i
                 )));
@@ -198,6 +223,7 @@ unsafe fn rows_q8_0<const R: usize>(
 unsafe fn rows_q4<const R: usize, const Q41: bool>(
     p: [*const u8; R],
     nb: usize,
+    pf: usize,
     aux: *const f32,
     out: &mut [f32; R],
 ) {
@@ -224,6 +250,7 @@ unsafe fn rows_q4<const R: usize, const Q41: bool>(
             let xh = _mm512_loadu_ps(xp.add(b * 32 + 16));
             for r in 0..R {
                 let blk = p[r].add(b * bb);
+                prefetch_ahead(blk, pf);
                 let v = _mm512_broadcast_i32x4(_mm_loadu_si128(blk.add(qoff) as *const __m128i));
                 let lo = _mm512_castsi512_ps(_mm512_ternarylogic_epi32::<0xEA>(
                     _mm512_rolv_epi32(v, rot_lo),
@@ -251,7 +278,7 @@ unsafe fn rows_q4<const R: usize, const Q41: bool>(
 /// stores them to `out` for broadcast-operand FMAs and returns them.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
 #[inline]
-unsafe fn block_scales<const Q41: bool>(
+pub(crate) unsafe fn block_scales<const Q41: bool>(
     p: *const u8,
     bb: usize,
     n: usize,

@@ -8,12 +8,31 @@ pub(crate) mod avx2;
 pub(crate) mod avx512;
 #[cfg(target_arch = "aarch64")]
 pub(crate) mod neon;
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod vnni;
 
 use crate::isa::{active_isa, Isa};
 use crate::{DType, KernelError, MatRef, ThreadPool};
 
 /// Rows handled together by the SIMD row kernels; task boundaries are multiples of this.
 pub(crate) const ROW_BLOCK: usize = 4;
+
+/// Software-prefetch distance for row kernels reading `ROW_BLOCK` rows of `stride` bytes at a
+/// time: the same spot in a later row group, at least `PF_MIN` bytes ahead.
+pub(crate) fn prefetch_distance(stride: usize) -> usize {
+    let group = ROW_BLOCK * stride;
+    group * pf_min().div_ceil(group.max(1)).max(1)
+}
+
+fn pf_min() -> usize {
+    static V: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *V.get_or_init(|| {
+        std::env::var("TPI_PF")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(4096)
+    })
+}
 
 /// Raw output pointer shared by tasks that write disjoint ranges.
 #[derive(Clone, Copy)]
@@ -30,24 +49,42 @@ impl SyncPtr {
     }
 }
 
-/// Per-GEMV auxiliary data derived from x (shared by all rows), one pair per 32-block,
-/// zero-padded to a multiple of 16 floats:
+/// Per-GEMV auxiliary data derived from x and shared by all rows: float terms in `f`,
+/// integer activations in `i` (only for the VNNI path).
+#[derive(Default)]
+pub(crate) struct Aux {
+    pub(crate) f: Vec<f32>,
+    pub(crate) i: Vec<u8>,
+}
+
+/// Largest |integer activation| on the VNNI path: 127 * 256, so the Q4 kernels' high/low byte
+/// split `X = 256 H + L` keeps both halves in i8.
+pub(crate) const ACT_MAX: f32 = 32512.0;
+
+/// Builds the [`Aux`] a row kernel needs, one pair of floats per 32-block padded to a
+/// multiple of 16 floats:
 /// - AVX2/other Q4_1: `[0, sum(x_b)]` (the `m * sum(x_b)` term);
 /// - AVX-512 Q4_1: `[-16 sum(x_b), sum(x_b)]`, Q4_0: `[-24 sum(x_b), 0]` (see `avx512::rows_q4`),
-///   followed by x permuted within each block into that kernel's lane order.
-pub(crate) fn gemv_aux(isa: Isa, dtype: DType, x: &[f32]) -> Vec<f32> {
-    let avx512 = isa == Isa::Avx512 && matches!(dtype, DType::Q4_0 | DType::Q4_1);
+///   followed by x permuted within each block into that kernel's lane order;
+/// - VNNI (see [`vnni`]): each block of x becomes integers `X = round(x / s_b)` with
+///   `s_b = max|x_b| / ACT_MAX` (an error of at most `max|x_b| / 65024` per element, 256 times
+///   finer than llama.cpp's 8-bit activations). Q4_1 `f` = pairs `[0, sum(x̂_b)]` then
+///   `[s_b, 0]`; Q4_0 the same with `[-8 sum(x̂_b), 0]`; Q8_0 only `[s_b, 0]` (x̂ = s X). `i` holds the
+///   high bytes `H` of all blocks then the low bytes `L` (Q4, `X = 256 H + L`), or X as i16 (Q8_0).
+pub(crate) fn gemv_aux(isa: Isa, dtype: DType, x: &[f32]) -> Aux {
+    let q4 = matches!(dtype, DType::Q4_0 | DType::Q4_1);
+    if isa == Isa::Avx512Vnni && (q4 || dtype == DType::Q8_0) {
+        return vnni_aux(dtype, x);
+    }
+    let avx512 = isa == Isa::Avx512 && q4;
     if dtype != DType::Q4_1 && !avx512 {
-        return Vec::new();
+        return Aux::default();
     }
     let nb = x.len() / 32;
     let pairs = (2 * nb).div_ceil(16) * 16;
     let mut aux = vec![0.0f32; pairs];
     for (b, xb) in x.chunks_exact(32).enumerate() {
-        let mut s = 0.0f32;
-        for v in xb {
-            s += v;
-        }
+        let s = block_sum(xb);
         let pair = match (avx512, dtype) {
             (true, DType::Q4_1) => [-16.0 * s, s],
             (true, _) => [-24.0 * s, 0.0],
@@ -65,7 +102,31 @@ pub(crate) fn gemv_aux(isa: Isa, dtype: DType, x: &[f32]) -> Vec<f32> {
             }
         }
     }
+    Aux {
+        f: aux,
+        i: Vec::new(),
+    }
+}
+
+fn block_sum(xb: &[f32]) -> f32 {
+    let mut s = 0.0f32;
+    for v in xb {
+        s += v;
+    }
+    s
+}
+
+#[cfg(target_arch = "x86_64")]
+fn vnni_aux(dtype: DType, x: &[f32]) -> Aux {
+    let mut aux = Aux::default();
+    // SAFETY: only reached for `Isa::Avx512Vnni`, which `set_isa`/detection guarantee.
+    unsafe { vnni::prepare(dtype, x, &mut aux) };
     aux
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn vnni_aux(_: DType, _: &[f32]) -> Aux {
+    Aux::default()
 }
 
 /// Compute `y[i] = dot(row r0+i, x)` for rows `r0..r1` on an explicit ISA. Shapes must be validated.
@@ -75,7 +136,7 @@ pub(crate) fn gemv_rows_isa(
     r0: usize,
     r1: usize,
     x: &[f32],
-    aux: &[f32],
+    aux: &Aux,
     y: &mut [f32],
 ) {
     debug_assert_eq!(y.len(), r1 - r0);
@@ -83,9 +144,11 @@ pub(crate) fn gemv_rows_isa(
     let _ = aux;
     match isa {
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => unsafe { avx512::gemv_rows(w, r0, r1, x, aux, y) },
+        Isa::Avx512Vnni if !aux.i.is_empty() => unsafe { vnni::gemv_rows(w, r0, r1, aux, y) },
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => unsafe { avx2::gemv_rows(w, r0, r1, x, aux, y) },
+        Isa::Avx512 | Isa::Avx512Vnni => unsafe { avx512::gemv_rows(w, r0, r1, x, &aux.f, y) },
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => unsafe { avx2::gemv_rows(w, r0, r1, x, &aux.f, y) },
         #[cfg(target_arch = "aarch64")]
         Isa::Neon => unsafe { neon::gemv_rows(w, r0, r1, x, y) },
         _ => scalar::gemv_rows(w, r0, r1, x, y),
@@ -168,7 +231,7 @@ pub(crate) fn dot(isa: Isa, a: &[f32], b: &[f32]) -> f32 {
     let (a, b) = (&a[..n], &b[..n]);
     match isa {
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => unsafe { avx512::dot(a, b) },
+        Isa::Avx512 | Isa::Avx512Vnni => unsafe { avx512::dot(a, b) },
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 => unsafe { avx2::dot(a, b) },
         #[cfg(target_arch = "aarch64")]
@@ -181,7 +244,7 @@ pub(crate) fn dot(isa: Isa, a: &[f32], b: &[f32]) -> f32 {
 pub(crate) fn sum(isa: Isa, a: &[f32]) -> f32 {
     match isa {
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => unsafe { avx512::sum(a) },
+        Isa::Avx512 | Isa::Avx512Vnni => unsafe { avx512::sum(a) },
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 => unsafe { avx2::sum(a) },
         #[cfg(target_arch = "aarch64")]
@@ -196,7 +259,7 @@ pub(crate) fn axpy(isa: Isa, alpha: f32, x: &[f32], y: &mut [f32]) {
     let (x, y) = (&x[..n], &mut y[..n]);
     match isa {
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => unsafe { avx512::axpy(alpha, x, y) },
+        Isa::Avx512 | Isa::Avx512Vnni => unsafe { avx512::axpy(alpha, x, y) },
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 => unsafe { avx2::axpy(alpha, x, y) },
         #[cfg(target_arch = "aarch64")]

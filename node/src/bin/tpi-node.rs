@@ -102,6 +102,7 @@ fn main() -> ExitCode {
 }
 
 fn real_main() -> anyhow::Result<()> {
+    tpi_kernels::set_isa_from_env()?;
     let Cmd::Serve {
         listen,
         threads,

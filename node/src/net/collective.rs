@@ -36,7 +36,7 @@ pub const DATA_STREAM_TAG: u8 = 0xDA;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum Algo {
     /// Workers send partials to rank 0, which sums in rank order and sends the sum back
-    /// (2 one-way hops; the default on latency-bound edge links).
+    /// (2 one-way hops, 1 with two ranks; the default on latency-bound edge links).
     Star,
     /// Reduce-scatter + allgather around a ring (2(N−1) hops, bandwidth-optimal).
     Ring,
@@ -777,6 +777,7 @@ impl Group {
     async fn star(&mut self, x: &mut [f32], st: &mut AllreduceStats) -> Result<(), NetError> {
         let Group {
             rank,
+            world,
             dtype,
             links,
             tx,
@@ -784,6 +785,26 @@ impl Group {
             ..
         } = self;
         let (dtype, nbytes) = (*dtype, x.len() * dtype.bytes());
+        if *world == 2 {
+            // Two ranks: the star degenerates into a symmetric exchange. Each sends its partial
+            // to the other and adds the one it receives: one hop instead of two, the same bytes,
+            // and bitwise identical sums (f32 addition of two terms commutes).
+            let l = links.values_mut().next().expect("one link");
+            if dtype == WireDType::F16 {
+                round_to_f16(x, h16);
+            }
+            Self::encode(tx, h16, dtype, x)?;
+            let t = Instant::now();
+            futures::try_join!(l.tx.send_prefixed(tx), l.rx.recv_exact(nbytes))?;
+            st.wait += t.elapsed();
+            st.bytes_sent += nbytes as u64;
+            st.bytes_recv += nbytes as u64;
+            Self::add_into(dtype, &l.rx.buf, x)?;
+            if dtype == WireDType::F16 {
+                round_to_f16(x, h16);
+            }
+            return Ok(());
+        }
         if *rank == 0 {
             let t = Instant::now();
             try_join_all(links.values_mut().map(|l| l.rx.recv_exact(nbytes))).await?;
