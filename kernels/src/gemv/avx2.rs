@@ -21,6 +21,13 @@ unsafe fn h2f(p: *const u8) -> f32 {
     _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
 }
 
+/// Prefetches `p + pf` into L1 (`pf` from `prefetch_distance`: a later row group).
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn prefetch_ahead(p: *const u8, pf: usize) {
+    _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(pf) as *const i8);
+}
+
 /// GEMV over rows `r0..r1` (4 rows at a time to reuse x loads); `aux` is `gemv_aux` output.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(crate) unsafe fn gemv_rows(
@@ -42,7 +49,15 @@ pub(crate) unsafe fn gemv_rows(
             base.add((r + 3) * st),
         ];
         let mut out = [0.0f32; 4];
-        rows_kernel::<4>(w.dtype, p, w.cols, x.as_ptr(), aux.as_ptr(), &mut out);
+        rows_kernel::<4>(
+            w.dtype,
+            p,
+            w.cols,
+            super::prefetch_distance(st),
+            x.as_ptr(),
+            aux.as_ptr(),
+            &mut out,
+        );
         y[r - r0..r - r0 + 4].copy_from_slice(&out);
         r += 4;
     }
@@ -52,6 +67,7 @@ pub(crate) unsafe fn gemv_rows(
             w.dtype,
             [base.add(r * st)],
             w.cols,
+            st,
             x.as_ptr(),
             aux.as_ptr(),
             &mut out,
@@ -67,17 +83,18 @@ unsafe fn rows_kernel<const R: usize>(
     dtype: DType,
     p: [*const u8; R],
     cols: usize,
+    pf: usize,
     x: *const f32,
     aux: *const f32,
     out: &mut [f32; R],
 ) {
     match dtype {
-        DType::F32 => rows_float::<R, 0>(p, cols, x, out),
-        DType::F16 => rows_float::<R, 1>(p, cols, x, out),
-        DType::BF16 => rows_float::<R, 2>(p, cols, x, out),
-        DType::Q8_0 => rows_q8_0::<R>(p, cols / 32, x, out),
-        DType::Q4_0 => rows_q4::<R, false>(p, cols / 32, x, aux, out),
-        DType::Q4_1 => rows_q4::<R, true>(p, cols / 32, x, aux, out),
+        DType::F32 => rows_float::<R, 0>(p, cols, pf, x, out),
+        DType::F16 => rows_float::<R, 1>(p, cols, pf, x, out),
+        DType::BF16 => rows_float::<R, 2>(p, cols, pf, x, out),
+        DType::Q8_0 => rows_q8_0::<R>(p, cols / 32, pf, x, out),
+        DType::Q4_0 => rows_q4::<R, false>(p, cols / 32, pf, x, aux, out),
+        DType::Q4_1 => rows_q4::<R, true>(p, cols / 32, pf, x, aux, out),
     }
 }
 
@@ -109,6 +126,7 @@ unsafe fn load1<const K: u8>(p: *const u8, i: usize) -> f32 {
 unsafe fn rows_float<const R: usize, const K: u8>(
     p: [*const u8; R],
     cols: usize,
+    pf: usize,
     x: *const f32,
     out: &mut [f32; R],
 ) {
@@ -120,6 +138,9 @@ unsafe fn rows_float<const R: usize, const K: u8>(
         let x0 = _mm256_loadu_ps(x.add(i));
         let x1 = _mm256_loadu_ps(x.add(i + 8));
         for r in 0..R {
+            if K != 0 {
+                prefetch_ahead(p[r].wrapping_add(2 * i), pf);
+            }
             acc0[r] = _mm256_fmadd_ps(load8::<K>(p[r], i), x0, acc0[r]);
             acc1[r] = _mm256_fmadd_ps(load8::<K>(p[r], i + 8), x1, acc1[r]);
         }
@@ -152,6 +173,7 @@ unsafe fn i8x8(p: *const u8) -> __m256 {
 unsafe fn rows_q8_0<const R: usize>(
     p: [*const u8; R],
     nb: usize,
+    pf: usize,
     x: *const f32,
     out: &mut [f32; R],
 ) {
@@ -164,6 +186,7 @@ unsafe fn rows_q8_0<const R: usize>(
         let x3 = _mm256_loadu_ps(xb.add(24));
         for r in 0..R {
             let q = p[r].add(b * 34);
+            prefetch_ahead(q, pf);
             let d = _mm256_set1_ps(h2f(q));
             let t = _mm256_mul_ps(i8x8(q.add(2)), x0);
             let t = _mm256_fmadd_ps(i8x8(q.add(10)), x1, t);
@@ -183,6 +206,7 @@ unsafe fn rows_q8_0<const R: usize>(
 unsafe fn rows_q4<const R: usize, const Q41: bool>(
     p: [*const u8; R],
     nb: usize,
+    pf: usize,
     x: *const f32,
     aux: *const f32,
     out: &mut [f32; R],
@@ -206,6 +230,7 @@ unsafe fn rows_q4<const R: usize, const Q41: bool>(
         };
         for r in 0..R {
             let q = p[r].add(b * bb);
+            prefetch_ahead(q, pf);
             let raw = _mm_loadu_si128(q.add(qoff) as *const __m128i);
             let mut lo = _mm_and_si128(raw, m0f);
             let mut hi = _mm_and_si128(_mm_srli_epi16::<4>(raw), m0f);
