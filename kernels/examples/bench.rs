@@ -45,12 +45,10 @@ fn main() {
                 DType::Q4_0,
                 DType::Q4_1,
             ] {
-                let (r, c) = (
-                    std::env::var("ROWS")
-                        .map(|v| v.parse().unwrap())
-                        .unwrap_or(256),
-                    1536,
-                );
+                let env = |k: &str, d: usize| -> usize {
+                    std::env::var(k).map(|v| v.parse().unwrap()).unwrap_or(d)
+                };
+                let (r, c) = (env("ROWS", 256), env("COLS", 1536));
                 let m = rand_mat(dtype, r, c, 5);
                 let w = MatRef::new(dtype, r, c, &m).unwrap();
                 let x = vec![0.1f32; c];

@@ -1,19 +1,17 @@
-//! AVX-512 VNNI GEMV rows for quantised weights: integer dot products against the 15-bit
+//! AVX-512 VNNI GEMV rows for Q4_0 / Q4_1 weights: integer dot products against the 15-bit
 //! integer activations that [`super::gemv_aux`] prepares (`X = round(x / s_b)` per 32-block).
 //!
-//! - Q4_0 / Q4_1: two blocks per zmm. The nibbles are unpacked to bytes (3 ops per 64 weights)
-//!   and meet `X = 256 H + L` in two `vpdpbusd`: `sum q X = 256 sum q H + sum q L`.
-//! - Q8_0: the i8 weights widen to i16 and meet X in one `vpdpwssd` per block.
-//!
-//! Each block's integer sum is scaled by `d_b * s_b` in f32, and the offset terms
-//! (Q4_1 `m_b * sum(x_b)`, Q4_0 `-8 d_b * sum(x_b)`) use the exact f32 block sums.
+//! Two blocks fill a zmm. The nibbles are unpacked to bytes (3 ops per 64 weights) and meet
+//! `X = 256 H + L` in two `vpdpbusd`: `sum q X = 256 sum q H + sum q L`. Each block's integer
+//! sum is scaled by `d_b * s_b` in f32; the offset terms (Q4_1 `m_b * sum(x̂_b)`, Q4_0
+//! `-8 d_b * sum(x̂_b)`) use the block sums of the same quantised x, so a row is `dot(w, x̂)`.
 
 use std::arch::x86_64::*;
 
 use super::avx512::{block_scales, hsum512, prefetch_ahead};
 use crate::{DType, MatRef};
 
-/// GEMV over rows `r0..r1` of a Q4_0, Q4_1 or Q8_0 matrix, 4 rows at a time.
+/// GEMV over rows `r0..r1` of a Q4_0 or Q4_1 matrix, 4 rows at a time.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 pub(crate) unsafe fn gemv_rows(w: &MatRef, r0: usize, r1: usize, aux: &super::Aux, y: &mut [f32]) {
     let base = w.data.as_ptr();
@@ -53,7 +51,6 @@ unsafe fn rows<const R: usize>(
     match dtype {
         DType::Q4_0 => rows_q4::<R, false>(p, nb, pf, aux, out),
         DType::Q4_1 => rows_q4::<R, true>(p, nb, pf, aux, out),
-        DType::Q8_0 => rows_q8_0::<R>(p, nb, pf, aux, out),
         _ => unreachable!("the VNNI path only serves quantised weights"),
     }
 }
@@ -145,67 +142,20 @@ unsafe fn rows_q4<const R: usize, const Q41: bool>(
     }
 }
 
-/// Q8_0 rows: per block, the 32 i8 weights widen to i16 and `vpdpwssd` sums pairs of products
-/// with the i16 activations into 16 dwords, which are scaled by `d_b * s_b`.
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-#[inline]
-unsafe fn rows_q8_0<const R: usize>(
-    p: [*const u8; R],
-    nb: usize,
-    pf: usize,
-    aux: &super::Aux,
-    out: &mut [f32; R],
-) {
-    let scales = aux.f.as_ptr();
-    let xq = aux.i.as_ptr();
-    let zero = _mm512_setzero_si512();
-    let mut acc = [_mm512_setzero_ps(); R];
-    let mut sc = [[0.0f32; 16]; R];
-    let mut b0 = 0;
-    while b0 < nb {
-        let nbc = (nb - b0).min(8);
-        let sx = _mm512_loadu_ps(scales.add(2 * b0));
-        for r in 0..R {
-            let f = block_scales::<false>(p[r].add(b0 * 34), 34, nbc, &mut sc[r]);
-            _mm512_storeu_ps(sc[r].as_mut_ptr(), _mm512_mul_ps(f, sx));
-        }
-        for i in 0..nbc {
-            let b = b0 + i;
-            let xv = _mm512_loadu_si512(xq.add(64 * b) as *const _);
-            for r in 0..R {
-                if i % 2 == 0 {
-                    prefetch_ahead(p[r].add(b * 34), pf);
-                }
-                let wq = _mm512_cvtepi8_epi16(_mm256_loadu_si256(
-                    p[r].add(b * 34 + 2) as *const __m256i
-                ));
-                let t = _mm512_dpwssd_epi32(zero, wq, xv);
-                acc[r] =
-                    _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), _mm512_set1_ps(sc[r][2 * i]), acc[r]);
-            }
-        }
-        b0 += nbc;
-    }
-    for r in 0..R {
-        out[r] = hsum512(acc[r]);
-    }
-}
-
 /// Fills the VNNI [`super::Aux`] for `x` (see [`super::gemv_aux`] for the layout):
 /// per 32-block, the scale `s_b = max|x_b| / ACT_MAX`, the integers `X = round(x / s_b)`
-/// (nearest-even) as H/L byte planes (Q4) or i16 (Q8_0), and for Q4 the offset pair from
-/// `s_b * sum(X)`. A block holding NaN or ±inf gets a NaN scale and zero integers.
+/// (nearest-even) as H/L byte planes, and the offset pair from `s_b * sum(X)`. A block
+/// holding NaN or ±inf gets a NaN scale and zero integers, so NaN reaches the output.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 pub(crate) unsafe fn prepare(dtype: DType, x: &[f32], aux: &mut super::Aux) {
     let nb = x.len() / 32;
     let nbp = nb.next_multiple_of(2);
     let pairs = (2 * nb).div_ceil(16) * 16;
-    let q4 = dtype != DType::Q8_0;
     aux.f.clear();
-    aux.f.resize(if q4 { 2 * pairs } else { pairs }, 0.0);
+    aux.f.resize(2 * pairs, 0.0);
     aux.i.clear();
-    aux.i.resize(if q4 { 64 * nbp } else { 64 * nb }, 0);
-    let (sums, scales) = aux.f.split_at_mut(if q4 { pairs } else { 0 });
+    aux.i.resize(64 * nbp, 0);
+    let (sums, scales) = aux.f.split_at_mut(pairs);
     let ip = aux.i.as_mut_ptr();
     let absmask = _mm512_set1_epi32(0x7FFF_FFFF);
     let inf = _mm512_set1_epi32(0x7F80_0000);
@@ -236,28 +186,22 @@ pub(crate) unsafe fn prepare(dtype: DType, x: &[f32], aux: &mut super::Aux) {
             )
         };
         scales[2 * b] = scale;
-        if q4 {
-            let s = scale * _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1)) as f32;
-            let pair = if dtype == DType::Q4_1 {
-                [0.0, s]
-            } else {
-                [-8.0 * s, 0.0]
-            };
-            sums[2 * b..2 * b + 2].copy_from_slice(&pair);
-            let h0 = _mm512_srai_epi32::<8>(_mm512_add_epi32(q0, c128));
-            let h1 = _mm512_srai_epi32::<8>(_mm512_add_epi32(q1, c128));
-            let l0 = _mm512_sub_epi32(q0, _mm512_slli_epi32::<8>(h0));
-            let l1 = _mm512_sub_epi32(q1, _mm512_slli_epi32::<8>(h1));
-            let hp = ip.add(32 * b);
-            let lp = ip.add(32 * nbp + 32 * b);
-            _mm_storeu_si128(hp as *mut __m128i, _mm512_cvtepi32_epi8(h0));
-            _mm_storeu_si128(hp.add(16) as *mut __m128i, _mm512_cvtepi32_epi8(h1));
-            _mm_storeu_si128(lp as *mut __m128i, _mm512_cvtepi32_epi8(l0));
-            _mm_storeu_si128(lp.add(16) as *mut __m128i, _mm512_cvtepi32_epi8(l1));
+        let s = scale * _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1)) as f32;
+        let pair = if dtype == DType::Q4_1 {
+            [0.0, s]
         } else {
-            let qp = ip.add(64 * b);
-            _mm256_storeu_si256(qp as *mut __m256i, _mm512_cvtepi32_epi16(q0));
-            _mm256_storeu_si256(qp.add(32) as *mut __m256i, _mm512_cvtepi32_epi16(q1));
-        }
+            [-8.0 * s, 0.0]
+        };
+        sums[2 * b..2 * b + 2].copy_from_slice(&pair);
+        let h0 = _mm512_srai_epi32::<8>(_mm512_add_epi32(q0, c128));
+        let h1 = _mm512_srai_epi32::<8>(_mm512_add_epi32(q1, c128));
+        let l0 = _mm512_sub_epi32(q0, _mm512_slli_epi32::<8>(h0));
+        let l1 = _mm512_sub_epi32(q1, _mm512_slli_epi32::<8>(h1));
+        let hp = ip.add(32 * b);
+        let lp = ip.add(32 * nbp + 32 * b);
+        _mm_storeu_si128(hp as *mut __m128i, _mm512_cvtepi32_epi8(h0));
+        _mm_storeu_si128(hp.add(16) as *mut __m128i, _mm512_cvtepi32_epi8(h1));
+        _mm_storeu_si128(lp as *mut __m128i, _mm512_cvtepi32_epi8(l0));
+        _mm_storeu_si128(lp.add(16) as *mut __m128i, _mm512_cvtepi32_epi8(l1));
     }
 }
