@@ -1,7 +1,7 @@
 //! Loopback allreduce latency: median / p99 at rank 0 for N = 2..8 ranks ×
 //! star / ring / tree × 2 KiB / 32 KiB f32 payloads, each rank on its own QUIC endpoint.
 //!
-//! `cargo run --release -p tpi-node --example allreduce_bench [iters]`
+//! `cargo run --release -p tpi-node --example allreduce_bench [iters] [N,N,...]`
 
 use tpi_node::net::bench::{allreduce_latency, median_p99};
 use tpi_node::net::{Algo, WireDType};
@@ -13,11 +13,18 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .map(|s| s.parse())
         .transpose()?
         .unwrap_or(300);
+    let worlds: Vec<usize> = match std::env::args().nth(2) {
+        Some(list) => list
+            .split(',')
+            .map(|n| n.parse())
+            .collect::<Result<_, _>>()?,
+        None => (2..=8).collect(),
+    };
     println!(
         "{:>2} {:>5} {:>7} {:>10} {:>10}",
         "N", "algo", "payload", "median_us", "p99_us"
     );
-    for world in 2..=8 {
+    for world in worlds {
         for algo in Algo::ALL {
             for bytes in [2048usize, 32768] {
                 let times =
