@@ -95,8 +95,9 @@ pub fn bench(a: BenchArgs) -> anyhow::Result<()> {
             reps,
             isa,
         } => {
+            let before = tpi_kernels::active_isa();
             let isas = if isa.is_empty() {
-                vec![tpi_kernels::active_isa()]
+                vec![before]
             } else {
                 isa
             };
@@ -123,7 +124,7 @@ pub fn bench(a: BenchArgs) -> anyhow::Result<()> {
                         100.0 * g / bw
                     );
                 }
-                tpi_kernels::set_isa(tpi_kernels::detected_isa())?;
+                tpi_kernels::set_isa(before)?;
             }
         }
         BenchWhat::Allreduce {
