@@ -96,11 +96,7 @@ pub fn bench(a: BenchArgs) -> anyhow::Result<()> {
             isa,
         } => {
             let before = tpi_kernels::active_isa();
-            let isas = if isa.is_empty() {
-                vec![before]
-            } else {
-                isa
-            };
+            let isas = if isa.is_empty() { vec![before] } else { isa };
             for &t in &threads {
                 let pool = ThreadPool::new(t);
                 let bw = kb::memory_bandwidth_gbs(&pool, 512 << 20, reps);

@@ -21,11 +21,12 @@ unsafe fn h2f(p: *const u8) -> f32 {
     _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
 }
 
-/// Prefetches `p + pf` into L1 (`pf` from `prefetch_distance`: a later row group).
+/// Prefetches `p + pf` into L2 (`pf` from `prefetch_distance`: a later row group; see
+/// `avx512::prefetch_ahead` for why L2).
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
 unsafe fn prefetch_ahead(p: *const u8, pf: usize) {
-    _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(pf) as *const i8);
+    _mm_prefetch::<_MM_HINT_T1>(p.wrapping_add(pf) as *const i8);
 }
 
 /// GEMV over rows `r0..r1` (4 rows at a time to reuse x loads); `aux` is `gemv_aux` output.
