@@ -244,14 +244,21 @@ impl Default for TransportOptions {
 }
 
 impl TransportOptions {
-    /// Builds the quinn transport config for connections to a loopback peer
-    /// (see [`TransportOptions::loopback_mtu`]).
+    /// Builds the quinn transport config for connections to a loopback peer: datagrams of
+    /// [`TransportOptions::loopback_mtu`] and fewer ACKs.
     pub fn loopback_transport_config(&self) -> quinn::TransportConfig {
         let mut t = self.transport_config();
         let mtu = self.loopback_mtu.clamp(1200, MAX_UDP_PAYLOAD);
         t.initial_mtu(mtu);
         t.min_mtu(mtu);
         t.mtu_discovery_config(None);
+        // Ask the peer to ACK every 16 ack-eliciting packets (or after 1 ms) instead of every
+        // 2: fewer ACK datagrams to build, send and process (QUIC ACK-frequency extension,
+        // which quinn speaks on both ends). N=4 32 KiB star: ~190 → ~165 µs.
+        let mut ack = quinn::AckFrequencyConfig::default();
+        ack.ack_eliciting_threshold(quinn::VarInt::from_u32(16));
+        ack.max_ack_delay(Some(Duration::from_millis(1)));
+        t.ack_frequency_config(Some(ack));
         t
     }
 
