@@ -21,11 +21,18 @@ pub const DEFAULT_SPIN: Duration = Duration::from_micros(300);
 
 /// The spin budget: `TPI_SPIN_US` if set (0 parks at once), else [`DEFAULT_SPIN`].
 pub fn spin_time() -> Duration {
-    std::env::var("TPI_SPIN_US")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .map(Duration::from_micros)
-        .unwrap_or(DEFAULT_SPIN)
+    match std::env::var("TPI_SPIN_US") {
+        Err(_) => DEFAULT_SPIN,
+        Ok(v) => match v.trim().parse() {
+            Ok(us) => Duration::from_micros(us),
+            Err(_) => {
+                tracing::warn!(
+                    "TPI_SPIN_US={v:?} is not a number of microseconds; using {DEFAULT_SPIN:?}"
+                );
+                DEFAULT_SPIN
+            }
+        },
+    }
 }
 
 struct Flag {
