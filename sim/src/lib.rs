@@ -18,7 +18,10 @@ pub mod topology;
 pub use delay::{DelayLine, LinkStats, StatsSnapshot};
 pub use link::LinkSpec;
 pub use model::{quant_bytes_per_weight, Calibration, Device, ModelShape, Workload, PRESETS};
-pub use predict::{allreduce_time, predict, Algo, Breakdown, Cluster, DeviceReport, Prediction};
+pub use predict::{
+    allreduce_time, predict, tree_children, tree_parent, Algo, Breakdown, Cluster, DeviceReport,
+    Prediction,
+};
 pub use relay::{spawn_relay, Relay, Transport};
 pub use socket::{
     emulated_socket, emulated_socket_with_stats, topology_link, uniform_link, EmulatedSocket,

@@ -13,21 +13,59 @@ use crate::{
     topology::Topology,
 };
 
-/// An allreduce algorithm.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+/// An allreduce algorithm: what `tpi-node` runs and what the simulator prices (one type, so
+/// the two cannot drift apart; it travels in the cluster protocol through serde).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum Algo {
-    /// Workers send to the hub (rank 0), the hub sums and sends back: 2 hops (with two ranks,
-    /// a direct exchange: 1 hop).
+    /// Workers send partials to rank 0, which sums in rank order and sends the sum back
+    /// (2 one-way hops, 1 with two ranks: a direct exchange; the default on latency-bound
+    /// edge links).
     Star,
-    /// Reduce-scatter then allgather around a ring: 2(N−1) steps of payload/N.
+    /// Reduce-scatter then allgather around a ring: 2(N−1) steps of payload/N
+    /// (bandwidth-optimal).
     Ring,
-    /// Binomial tree reduce then broadcast: 2⌈log2 N⌉ levels.
+    /// Reduce up the binary tree rooted at rank 0 (see [`tree_parent`]), then broadcast
+    /// down: 2⌊log2 N⌋ levels.
     Tree,
 }
 
 impl Algo {
     /// All algorithms, in display order.
     pub const ALL: [Algo; 3] = [Algo::Star, Algo::Ring, Algo::Tree];
+
+    /// The ranks `rank` needs a data link with, ascending: star: 0 ↔ every worker;
+    /// ring: rank ± 1 mod N; tree: parent and children in the binary tree rooted at 0.
+    /// Empty when `world <= 1`.
+    pub fn peers(self, rank: usize, world: usize) -> Vec<usize> {
+        if world <= 1 || rank >= world {
+            return Vec::new();
+        }
+        let mut p: Vec<usize> = match self {
+            Algo::Star if rank == 0 => (1..world).collect(),
+            Algo::Star => vec![0],
+            Algo::Ring => vec![(rank + world - 1) % world, (rank + 1) % world],
+            Algo::Tree => tree_parent(rank)
+                .into_iter()
+                .chain(tree_children(rank, world))
+                .collect(),
+        };
+        p.sort_unstable();
+        p.dedup();
+        p
+    }
+}
+
+/// The parent of `rank` in the binary tree rooted at 0 (`None` for the root).
+pub fn tree_parent(rank: usize) -> Option<usize> {
+    (rank > 0).then(|| (rank - 1) / 2)
+}
+
+/// The children of `rank` in the binary tree rooted at 0, ascending.
+pub fn tree_children(rank: usize, world: usize) -> Vec<usize> {
+    [2 * rank + 1, 2 * rank + 2]
+        .into_iter()
+        .filter(|&c| c < world)
+        .collect()
 }
 
 impl fmt::Display for Algo {
@@ -47,7 +85,9 @@ impl FromStr for Algo {
             "star" => Ok(Algo::Star),
             "ring" => Ok(Algo::Ring),
             "tree" => Ok(Algo::Tree),
-            _ => Err(format!("unknown algorithm {s:?} (star, ring, tree)")),
+            _ => Err(format!(
+                "unknown allreduce algorithm {s:?} (expected star, ring or tree)"
+            )),
         }
     }
 }
@@ -168,8 +208,8 @@ pub fn allreduce_time(
             2.0 * (n - 1) as f64 * step
         }
         Algo::Tree => {
-            // The binary tree tpi-node uses: rank r's parent is (r − 1) / 2, so depth
-            // ⌊log2 N⌋. Each level's children send at once; the sum goes up level by
+            // The binary tree tpi-node uses ([`tree_parent`]), so depth ⌊log2 N⌋. Each
+            // level's children send at once; the sum goes up level by
             // level, then comes back down.
             let depth = |r: usize| (usize::BITS - 1 - (r + 1).leading_zeros()) as usize;
             let levels = depth(n - 1);
@@ -179,7 +219,7 @@ pub fn allreduce_time(
                     (1..n)
                         .filter(|&c| depth(c) == level)
                         .fold((0.0f64, 0.0f64), |(u, d), c| {
-                            let p = (c - 1) / 2;
+                            let p = tree_parent(c).expect("rank > 0 has a parent");
                             (
                                 u.max(message(topo, cal, c, p, bytes)),
                                 d.max(message(topo, cal, p, c, bytes)),

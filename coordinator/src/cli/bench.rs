@@ -153,13 +153,8 @@ pub fn bench(a: BenchArgs) -> anyhow::Result<()> {
                         link,
                     ))?;
                     let (med, p99) = median_p99(&times);
-                    let sim_algo = match algo {
-                        Algo::Star => tpi_sim::Algo::Star,
-                        Algo::Ring => tpi_sim::Algo::Ring,
-                        Algo::Tree => tpi_sim::Algo::Tree,
-                    };
                     let pred = tpi_sim::allreduce_time(
-                        sim_algo,
+                        algo,
                         &topo,
                         &tpi_sim::Calibration::default(),
                         n,

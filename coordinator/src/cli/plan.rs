@@ -424,11 +424,7 @@ fn predict(
         },
         ..tpi_sim::Calibration::default()
     };
-    let algo = match c.allreduce {
-        tpi_node::net::Algo::Ring => tpi_sim::Algo::Ring,
-        tpi_node::net::Algo::Tree => tpi_sim::Algo::Tree,
-        _ => tpi_sim::Algo::Star,
-    };
+    let algo = c.allreduce;
     let cluster = tpi_sim::Cluster {
         shape,
         devices,
