@@ -334,14 +334,16 @@ pub struct Endpoint {
     loopback_server: Option<Arc<quinn::ServerConfig>>,
 }
 
-/// `cfg` with the loopback transport tuning.
-fn loopback_client(
+/// The client config for other peers and a copy of it with the loopback transport tuning
+/// (the credential is parsed once).
+fn client_configs(
     cred: &Credential,
     opts: &TransportOptions,
-) -> Result<quinn::ClientConfig, NetError> {
-    let mut cfg = client_config_with(cred, opts)?;
-    cfg.transport_config(Arc::new(opts.loopback_transport_config()));
-    Ok(cfg)
+) -> Result<(quinn::ClientConfig, quinn::ClientConfig), NetError> {
+    let cfg = client_config_with(cred, opts)?;
+    let mut lo = cfg.clone();
+    lo.transport_config(Arc::new(opts.loopback_transport_config()));
+    Ok((cfg, lo))
 }
 
 impl Endpoint {
@@ -358,20 +360,22 @@ impl Endpoint {
         opts: &TransportOptions,
     ) -> Result<Self, NetError> {
         let socket = bind_udp(bind, opts)?;
+        let server = server_config_with(cred, opts)?;
+        let mut loopback_server = server.clone();
+        loopback_server.transport_config(Arc::new(opts.loopback_transport_config()));
         let mut ep = quinn::Endpoint::new(
             opts.endpoint_config(),
-            Some(server_config_with(cred, opts)?),
+            Some(server),
             socket,
             Arc::new(quinn::TokioRuntime),
         )
         .map_err(|source| NetError::Bind { addr: bind, source })?;
-        ep.set_default_client_config(client_config_with(cred, opts)?);
-        let mut ls = server_config_with(cred, opts)?;
-        ls.transport_config(Arc::new(opts.loopback_transport_config()));
+        let (client, loopback_client) = client_configs(cred, opts)?;
+        ep.set_default_client_config(client);
         Ok(Endpoint {
             inner: ep,
-            loopback_client: Some(loopback_client(cred, opts)?),
-            loopback_server: Some(Arc::new(ls)),
+            loopback_client: Some(loopback_client),
+            loopback_server: Some(Arc::new(loopback_server)),
         })
     }
 
@@ -399,10 +403,11 @@ impl Endpoint {
             Arc::new(quinn::TokioRuntime),
         )
         .map_err(|source| NetError::Bind { addr: bind, source })?;
-        ep.set_default_client_config(client_config_with(cred, opts)?);
+        let (client, loopback_client) = client_configs(cred, opts)?;
+        ep.set_default_client_config(client);
         Ok(Endpoint {
             inner: ep,
-            loopback_client: Some(loopback_client(cred, opts)?),
+            loopback_client: Some(loopback_client),
             loopback_server: None,
         })
     }
