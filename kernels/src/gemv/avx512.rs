@@ -48,43 +48,15 @@ pub(crate) unsafe fn gemv_rows(
     aux: &[f32],
     y: &mut [f32],
 ) {
-    let base = w.data.as_ptr();
-    let st = w.row_stride;
-    let mut r = r0;
-    while r + 4 <= r1 {
-        let p = [
-            base.add(r * st),
-            base.add((r + 1) * st),
-            base.add((r + 2) * st),
-            base.add((r + 3) * st),
-        ];
-        let mut out = [0.0f32; 4];
-        rows_kernel::<4>(
-            w.dtype,
-            p,
-            w.cols,
-            super::prefetch_distance(st),
-            x.as_ptr(),
-            aux.as_ptr(),
-            &mut out,
-        );
-        y[r - r0..r - r0 + 4].copy_from_slice(&out);
-        r += 4;
-    }
-    while r < r1 {
-        let mut out = [0.0f32; 1];
-        rows_kernel::<1>(
-            w.dtype,
-            [base.add(r * st)],
-            w.cols,
-            st,
-            x.as_ptr(),
-            aux.as_ptr(),
-            &mut out,
-        );
-        y[r - r0] = out[0];
-        r += 1;
-    }
+    let (xp, ap) = (x.as_ptr(), aux.as_ptr());
+    super::for_row_blocks(
+        w,
+        r0,
+        r1,
+        y,
+        |p, pf, out| rows_kernel::<4>(w.dtype, p, w.cols, pf, xp, ap, out),
+        |p, pf, out| rows_kernel::<1>(w.dtype, p, w.cols, pf, xp, ap, out),
+    );
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]

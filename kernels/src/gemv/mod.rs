@@ -29,6 +29,41 @@ pub(crate) fn prefetch_distance(stride: usize) -> usize {
     group * PF_MIN.div_ceil(group.max(1)).max(1)
 }
 
+/// Drives a SIMD row kernel over rows `r0..r1` of `w` into `y` (`y.len() == r1 - r0`):
+/// `ROW_BLOCK` rows at a time through `k4`, so one pass over x serves them all, then the
+/// remaining rows one by one through `k1`. Each call gets the row pointers, the prefetch
+/// distance (a later row group; for single rows, the next row) and the sums to fill.
+///
+/// # Safety
+/// `w` must be a validated view: every row pointer handed out lies inside `w.data`.
+#[inline(always)]
+pub(crate) unsafe fn for_row_blocks(
+    w: &MatRef,
+    r0: usize,
+    r1: usize,
+    y: &mut [f32],
+    mut k4: impl FnMut([*const u8; ROW_BLOCK], usize, &mut [f32; ROW_BLOCK]),
+    mut k1: impl FnMut([*const u8; 1], usize, &mut [f32; 1]),
+) {
+    let base = w.data.as_ptr();
+    let st = w.row_stride;
+    let pf = prefetch_distance(st);
+    let mut r = r0;
+    while r + ROW_BLOCK <= r1 {
+        let p = std::array::from_fn(|i| base.add((r + i) * st));
+        let mut out = [0.0f32; ROW_BLOCK];
+        k4(p, pf, &mut out);
+        y[r - r0..r - r0 + ROW_BLOCK].copy_from_slice(&out);
+        r += ROW_BLOCK;
+    }
+    while r < r1 {
+        let mut out = [0.0f32; 1];
+        k1([base.add(r * st)], st, &mut out);
+        y[r - r0] = out[0];
+        r += 1;
+    }
+}
+
 /// Raw output pointer shared by tasks that write disjoint ranges.
 #[derive(Clone, Copy)]
 pub(crate) struct SyncPtr(pub(crate) *mut f32);

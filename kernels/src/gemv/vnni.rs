@@ -14,28 +14,15 @@ use crate::{DType, MatRef};
 /// GEMV over rows `r0..r1` of a Q4_0 or Q4_1 matrix, 4 rows at a time.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 pub(crate) unsafe fn gemv_rows(w: &MatRef, r0: usize, r1: usize, aux: &super::Aux, y: &mut [f32]) {
-    let base = w.data.as_ptr();
-    let st = w.row_stride;
     let nb = w.cols / 32;
-    let mut r = r0;
-    while r + 4 <= r1 {
-        let p = [
-            base.add(r * st),
-            base.add((r + 1) * st),
-            base.add((r + 2) * st),
-            base.add((r + 3) * st),
-        ];
-        let mut out = [0.0f32; 4];
-        rows::<4>(w.dtype, p, nb, super::prefetch_distance(st), aux, &mut out);
-        y[r - r0..r - r0 + 4].copy_from_slice(&out);
-        r += 4;
-    }
-    while r < r1 {
-        let mut out = [0.0f32; 1];
-        rows::<1>(w.dtype, [base.add(r * st)], nb, st, aux, &mut out);
-        y[r - r0] = out[0];
-        r += 1;
-    }
+    super::for_row_blocks(
+        w,
+        r0,
+        r1,
+        y,
+        |p, pf, out| rows::<4>(w.dtype, p, nb, pf, aux, out),
+        |p, pf, out| rows::<1>(w.dtype, p, nb, pf, aux, out),
+    );
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
