@@ -169,6 +169,31 @@ impl Drop for Netns {
     }
 }
 
+/// Starts `tpi-node serve --listen 127.0.0.1:0 --threads 1 --credential CRED` by hand, as a
+/// user would on a device (no testbed around it), logging to `log`, and reads the address it
+/// announces. The child is returned either way, so the caller decides how to clean up.
+pub fn spawn_static_node(cred: &Path, log: &Path) -> (Child, anyhow::Result<SocketAddr>) {
+    let bin = tpi_node_bin();
+    let logf = std::fs::File::create(log).expect("node log file");
+    let mut child = Command::new(&bin)
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--threads",
+            "1",
+            "--credential",
+        ])
+        .arg(cred)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::from(logf))
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin.display()));
+    let addr = read_listen_line(&mut child);
+    (child, addr)
+}
+
 /// Waits (up to 20 s) for a `tpi-node serve` child's first stdout line, `listening on
 /// ADDR`, and returns ADDR (the coordinator's own reader, so both parse it one way).
 pub fn read_listen_line(child: &mut Child) -> anyhow::Result<SocketAddr> {

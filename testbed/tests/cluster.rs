@@ -9,15 +9,15 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, Command, ExitStatus};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use tpi_testbed::harness::read_listen_line;
+use tpi_testbed::harness::spawn_static_node;
 use tpi_testbed::{
     cmdline, finish, ids, max_abs_diff, model_fixture_dirs, read_json, read_npy, run_with_limit,
-    smollm2_gguf, tokens_arg, tpi_bin, tpi_node_bin, TempDir,
+    smollm2_gguf, tokens_arg, tpi_bin, TempDir,
 };
 
 /// Longest any single `tpi run` may take here.
@@ -410,24 +410,7 @@ fn tpi_ok(args: &[&str]) {
 
 /// Starts `tpi-node serve --listen 127.0.0.1:0` and waits for its address.
 fn start_node(cred: &Path, log: &Path) -> (Proc, SocketAddr) {
-    let bin = tpi_node_bin();
-    let logf = std::fs::File::create(log).expect("node log file");
-    let mut child = Command::new(&bin)
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--threads",
-            "1",
-            "--credential",
-        ])
-        .arg(cred)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::from(logf))
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin.display()));
-    let addr = read_listen_line(&mut child);
+    let (child, addr) = spawn_static_node(cred, log);
     let proc_ = Proc {
         child,
         what: format!("tpi-node ({})", log.display()),

@@ -12,8 +12,8 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use tpi_testbed::harness::read_listen_line;
-use tpi_testbed::{cmdline, fixtures_dir, smollm2_gguf, tpi_bin, tpi_node_bin, TempDir};
+use tpi_testbed::harness::spawn_static_node;
+use tpi_testbed::{cmdline, fixtures_dir, smollm2_gguf, tpi_bin, TempDir};
 
 /// A dead node must be noticed within this long after it dies.
 const DEATH_DEADLINE: Duration = Duration::from_millis(2500);
@@ -156,24 +156,8 @@ struct Node {
 
 impl Node {
     fn start(cred: &Path, log: PathBuf) -> Node {
-        let bin = tpi_node_bin();
-        let logf = std::fs::File::create(&log).expect("node log file");
-        let mut child = Command::new(&bin)
-            .args([
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-                "--threads",
-                "1",
-                "--credential",
-            ])
-            .arg(cred)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::from(logf))
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin.display()));
-        match read_listen_line(&mut child) {
+        let (mut child, addr) = spawn_static_node(cred, &log);
+        match addr {
             Ok(addr) => Node { child, addr, log },
             Err(e) => {
                 let _ = child.kill();
