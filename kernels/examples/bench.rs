@@ -81,14 +81,7 @@ fn main() {
             let pool = ThreadPool::new(threads);
             let bw = bench::memory_bandwidth_gbs(&pool, 512 << 20, reps);
             println!("threads={threads} memory bandwidth: {bw:.1} GB/s");
-            for dtype in [
-                DType::F32,
-                DType::F16,
-                DType::BF16,
-                DType::Q8_0,
-                DType::Q4_0,
-                DType::Q4_1,
-            ] {
+            for dtype in DType::ALL {
                 let big = bench::gemv_gbs(&pool, dtype, 4096, 4096, reps);
                 let small = bench::gemv_gbs(&pool, dtype, 576, 1536, reps);
                 println!(

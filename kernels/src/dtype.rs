@@ -22,6 +22,16 @@ pub enum DType {
 }
 
 impl DType {
+    /// Every storage type, floats first (for sweeps in tests and benchmarks).
+    pub const ALL: [DType; 6] = [
+        DType::F32,
+        DType::F16,
+        DType::BF16,
+        DType::Q8_0,
+        DType::Q4_0,
+        DType::Q4_1,
+    ];
+
     /// Elements per storage block: 1 for float types, 32 for the quantised ones.
     pub const fn block_len(self) -> usize {
         match self {

@@ -45,15 +45,6 @@ impl Rng {
     }
 }
 
-const ALL: [DType; 6] = [
-    DType::F32,
-    DType::F16,
-    DType::BF16,
-    DType::Q8_0,
-    DType::Q4_0,
-    DType::Q4_1,
-];
-
 fn h(b: &[u8]) -> f32 {
     f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32()
 }
@@ -184,7 +175,7 @@ fn dtype_properties() {
         (32, 18, "q4_0"),
         (32, 20, "q4_1"),
     ];
-    for (d, (bl, bb, name)) in ALL.iter().zip(expect) {
+    for (d, (bl, bb, name)) in DType::ALL.iter().zip(expect) {
         assert_eq!(d.block_len(), bl);
         assert_eq!(d.block_bytes(), bb);
         assert_eq!(d.name(), name);
@@ -238,7 +229,7 @@ fn matref_validation() {
 #[test]
 fn quant_layouts_and_roundtrip() {
     let mut rng = Rng::new(1);
-    for dtype in ALL {
+    for dtype in DType::ALL {
         let n = if dtype.block_len() == 32 { 32 * 7 } else { 37 };
         let mut x = rng.vec(n);
         x[3] = 0.0;
@@ -374,7 +365,7 @@ fn check_gemv_case(rng: &mut Rng, dtype: DType, rows: usize, cols: usize, pad: u
 #[test]
 fn gemv_matches_reference() {
     let mut rng = Rng::new(2);
-    for dtype in ALL {
+    for dtype in DType::ALL {
         let cols_list: &[usize] = if dtype.block_len() == 32 {
             &[32, 96, 576]
         } else {
@@ -391,7 +382,7 @@ fn gemv_matches_reference() {
 #[test]
 fn gemv_strided_and_sliced() {
     let mut rng = Rng::new(3);
-    for dtype in ALL {
+    for dtype in DType::ALL {
         let cols = if dtype.block_len() == 32 { 128 } else { 45 };
         check_gemv_case(&mut rng, dtype, 17, cols, 6, false);
         check_gemv_case(&mut rng, dtype, 33, cols, 0, true);
@@ -492,7 +483,7 @@ fn gemv_large_parallel() {
 fn gemm_matches_reference() {
     let mut rng = Rng::new(5);
     let pools = [ThreadPool::new(1), ThreadPool::new(2)];
-    for dtype in ALL {
+    for dtype in DType::ALL {
         let cols_list: &[usize] = if dtype.block_len() == 32 {
             &[64, 320]
         } else {

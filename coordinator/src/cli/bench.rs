@@ -101,16 +101,10 @@ pub fn bench(a: BenchArgs) -> anyhow::Result<()> {
                 let pool = ThreadPool::new(t);
                 let bw = kb::memory_bandwidth_gbs(&pool, 512 << 20, reps);
                 println!("threads={t}: memory read bandwidth {bw:.1} GB/s");
-                for (&isa, d) in isas.iter().flat_map(|i| {
-                    std::iter::repeat(i).zip([
-                        DType::F32,
-                        DType::F16,
-                        DType::BF16,
-                        DType::Q8_0,
-                        DType::Q4_0,
-                        DType::Q4_1,
-                    ])
-                }) {
+                for (&isa, d) in isas
+                    .iter()
+                    .flat_map(|i| std::iter::repeat(i).zip(DType::ALL))
+                {
                     tpi_kernels::set_isa(isa)?;
                     let g = kb::gemv_gbs(&pool, d, rows, 4096, reps);
                     println!(
