@@ -147,13 +147,18 @@ pub fn set_isa_from_env() -> Result<Option<Isa>, KernelError> {
     let Ok(v) = std::env::var("TPI_ISA") else {
         return Ok(None);
     };
-    let isa = Isa::from_name(v.trim()).ok_or_else(|| {
-        let names: Vec<&str> = available_isas().iter().map(|i| i.name()).collect();
-        KernelError::Invalid(format!(
-            "TPI_ISA={v:?} is not a kernel path (this CPU has: {})",
-            names.join(", ")
-        ))
-    })?;
+    let isa = parse_isa(v.trim()).map_err(|e| KernelError::Invalid(format!("TPI_ISA={e}")))?;
     set_isa(isa)?;
     Ok(Some(isa))
+}
+
+/// Parses a kernel path name; the error names it and lists the paths this CPU can run.
+pub fn parse_isa(name: &str) -> Result<Isa, String> {
+    Isa::from_name(name).ok_or_else(|| {
+        let names: Vec<&str> = available_isas().iter().map(|i| i.name()).collect();
+        format!(
+            "{name:?} is not a kernel path (this CPU has: {})",
+            names.join(", ")
+        )
+    })
 }

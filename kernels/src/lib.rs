@@ -19,7 +19,9 @@ pub use attention::attention;
 pub use dtype::{DType, KernelError, MatRef};
 pub use gemm::gemm;
 pub use gemv::gemv;
-pub use isa::{active_isa, available_isas, detected_isa, set_isa, set_isa_from_env, Isa};
+pub use isa::{
+    active_isa, available_isas, detected_isa, parse_isa, set_isa, set_isa_from_env, Isa,
+};
 pub use ops::{add_in_place, rmsnorm, silu_mul, softmax};
 pub use pool::ThreadPool;
 pub use quant::{dequantize_row, quantize_row};

@@ -116,7 +116,10 @@ pub(crate) fn gemv_aux(isa: Isa, dtype: DType, x: &[f32]) -> Aux {
     let pairs = (2 * nb).div_ceil(16) * 16;
     let mut aux = vec![0.0f32; pairs];
     for (b, xb) in x.chunks_exact(32).enumerate() {
-        let s = block_sum(xb);
+        let mut s = 0.0f32;
+        for v in xb {
+            s += v;
+        }
         let pair = match (avx512, dtype) {
             (true, DType::Q4_1) => [-16.0 * s, s],
             (true, _) => [-24.0 * s, 0.0],
@@ -138,14 +141,6 @@ pub(crate) fn gemv_aux(isa: Isa, dtype: DType, x: &[f32]) -> Aux {
         f: aux,
         i: Vec::new(),
     }
-}
-
-fn block_sum(xb: &[f32]) -> f32 {
-    let mut s = 0.0f32;
-    for v in xb {
-        s += v;
-    }
-    s
 }
 
 #[cfg(target_arch = "x86_64")]
