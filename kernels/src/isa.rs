@@ -13,8 +13,8 @@ pub enum Isa {
     Avx2,
     /// x86-64 AVX-512 F/BW/VL (+ AVX2, FMA, F16C).
     Avx512,
-    /// AVX-512 plus VNNI: Q4_0/Q4_1 weights meet 15-bit integer activations in `vpdpbusd`
-    /// integer dot products (error at most 1/65024 of a 32-block's largest |x|).
+    /// AVX-512 plus VNNI: Q4_0/Q4_1/Q8_0 weights meet 15-bit integer activations in
+    /// `vpdpbusd` integer dot products (error at most 1/65024 of a 32-block's largest |x|).
     Avx512Vnni,
     /// aarch64 Advanced SIMD.
     Neon,

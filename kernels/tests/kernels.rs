@@ -143,9 +143,9 @@ fn ref_matvec(w: &MatRef, x: &[f32]) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
     (y, mag, act)
 }
 
-/// The activation-quantisation allowance: only the VNNI path quantises x (for Q4 weights).
+/// The activation-quantisation allowance: only the VNNI path quantises x (for Q4/Q8 weights).
 fn act_allowance(isa: Isa, dtype: DType, act: f64) -> f64 {
-    if isa == Isa::Avx512Vnni && matches!(dtype, DType::Q4_0 | DType::Q4_1) {
+    if isa == Isa::Avx512Vnni && matches!(dtype, DType::Q4_0 | DType::Q4_1 | DType::Q8_0) {
         act
     } else {
         0.0
@@ -437,8 +437,17 @@ fn vnni_gemv_exact_when_x_is_representable() {
     }
     let mut rng = Rng::new(21);
     let pool = ThreadPool::new(1);
-    for dtype in [DType::Q4_0, DType::Q4_1] {
-        for (rows, cols) in [(7, 32), (5, 96), (9, 288), (4, 544)] {
+    for dtype in [DType::Q4_0, DType::Q4_1, DType::Q8_0] {
+        for (rows, cols) in [
+            (7, 32),
+            (3, 64),
+            (5, 96),
+            (6, 192),
+            (9, 288),
+            (5, 448),
+            (4, 544),
+            (3, 608),
+        ] {
             let (data, stride) = rand_matrix(&mut rng, dtype, rows, cols, 0);
             let w = MatRef::with_stride(dtype, rows, cols, stride, &data).unwrap();
             let mut x: Vec<f32> = rng

@@ -6,7 +6,7 @@ use crate::{DType, MatRef};
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
 #[inline]
-unsafe fn hsum256(v: __m256) -> f32 {
+pub(crate) unsafe fn hsum256(v: __m256) -> f32 {
     let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     let s = _mm_add_ss(s, _mm_movehdup_ps(s));
@@ -245,12 +245,13 @@ unsafe fn rows_q4<const R: usize, const Q41: bool>(
     }
 }
 
-/// Convert the f16 `[d, m]` words of `n <= 8` blocks (Q4_0: `[d, 0]`) to f32 with one
-/// `vcvtph2ps`, gathered through registers (no narrow-store/wide-load forwarding stall);
-/// stores them to `out` for broadcast-operand FMAs and returns them.
+/// Convert the f16 `[d, m]` words of `n <= 8` blocks (Q4_0/Q8_0: `[d, 0]`, read as an i32
+/// and masked, which is cheaper than word inserts) to f32 with one `vcvtph2ps`, gathered
+/// through registers (no narrow-store/wide-load forwarding stall); stores them to `out` for
+/// broadcast-operand FMAs and returns them.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
 #[inline]
-pub(crate) unsafe fn block_scales<const Q41: bool>(
+unsafe fn block_scales<const Q41: bool>(
     p: *const u8,
     bb: usize,
     n: usize,
@@ -259,13 +260,16 @@ pub(crate) unsafe fn block_scales<const Q41: bool>(
     let ld = |i: usize| -> i32 {
         if i >= n {
             0
-        } else if Q41 {
-            (p.add(i * bb) as *const i32).read_unaligned()
         } else {
-            (p.add(i * bb) as *const u16).read_unaligned() as i32
+            (p.add(i * bb) as *const i32).read_unaligned()
         }
     };
     let raw = _mm256_setr_epi32(ld(0), ld(1), ld(2), ld(3), ld(4), ld(5), ld(6), ld(7));
+    let raw = if Q41 {
+        raw
+    } else {
+        _mm256_and_si256(raw, _mm256_set1_epi32(0xFFFF))
+    };
     let f = _mm512_cvtph_ps(raw);
     _mm512_storeu_ps(out.as_mut_ptr(), f);
     f

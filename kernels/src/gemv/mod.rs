@@ -87,25 +87,23 @@ pub(crate) struct Aux {
     pub(crate) i: Vec<u8>,
 }
 
-/// Largest |integer activation| on the VNNI path: 127 * 256, so the Q4 kernels' high/low byte
-/// split `X = 256 H + L` keeps both halves in i8.
+/// Largest |integer activation| on the VNNI path: 127 * 256, so the high/low byte split
+/// `X = 256 H + L` keeps `H` in i8 (and `L` in i8 or u8, as each kernel needs).
 pub(crate) const ACT_MAX: f32 = 32512.0;
 
-/// Builds the [`Aux`] a row kernel needs, one pair of floats per 32-block padded to a
-/// multiple of 16 floats:
+/// Builds the [`Aux`] a row kernel needs. For the f32-activation kernels, one pair of floats
+/// per 32-block padded to a multiple of 16 floats:
 /// - AVX2/other Q4_1: `[0, sum(x_b)]` (the `m * sum(x_b)` term);
 /// - AVX-512 Q4_1: `[-16 sum(x_b), sum(x_b)]`, Q4_0: `[-24 sum(x_b), 0]` (see `avx512::rows_q4`),
-///   followed by x permuted within each block into that kernel's lane order;
-/// - VNNI Q4_0/Q4_1 (see [`vnni`]): each block of x becomes integers `X = round(x / s_b)` with
-///   `s_b = max|x_b| / ACT_MAX` (an error of at most `max|x_b| / 65024` per element, 256 times
-///   finer than llama.cpp's 8-bit activations). Q4_1 `f` = pairs `[0, sum(x̂_b)]` then
-///   `[s_b, 0]`; Q4_0 the same with `[-8 sum(x̂_b), 0]` (x̂ = s X). `i` holds the high bytes `H`
-///   of all blocks, then the low bytes `L` (`X = 256 H + L`).
-///   Q8_0 keeps f32 activations: there the integer kernel won on wide matrices but lost on
-///   SmolLM2's 49152x576 LM head (decode 93 vs 101 tok/s).
+///   followed by x permuted within each block into that kernel's lane order.
+///
+/// VNNI Q4_0/Q4_1/Q8_0 (see [`vnni::prepare`]): each block of x becomes integers
+/// `X = round(x / s_b)` with `s_b = max|x_b| / ACT_MAX` (an error of at most
+/// `max|x_b| / 65024` per element, 256 times finer than llama.cpp's 8-bit activations), as
+/// byte planes in `i` with per-lane scales and offset terms.
 pub(crate) fn gemv_aux(isa: Isa, dtype: DType, x: &[f32]) -> Aux {
     let q4 = matches!(dtype, DType::Q4_0 | DType::Q4_1);
-    if isa == Isa::Avx512Vnni && q4 {
+    if isa == Isa::Avx512Vnni && (q4 || dtype == DType::Q8_0) {
         return vnni_aux(dtype, x);
     }
     let avx512 = isa == Isa::Avx512 && q4;
