@@ -69,10 +69,13 @@ async fn run_cluster(
 async fn allreduce_over_quic_all_algos() {
     for world in 2..=5 {
         for algo in Algo::ALL {
+            // 9001 and 20001 elements span several datagrams, so elements straddle chunks.
             for (dtype, n) in [
                 (WireDType::F32, 1000),
                 (WireDType::F16, 37),
                 (WireDType::F32, 3),
+                (WireDType::F32, 9001),
+                (WireDType::F16, 20001),
             ] {
                 let inputs = parts(world, n);
                 let res = run_cluster(world, algo, dtype, &inputs).await;

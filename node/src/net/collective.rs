@@ -18,12 +18,13 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use futures::future::try_join_all;
 use half::f16;
 use tokio::sync::mpsc;
 
-use super::frame::{fill_prefix, read_frame_of, FrameKind, FRAME_HEADER_LEN};
-use super::transport::{map_write_error, Connection, Endpoint, NetError, Stream};
+use super::frame::{decode_header, fill_prefix, read_frame_of, FrameKind, FRAME_HEADER_LEN};
+use super::transport::{map_read_error, map_write_error, Connection, Endpoint, NetError, Stream};
 use super::wire::{
     add_f16_le, add_f32_le, extend_f16_le, extend_f32_le, f16_le_to_f32, f32_from_le_bytes,
     round_to_f16, PROTOCOL_VERSION,
@@ -179,6 +180,18 @@ impl LinkTx {
             }
         }
     }
+
+    /// [`LinkTx::send_prefixed`] without copying: QUIC keeps a reference to `framed` until
+    /// the peer acknowledges it, so one frame can go to many peers.
+    async fn send_shared(&mut self, framed: Bytes) -> Result<(), NetError> {
+        match &mut self.half {
+            TxHalf::Quic(s) => s
+                .write_chunk(framed)
+                .await
+                .map_err(|e| map_write_error(e).with_peer(&self.name)),
+            TxHalf::Mem(_) => self.send_prefixed(&framed).await,
+        }
+    }
 }
 
 struct LinkRx {
@@ -214,15 +227,89 @@ impl LinkRx {
     /// Receives exactly `expect` payload bytes (anything else is a protocol error).
     async fn recv_exact(&mut self, expect: usize) -> Result<(), NetError> {
         self.recv(expect).await?;
-        if self.buf.len() != expect {
-            return Err(NetError::Protocol(format!(
-                "sent a {}-byte tensor, expected {expect} bytes (allreduce length mismatch across ranks?)",
-                self.buf.len()
-            ))
-            .with_peer(&self.name));
+        check_tensor_len(self.buf.len(), expect).map_err(|e| e.with_peer(&self.name))
+    }
+
+    /// Receives a tensor frame of exactly `expect` payload bytes and hands it to `sink` in
+    /// pieces of whole `elem`-byte elements, as `sink(first element index, bytes)`, straight
+    /// from QUIC's received chunks: no copy into `buf`. An element split between two
+    /// chunks goes through a small carry buffer.
+    async fn recv_each(
+        &mut self,
+        expect: usize,
+        elem: usize,
+        mut sink: impl FnMut(usize, &[u8]) -> Result<(), NetError>,
+    ) -> Result<(), NetError> {
+        let r = match &mut self.half {
+            RxHalf::Quic(r) => r,
+            RxHalf::Mem(_) => {
+                self.recv_exact(expect).await?;
+                return sink(0, &self.buf);
+            }
+        };
+        let name = &self.name;
+        let mut hdr = [0u8; FRAME_HEADER_LEN];
+        let mut have = 0;
+        while have < FRAME_HEADER_LEN {
+            let c = read_chunk(r, FRAME_HEADER_LEN - have, name).await?;
+            hdr[have..have + c.len()].copy_from_slice(&c);
+            have += c.len();
+        }
+        let (kind, len) = decode_header(&hdr, expect).map_err(|e| e.with_peer(name))?;
+        if kind != FrameKind::Tensor {
+            return Err(
+                NetError::Protocol(format!("expected a Tensor frame, got {kind:?}"))
+                    .with_peer(name),
+            );
+        }
+        check_tensor_len(len, expect).map_err(|e| e.with_peer(name))?;
+        let (mut pos, mut carry, mut nc) = (0, [0u8; 4], 0);
+        while pos + nc < expect {
+            // Never past this frame's end: the next frame stays in the stream.
+            let c = read_chunk(r, expect - pos - nc, name).await?;
+            let mut b: &[u8] = &c;
+            if nc > 0 {
+                let k = (elem - nc).min(b.len());
+                carry[nc..nc + k].copy_from_slice(&b[..k]);
+                (nc, b) = (nc + k, &b[k..]);
+                if nc < elem {
+                    continue;
+                }
+                sink(pos / elem, &carry[..elem])?;
+                pos += elem;
+            }
+            let whole = b.len() / elem * elem;
+            if whole > 0 {
+                sink(pos / elem, &b[..whole])?;
+                pos += whole;
+            }
+            nc = b.len() - whole;
+            carry[..nc].copy_from_slice(&b[whole..]);
         }
         Ok(())
     }
+}
+
+/// Reads the next in-order chunk of at most `max` bytes; the stream's end is an error.
+async fn read_chunk(r: &mut quinn::RecvStream, max: usize, name: &str) -> Result<Bytes, NetError> {
+    match r.read_chunk(max, true).await {
+        Ok(Some(c)) => Ok(c.bytes),
+        Ok(None) => Err(NetError::Closed {
+            peer: name.to_string(),
+            reason: "stream ended by the peer inside a tensor frame".into(),
+        }),
+        Err(e) => Err(map_read_error(e).with_peer(name)),
+    }
+}
+
+/// A tensor frame must carry exactly the allreduce's byte count.
+fn check_tensor_len(len: usize, expect: usize) -> Result<(), NetError> {
+    if len != expect {
+        return Err(NetError::Protocol(format!(
+            "sent a {len}-byte tensor, expected {expect} bytes (allreduce length mismatch across ranks?)"
+        )));
+    }
+    Ok(())
 }
 
 /// A data link with one peer rank: a QUIC stream, or an in-memory channel (tests).
@@ -701,17 +788,29 @@ impl Group {
         }
     }
 
+    /// Encodes `v` as a prefixed tensor frame in a buffer of its own, to be sent without
+    /// copies by [`LinkTx::send_shared`].
+    fn encode_shared(h16: &mut Vec<f16>, dtype: WireDType, v: &[f32]) -> Result<Bytes, NetError> {
+        let mut tx = Vec::with_capacity(FRAME_HEADER_LEN + v.len() * dtype.bytes());
+        Self::encode(&mut tx, h16, dtype, v)?;
+        Ok(Bytes::from(tx))
+    }
+
     async fn star(&mut self, x: &mut [f32], st: &mut AllreduceStats) -> Result<(), NetError> {
         let Group {
             rank,
             world,
             dtype,
             links,
-            tx,
             h16,
             ..
         } = self;
-        let (dtype, nbytes) = (*dtype, x.len() * dtype.bytes());
+        let (dtype, eb) = (*dtype, dtype.bytes());
+        let nbytes = x.len() * eb;
+        // Adds an element-aligned piece of a peer's partial into x (f32 sums in any dtype).
+        let add = |x: &mut [f32], i: usize, b: &[u8]| {
+            Self::add_into(dtype, b, &mut x[i..i + b.len() / eb])
+        };
         if *world == 2 {
             // Two ranks: the star degenerates into a symmetric exchange. Each sends its partial
             // to the other and adds the one it receives: one hop instead of two, the same bytes,
@@ -720,13 +819,15 @@ impl Group {
             if dtype == WireDType::F16 {
                 round_to_f16(x, h16);
             }
-            Self::encode(tx, h16, dtype, x)?;
+            let framed = Self::encode_shared(h16, dtype, x)?;
             let t = Instant::now();
-            futures::try_join!(l.tx.send_prefixed(tx), l.rx.recv_exact(nbytes))?;
+            futures::try_join!(
+                l.tx.send_shared(framed),
+                l.rx.recv_each(nbytes, eb, |i, b| add(x, i, b))
+            )?;
             st.wait += t.elapsed();
             st.bytes_sent += nbytes as u64;
             st.bytes_recv += nbytes as u64;
-            Self::add_into(dtype, &l.rx.buf, x)?;
             if dtype == WireDType::F16 {
                 round_to_f16(x, h16);
             }
@@ -734,35 +835,41 @@ impl Group {
         }
         if *rank == 0 {
             let t = Instant::now();
-            try_join_all(links.values_mut().map(|l| l.rx.recv_exact(nbytes))).await?;
+            if dtype == WireDType::F16 {
+                round_to_f16(x, h16);
+            }
+            // QUIC receives every worker's stream at once in the background; consuming them
+            // in ascending rank order (BTreeMap order) only fixes the order of the sums,
+            // x0 + x1 + x2 + …, so the result never depends on arrival timing. Each partial
+            // is added straight from the received chunks.
+            for l in links.values_mut() {
+                l.rx.recv_each(nbytes, eb, |i, b| add(x, i, b)).await?;
+            }
             st.wait += t.elapsed();
             st.bytes_recv += (nbytes * links.len()) as u64;
             if dtype == WireDType::F16 {
                 round_to_f16(x, h16);
             }
-            for l in links.values() {
-                // BTreeMap iterates in ascending rank order: x0 + x1 + x2 + …
-                Self::add_into(dtype, &l.rx.buf, x)?;
-            }
-            if dtype == WireDType::F16 {
-                round_to_f16(x, h16);
-            }
-            Self::encode(tx, h16, dtype, x)?;
-            let framed: &[u8] = tx;
-            try_join_all(links.values_mut().map(|l| l.tx.send_prefixed(framed))).await?;
+            // One encoded frame, shared (not copied) by every worker's stream.
+            let framed = Self::encode_shared(h16, dtype, x)?;
+            try_join_all(links.values_mut().map(|l| l.tx.send_shared(framed.clone()))).await?;
             st.bytes_sent += (nbytes * links.len()) as u64;
         } else {
             let hub = links
                 .get_mut(&0)
                 .ok_or_else(|| NetError::Protocol("no data link to rank 0".into()))?;
-            Self::encode(tx, h16, dtype, x)?;
-            hub.tx.send_prefixed(tx).await?;
+            hub.tx
+                .send_shared(Self::encode_shared(h16, dtype, x)?)
+                .await?;
             st.bytes_sent += nbytes as u64;
             let t = Instant::now();
-            hub.rx.recv_exact(nbytes).await?;
+            hub.rx
+                .recv_each(nbytes, eb, |i, b| {
+                    Self::decode_into(dtype, b, &mut x[i..i + b.len() / eb], h16)
+                })
+                .await?;
             st.wait += t.elapsed();
             st.bytes_recv += nbytes as u64;
-            Self::decode_into(dtype, &hub.rx.buf, x, h16)?;
         }
         Ok(())
     }

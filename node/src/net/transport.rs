@@ -180,13 +180,17 @@ pub(crate) fn map_write_error(e: quinn::WriteError) -> NetError {
 
 pub(crate) fn map_read_exact_error(e: quinn::ReadExactError) -> NetError {
     match e {
-        quinn::ReadExactError::ReadError(quinn::ReadError::ConnectionLost(c)) => {
-            map_connection_error(UNKNOWN_PEER, c)
-        }
+        quinn::ReadExactError::ReadError(e) => map_read_error(e),
         quinn::ReadExactError::FinishedEarly(n) => NetError::Closed {
             peer: UNKNOWN_PEER.into(),
             reason: format!("stream ended by the peer ({n} bytes into a frame)"),
         },
+    }
+}
+
+pub(crate) fn map_read_error(e: quinn::ReadError) -> NetError {
+    match e {
+        quinn::ReadError::ConnectionLost(c) => map_connection_error(UNKNOWN_PEER, c),
         other => NetError::Closed {
             peer: UNKNOWN_PEER.into(),
             reason: format!("stream read failed: {other}"),
@@ -218,15 +222,22 @@ pub struct TransportOptions {
     /// overflows when several peers burst into a hub at once, and every dropped datagram
     /// costs a loss-recovery delay.
     pub socket_buffer: usize,
-    /// UDP payload size for connections whose peer is a loopback address (default 4 KiB).
-    /// Loopback's MTU is 64 KiB; 3.4 times fewer packets than the Ethernet-sized default cut
-    /// per-packet work (syscalls, headers, ACKs): a 32 KiB star allreduce over 4 ranks went
-    /// from ~300 to ~175 µs. 8 KiB and more were slower, with 55 ms stalls between two ranks:
-    /// quinn declared a quarter of the packets lost although the kernel dropped none.
-    /// Other paths start at quinn's 1200 and discover up to 1452. Not used over emulated
-    /// links, which model a real network.
+    /// UDP payload size for connections whose peer is a loopback address (default
+    /// [`GSO_SAFE_MTU`], at most [`MAX_LOOPBACK_MTU`]). Loopback's MTU is 64 KiB; 5.4 times
+    /// fewer packets than the Ethernet-sized default cut per-packet work (syscalls, headers,
+    /// ACKs, wake-ups). Other paths start at quinn's 1200 and discover up to 1452. Not used
+    /// over emulated links, which model a real network.
     pub loopback_mtu: u16,
 }
+
+/// The largest loopback datagram that still goes in GSO batches: quinn batches up to 10
+/// datagrams and a batch must fit one 64 KiB UDP send (10 x 6500 + headers < 65535).
+/// (With 8 KiB datagrams, batches of 80 KiB were refused and silently dropped, which showed
+/// as 55 ms loss-recovery stalls.)
+pub const GSO_SAFE_MTU: u16 = 6500;
+
+/// The largest loopback datagram: quinn encodes a packet's length in at most 14 bits.
+pub const MAX_LOOPBACK_MTU: u16 = 16000;
 
 impl Default for TransportOptions {
     fn default() -> Self {
@@ -238,7 +249,7 @@ impl Default for TransportOptions {
             initial_window: 2 << 20,
             initial_rtt: Duration::from_millis(20),
             socket_buffer: 4 << 20,
-            loopback_mtu: 4096,
+            loopback_mtu: GSO_SAFE_MTU,
         }
     }
 }
@@ -248,10 +259,16 @@ impl TransportOptions {
     /// [`TransportOptions::loopback_mtu`] and fewer ACKs.
     pub fn loopback_transport_config(&self) -> quinn::TransportConfig {
         let mut t = self.transport_config();
-        let mtu = self.loopback_mtu.clamp(1200, MAX_UDP_PAYLOAD);
+        let mtu = self.loopback_mtu.clamp(1200, MAX_LOOPBACK_MTU);
         t.initial_mtu(mtu);
         t.min_mtu(mtu);
         t.mtu_discovery_config(None);
+        // quinn sends up to 10 datagrams per GSO batch and quinn-udp silently drops a batch
+        // the kernel refuses as larger than 64 KiB (EMSGSIZE), which reads as heavy loss:
+        // above the GSO-safe size each datagram goes alone.
+        if mtu > GSO_SAFE_MTU {
+            t.enable_segmentation_offload(false);
+        }
         // Ask the peer to ACK every 16 ack-eliciting packets (or after 1 ms) instead of every
         // 2: fewer ACK datagrams to build, send and process (QUIC ACK-frequency extension,
         // which quinn speaks on both ends). N=4 32 KiB star: ~190 → ~165 µs.
@@ -265,7 +282,7 @@ impl TransportOptions {
     /// The endpoint config: accepts datagrams up to the loopback MTU.
     fn endpoint_config(&self) -> quinn::EndpointConfig {
         let mut c = quinn::EndpointConfig::default();
-        let mtu = self.loopback_mtu.clamp(1472, MAX_UDP_PAYLOAD);
+        let mtu = self.loopback_mtu.clamp(1472, MAX_LOOPBACK_MTU);
         c.max_udp_payload_size(mtu)
             .expect("payload size clamped to quinn's bounds");
         c
@@ -288,9 +305,6 @@ impl TransportOptions {
         t
     }
 }
-
-/// The largest UDP payload quinn accepts.
-const MAX_UDP_PAYLOAD: u16 = 65_527;
 
 /// Binds a UDP socket and requests `opts.socket_buffer`-byte kernel buffers (best effort).
 fn bind_udp(bind: SocketAddr, opts: &TransportOptions) -> Result<std::net::UdpSocket, NetError> {
