@@ -11,6 +11,7 @@ use tpi_kernels::ThreadPool;
 use tpi_node::model::forward::BlockHooks;
 use tpi_node::model::{Head, KvCache, ModelConfig, ModelFiles, RankModel, SplitPlan};
 use tpi_node::net::collective::open_data_link;
+use tpi_node::net::driven::Driven;
 use tpi_node::net::frame::{write_frame, FrameKind};
 use tpi_node::net::wire::{f32_to_le_bytes, PROTOCOL_VERSION};
 use tpi_node::net::{
@@ -74,7 +75,8 @@ struct Node {
 
 /// The cluster backend for rank 0.
 pub struct ClusterBackend {
-    rt: tokio::runtime::Runtime,
+    /// Runs the QUIC endpoint; the engine thread drives it while it waits (see [`Driven`]).
+    net: Driven,
     endpoint: Endpoint,
     nodes: Vec<Node>,
     group: Group,
@@ -154,13 +156,9 @@ impl ClusterBackend {
         let head = shards[0].head()?;
         let cache = model.new_cache(capacity);
         let window = shards[0].window(opts.window, opts.mem_budget, cache.bytes() as u64);
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .map_err(|e| Error::Io(e.to_string()))?;
+        let net = Driven::new().map_err(|e| Error::Io(e.to_string()))?;
         let endpoint = {
-            let _g = rt.enter();
+            let _g = net.handle().enter();
             let bind = "0.0.0.0:0".parse().unwrap();
             match &opts.link {
                 Some(l) => {
@@ -175,7 +173,7 @@ impl ClusterBackend {
         };
         let model_id = files.identity();
         let plan_id = plan.id();
-        let (nodes, group, sent, windows) = rt.block_on(async {
+        let (nodes, group, sent, windows) = net.block_on(async {
             // Reach every node at once; the slowest bounds the wait.
             let mut nodes: Vec<Node> = try_join_all(opts.nodes.iter().enumerate().map(|(i, &addr)| {
                 let ep = endpoint.clone();
@@ -324,7 +322,7 @@ impl ClusterBackend {
             plan_id: plan.id(),
         };
         Ok(ClusterBackend {
-            rt,
+            net,
             endpoint,
             nodes,
             group,
@@ -356,7 +354,7 @@ impl ClusterBackend {
         };
         let nodes = &mut self.nodes;
         let worker_times: Vec<NodeStepTimes> =
-            self.rt
+            self.net
                 .block_on(try_join_all(nodes.iter_mut().enumerate().map(
                     |(i, node)| async move {
                         match expect_msg(node, i + 1).await? {
@@ -403,7 +401,7 @@ impl Backend for ClusterBackend {
     fn reset(&mut self, capacity: usize) -> Result<()> {
         self.finish_pending()?;
         let nodes = &mut self.nodes;
-        self.rt
+        self.net
             .block_on(try_join_all(nodes.iter_mut().enumerate().map(|(i, n)| {
                 let msg = ToNode::Reset {
                     capacity: capacity as u32,
@@ -438,7 +436,7 @@ impl Backend for ClusterBackend {
         let mut x = self.head.embed(tokens)?;
         let payload = f32_to_le_bytes(&x);
         let nodes = &mut self.nodes;
-        self.rt
+        self.net
             .block_on(try_join_all(nodes.iter_mut().enumerate().map(
                 |(i, node)| {
                     let payload = &payload;
@@ -460,8 +458,8 @@ impl Backend for ClusterBackend {
             )))?;
         let (mut wait, mut total) = (0f64, 0f64);
         let group = &mut self.group;
-        let rt = &self.rt;
-        let spin = tpi_node::net::spin::spin_time();
+        let net = &self.net;
+        let spin = tpi_node::net::driven::spin_time();
         let res = self.model.forward_layers::<Error>(
             &self.pool,
             &mut x,
@@ -470,7 +468,7 @@ impl Backend for ClusterBackend {
             &mut self.cache,
             Some(&self.window),
             &mut |part| {
-                let st = tpi_node::net::spin::block_on(rt.handle(), spin, group.allreduce(part))?;
+                let st = net.block_on_spin(spin, group.allreduce(part))?;
                 wait += st.wait.as_secs_f64();
                 total += st.total.as_secs_f64();
                 Ok(())
@@ -528,7 +526,7 @@ impl Drop for ClusterBackend {
         // End every session, then give the nodes a moment to close their side first so
         // they see a clean end rather than a lost connection.
         let nodes = &mut self.nodes;
-        let _ = self.rt.block_on(async {
+        let _ = self.net.block_on(async {
             tokio::time::timeout(Duration::from_millis(500), async {
                 for n in nodes.iter_mut() {
                     let _ = n.ctl.send_msg(&ToNode::End).await;

@@ -1,5 +1,9 @@
 //! The node server: accepts authenticated QUIC connections, serves one session at a
 //! time (one after another without restarting), and runs its slice of every layer.
+//!
+//! Each session runs on a thread of its own: its compute runs with the network runtime
+//! idle, and every wait on the network (control messages, allreduces) drives the runtime
+//! from that thread (see [`Driven`]), so an allreduce costs no thread hand-offs.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -13,6 +17,7 @@ use crate::model::ModelError;
 use crate::net::collective::{
     accept_data_link, accept_data_stream, open_data_link, DATA_STREAM_TAG,
 };
+use crate::net::driven::Driven;
 use crate::net::emulation::LinkEmulation;
 use crate::net::frame::{read_frame_of, FrameKind};
 use crate::net::wire::{f32_from_le_bytes, PROTOCOL_VERSION};
@@ -83,8 +88,9 @@ pub fn bind(opts: &NodeOptions) -> Result<(Endpoint, SocketAddr), NetError> {
     Ok((ep, addr))
 }
 
-/// Serves sessions on `ep` until the endpoint closes.
-pub async fn serve(ep: Endpoint, opts: NodeOptions) {
+/// Serves sessions on `ep` until the endpoint closes. Each session runs on a thread of its
+/// own that drives `net` (the runtime `ep` lives on) while it waits on the network.
+pub async fn serve(ep: Endpoint, opts: NodeOptions, net: Arc<Driven>) {
     let pool = Arc::new(ThreadPool::new(opts.threads.max(1)));
     let inbox: Inbox = Arc::new(Mutex::new(None));
     let busy = Arc::new(tokio::sync::Mutex::new(()));
@@ -96,12 +102,13 @@ pub async fn serve(ep: Endpoint, opts: NodeOptions) {
                 continue;
             }
         };
-        let (ep, pool, inbox, busy, opts) = (
+        let (ep, pool, inbox, busy, opts, net) = (
             ep.clone(),
             pool.clone(),
             inbox.clone(),
             busy.clone(),
             opts.clone(),
+            net.clone(),
         );
         tokio::spawn(async move {
             let stream = match conn.accept_stream().await {
@@ -127,7 +134,25 @@ pub async fn serve(ep: Endpoint, opts: NodeOptions) {
                     };
                     let peer = conn.remote_addr();
                     tracing::info!("session from {peer}");
-                    match run_session(&ep, &conn, stream, &pool, &opts, &inbox).await {
+                    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+                    let spawned = std::thread::Builder::new()
+                        .name("tpi-session".into())
+                        .spawn({
+                            let (conn, inbox) = (conn.clone(), inbox.clone());
+                            move || {
+                                let r = run_session(&net, &ep, &conn, stream, &pool, &opts, &inbox);
+                                let _ = done_tx.send(r);
+                            }
+                        });
+                    let result = match spawned {
+                        Ok(_) => done_rx.await.unwrap_or_else(|_| {
+                            Err(SessionError::Protocol("the session thread panicked".into()))
+                        }),
+                        Err(e) => Err(SessionError::Protocol(format!(
+                            "cannot start a session thread: {e}"
+                        ))),
+                    };
+                    match result {
                         Ok(()) => tracing::info!("session from {peer} ended"),
                         Err(e) => {
                             tracing::warn!("session from {peer} failed: {e}");
@@ -155,7 +180,7 @@ pub async fn serve(ep: Endpoint, opts: NodeOptions) {
 }
 
 /// Tells the coordinator why the session cannot go on, then fails it.
-async fn refuse(ctl: &mut Stream, reason: String) -> Result<(), SessionError> {
+async fn refuse<T>(ctl: &mut Stream, reason: String) -> Result<T, SessionError> {
     ctl.send_msg(&FromNode::Refused {
         reason: reason.clone(),
     })
@@ -240,7 +265,11 @@ fn check_given_shard(dir: &std::path::Path, s: &Setup) -> Result<Shard, String> 
     Ok(shard)
 }
 
-async fn run_session(
+/// Runs one session on the calling (session) thread: the handshake and setup as futures
+/// on `net`, then the steps, whose compute runs outside the runtime and whose allreduces
+/// drive it.
+fn run_session(
+    net: &Driven,
     ep: &Endpoint,
     conn: &Connection,
     mut ctl: Stream,
@@ -248,6 +277,18 @@ async fn run_session(
     opts: &NodeOptions,
     inbox: &Inbox,
 ) -> Result<(), SessionError> {
+    let setup = net.block_on(handshake(&mut ctl, opts))?;
+    let result = net
+        .block_on(prepare(ep, conn, &mut ctl, opts, inbox, &setup))
+        .and_then(|mut live| run_steps(net, &mut ctl, &mut live, pool));
+    if let Err(e) = &result {
+        let _ = net.block_on(ctl.send_msg(&FromNode::Error { msg: e.to_string() }));
+    }
+    result
+}
+
+/// Hello, Welcome and Setup; refusals tell the coordinator what differs.
+async fn handshake(ctl: &mut Stream, opts: &NodeOptions) -> Result<Setup, SessionError> {
     match ctl.recv_msg::<ToNode>(MAX_CONTROL).await? {
         ToNode::Hello { version } if version == PROTOCOL_VERSION => {}
         ToNode::Hello { version } => {
@@ -260,7 +301,7 @@ async fn run_session(
             .await?;
             return Err(SessionError::Protocol(reason));
         }
-        other => return refuse(&mut ctl, format!("expected Hello, got {other:?}")).await,
+        other => return refuse(ctl, format!("expected Hello, got {other:?}")).await,
     }
     ctl.send_msg(&FromNode::Welcome {
         version: PROTOCOL_VERSION,
@@ -269,7 +310,7 @@ async fn run_session(
     .await?;
     let setup = match ctl.recv_msg::<ToNode>(MAX_CONTROL).await? {
         ToNode::Setup(s) => *s,
-        other => return refuse(&mut ctl, format!("expected Setup, got {other:?}")).await,
+        other => return refuse(ctl, format!("expected Setup, got {other:?}")).await,
     };
     if let Err(reason) = validate_setup(&setup) {
         ctl.send_msg(&FromNode::Refused {
@@ -278,11 +319,7 @@ async fn run_session(
         .await?;
         return Err(SessionError::Protocol(reason));
     }
-    let result = session_body(ep, conn, &mut ctl, pool, opts, inbox, &setup).await;
-    if let Err(e) = &result {
-        let _ = ctl.send_msg(&FromNode::Error { msg: e.to_string() }).await;
-    }
-    result
+    Ok(setup)
 }
 
 /// Brings the session's shard to this node: the given `--shard` directory, the intact
@@ -404,15 +441,27 @@ async fn build_links(
     Ok(links)
 }
 
-async fn session_body(
+/// A session ready to run steps.
+struct Live {
+    model: crate::model::RankModel,
+    cache: crate::model::KvCache,
+    window: crate::store::Window,
+    group: Group,
+    hidden: usize,
+    /// Keeps the shard's files mapped.
+    _shard: Shard,
+}
+
+/// Brings the shard, builds the model slice, KV cache and window, links up with the other
+/// ranks and reports Ready.
+async fn prepare(
     ep: &Endpoint,
     conn: &Connection,
     ctl: &mut Stream,
-    pool: &Arc<ThreadPool>,
     opts: &NodeOptions,
     inbox: &Inbox,
     setup: &Setup,
-) -> Result<(), SessionError> {
+) -> Result<Live, SessionError> {
     let (tx, mut rx) = mpsc::channel(16);
     *inbox.lock().unwrap() = Some(tx);
     let rank = setup.rank as usize;
@@ -422,11 +471,10 @@ async fn session_body(
     }
     let shard = obtain_shard(ctl, opts, setup).await?;
     let model = shard.rank_model()?;
-    let mut cache = model.new_cache(setup.capacity as usize);
-    let m = &shard.manifest;
+    let cache = model.new_cache(setup.capacity as usize);
     let window = shard.window(opts.window, opts.mem_budget, cache.bytes() as u64);
     let links = build_links(ep, conn, setup, &mut rx).await?;
-    let mut group = Group::new(rank, setup.world as usize, setup.algo, setup.dtype, links)?;
+    let group = Group::new(rank, setup.world as usize, setup.algo, setup.dtype, links)?;
     ctl.send_msg(&FromNode::Ready {
         window: if window.is_streaming() {
             window.size() as u32
@@ -435,12 +483,39 @@ async fn session_body(
         },
     })
     .await?;
-    let d = m.config.hidden_size;
+    Ok(Live {
+        hidden: shard.manifest.config.hidden_size,
+        model,
+        cache,
+        window,
+        group,
+        _shard: shard,
+    })
+}
+
+/// Serves Step/Reset/End messages until the session ends. Compute runs on this thread
+/// with the runtime idle; every network wait drives it (allreduces busy-poll first).
+fn run_steps(
+    net: &Driven,
+    ctl: &mut Stream,
+    live: &mut Live,
+    pool: &Arc<ThreadPool>,
+) -> Result<(), SessionError> {
+    let Live {
+        model,
+        cache,
+        window,
+        group,
+        hidden: d,
+        ..
+    } = live;
+    let d = *d;
+    let spin = crate::net::driven::spin_time();
     let mut buf = Vec::new();
     let mut x = Vec::new();
     let mut last_end = Instant::now();
     loop {
-        let msg = ctl.recv_msg::<ToNode>(MAX_CONTROL).await?;
+        let msg = net.block_on(ctl.recv_msg::<ToNode>(MAX_CONTROL))?;
         match msg {
             ToNode::Step { start, n } => {
                 let idle_s = last_end.elapsed().as_secs_f64();
@@ -451,34 +526,34 @@ async fn session_body(
                         cache.capacity
                     )));
                 }
-                read_frame_of(&mut ctl.recv, FrameKind::Tensor, &mut buf, n * d * 4).await?;
+                net.block_on(read_frame_of(
+                    &mut ctl.recv,
+                    FrameKind::Tensor,
+                    &mut buf,
+                    n * d * 4,
+                ))?;
                 x.resize(n * d, 0f32);
                 f32_from_le_bytes(&buf, &mut x)?;
-                let handle = tokio::runtime::Handle::current();
-                let spin = crate::net::spin::spin_time();
                 let read0 = disk_read_bytes().unwrap_or(0);
                 let load0 = window.stats().load_s;
                 let mut wait = 0f64;
                 let mut total = 0f64;
-                let times = tokio::task::block_in_place(|| {
-                    model.forward_layers::<SessionError>(
-                        pool,
-                        &mut x,
-                        n,
-                        start,
-                        &mut cache,
-                        Some(&window),
-                        &mut |part| {
-                            let st =
-                                crate::net::spin::block_on(&handle, spin, group.allreduce(part))?;
-                            wait += st.wait.as_secs_f64();
-                            total += st.total.as_secs_f64();
-                            Ok(())
-                        },
-                    )
-                })?;
+                let times = model.forward_layers::<SessionError>(
+                    pool,
+                    &mut x,
+                    n,
+                    start,
+                    cache,
+                    Some(window),
+                    &mut |part| {
+                        let st = net.block_on_spin(spin, group.allreduce(part))?;
+                        wait += st.wait.as_secs_f64();
+                        total += st.total.as_secs_f64();
+                        Ok(())
+                    },
+                )?;
                 last_end = Instant::now();
-                ctl.send_msg(&FromNode::StepDone(NodeStepTimes {
+                net.block_on(ctl.send_msg(&FromNode::StepDone(NodeStepTimes {
                     compute_s: times.compute_s,
                     reduce_wait_s: wait,
                     reduce_total_s: total,
@@ -487,11 +562,10 @@ async fn session_body(
                     disk_load_s: window.stats().load_s - load0,
                     disk_read_bytes: disk_read_bytes().unwrap_or(0).saturating_sub(read0),
                     peak_rss_bytes: peak_rss().unwrap_or(0),
-                }))
-                .await?;
+                })))?;
             }
             ToNode::Reset { capacity } => {
-                cache = model.new_cache(capacity as usize);
+                *cache = model.new_cache(capacity as usize);
             }
             ToNode::End => return Ok(()),
             other => {

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use tpi_node::model::{ModelFiles, SplitPlan};
+use tpi_node::net::driven::Driven;
 use tpi_node::net::frame::{encode_header, FrameKind};
 use tpi_node::net::wire::PROTOCOL_VERSION;
 use tpi_node::net::{
@@ -73,7 +74,9 @@ impl TestNode {
             link: None,
         };
         let (ep, addr) = bind(&opts).expect("bind node");
-        tokio::spawn(serve(ep.clone(), opts));
+        // The test's own multi-threaded runtime drives IO; session threads wait through it.
+        let net = std::sync::Arc::new(Driven::attach(tokio::runtime::Handle::current()));
+        tokio::spawn(serve(ep.clone(), opts, net));
         TestNode {
             addr,
             ep,

@@ -233,8 +233,10 @@ fn long_run(extra: &[&str]) -> Vec<String> {
         &smollm2_gguf().display().to_string(),
         "--prompt",
         "Write a long story about a lighthouse keeper.",
+        // Long enough to outlast every check made while it runs (~9 s on 2 ranks at
+        // 6 ms/token; 400 tokens ended within the busy node's 3 s grace period).
         "--max-tokens",
-        "400",
+        "1500",
         "--ignore-eos",
         "--threads",
         "1",

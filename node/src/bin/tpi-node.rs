@@ -4,9 +4,11 @@ use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use tpi_node::net::driven::Driven;
 use tpi_node::net::emulation::LinkEmulation;
 use tpi_node::net::{Credential, TransportOptions};
 use tpi_node::worker::{bind, serve, NodeOptions};
@@ -151,42 +153,58 @@ fn real_main() -> anyhow::Result<()> {
         mem_budget,
         link,
     };
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()?;
-    rt.block_on(async {
-        let (ep, addr) = bind(&opts).with_context(|| format!("cannot listen on {listen}"))?;
-        // The first stdout line announces the bound address (used by `tpi --local-cluster`).
-        println!("listening on {addr}");
-        std::io::stdout().flush()?;
-        // Announce over mDNS (in the background; dropped, i.e. withdrawn, on exit).
-        let _advert = if no_mdns {
-            None
-        } else {
-            let o = tpi_node::discovery::AdvertOptions {
-                data_dir: opts.data_dir.clone(),
-                listen: addr,
-                threads,
-                name: advertise_name,
-                duplicate_check: std::time::Duration::from_secs(2),
-            };
-            match tpi_node::discovery::spawn_advert(o) {
-                Ok(h) => Some(h),
-                Err(e) => {
-                    tracing::warn!("no mDNS advert: {e}");
-                    None
-                }
-            }
+    // QUIC runs on a runtime that session threads drive while they wait (see `Driven`).
+    let net = Arc::new(Driven::new()?);
+    let (ep, addr) = {
+        let _g = net.handle().enter();
+        bind(&opts).with_context(|| format!("cannot listen on {listen}"))?
+    };
+    // The first stdout line announces the bound address (used by `tpi --local-cluster`).
+    println!("listening on {addr}");
+    std::io::stdout().flush()?;
+    // Announce over mDNS (in the background; dropped, i.e. withdrawn, on exit).
+    let _advert = if no_mdns {
+        None
+    } else {
+        let o = tpi_node::discovery::AdvertOptions {
+            data_dir: opts.data_dir.clone(),
+            listen: addr,
+            threads,
+            name: advertise_name,
+            duplicate_check: std::time::Duration::from_secs(2),
         };
-        tracing::info!("tpi-node serving on {addr} with {threads} threads");
-        // SIGINT/SIGTERM end serving gracefully, so the mDNS advert says goodbye.
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-        tokio::select! {
-            _ = serve(ep, opts) => {}
-            _ = tokio::signal::ctrl_c() => tracing::info!("interrupted; stopping"),
-            _ = term.recv() => tracing::info!("terminated; stopping"),
+        match tpi_node::discovery::spawn_advert(o) {
+            Ok(h) => Some(h),
+            Err(e) => {
+                tracing::warn!("no mDNS advert: {e}");
+                None
+            }
         }
-        Ok(())
-    })
+    };
+    tracing::info!("tpi-node serving on {addr} with {threads} threads");
+    // Serving is a task on `net`; this thread only waits for it to end, since holding the
+    // runtime here would keep session threads from driving it.
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    net.handle().spawn({
+        let net = net.clone();
+        async move {
+            // SIGINT/SIGTERM end serving gracefully, so the mDNS advert says goodbye.
+            let r = async {
+                let mut term =
+                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+                tokio::select! {
+                    _ = serve(ep, opts, net) => {}
+                    _ = tokio::signal::ctrl_c() => tracing::info!("interrupted; stopping"),
+                    _ = term.recv() => tracing::info!("terminated; stopping"),
+                }
+                Ok::<_, std::io::Error>(())
+            }
+            .await;
+            let _ = done_tx.send(r);
+        }
+    });
+    done_rx
+        .recv()
+        .context("the serving task ended without a result")??;
+    Ok(())
 }

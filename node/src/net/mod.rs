@@ -14,6 +14,7 @@
 
 pub mod bench;
 pub mod collective;
+pub mod driven;
 pub mod emulation;
 pub mod frame;
 pub mod spin;

@@ -1,5 +1,8 @@
-//! Drive one latency-critical future (an allreduce) on the calling thread, polling it in a
-//! yield loop for a short while before parking.
+//! Drive one latency-critical future (an allreduce) on the calling thread while another
+//! thread runs the network, polling it in a yield loop for a short while before parking.
+//! This is how [`super::driven::Driven::attach`] waits on a multi-threaded runtime; tpi's
+//! own processes use [`super::driven::Driven::new`], where the waiting thread drives the
+//! network itself, which is several times faster on small machines.
 //!
 //! `Handle::block_on` parks the caller on a futex as soon as the future is pending, so every
 //! allreduce pays two thread wake-ups (network thread → compute thread) on top of the packet
