@@ -87,6 +87,24 @@ unsafe fn scale_into(t: __m512i, sxv: __m512, dm: __m512i, acc: &mut __m512) -> 
     d
 }
 
+/// Unit `u`'s lane scales and offset terms from [`prepare`]: Q4_1's float `m` factors, or
+/// Q4_0's i32 lane offsets (bit patterns in an `__m512`).
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+#[inline]
+unsafe fn unit_terms<const Q41: bool>(
+    f: *const f32,
+    corr: *const u8,
+    u: usize,
+) -> (__m512, __m512) {
+    let sxv = _mm512_loadu_ps(f.add(UNIT_F * u));
+    let off = if Q41 {
+        _mm512_loadu_ps(f.add(UNIT_F * u + 16))
+    } else {
+        _mm512_castsi512_ps(_mm512_loadu_si512(corr.add(UNIT_I * u) as *const _))
+    };
+    (sxv, off)
+}
+
 /// Q4 rows. Whole groups of 4 blocks A-D: lane `4j + k` of the gathered quants holds bytes
 /// `4k..4k+3` of block j, so its low nibbles are elements `4k..4k+3` and its high nibbles
 /// `16+4k..16+4k+3`, which is how [`prepare`] lays out the group's activations. The last
@@ -134,12 +152,7 @@ unsafe fn rows_q4<const R: usize, const Q41: bool>(
         let h1 = _mm512_loadu_si512(hi.add(32 * b + 64) as *const _);
         let l0 = _mm512_loadu_si512(lo.add(32 * b) as *const _);
         let l1 = _mm512_loadu_si512(lo.add(32 * b + 64) as *const _);
-        let sxv = _mm512_loadu_ps(f.add(UNIT_F * g));
-        let off = if Q41 {
-            _mm512_loadu_ps(f.add(UNIT_F * g + 16))
-        } else {
-            _mm512_castsi512_ps(_mm512_loadu_si512(corr.add(UNIT_I * g) as *const _))
-        };
+        let (sxv, off) = unit_terms::<Q41>(f, corr, g);
         for r in 0..R {
             let pa = p[r].add(b * bb);
             prefetch_ahead(pa, pf);
@@ -190,12 +203,7 @@ unsafe fn rows_q4<const R: usize, const Q41: bool>(
         let n = (nb - b).min(2);
         let hv = _mm512_loadu_si512(hi.add(32 * b) as *const _);
         let lv = _mm512_loadu_si512(lo.add(32 * b) as *const _);
-        let sxv = _mm512_loadu_ps(f.add(UNIT_F * u));
-        let off = if Q41 {
-            _mm512_loadu_ps(f.add(UNIT_F * u + 16))
-        } else {
-            _mm512_castsi512_ps(_mm512_loadu_si512(corr.add(UNIT_I * u) as *const _))
-        };
+        let (sxv, off) = unit_terms::<Q41>(f, corr, u);
         for r in 0..R {
             let w0 = _mm512_maskz_loadu_epi8((1u64 << (n * bb)) - 1, p[r].add(b * bb) as *const _);
             let q = _mm512_permutexvar_epi16(pidx, w0);
