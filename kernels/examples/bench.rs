@@ -184,6 +184,11 @@ fn main() {
 
 /// Best-of timing of the 135M-shaped decode GEMVs at 1 thread (A/B comparisons on a noisy box).
 fn decode_only(pool: &ThreadPool) {
+    // DECODE_DTYPE=q4_0 streams the layers as Q4_0 instead of SmolLM2's Q4_1.
+    let dt = match std::env::var("DECODE_DTYPE").as_deref() {
+        Ok("q4_0") => DType::Q4_0,
+        _ => DType::Q4_1,
+    };
     let shapes = [
         (576usize, 576usize),
         (192, 576),
@@ -198,7 +203,7 @@ fn decode_only(pool: &ThreadPool) {
             shapes
                 .iter()
                 .enumerate()
-                .map(|(i, &(r, c))| rand_mat(DType::Q4_1, r, c, (l * 10 + i + 1) as u64))
+                .map(|(i, &(r, c))| rand_mat(dt, r, c, (l * 10 + i + 1) as u64))
                 .collect()
         })
         .collect();
@@ -212,7 +217,7 @@ fn decode_only(pool: &ThreadPool) {
             for (m, &(r, c)) in l.iter().zip(&shapes) {
                 gemv(
                     pool,
-                    MatRef::new(DType::Q4_1, r, c, m).unwrap(),
+                    MatRef::new(dt, r, c, m).unwrap(),
                     &x[..c],
                     &mut y[..r],
                 )
@@ -230,12 +235,17 @@ fn decode_only(pool: &ThreadPool) {
         .unwrap();
         bh = bh.min(t.elapsed().as_secs_f64());
     }
-    let lb: usize = shapes.iter().map(|(r, c)| r * c / 32 * 20).sum::<usize>() * 30;
+    let lb: usize = shapes
+        .iter()
+        .map(|&(r, c)| r * dt.row_bytes(c).unwrap())
+        .sum::<usize>()
+        * 30;
     println!(
-        "  decode ({} thr): layers {:.2} ms ({:.1} GB/s q4_1), head {:.2} ms ({:.1} GB/s q8_0), total {:.0} tok/s",
+        "  decode ({} thr): layers {:.2} ms ({:.1} GB/s {}), head {:.2} ms ({:.1} GB/s q8_0), total {:.0} tok/s",
         pool.n_threads(),
         bl * 1e3,
         lb as f64 / bl / 1e9,
+        dt.name(),
         bh * 1e3,
         (49152 * 18 * 34) as f64 / bh / 1e9,
         1.0 / (bl + bh)

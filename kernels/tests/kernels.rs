@@ -431,7 +431,8 @@ fn gemv_offset_weights() {
 fn vnni_gemv_exact_when_x_is_representable() {
     // x = s * X with integer |X| <= 32512 and one |X| = 32512 per block is exactly what the
     // VNNI path's 15-bit activations hold, so it must match the f64 reference with no
-    // quantisation allowance: this pins every lane mapping (odd block counts, 1-row tails).
+    // quantisation allowance: this pins every lane mapping (octets, groups and pairs in
+    // every combination of 1-24 blocks per row, odd block counts, 1-row tails).
     if !available_isas().contains(&Isa::Avx512Vnni) {
         return;
     }
@@ -447,6 +448,12 @@ fn vnni_gemv_exact_when_x_is_representable() {
             (5, 448),
             (4, 544),
             (3, 608),
+            (5, 256),
+            (4, 384),
+            (6, 416),
+            (3, 480),
+            (5, 576),
+            (2, 768),
         ] {
             let (data, stride) = rand_matrix(&mut rng, dtype, rows, cols, 0);
             let w = MatRef::with_stride(dtype, rows, cols, stride, &data).unwrap();

@@ -18,7 +18,7 @@ use crate::{DType, KernelError, MatRef, ThreadPool};
 pub(crate) const ROW_BLOCK: usize = 4;
 
 /// Least software-prefetch distance in bytes (about a DRAM latency's worth of streaming).
-const PF_MIN: usize = 4096;
+pub(crate) const PF_MIN: usize = 4096;
 
 /// Software-prefetch distance for row kernels reading `ROW_BLOCK` rows of `stride` bytes at a
 /// time: the same spot in a later row group, at least `PF_MIN` bytes ahead. Weights are read

@@ -2,12 +2,17 @@
 //! 15-bit integer activations that [`prepare`] makes (`X = round(x / s_b)` per 32-block).
 //!
 //! `X = 256 H + L` meets the weight bytes in two `vpdpbusd` per weight vector. The kernels
-//! work in *units* of blocks that fill one zmm of quants: a group of 4 Q4 blocks (one permute
-//! gathers their 64 quant bytes, low nibbles of all 4 in one vector, high nibbles in another)
-//! or a pair of blocks (Q8_0, and the last 1-3 Q4 blocks of a row). Each lane's integer sum is
-//! scaled by its block's `s_b` and `d_b`; the `d`/`m` words come from the same loaded weight
-//! vector by a word permute. The offset terms (Q4_0 `-8 sum X`, Q8_0's sign bias, Q4_1
-//! `m_b sum(x̂_b)`) use sums of the same quantised x, so a row is exactly `dot(w, x̂)`.
+//! work in *units* of blocks whose integer lane sums are scaled together:
+//! - a Q4_0 *octet* of 8 blocks: two gathered zmm of quants, two lanes per block, so the
+//!   conversion and scaling of the lane sums is paid once per 256 weights;
+//! - a Q4 *group* of 4 blocks (one zmm of quants, four lanes per block): all of a Q4_1 row,
+//!   and what is left of a Q4_0 row after its octets;
+//! - a *pair* of blocks (Q8_0, and the last 1-3 Q4 blocks of a row).
+//!
+//! Each lane's integer sum is scaled by its block's `s_b` and `d_b`; the `d`/`m` words come
+//! from the loaded weight vectors by a word permute. The offset terms (Q4_0 `-8 sum X`, Q8_0's
+//! sign bias, Q4_1 `m_b sum(x̂_b)`) use sums of the same quantised x, so a row is exactly
+//! `dot(w, x̂)`.
 
 use std::arch::x86_64::*;
 
@@ -22,19 +27,160 @@ const UNIT_F: usize = 32;
 /// Bytes per unit of per-lane integer offsets (Q4_0, Q8_0) after the H and L planes.
 const UNIT_I: usize = 64;
 
-/// How the blocks of a row of `nb` blocks form units: whole Q4 groups of 4, then pairs.
+/// Q4_0 octets in a row of `nb` blocks (its first `8 * octets` blocks). Q4_1 stays in groups:
+/// its octets (20-byte blocks need a third load per row) were as fast in cache but a sixth
+/// slower on SmolLM2's DRAM-streamed decode (`DECODE_ONLY=1` in the kernels' bench example).
+fn octets(dtype: DType, nb: usize) -> usize {
+    if dtype != DType::Q4_0 {
+        0
+    } else {
+        nb / 8
+    }
+}
+
+/// Q4 groups of 4 after the octets: all of a Q4_1 row, at most one in a Q4_0 row.
 fn groups(dtype: DType, nb: usize) -> usize {
     if dtype == DType::Q8_0 {
         0
     } else {
-        nb / 4
+        (nb - 8 * octets(dtype, nb)) / 4
     }
 }
 
-/// Number of units (groups, then pairs) in a row of `nb` blocks.
+/// Number of units (octets, groups, then pairs) in a row of `nb` blocks.
 fn units(dtype: DType, nb: usize) -> usize {
-    let g = groups(dtype, nb);
-    g + (nb - 4 * g).div_ceil(2)
+    let (o, g) = (octets(dtype, nb), groups(dtype, nb));
+    o + g + (nb - 8 * o - 4 * g).div_ceil(2)
+}
+
+/// Q4_0 octet bytes that its two zmm loads (at 0 and 64) cover; the rest of its 144 bytes
+/// comes by masked loads.
+const OCTET_SPAN: usize = 128;
+
+/// Q4_0 block bytes.
+const Q40_BYTES: usize = 18;
+
+/// Octet gathers: the low-element quants (bytes 0-7 of each block), the high ones (8-15),
+/// and the scale words.
+const QUANTS_0: u8 = 0;
+const QUANTS_8: u8 = 1;
+const SCALES: u8 = 2;
+
+/// The octet byte that word `w` of gather `part` reads (`None`: don't care). Quants: lane
+/// `2k + j` holds quant bytes `8 part + 4j..+4` of block k. Scales: words `2k` and `2k + 1`
+/// are both block k's `d`.
+const fn octet_word(part: u8, w: usize) -> Option<usize> {
+    if part == SCALES {
+        return if w < 16 {
+            Some(Q40_BYTES * (w / 2))
+        } else {
+            None
+        };
+    }
+    Some(Q40_BYTES * (w / 4) + 2 + 8 * part as usize + 4 * ((w / 2) % 2) + 2 * (w % 2))
+}
+
+/// The words of gather `part` beyond [`OCTET_SPAN`] as up to two masked loads: (byte mask,
+/// offset from the octet start of the load whose byte 0 lands in register byte 0).
+const fn octet_spills(part: u8) -> [(u64, usize); 2] {
+    let mut spill = [(0u64, 0usize); 2];
+    let mut n = 0;
+    let mut w = 0;
+    while w < 32 {
+        if let Some(b) = octet_word(part, w) {
+            if b + 2 > OCTET_SPAN {
+                let off = b - 2 * w;
+                if n == 0 || spill[n - 1].1 != off {
+                    assert!(n < 2, "an octet gather needs at most two masked loads");
+                    n += 1;
+                }
+                spill[n - 1].0 |= 3 << (2 * w);
+                spill[n - 1].1 = off;
+            }
+        }
+        w += 1;
+    }
+    spill
+}
+
+/// The permute index of gather `part` into its octet's two zmm loads.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn octet_idx(part: u8) -> __m512i {
+    word_idx(|w| match octet_word(part, w) {
+        Some(b) if b + 2 <= 64 => b / 2,
+        Some(b) if b + 2 <= OCTET_SPAN => 32 + (b - 64) / 2,
+        _ => 0,
+    })
+}
+
+/// Gather `PART` of the octet at `pa`, whose two zmm loads are `s`. Masks and offsets are
+/// constants, so the masked loads fold into addressing modes.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+#[inline]
+unsafe fn octet_gather<const PART: u8>(idx: __m512i, s: [__m512i; 2], pa: *const u8) -> __m512i {
+    let mut v = _mm512_permutex2var_epi16(s[0], idx, s[1]);
+    for (mask, off) in const { octet_spills(PART) } {
+        if mask != 0 {
+            v = _mm512_mask_loadu_epi8(v, mask, pa.add(off) as *const _);
+        }
+    }
+    v
+}
+
+/// Q4_0 octets `0..no` of `R` rows into `acc`, from [`prepare`]'s scales `f`, planes `hi`
+/// and `lo` and lane offsets `corr`. Lane `2k + j` of the first gathered vector
+/// holds quant bytes `4j..4j+3` of block k (elements `4j..` and `16+4j..`), of the second
+/// quant bytes `8+4j..8+4j+3` (elements `8+4j..` and `24+4j..`), which is how [`prepare`]
+/// lays out an octet's activations; the `d` words come spread two per block.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+#[inline]
+unsafe fn octets_q4_0<const R: usize>(
+    p: [*const u8; R],
+    no: usize,
+    pf: usize,
+    (f, hi, lo, corr): (*const f32, *const u8, *const u8, *const u8),
+    acc: &mut [__m512; R],
+) {
+    let nib = _mm512_set1_epi8(0x0F);
+    let zero = _mm512_setzero_si512();
+    let (i0, i8, isc) = (octet_idx(QUANTS_0), octet_idx(QUANTS_8), octet_idx(SCALES));
+    for o in 0..no {
+        let b = 8 * o;
+        let (hp, lp) = (hi.add(32 * b), lo.add(32 * b));
+        let hv: [__m512i; 4] =
+            std::array::from_fn(|k| _mm512_loadu_si512(hp.add(64 * k) as *const _));
+        let lv: [__m512i; 4] =
+            std::array::from_fn(|k| _mm512_loadu_si512(lp.add(64 * k) as *const _));
+        let sxv = _mm512_loadu_ps(f.add(UNIT_F * o));
+        let off = _mm512_loadu_si512(corr.add(UNIT_I * o) as *const _);
+        for r in 0..R {
+            let pa = p[r].add(b * Q40_BYTES);
+            // Five prefetches per 144 bytes: most lines are asked for twice, which helps
+            // when a first request is dropped (as with the 16-bit float rows).
+            for k in 0..5 {
+                prefetch_ahead(pa.add(32 * k), pf);
+            }
+            let s = [0, 64].map(|o| _mm512_loadu_si512(pa.add(o) as *const _));
+            let v1 = octet_gather::<QUANTS_0>(i0, s, pa);
+            let v2 = octet_gather::<QUANTS_8>(i8, s, pa);
+            let q = [
+                _mm512_and_si512(v1, nib),
+                _mm512_and_si512(_mm512_srli_epi16::<4>(v1), nib),
+                _mm512_and_si512(v2, nib),
+                _mm512_and_si512(_mm512_srli_epi16::<4>(v2), nib),
+            ];
+            // Two chains of 4 (shorter latency than one of 8): the low one starts at the
+            // exact -8 sum(X) of Q4_0's q - 8, so combining them is the offset add too.
+            let (mut th, mut tl) = (zero, off);
+            for k in 0..4 {
+                th = _mm512_dpbusd_epi32(th, q[k], hv[k]);
+                tl = _mm512_dpbusd_epi32(tl, q[k], lv[k]);
+            }
+            let t = _mm512_add_epi32(_mm512_slli_epi32::<8>(th), tl);
+            let d = _mm512_cvtph_ps(_mm512_castsi512_si256(octet_gather::<SCALES>(isc, s, pa)));
+            acc[r] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(t), sxv), d, acc[r]);
+        }
+    }
 }
 
 /// GEMV over rows `r0..r1` of a Q4_0, Q4_1 or Q8_0 matrix, 4 rows at a time.
@@ -105,9 +251,10 @@ unsafe fn unit_terms<const Q41: bool>(
     (sxv, off)
 }
 
-/// Q4 rows. Whole groups of 4 blocks A-D: lane `4j + k` of the gathered quants holds bytes
-/// `4k..4k+3` of block j, so its low nibbles are elements `4k..4k+3` and its high nibbles
-/// `16+4k..16+4k+3`, which is how [`prepare`] lays out the group's activations. The last
+/// Q4 rows: Q4_0 octets (see [`octets_q4_0`]), then whole groups of 4 blocks A-D: lane
+/// `4j + k` of the gathered quants holds bytes `4k..4k+3` of block j, so its low nibbles are
+/// elements `4k..4k+3` and its high nibbles `16+4k..16+4k+3`, which is how [`prepare`] lays
+/// out the group's activations. The last
 /// 1-3 blocks go in pairs: A's 16 quant bytes in 128-bit lanes 0-1, B's in 2-3, a per-lane
 /// word shift (0 or 4) leaves elements 0-15 / 16-31 of each block in natural order.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
@@ -122,7 +269,7 @@ unsafe fn rows_q4<const R: usize, const Q41: bool>(
     let bb = if Q41 { 20 } else { 18 };
     let qoff = if Q41 { 4 } else { 2 };
     let dtype = if Q41 { DType::Q4_1 } else { DType::Q4_0 };
-    let ng = groups(dtype, nb);
+    let (no, ng) = (octets(dtype, nb), groups(dtype, nb));
     let nbp = nb.next_multiple_of(2);
     let f = aux.f.as_ptr();
     let hi = aux.i.as_ptr();
@@ -146,13 +293,16 @@ unsafe fn rows_q4<const R: usize, const Q41: bool>(
     let spread = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
     let mut acc = [_mm512_setzero_ps(); R];
     let mut accm = [_mm256_setzero_ps(); R];
+    if !Q41 {
+        octets_q4_0(p, no, pf, (f, hi, lo, corr), &mut acc);
+    }
     for g in 0..ng {
-        let b = 4 * g;
+        let b = 8 * no + 4 * g;
         let h0 = _mm512_loadu_si512(hi.add(32 * b) as *const _);
         let h1 = _mm512_loadu_si512(hi.add(32 * b + 64) as *const _);
         let l0 = _mm512_loadu_si512(lo.add(32 * b) as *const _);
         let l1 = _mm512_loadu_si512(lo.add(32 * b + 64) as *const _);
-        let (sxv, off) = unit_terms::<Q41>(f, corr, g);
+        let (sxv, off) = unit_terms::<Q41>(f, corr, no + g);
         for r in 0..R {
             let pa = p[r].add(b * bb);
             prefetch_ahead(pa, pf);
@@ -198,7 +348,7 @@ unsafe fn rows_q4<const R: usize, const Q41: bool>(
         16..20 => 0,
         _ => half * (l % 2) + 1,
     });
-    let (mut b, mut u) = (4 * ng, ng);
+    let (mut b, mut u) = (8 * no + 4 * ng, no + ng);
     while b < nb {
         let n = (nb - b).min(2);
         let hv = _mm512_loadu_si512(hi.add(32 * b) as *const _);
@@ -297,10 +447,18 @@ unsafe fn rows_q8<const R: usize>(
     }
 }
 
+/// The kinds of unit a block can belong to (see the module docs).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Unit {
+    Octet,
+    Group,
+    Pair,
+}
+
 /// Fills the VNNI [`super::Aux`] for `x`. Per 32-block: the scale `s_b = max|x_b| / ACT_MAX`
 /// and the integers `X = round(x / s_b)` (nearest-even), split `X = 256 H + L` into byte
-/// planes (`i`: all H, then all L, each `32 * nb` rounded up to pairs; in a whole Q4 group
-/// the 4 blocks' elements 0-15 come first, lane = block, then elements 16-31). Per unit:
+/// planes (`i`: all H, then all L, each `32 * nb` rounded up to pairs; a unit's blocks in
+/// the order its kernel's lanes read them, see [`octets_q4_0`] and `rows_q4`). Per unit:
 /// `f` holds 16 lane scales `s_b` and (Q4_1) 16 lane shares of `s_b sum(X_b)`; Q4_0 and Q8_0
 /// have 16 i32 lane offsets after the planes in `i` (`-8 sum X` resp. `-128 sum H` over the
 /// lane's elements). A block holding NaN or ±inf gets a NaN scale and zero integers, so NaN
@@ -309,7 +467,7 @@ unsafe fn rows_q8<const R: usize>(
 pub(crate) unsafe fn prepare(dtype: DType, x: &[f32], aux: &mut super::Aux) {
     let nb = x.len() / 32;
     let nbp = nb.next_multiple_of(2);
-    let ng = groups(dtype, nb);
+    let (no, ng) = (octets(dtype, nb), groups(dtype, nb));
     let nu = units(dtype, nb);
     aux.f.clear();
     aux.f.resize(UNIT_F * nu, 0.0);
@@ -364,21 +522,49 @@ pub(crate) unsafe fn prepare(dtype: DType, x: &[f32], aux: &mut super::Aux) {
             let l1 = _mm512_sub_epi32(q1, _mm512_slli_epi32::<8>(h1));
             (h0, h1, l0, l1)
         };
-        // Where elements 0-15 and 16-31 go, and which unit lanes this block feeds.
-        let grouped = b < 4 * ng;
-        let (o0, o1, u, lane0, lanes) = if grouped {
-            let (g, j) = (b / 4, b % 4);
-            (128 * g + 16 * j, 128 * g + 64 + 16 * j, g, 4 * j, 4)
+        // Which unit lanes this block feeds, and where its elements go (see `rows_q4`): the
+        // planes hold 32 bytes per block, a unit's blocks in a layout of its own.
+        let (c0, c1) = (_mm512_cvtepi32_epi8(h0), _mm512_cvtepi32_epi8(h1));
+        let (c2, c3) = (_mm512_cvtepi32_epi8(l0), _mm512_cvtepi32_epi8(l1));
+        let (o8, g4) = (8 * no, 8 * no + 4 * ng);
+        let (kind, u, lane0) = if b < o8 {
+            (Unit::Octet, b / 8, 2 * (b % 8))
+        } else if b < g4 {
+            (Unit::Group, no + (b - o8) / 4, 4 * ((b - o8) % 4))
         } else {
-            let u = ng + (b - 4 * ng) / 2;
-            (32 * b, 32 * b + 16, u, 8 * ((b - 4 * ng) % 2), 8)
+            (Unit::Pair, no + ng + (b - g4) / 2, 8 * ((b - g4) % 2))
         };
-        _mm_storeu_si128(hp.add(o0) as *mut __m128i, _mm512_cvtepi32_epi8(h0));
-        _mm_storeu_si128(hp.add(o1) as *mut __m128i, _mm512_cvtepi32_epi8(h1));
-        _mm_storeu_si128(lp.add(o0) as *mut __m128i, _mm512_cvtepi32_epi8(l0));
-        _mm_storeu_si128(lp.add(o1) as *mut __m128i, _mm512_cvtepi32_epi8(l1));
-        // Per-lane offsets: lane k of a group sums elements 4k..4k+3 and 16+4k..16+4k+3;
-        // lane k of a pair block sums elements 4k..4k+3.
+        match kind {
+            Unit::Octet => {
+                // Elements 0-7, 16-23, 8-15, 24-31 to the four 64-byte planes, at 8k.
+                let at = 32 * (b - b % 8) + 8 * (b % 8);
+                for (v, o) in [(c0, 0), (c1, 64)] {
+                    let hi8 = _mm_unpackhi_epi64(v, v);
+                    _mm_storel_epi64(hp.add(at + o) as *mut __m128i, v);
+                    _mm_storel_epi64(hp.add(at + o + 128) as *mut __m128i, hi8);
+                }
+                for (v, o) in [(c2, 0), (c3, 64)] {
+                    let hi8 = _mm_unpackhi_epi64(v, v);
+                    _mm_storel_epi64(lp.add(at + o) as *mut __m128i, v);
+                    _mm_storel_epi64(lp.add(at + o + 128) as *mut __m128i, hi8);
+                }
+            }
+            _ => {
+                let (o0, o1) = if kind == Unit::Group {
+                    let j = (b - o8) % 4;
+                    (32 * (b - j) + 16 * j, 32 * (b - j) + 64 + 16 * j)
+                } else {
+                    (32 * b, 32 * b + 16)
+                };
+                _mm_storeu_si128(hp.add(o0) as *mut __m128i, c0);
+                _mm_storeu_si128(hp.add(o1) as *mut __m128i, c1);
+                _mm_storeu_si128(lp.add(o0) as *mut __m128i, c2);
+                _mm_storeu_si128(lp.add(o1) as *mut __m128i, c3);
+            }
+        }
+        // Per-lane offsets: lane j of an octet block sums elements 4j..4j+3 + {0, 8, 16, 24};
+        // lane k of a group sums elements 4k..4k+3 and 16+4k..16+4k+3; lane k of a pair
+        // block sums elements 4k..4k+3.
         let mut xs = [0i32; 32];
         let src = if dtype == DType::Q8_0 {
             (h0, h1)
@@ -389,11 +575,16 @@ pub(crate) unsafe fn prepare(dtype: DType, x: &[f32], aux: &mut super::Aux) {
         _mm512_storeu_si512(xs.as_mut_ptr().add(16) as *mut _, src.1);
         let quad = |k: usize| xs[4 * k..4 * k + 4].iter().sum::<i32>();
         let fu = aux.f.as_mut_ptr().add(UNIT_F * u);
+        let lanes = match kind {
+            Unit::Octet => 2,
+            Unit::Group => 4,
+            Unit::Pair => 8,
+        };
         for k in 0..lanes {
-            let s = if grouped {
-                quad(k) + quad(k + 4)
-            } else {
-                quad(k)
+            let s = match kind {
+                Unit::Octet => quad(k) + quad(k + 2) + quad(k + 4) + quad(k + 6),
+                Unit::Group => quad(k) + quad(k + 4),
+                Unit::Pair => quad(k),
             };
             let l = lane0 + k;
             *fu.add(l) = scale;
@@ -404,6 +595,7 @@ pub(crate) unsafe fn prepare(dtype: DType, x: &[f32], aux: &mut super::Aux) {
             }
         }
         if dtype == DType::Q4_1 {
+            // A group's and pair's m words meet a ymm at 4 (Q4_1 has no octets).
             *fu.add(20 + lane0 / lanes) = scale * (0..8).map(quad).sum::<i32>() as f32;
         }
     }
