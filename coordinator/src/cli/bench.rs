@@ -30,7 +30,7 @@ pub enum BenchWhat {
         /// Kernel paths to compare side by side (e.g. avx512,avx512vnni); default: the best.
         #[arg(long, value_delimiter = ',', value_parser = parse_isa)]
         isa: Vec<Isa>,
-        /// Repetitions (best is reported).
+        /// Rounds: each measures the bandwidth, then every GEMV; the best of each is reported.
         #[arg(long, default_value_t = 10)]
         reps: usize,
     },
