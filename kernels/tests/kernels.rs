@@ -431,8 +431,8 @@ fn gemv_offset_weights() {
 fn vnni_gemv_exact_when_x_is_representable() {
     // x = s * X with integer |X| <= 32512 and one |X| = 32512 per block is exactly what the
     // VNNI path's 15-bit activations hold, so it must match the f64 reference with no
-    // quantisation allowance: this pins every lane mapping (octets, groups and pairs in
-    // every combination of 1-24 blocks per row, odd block counts, 1-row tails).
+    // quantisation allowance: this pins every lane mapping (Q4_0 octets followed by each
+    // mix of group, pair and lone block; Q4_1 groups and pairs; 1-row tails).
     if !available_isas().contains(&Isa::Avx512Vnni) {
         return;
     }
@@ -454,6 +454,8 @@ fn vnni_gemv_exact_when_x_is_representable() {
             (3, 480),
             (5, 576),
             (2, 768),
+            (3, 320),
+            (4, 352),
         ] {
             let (data, stride) = rand_matrix(&mut rng, dtype, rows, cols, 0);
             let w = MatRef::with_stride(dtype, rows, cols, stride, &data).unwrap();
