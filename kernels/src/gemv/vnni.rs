@@ -28,8 +28,8 @@ const UNIT_F: usize = 32;
 const UNIT_I: usize = 64;
 
 /// Q4_0 octets in a row of `nb` blocks (its first `8 * octets` blocks). Q4_1 stays in groups:
-/// its octets (20-byte blocks need a third load per row) were as fast in cache but a sixth
-/// slower on SmolLM2's DRAM-streamed decode (`DECODE_ONLY=1` in the kernels' bench example).
+/// its 160-byte octets need four masked loads (or a third load) per row, and measured only
+/// 2-3% faster than groups, in cache and from DRAM, for a second octet layout.
 fn octets(dtype: DType, nb: usize) -> usize {
     if dtype != DType::Q4_0 {
         0
@@ -355,6 +355,11 @@ unsafe fn rows_q4<const R: usize, const Q41: bool>(
         let lv = _mm512_loadu_si512(lo.add(32 * b) as *const _);
         let (sxv, off) = unit_terms::<Q41>(f, corr, u);
         for r in 0..R {
+            // A row's tail needs its own prefetch when the units before it stop short of it:
+            // Q4_1 octets, which leave the last 40 bytes of a 576-column row, decoded SmolLM2
+            // a sixth slower without it.
+            prefetch_ahead(p[r].add(b * bb), pf);
+            prefetch_ahead(p[r].add(b * bb + 32), pf);
             let w0 = _mm512_maskz_loadu_epi8((1u64 << (n * bb)) - 1, p[r].add(b * bb) as *const _);
             let q = _mm512_permutexvar_epi16(pidx, w0);
             let q = _mm512_and_si512(_mm512_srlv_epi16(q, shift), nib);
