@@ -539,33 +539,25 @@ pub(crate) unsafe fn prepare(dtype: DType, x: &[f32], aux: &mut super::Aux) {
         } else {
             (Unit::Pair, no + ng + (b - g4) / 2, 8 * ((b - g4) % 2))
         };
-        match kind {
+        // Where the first and last 8 of elements 0-15 (half 0) and 16-31 (half 1) go: an
+        // octet spreads them over its four 64-byte planes at 8k (elements 0-7, 16-23, 8-15,
+        // 24-31); a group and a pair keep each half's 16 bytes together.
+        let dest = |half: usize| match kind {
             Unit::Octet => {
-                // Elements 0-7, 16-23, 8-15, 24-31 to the four 64-byte planes, at 8k.
-                let at = 32 * (b - b % 8) + 8 * (b % 8);
-                for (v, o) in [(c0, 0), (c1, 64)] {
-                    let hi8 = _mm_unpackhi_epi64(v, v);
-                    _mm_storel_epi64(hp.add(at + o) as *mut __m128i, v);
-                    _mm_storel_epi64(hp.add(at + o + 128) as *mut __m128i, hi8);
-                }
-                for (v, o) in [(c2, 0), (c3, 64)] {
-                    let hi8 = _mm_unpackhi_epi64(v, v);
-                    _mm_storel_epi64(lp.add(at + o) as *mut __m128i, v);
-                    _mm_storel_epi64(lp.add(at + o + 128) as *mut __m128i, hi8);
-                }
+                let at = 32 * (b - b % 8) + 8 * (b % 8) + 64 * half;
+                (at, at + 128)
             }
-            _ => {
-                let (o0, o1) = if kind == Unit::Group {
-                    let j = (b - o8) % 4;
-                    (32 * (b - j) + 16 * j, 32 * (b - j) + 64 + 16 * j)
-                } else {
-                    (32 * b, 32 * b + 16)
-                };
-                _mm_storeu_si128(hp.add(o0) as *mut __m128i, c0);
-                _mm_storeu_si128(hp.add(o1) as *mut __m128i, c1);
-                _mm_storeu_si128(lp.add(o0) as *mut __m128i, c2);
-                _mm_storeu_si128(lp.add(o1) as *mut __m128i, c3);
+            Unit::Group => {
+                let j = (b - o8) % 4;
+                let at = 32 * (b - j) + 64 * half + 16 * j;
+                (at, at + 8)
             }
+            Unit::Pair => (32 * b + 16 * half, 32 * b + 16 * half + 8),
+        };
+        for (plane, half, v) in [(hp, 0, c0), (hp, 1, c1), (lp, 0, c2), (lp, 1, c3)] {
+            let (first, last) = dest(half);
+            _mm_storel_epi64(plane.add(first) as *mut __m128i, v);
+            _mm_storel_epi64(plane.add(last) as *mut __m128i, _mm_unpackhi_epi64(v, v));
         }
         // Per-lane offsets: lane j of an octet block sums elements 4j..4j+3 + {0, 8, 16, 24};
         // lane k of a group sums elements 4k..4k+3 and 16+4k..16+4k+3; lane k of a pair
