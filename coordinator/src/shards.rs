@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use tpi_node::model::{ModelFiles, SplitPlan};
-use tpi_node::store::{load_manifest, write_shard, Manifest, Quant};
+use tpi_node::store::{default_layout, load_manifest, write_shard, Manifest, Quant};
 
 use crate::error::{Error, Result};
 
@@ -71,7 +71,9 @@ pub fn ensure_shards(
                 d
             }
             None => {
-                let key = Manifest::key(&model_id, &plan.id(), r, &quant.to_string());
+                let layout = default_layout();
+                let key =
+                    Manifest::key(&model_id, &plan.id(), r, &quant.to_string(), layout.name());
                 let d = cache_root().join("shards").join(key);
                 if usable(&d, &model_id, plan, r).ok().flatten().is_none() {
                     tracing::info!("writing rank {r}'s shard to {}", d.display());
@@ -81,7 +83,7 @@ pub fn ensure_shards(
                         .map(|t| t.subsec_nanos())
                         .unwrap_or(0);
                     let tmp = d.with_extension(format!("tmp-{}-{nanos}", std::process::id()));
-                    write_shard(files, plan, r, quant, &tmp)
+                    write_shard(files, plan, r, quant, layout, &tmp)
                         .map_err(|e| Error::Io(e.to_string()))?;
                     if usable(&d, &model_id, plan, r).ok().flatten().is_some() {
                         let _ = std::fs::remove_dir_all(&tmp);

@@ -49,8 +49,20 @@ fn main() {
                     std::env::var(k).map(|v| v.parse().unwrap()).unwrap_or(d)
                 };
                 let (r, c) = (env("ROWS", 256), env("COLS", 1536));
-                let m = rand_mat(dtype, r, c, 5);
-                let w = MatRef::new(dtype, r, c, &m).unwrap();
+                let mut m = rand_mat(dtype, r, c, 5);
+                let packed = std::env::var("PACKED").is_ok() && Layout::Packed.supports(dtype);
+                if packed {
+                    let rb = dtype.row_bytes(c).unwrap();
+                    for row in m.chunks_mut(rb) {
+                        let g = row.to_vec();
+                        pack_row(dtype, &g, row).unwrap();
+                    }
+                }
+                let layout = if packed { Layout::Packed } else { Layout::Ggml };
+                let w = MatRef::new(dtype, r, c, &m)
+                    .unwrap()
+                    .with_layout(layout)
+                    .unwrap();
                 let x = vec![0.1f32; c];
                 let mut y = vec![0.0f32; r];
                 let mut el = f64::INFINITY;

@@ -4,7 +4,7 @@ use std::time::Instant;
 
 use crate::gemv::{sum, SyncPtr};
 use crate::isa::active_isa;
-use crate::{gemv, quantize_row, DType, MatRef, ThreadPool};
+use crate::{gemv, pack_row, quantize_row, DType, Layout, MatRef, ThreadPool};
 
 /// Tiny deterministic xorshift RNG for benchmark data.
 struct XorShift(u64);
@@ -102,6 +102,7 @@ impl BandwidthProbe {
 /// (rotated) that the working set exceeds the caches.
 pub struct GemvProbe {
     dtype: DType,
+    layout: Layout,
     rows: usize,
     cols: usize,
     mats: Vec<Vec<u8>>,
@@ -110,8 +111,18 @@ pub struct GemvProbe {
 }
 
 impl GemvProbe {
-    /// Builds the matrices (`cols` is rounded up to whole blocks).
+    /// Builds the matrices (`cols` is rounded up to whole blocks), in GGML layout.
     pub fn new(dtype: DType, rows: usize, cols: usize) -> Self {
+        Self::with_layout(dtype, Layout::Ggml, rows, cols)
+    }
+
+    /// Builds the matrices with rows in `layout` (GGML where `dtype` has no such layout).
+    pub fn with_layout(dtype: DType, layout: Layout, rows: usize, cols: usize) -> Self {
+        let layout = if layout.supports(dtype) {
+            layout
+        } else {
+            Layout::Ggml
+        };
         let cols = cols.div_ceil(dtype.block_len()) * dtype.block_len();
         let row_bytes = dtype.row_bytes(cols).unwrap_or(0).max(1);
         let mat_bytes = rows.max(1) * row_bytes;
@@ -121,10 +132,16 @@ impl GemvProbe {
         let mut rowf = vec![0.0f32; cols];
         for r in 0..rows {
             rowf.iter_mut().for_each(|v| *v = rng.next_f32());
-            quantize_row(dtype, &rowf, &mut proto[r * row_bytes..(r + 1) * row_bytes]);
+            let row = &mut proto[r * row_bytes..(r + 1) * row_bytes];
+            quantize_row(dtype, &rowf, row);
+            if layout == Layout::Packed {
+                let ggml = row.to_vec();
+                pack_row(dtype, &ggml, row).expect("whole Q4 blocks");
+            }
         }
         GemvProbe {
             dtype,
+            layout,
             rows,
             cols,
             mats: (0..copies).map(|_| proto.clone()).collect(),
@@ -139,8 +156,9 @@ impl GemvProbe {
         for _ in 0..reps.max(1) {
             let t = Instant::now();
             for m in &self.mats {
-                let w =
-                    MatRef::new(self.dtype, self.rows, self.cols, m).expect("bench matrix shape");
+                let w = MatRef::new(self.dtype, self.rows, self.cols, m)
+                    .and_then(|w| w.with_layout(self.layout))
+                    .expect("bench matrix shape");
                 gemv(pool, w, &self.x, &mut self.y).expect("bench gemv");
             }
             best = best.min(t.elapsed().as_secs_f64());

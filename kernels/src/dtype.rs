@@ -3,6 +3,7 @@
 use std::fmt;
 
 use crate::isa::Isa;
+use crate::layout::{slice_keeps_units, unit_cols, Layout};
 
 /// Storage type of a weight matrix; quantised types use the GGML block layouts (GGUF-compatible).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -187,6 +188,8 @@ pub struct MatRef<'a> {
     pub row_stride: usize,
     /// Backing bytes.
     pub data: &'a [u8],
+    /// Row layout ([`Layout::Packed`] only for Q4 types).
+    pub layout: Layout,
 }
 
 fn row_bytes_checked(dtype: DType, cols: usize) -> Result<usize, KernelError> {
@@ -221,6 +224,7 @@ impl<'a> MatRef<'a> {
             cols,
             row_stride: rb,
             data,
+            layout: Layout::Ggml,
         })
     }
 
@@ -257,7 +261,22 @@ impl<'a> MatRef<'a> {
             cols,
             row_stride,
             data,
+            layout: Layout::Ggml,
         })
+    }
+
+    /// The same view with rows in `layout`; errors when the dtype has no such layout. A
+    /// packed view must cover whole packed rows: slice it after marking it packed, so that
+    /// [`MatRef::cols_range`] can keep the slice on whole units.
+    pub fn with_layout(self, layout: Layout) -> Result<MatRef<'a>, KernelError> {
+        if !layout.supports(self.dtype) {
+            return Err(KernelError::Invalid(format!(
+                "{} has no {} layout",
+                self.dtype,
+                layout.name()
+            )));
+        }
+        Ok(MatRef { layout, ..self })
     }
 
     /// Sub-view of rows `r0..r1` (zero-copy).
@@ -281,7 +300,8 @@ impl<'a> MatRef<'a> {
         } else {
             &self.data[..0]
         };
-        MatRef::with_stride(self.dtype, r1 - r0, self.cols, self.row_stride, data)
+        MatRef::with_stride(self.dtype, r1 - r0, self.cols, self.row_stride, data)?
+            .with_layout(self.layout)
     }
 
     /// Sub-view of columns `c0..c1` (multiples of the block length); same stride, data offset by bytes.
@@ -307,9 +327,20 @@ impl<'a> MatRef<'a> {
                 cols: c1,
             });
         }
+        // A packed slice must keep whole groups: it starts on a group and ends on one or at
+        // the row's end (whose last blocks stay in GGML order either way).
+        if self.layout == Layout::Packed && !slice_keeps_units(self.dtype, c0, c1, self.cols) {
+            return Err(KernelError::Invalid(format!(
+                "columns {c0}..{c1} of a packed {} matrix: a slice must start at a multiple of \
+                 {} and end at one or at the last column",
+                self.dtype,
+                unit_cols(self.dtype)
+            )));
+        }
         let off = c0 / bl * self.dtype.block_bytes();
         let data = self.data.get(off..).unwrap_or(&self.data[..0]);
-        MatRef::with_stride(self.dtype, self.rows, c1 - c0, self.row_stride, data)
+        MatRef::with_stride(self.dtype, self.rows, c1 - c0, self.row_stride, data)?
+            .with_layout(self.layout)
     }
 
     /// Bytes of row `r` (`row_bytes` long). Panics if `r >= rows`.
@@ -327,5 +358,19 @@ impl<'a> MatRef<'a> {
     /// Bytes of one row (valid by construction).
     pub(crate) fn row_bytes(&self) -> usize {
         self.dtype.row_bytes(self.cols).unwrap_or(0)
+    }
+
+    /// Rows `r0..r1` in GGML order: `None` for a GGML view (read it in place), else the rows
+    /// unpacked into a dense buffer.
+    pub(crate) fn ggml_rows(&self, r0: usize, r1: usize) -> Option<Vec<u8>> {
+        if self.layout == Layout::Ggml {
+            return None;
+        }
+        let rb = self.row_bytes();
+        let mut out = vec![0u8; (r1 - r0) * rb];
+        for (r, dst) in (r0..r1).zip(out.chunks_exact_mut(rb.max(1))) {
+            crate::layout::regroup(self.dtype, self.row(r), dst, false);
+        }
+        Some(out)
     }
 }

@@ -56,11 +56,18 @@ unsafe fn gemm_panel(isa: Isa, w: &MatRef, x: &[f32], n: usize, r0: usize, y: *m
     let mut tmp = vec![0.0f32; NR * KC];
     let mut packed = vec![0.0f32; KC * NR];
     let mut tile = [0.0f32; MR * NR];
+    // A packed panel is unpacked once; its k-blocks then slice GGML rows.
+    let unpacked = w.ggml_rows(r0, r1);
+    let rb = w.row_bytes();
+    let row_of = |j: usize| match &unpacked {
+        Some(v) => &v[j * rb..(j + 1) * rb],
+        None => w.row(r0 + j),
+    };
     let mut k0 = 0;
     while k0 < cols {
         let kc = KC.min(cols - k0);
         for j in 0..nr {
-            let row = w.row(r0 + j);
+            let row = row_of(j);
             let (bs, be) = (k0 / bl * bb, (k0 + kc) / bl * bb);
             dequantize_row_isa(isa, w.dtype, &row[bs..be], &mut tmp[j * kc..(j + 1) * kc]);
         }

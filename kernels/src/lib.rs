@@ -1,5 +1,5 @@
 //! Pure compute kernels on slices for tensor-parallel CPU inference: quantised GEMV/GEMM
-//! (GGML block layouts), norms, RoPE and attention, with runtime SIMD dispatch
+//! (GGML block layouts, and a packed Q4 layout for the VNNI kernel), norms, RoPE and attention, with runtime SIMD dispatch
 //! (AVX-512, AVX2+FMA+F16C, NEON, scalar) and a persistent thread pool.
 
 #![warn(missing_docs)]
@@ -10,6 +10,7 @@ pub mod dtype;
 pub mod gemm;
 pub mod gemv;
 pub mod isa;
+pub mod layout;
 pub mod ops;
 pub mod pool;
 pub mod quant;
@@ -22,6 +23,7 @@ pub use gemv::gemv;
 pub use isa::{
     active_isa, available_isas, detected_isa, parse_isa, set_isa, set_isa_from_env, Isa,
 };
+pub use layout::{pack_row, unpack_row, Layout};
 pub use ops::{add_in_place, rmsnorm, silu_mul, softmax};
 pub use pool::ThreadPool;
 pub use quant::{dequantize_row, quantize_row};

@@ -323,29 +323,93 @@ fn quant_reference_examples() {
     assert_eq!(u16::from_le_bytes(b), 0x3f82);
 }
 
+fn is_q4(dtype: DType) -> bool {
+    matches!(dtype, DType::Q4_0 | DType::Q4_1)
+}
+
+/// `data` (rows of `stride` bytes) with every row's first `rb` bytes packed.
+fn packed_copy(dtype: DType, data: &[u8], rows: usize, rb: usize, stride: usize) -> Vec<u8> {
+    let mut out = data.to_vec();
+    for r in 0..rows {
+        let s = r * stride;
+        pack_row(dtype, &data[s..s + rb], &mut out[s..s + rb]).unwrap();
+    }
+    out
+}
+
 fn check_gemv_case(rng: &mut Rng, dtype: DType, rows: usize, cols: usize, pad: usize, slice: bool) {
-    let full_cols = if slice {
-        cols + 2 * dtype.block_len().max(32)
+    // Q4 slices start on a packed group, so the packed copy slices the same columns.
+    let c0 = if is_q4(dtype) {
+        tpi_kernels::layout::unit_cols(dtype)
     } else {
-        cols
+        dtype.block_len().max(32)
+    };
+    // A packed slice ends on a unit or at the row's end: Q4 slices run to the row's end.
+    let full_cols = match (slice, is_q4(dtype)) {
+        (false, _) => cols,
+        (true, true) => c0 + cols,
+        (true, false) => cols + 2 * c0,
     };
     let (data, stride) = rand_matrix(rng, dtype, rows, full_cols, pad);
     let mut w = MatRef::with_stride(dtype, rows, full_cols, stride, &data).unwrap();
+    let rb = dtype.row_bytes(full_cols).unwrap();
+    let pdata = packed_copy(
+        dtype,
+        &data,
+        if is_q4(dtype) { rows } else { 0 },
+        rb,
+        stride,
+    );
+    let mut views = vec![];
+    if is_q4(dtype) {
+        let wp = MatRef::with_stride(dtype, rows, full_cols, stride, &pdata).unwrap();
+        let wp = wp.with_layout(Layout::Packed).unwrap();
+        views.push(if slice {
+            wp.cols_range(c0, c0 + cols).unwrap()
+        } else {
+            wp
+        });
+    }
     if slice {
-        let c0 = dtype.block_len().max(32);
         w = w.cols_range(c0, c0 + cols).unwrap();
     }
+    views.insert(0, w);
     let x = rng.vec(cols);
     let (want, mag, act) = ref_matvec(&w, &x);
     let pools = [ThreadPool::new(1), ThreadPool::new(2)];
+    for w in &views {
+        check_gemv_view(*w, &x, (&want, &mag, &act), &pools);
+    }
+    // Packing moves bytes, not arithmetic: every path gives the GGML layout's bits.
+    if let [g, p] = views[..] {
+        for_each_isa(|isa| {
+            let (mut yg, mut yp) = (vec![0.0; rows], vec![0.0; rows]);
+            gemv(&pools[0], g, &x, &mut yg).unwrap();
+            gemv(&pools[0], p, &x, &mut yp).unwrap();
+            assert!(
+                yg.iter().zip(&yp).all(|(a, b)| a.to_bits() == b.to_bits()),
+                "packed gemv {dtype:?} {isa:?} {rows}x{cols} differs from GGML"
+            );
+        });
+    }
+}
+
+fn check_gemv_view(
+    w: MatRef,
+    x: &[f32],
+    (want, mag, act): (&[f64], &[f64], &[f64]),
+    pools: &[ThreadPool],
+) {
+    let (dtype, rows, cols) = (w.dtype, w.rows, w.cols);
+    let layout = w.layout;
     for_each_isa(|isa| {
         let mut first: Option<Vec<f32>> = None;
-        for pool in &pools {
+        for pool in pools {
             let mut y = vec![f32::NAN; rows];
-            gemv(pool, w, &x, &mut y).unwrap();
+            gemv(pool, w, x, &mut y).unwrap();
             for r in 0..rows {
                 let ctx = format!(
-                    "gemv {dtype:?} {isa:?} {rows}x{cols} t{} row {r}",
+                    "gemv {dtype:?} {layout:?} {isa:?} {rows}x{cols} t{} row {r}",
                     pool.n_threads()
                 );
                 let extra = act_allowance(isa, dtype, act[r]);
@@ -459,6 +523,19 @@ fn vnni_gemv_exact_when_x_is_representable() {
         ] {
             let (data, stride) = rand_matrix(&mut rng, dtype, rows, cols, 0);
             let w = MatRef::with_stride(dtype, rows, cols, stride, &data).unwrap();
+            let rb = dtype.row_bytes(cols).unwrap();
+            let pdata = packed_copy(
+                dtype,
+                &data,
+                if is_q4(dtype) { rows } else { 0 },
+                rb,
+                stride,
+            );
+            let mut views = vec![w];
+            if is_q4(dtype) {
+                let wp = MatRef::with_stride(dtype, rows, cols, stride, &pdata).unwrap();
+                views.push(wp.with_layout(Layout::Packed).unwrap());
+            }
             let mut x: Vec<f32> = rng
                 .vec(cols)
                 .iter()
@@ -472,17 +549,20 @@ fn vnni_gemv_exact_when_x_is_representable() {
                 if isa != Isa::Avx512Vnni {
                     return;
                 }
-                let mut y = vec![f32::NAN; rows];
-                gemv(&pool, w, &x, &mut y).unwrap();
-                for r in 0..rows {
-                    let ctx = format!("vnni exact {dtype:?} {rows}x{cols} row {r}");
-                    assert_close(y[r], want[r], mag[r], 1e-6, &ctx);
+                for w in &views {
+                    let l = w.layout;
+                    let mut y = vec![f32::NAN; rows];
+                    gemv(&pool, *w, &x, &mut y).unwrap();
+                    for r in 0..rows {
+                        let ctx = format!("vnni exact {dtype:?} {l:?} {rows}x{cols} row {r}");
+                        assert_close(y[r], want[r], mag[r], 1e-6, &ctx);
+                    }
+                    // A NaN in x reaches every output, as with f32 activations.
+                    let mut xn = x.clone();
+                    xn[cols - 1] = f32::NAN;
+                    gemv(&pool, *w, &xn, &mut y).unwrap();
+                    assert!(y.iter().all(|v| v.is_nan()), "{dtype:?} {l:?}: NaN lost");
                 }
-                // A NaN in x reaches every output, as with f32 activations.
-                let mut xn = x.clone();
-                xn[cols - 1] = f32::NAN;
-                gemv(&pool, w, &xn, &mut y).unwrap();
-                assert!(y.iter().all(|v| v.is_nan()), "{dtype:?}: NaN lost");
             });
         }
     }
@@ -495,6 +575,89 @@ fn gemv_large_parallel() {
     for dtype in [DType::Q4_1, DType::Q8_0, DType::F16] {
         check_gemv_case(&mut rng, dtype, 1031, 1536, 0, false);
     }
+}
+
+#[test]
+fn packed_gemm_equals_ggml_gemm() {
+    // Prefill unpacks each packed panel, so it must give the GGML layout's bits exactly,
+    // also for column slices that start on a group and run to the row's end.
+    let mut rng = Rng::new(15);
+    let pools = [ThreadPool::new(1), ThreadPool::new(2)];
+    for dtype in [DType::Q4_0, DType::Q4_1] {
+        let u = tpi_kernels::layout::unit_cols(dtype);
+        for &(rows, cols, c0) in &[(5usize, 96usize, 0usize), (33, 544, 0), (40, 800, u)] {
+            let (data, stride) = rand_matrix(&mut rng, dtype, rows, cols, 4);
+            let rb = dtype.row_bytes(cols).unwrap();
+            let pdata = packed_copy(dtype, &data, rows, rb, stride);
+            let w = MatRef::with_stride(dtype, rows, cols, stride, &data).unwrap();
+            let wp = MatRef::with_stride(dtype, rows, cols, stride, &pdata)
+                .unwrap()
+                .with_layout(Layout::Packed)
+                .unwrap();
+            let (w, wp) = (
+                w.cols_range(c0, cols).unwrap(),
+                wp.cols_range(c0, cols).unwrap(),
+            );
+            let k = cols - c0;
+            for n in [2usize, 5, 13] {
+                let x = rng.vec(n * k);
+                for_each_isa(|isa| {
+                    for pool in &pools {
+                        let mut y = vec![f32::NAN; n * rows];
+                        let mut yp = vec![f32::NAN; n * rows];
+                        gemm(pool, w, &x, n, &mut y).unwrap();
+                        gemm(pool, wp, &x, n, &mut yp).unwrap();
+                        assert!(
+                            y.iter().zip(&yp).all(|(a, b)| a.to_bits() == b.to_bits()),
+                            "packed gemm {dtype:?} {isa:?} {rows}x{k} n{n}"
+                        );
+                    }
+                });
+            }
+        }
+    }
+}
+
+#[test]
+fn packed_views_keep_whole_groups() {
+    let mut rng = Rng::new(16);
+    let (rows, cols) = (3, 416);
+    let (data, stride) = rand_matrix(&mut rng, DType::Q4_1, rows, cols, 0);
+    let pdata = packed_copy(DType::Q4_1, &data, rows, stride, stride);
+    let wp = MatRef::new(DType::Q4_1, rows, cols, &pdata)
+        .unwrap()
+        .with_layout(Layout::Packed)
+        .unwrap();
+    assert!(wp.cols_range(128, 256).is_ok());
+    assert!(wp.cols_range(256, 416).is_ok());
+    assert!(
+        wp.cols_range(32, 416).is_err(),
+        "a slice must start on a group"
+    );
+    assert!(
+        wp.cols_range(0, 160).is_err(),
+        "a slice must end on a group or the row end"
+    );
+    // Q4_0 slices keep whole octets.
+    let (data, stride) = rand_matrix(&mut rng, DType::Q4_0, rows, cols, 0);
+    let pdata = packed_copy(DType::Q4_0, &data, rows, stride, stride);
+    let wp = MatRef::new(DType::Q4_0, rows, cols, &pdata)
+        .unwrap()
+        .with_layout(Layout::Packed)
+        .unwrap();
+    assert!(wp.cols_range(256, 416).is_ok());
+    assert!(wp.cols_range(0, 256).is_ok());
+    assert!(
+        wp.cols_range(128, 416).is_err(),
+        "a Q4_0 slice must start on an octet"
+    );
+    assert_eq!(wp.rows_range(1, 3).unwrap().layout, Layout::Packed);
+    let f = MatRef::new(DType::F32, 1, 8, &[0u8; 32]).unwrap();
+    assert!(f.with_layout(Layout::Packed).is_err());
+    assert!(MatRef::new(DType::Q8_0, 1, 32, &[0u8; 34])
+        .unwrap()
+        .with_layout(Layout::Packed)
+        .is_err());
 }
 
 #[test]
@@ -573,6 +736,7 @@ fn gemv_gemm_shape_errors() {
         cols: 32,
         row_stride: 20,
         data: &data,
+        layout: Layout::Ggml,
     };
     assert!(gemv(&pool, bad, &[0.0; 32], &mut [0.0; 5]).is_err());
     let bad = MatRef {
@@ -581,8 +745,19 @@ fn gemv_gemm_shape_errors() {
         cols: 48,
         row_stride: 20,
         data: &data,
+        layout: Layout::Ggml,
     };
     assert!(gemv(&pool, bad, &[0.0; 48], &mut [0.0; 4]).is_err());
+    // The packed layout is only for Q4, also in a hand-built view.
+    let bad = MatRef {
+        dtype: DType::F32,
+        rows: 1,
+        cols: 8,
+        row_stride: 32,
+        data: &data[..32],
+        layout: Layout::Packed,
+    };
+    assert!(gemv(&pool, bad, &[0.0; 8], &mut [0.0; 1]).is_err());
     // Empty shapes are fine.
     let e = MatRef::new(DType::F32, 0, 8, &[]).unwrap();
     gemv(&pool, e, &[0.0; 8], &mut []).unwrap();

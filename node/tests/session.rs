@@ -149,7 +149,15 @@ fn fixture_manifest(tmp: &TempDir) -> Manifest {
     let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../testbed/fixtures/models/gqa12_f32");
     let files = ModelFiles::open(&p).expect("open fixture");
     let plan = SplitPlan::new(&files.config, &[1.0, 1.0]).expect("plan");
-    write_shard(&files, &plan, 1, Quant::Keep, &tmp.0.join("shard")).expect("write shard")
+    write_shard(
+        &files,
+        &plan,
+        1,
+        Quant::Keep,
+        tpi_node::store::default_layout(),
+        &tmp.0.join("shard"),
+    )
+    .expect("write shard")
 }
 
 fn setup_for(m: &Manifest, plan_id: String) -> Setup {

@@ -7,7 +7,7 @@ use std::time::Instant;
 use clap::{Args, Subcommand};
 use tpi_coordinator::engine::{Backend, LocalBackend};
 use tpi_coordinator::loader::LoadedModel;
-use tpi_kernels::{bench as kb, parse_isa, DType, Isa, ThreadPool};
+use tpi_kernels::{bench as kb, parse_isa, DType, Isa, Layout, ThreadPool};
 
 /// `tpi bench` subcommands.
 #[derive(Args, Debug)]
@@ -92,9 +92,21 @@ pub fn bench(a: BenchArgs) -> anyhow::Result<()> {
             let before = tpi_kernels::active_isa();
             let isas = if isa.is_empty() { vec![before] } else { isa };
             let probe = kb::BandwidthProbe::new(512 << 20);
-            let mut gemvs: Vec<_> = DType::ALL
+            // Every dtype in GGML layout, then the Q4 types packed (what shards hold for
+            // nodes that run the VNNI kernel).
+            let kinds: Vec<(DType, Layout)> = DType::ALL
                 .into_iter()
-                .map(|d| kb::GemvProbe::new(d, rows, 4096))
+                .map(|d| (d, Layout::Ggml))
+                .chain(
+                    DType::ALL
+                        .into_iter()
+                        .filter(|&d| Layout::Packed.supports(d))
+                        .map(|d| (d, Layout::Packed)),
+                )
+                .collect();
+            let mut gemvs: Vec<_> = kinds
+                .iter()
+                .map(|&(d, l)| kb::GemvProbe::with_layout(d, l, rows, 4096))
                 .collect();
             println!(
                 "best of {reps} rounds; each round measures the bandwidth, then every GEMV, \
@@ -116,10 +128,13 @@ pub fn bench(a: BenchArgs) -> anyhow::Result<()> {
                 tpi_kernels::set_isa(before)?;
                 println!("threads={t}: memory read bandwidth {bw:.1} GB/s");
                 for (i, isa) in isas.iter().enumerate() {
-                    for (d, g) in DType::ALL.into_iter().zip(&best[i]) {
+                    for ((d, l), g) in kinds.iter().zip(&best[i]) {
+                        let name = match l {
+                            Layout::Ggml => d.name().to_string(),
+                            _ => format!("{} {}", d.name(), l.name()),
+                        };
                         println!(
-                            "  gemv {:<5} {rows}x4096 {:<10}: {g:6.1} GB/s = {:5.1}% of bandwidth",
-                            d.name(),
+                            "  gemv {name:<12} {rows}x4096 {:<10}: {g:6.1} GB/s = {:5.1}% of bandwidth",
                             isa.name(),
                             100.0 * g / bw
                         );

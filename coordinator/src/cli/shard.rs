@@ -6,8 +6,9 @@ use std::path::PathBuf;
 use anyhow::{bail, Context};
 use clap::Args;
 use tpi_coordinator::shards::rank_dir;
+use tpi_kernels::Layout;
 use tpi_node::model::{ModelFiles, SplitPlan};
-use tpi_node::store::{write_shard, Quant};
+use tpi_node::store::{default_layout, write_shard, Quant};
 
 /// `tpi shard` flags.
 #[derive(Args, Debug)]
@@ -27,6 +28,14 @@ pub struct ShardArgs {
     /// Weight type of the matrices: keep, q8_0, q4_0, q4_1, f16, f32.
     #[arg(long, default_value = "keep")]
     pub quant: Quant,
+    /// Row layout of Q4 matrices: packed (for nodes that run the AVX-512 VNNI kernel) or
+    /// ggml. Default: packed if this machine runs that kernel, else ggml.
+    #[arg(long, value_parser = parse_layout)]
+    pub layout: Option<Layout>,
+}
+
+fn parse_layout(s: &str) -> Result<Layout, String> {
+    Layout::from_name(s).ok_or_else(|| format!("unknown layout `{s}` (ggml, packed)"))
 }
 
 /// Runs `tpi shard`.
@@ -42,10 +51,12 @@ pub fn shard(a: ShardArgs) -> anyhow::Result<()> {
     };
     let plan = SplitPlan::new(&files.config, &weights)?;
     println!("plan {} for {} ranks:", plan.id(), plan.world());
+    let layout = a.layout.unwrap_or_else(default_layout);
+    println!("q4 layout: {}", layout.name());
     let t0 = std::time::Instant::now();
     for r in 0..plan.world() {
         let dir = rank_dir(&a.out, r);
-        let m = write_shard(&files, &plan, r, a.quant, &dir)
+        let m = write_shard(&files, &plan, r, a.quant, layout, &dir)
             .with_context(|| format!("writing rank {r}'s shard to {}", dir.display()))?;
         let s = &plan.ranks[r];
         println!(

@@ -12,7 +12,7 @@ pub(crate) mod neon;
 pub(crate) mod vnni;
 
 use crate::isa::{active_isa, Isa};
-use crate::{DType, KernelError, MatRef, ThreadPool};
+use crate::{DType, KernelError, Layout, MatRef, ThreadPool};
 
 /// Rows handled together by the SIMD row kernels; task boundaries are multiples of this.
 pub(crate) const ROW_BLOCK: usize = 4;
@@ -167,6 +167,10 @@ pub(crate) fn gemv_rows_isa(
     debug_assert_eq!(y.len(), r1 - r0);
     #[cfg(not(target_arch = "x86_64"))]
     let _ = aux;
+    let vnni = isa == Isa::Avx512Vnni && !aux.i.is_empty();
+    if w.layout == Layout::Packed && !vnni {
+        return gemv_rows_unpacking(isa, w, r0, r1, x, aux, y);
+    }
     match isa {
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512Vnni if !aux.i.is_empty() => unsafe { vnni::gemv_rows(w, r0, r1, aux, y) },
@@ -180,6 +184,28 @@ pub(crate) fn gemv_rows_isa(
     }
 }
 
+/// Rows of a packed matrix on a path without a packed kernel: unpacked a few rows at a
+/// time into a small buffer, then the GGML kernel.
+fn gemv_rows_unpacking(
+    isa: Isa,
+    w: &MatRef,
+    r0: usize,
+    r1: usize,
+    x: &[f32],
+    aux: &Aux,
+    y: &mut [f32],
+) {
+    const CHUNK: usize = 4 * ROW_BLOCK;
+    let mut r = r0;
+    while r < r1 {
+        let e = (r + CHUNK).min(r1);
+        let buf = w.ggml_rows(r, e).unwrap_or_default();
+        let m = MatRef::new(w.dtype, e - r, w.cols, &buf).expect("unpacked rows are dense");
+        gemv_rows_isa(isa, &m, 0, e - r, x, aux, &mut y[r - r0..e - r0]);
+        r = e;
+    }
+}
+
 pub(crate) fn check_gemv(
     w: &MatRef,
     x_len: usize,
@@ -187,7 +213,7 @@ pub(crate) fn check_gemv(
     n: usize,
 ) -> Result<(), KernelError> {
     // Re-validate the view: its fields are public and could have been built by hand.
-    MatRef::with_stride(w.dtype, w.rows, w.cols, w.row_stride, w.data)?;
+    MatRef::with_stride(w.dtype, w.rows, w.cols, w.row_stride, w.data)?.with_layout(w.layout)?;
     let xe = n
         .checked_mul(w.cols)
         .ok_or_else(|| KernelError::Invalid("x size overflows".into()))?;

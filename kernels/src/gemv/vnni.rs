@@ -18,7 +18,7 @@ use std::arch::x86_64::*;
 
 use super::avx512::{hsum256, hsum512, prefetch_ahead};
 
-use crate::{DType, MatRef};
+use crate::{DType, Layout, MatRef};
 
 /// Floats per unit in [`super::Aux::f`]: the activation scale `s_b` of each lane's block,
 /// then (Q4_1) `s_b * sum(X_b)` of each of the unit's blocks, for the `m` term.
@@ -27,25 +27,10 @@ const UNIT_F: usize = 32;
 /// Bytes per unit of per-lane integer offsets (Q4_0, Q8_0) after the H and L planes.
 const UNIT_I: usize = 64;
 
-/// Q4_0 octets in a row of `nb` blocks (its first `8 * octets` blocks). Q4_1 stays in groups:
-/// its 160-byte octets need four masked loads (or a third load) per row, and measured only
-/// 2-3% faster than groups, in cache and from DRAM, for a second octet layout.
-fn octets(dtype: DType, nb: usize) -> usize {
-    if dtype != DType::Q4_0 {
-        0
-    } else {
-        nb / 8
-    }
-}
-
-/// Q4 groups of 4 after the octets: all of a Q4_1 row, at most one in a Q4_0 row.
-fn groups(dtype: DType, nb: usize) -> usize {
-    if dtype == DType::Q8_0 {
-        0
-    } else {
-        (nb - 8 * octets(dtype, nb)) / 4
-    }
-}
+/// Q4_0 octets in a row of `nb` blocks (the first `8 * octets`), in either layout. Q4_1
+/// stays in groups: its 160-byte GGML octets need four masked loads (or a third load) per
+/// row, and measured only 2-3% faster than groups, in cache and from DRAM.
+use crate::layout::{groups, octets};
 
 /// Number of units (octets, groups, then pairs) in a row of `nb` blocks.
 fn units(dtype: DType, nb: usize) -> usize {
@@ -134,7 +119,7 @@ unsafe fn octet_gather<const PART: u8>(idx: __m512i, s: [__m512i; 2], pa: *const
 /// lays out an octet's activations; the `d` words come spread two per block.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 #[inline]
-unsafe fn octets_q4_0<const R: usize>(
+unsafe fn octets_q4_0<const R: usize, const PACKED: bool>(
     p: [*const u8; R],
     no: usize,
     pf: usize,
@@ -144,6 +129,13 @@ unsafe fn octets_q4_0<const R: usize>(
     let nib = _mm512_set1_epi8(0x0F);
     let zero = _mm512_setzero_si512();
     let (i0, i8, isc) = (octet_idx(QUANTS_0), octet_idx(QUANTS_8), octet_idx(SCALES));
+    // Packed `d` words 0-7 doubled (words 2k, 2k+1 = block k's), in each 128-bit lane of a
+    // broadcast of the eight.
+    let dspread = {
+        let b: [u8; 32] =
+            std::array::from_fn(|i| (2 * ((i % 16) / 4 + 4 * (i / 16)) + i % 2) as u8);
+        _mm256_loadu_si256(b.as_ptr() as *const _)
+    };
     for o in 0..no {
         let b = 8 * o;
         let (hp, lp) = (hi.add(32 * b), lo.add(32 * b));
@@ -161,8 +153,14 @@ unsafe fn octets_q4_0<const R: usize>(
                 prefetch_ahead(pa.add(32 * k), pf);
             }
             let s = [0, 64].map(|o| _mm512_loadu_si512(pa.add(o) as *const _));
-            let v1 = octet_gather::<QUANTS_0>(i0, s, pa);
-            let v2 = octet_gather::<QUANTS_8>(i8, s, pa);
+            let (v1, v2) = if PACKED {
+                (s[0], s[1])
+            } else {
+                (
+                    octet_gather::<QUANTS_0>(i0, s, pa),
+                    octet_gather::<QUANTS_8>(i8, s, pa),
+                )
+            };
             let q = [
                 _mm512_and_si512(v1, nib),
                 _mm512_and_si512(_mm512_srli_epi16::<4>(v1), nib),
@@ -177,7 +175,13 @@ unsafe fn octets_q4_0<const R: usize>(
                 tl = _mm512_dpbusd_epi32(tl, q[k], lv[k]);
             }
             let t = _mm512_add_epi32(_mm512_slli_epi32::<8>(th), tl);
-            let d = _mm512_cvtph_ps(_mm512_castsi512_si256(octet_gather::<SCALES>(isc, s, pa)));
+            let dw = if PACKED {
+                let dh = _mm256_broadcastsi128_si256(_mm_loadu_si128(pa.add(128) as *const _));
+                _mm256_shuffle_epi8(dh, dspread)
+            } else {
+                _mm512_castsi512_si256(octet_gather::<SCALES>(isc, s, pa))
+            };
+            let d = _mm512_cvtph_ps(dw);
             acc[r] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(t), sxv), d, acc[r]);
         }
     }
@@ -192,8 +196,8 @@ pub(crate) unsafe fn gemv_rows(w: &MatRef, r0: usize, r1: usize, aux: &super::Au
         r0,
         r1,
         y,
-        |p, pf, out| rows::<4>(w.dtype, p, nb, pf, aux, out),
-        |p, pf, out| rows::<1>(w.dtype, p, nb, pf, aux, out),
+        |p, pf, out| rows::<4>(w.dtype, w.layout, p, nb, pf, aux, out),
+        |p, pf, out| rows::<1>(w.dtype, w.layout, p, nb, pf, aux, out),
     );
 }
 
@@ -201,18 +205,34 @@ pub(crate) unsafe fn gemv_rows(w: &MatRef, r0: usize, r1: usize, aux: &super::Au
 #[inline]
 unsafe fn rows<const R: usize>(
     dtype: DType,
+    layout: Layout,
     p: [*const u8; R],
     nb: usize,
     pf: usize,
     aux: &super::Aux,
     out: &mut [f32; R],
 ) {
-    match dtype {
-        DType::Q4_0 => rows_q4::<R, false>(p, nb, pf, aux, out),
-        DType::Q4_1 => rows_q4::<R, true>(p, nb, pf, aux, out),
-        DType::Q8_0 => rows_q8::<R>(p, nb, pf, aux, out),
+    let packed = layout == Layout::Packed;
+    match (dtype, packed) {
+        (DType::Q4_0, false) => rows_q4::<R, false, false>(p, nb, pf, aux, out),
+        (DType::Q4_1, false) => rows_q4::<R, true, false>(p, nb, pf, aux, out),
+        (DType::Q4_0, true) => rows_q4::<R, false, true>(p, nb, pf, aux, out),
+        (DType::Q4_1, true) => rows_q4::<R, true, true>(p, nb, pf, aux, out),
+        (DType::Q8_0, _) => rows_q8::<R>(p, nb, pf, aux, out),
         _ => unreachable!("the VNNI path only serves quantised weights"),
     }
+}
+
+/// The integer lane sums of one Q4 group: quant bytes `q` split into low and high nibbles,
+/// against the unit's activation planes `[H low, H high, L low, L high]`, as `256 H + L`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+#[inline]
+unsafe fn dots(q: __m512i, nib: __m512i, zero: __m512i, x: [__m512i; 4]) -> __m512i {
+    let qlo = _mm512_and_si512(q, nib);
+    let qhi = _mm512_and_si512(_mm512_srli_epi16::<4>(q), nib);
+    let t = _mm512_dpbusd_epi32(zero, qlo, x[0]);
+    let t = _mm512_slli_epi32::<8>(_mm512_dpbusd_epi32(t, qhi, x[1]));
+    _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(t, qlo, x[2]), qhi, x[3])
 }
 
 /// A word-index vector from 32 word indices.
@@ -259,7 +279,7 @@ unsafe fn unit_terms<const Q41: bool>(
 /// word shift (0 or 4) leaves elements 0-15 / 16-31 of each block in natural order.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 #[inline]
-unsafe fn rows_q4<const R: usize, const Q41: bool>(
+unsafe fn rows_q4<const R: usize, const Q41: bool, const PACKED: bool>(
     p: [*const u8; R],
     nb: usize,
     pf: usize,
@@ -291,10 +311,16 @@ unsafe fn rows_q4<const R: usize, const Q41: bool>(
     let half = bb / 2;
     let gdm = word_idx(|l| half * (l % 4) + l / 4);
     let spread = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+    // Packed `d` words: a byte shuffle (in each 128-bit lane of a broadcast of the four)
+    // putting block k's in words 4k..4k+3.
+    let pspread = {
+        let b: [u8; 32] = std::array::from_fn(|i| (2 * (i / 8) + i % 2) as u8);
+        _mm256_loadu_si256(b.as_ptr() as *const _)
+    };
     let mut acc = [_mm512_setzero_ps(); R];
     let mut accm = [_mm256_setzero_ps(); R];
     if !Q41 {
-        octets_q4_0(p, no, pf, (f, hi, lo, corr), &mut acc);
+        octets_q4_0::<R, PACKED>(p, no, pf, (f, hi, lo, corr), &mut acc);
     }
     for g in 0..ng {
         let b = 8 * no + 4 * g;
@@ -307,14 +333,29 @@ unsafe fn rows_q4<const R: usize, const Q41: bool>(
             let pa = p[r].add(b * bb);
             prefetch_ahead(pa, pf);
             prefetch_ahead(pa.add(64), pf);
+            if PACKED {
+                // The quants in lane order, then the 4 `d` words (spread to 4 lanes per block
+                // by an in-lane byte shuffle of a broadcast load) and Q4_1's 4 `m` words:
+                // the same values as the gathers below, so the same sums.
+                let q = _mm512_loadu_si512(pa as *const _);
+                let t = dots(q, nib, zero, [h0, h1, l0, l1]);
+                let hdr = pa.add(64);
+                let dh = _mm256_set1_epi64x((hdr as *const i64).read_unaligned());
+                let d = _mm512_cvtph_ps(_mm256_shuffle_epi8(dh, pspread));
+                let t = if Q41 {
+                    let dm = _mm256_cvtph_ps(_mm_loadu_si128(hdr as *const _));
+                    accm[r] = _mm256_fmadd_ps(dm, _mm512_castps512_ps256(off), accm[r]);
+                    t
+                } else {
+                    _mm512_add_epi32(t, _mm512_castps_si512(off))
+                };
+                acc[r] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(t), sxv), d, acc[r]);
+                continue;
+            }
             let w0 = _mm512_loadu_si512(pa as *const _);
             let w1 = _mm512_castsi128_si512(_mm_loadu_si128(pa.add(4 * bb - 16) as *const _));
             let q = _mm512_permutex2var_epi16(w0, gidx, w1);
-            let qlo = _mm512_and_si512(q, nib);
-            let qhi = _mm512_and_si512(_mm512_srli_epi16::<4>(q), nib);
-            let t = _mm512_dpbusd_epi32(zero, qlo, h0);
-            let t = _mm512_slli_epi32::<8>(_mm512_dpbusd_epi32(t, qhi, h1));
-            let t = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(t, qlo, l0), qhi, l1);
+            let t = dots(q, nib, zero, [h0, h1, l0, l1]);
             // d (and m) of A-D as floats, d spread to 4 lanes per block.
             let dmh = _mm512_castsi512_si128(_mm512_permutexvar_epi16(gdm, w0));
             let (d, t) = if Q41 {

@@ -6,7 +6,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use memmap2::Mmap;
-use tpi_kernels::{DType, MatRef};
+use tpi_kernels::layout::{slice_keeps_units, unit_cols};
+use tpi_kernels::{DType, Layout, MatRef};
 
 use super::config::ModelConfig;
 use super::error::ModelError;
@@ -42,6 +43,8 @@ pub struct Weight {
     pub cols: usize,
     /// Bytes from one row to the next.
     pub row_stride: usize,
+    /// Row layout (shards may hold Q4 matrices packed for the VNNI kernel).
+    pub layout: Layout,
     blob: Blob,
     offset: usize,
 }
@@ -87,9 +90,23 @@ impl Weight {
             rows,
             cols,
             row_stride: rb,
+            layout: Layout::Ggml,
             blob,
             offset,
         })
+    }
+
+    /// This weight with rows in `layout`; errors when its dtype has no such layout.
+    pub fn with_layout(mut self, layout: Layout) -> Result<Self, ModelError> {
+        if !layout.supports(self.dtype) {
+            return Err(ModelError::Input(format!(
+                "a {} weight cannot be stored {}",
+                self.dtype.name(),
+                layout.name()
+            )));
+        }
+        self.layout = layout;
+        Ok(self)
     }
 
     /// A dense weight owning `data`.
@@ -125,6 +142,7 @@ impl Weight {
             cols: self.cols,
             row_stride: self.row_stride,
             data: self.span(),
+            layout: self.layout,
         }
     }
 
@@ -142,8 +160,17 @@ impl Weight {
         Ok(w)
     }
 
-    /// Columns `c0..c1` (zero-copy; bounds must be whole quantisation blocks).
+    /// Columns `c0..c1` (zero-copy; bounds must be whole quantisation blocks, and for a
+    /// packed weight whole groups or the row's end).
     pub fn cols_range(&self, c0: usize, c1: usize) -> Result<Weight, ModelError> {
+        if self.layout == Layout::Packed && !slice_keeps_units(self.dtype, c0, c1, self.cols) {
+            return Err(ModelError::Plan(format!(
+                "column slice {c0}..{c1} of a packed {} weight does not keep whole \
+                 {}-column units",
+                self.dtype.name(),
+                unit_cols(self.dtype)
+            )));
+        }
         let bl = self.dtype.block_len();
         if c0 > c1 || c1 > self.cols || !c0.is_multiple_of(bl) || !c1.is_multiple_of(bl) {
             return Err(ModelError::Plan(format!(
@@ -174,7 +201,14 @@ impl Weight {
     pub fn row_f32(&self, r: usize, out: &mut [f32]) {
         let rb = self.row_bytes();
         let s = &self.span()[r * self.row_stride..r * self.row_stride + rb];
-        tpi_kernels::dequantize_row(self.dtype, s, out);
+        if self.layout == Layout::Packed {
+            let mut g = vec![0u8; rb];
+            tpi_kernels::unpack_row(self.dtype, s, &mut g)
+                .expect("packed rows are whole Q4 blocks");
+            tpi_kernels::dequantize_row(self.dtype, &g, out);
+        } else {
+            tpi_kernels::dequantize_row(self.dtype, s, out);
+        }
     }
 
     /// The whole view dequantised to f32 (norm weights and biases: small vectors).

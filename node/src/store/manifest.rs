@@ -55,6 +55,14 @@ pub struct TensorEntry {
     pub offset: u64,
     /// Byte length.
     pub len: u64,
+    /// Row layout, "ggml" or "packed" (Q4 matrices packed for the VNNI kernel; see
+    /// `tpi_kernels::layout`). Manifests from before packing have none: GGML.
+    #[serde(default = "ggml")]
+    pub layout: String,
+}
+
+fn ggml() -> String {
+    "ggml".into()
 }
 
 /// One block of the shard file.
@@ -89,6 +97,9 @@ pub struct Manifest {
     pub config: ModelConfig,
     /// Weight type of the matrices ("keep" or a dtype name).
     pub quant: String,
+    /// Layout asked for the Q4 matrices ("ggml" or "packed"); part of the cache key.
+    #[serde(default = "ggml")]
+    pub layout: String,
     /// Blocks in compute order (embedding last).
     pub blocks: Vec<BlockEntry>,
     /// Length of `shard.bin`.
@@ -96,9 +107,13 @@ pub struct Manifest {
 }
 
 impl Manifest {
-    /// The cache key of a shard: model, plan and rank.
-    pub fn key(model_id: &str, plan_id: &str, rank: usize, quant: &str) -> String {
-        format!("{model_id}-{plan_id}-{quant}-r{rank}")
+    /// The cache key of a shard: model, plan, weight type, layout and rank.
+    pub fn key(model_id: &str, plan_id: &str, rank: usize, quant: &str, layout: &str) -> String {
+        if layout == "ggml" {
+            format!("{model_id}-{plan_id}-{quant}-r{rank}")
+        } else {
+            format!("{model_id}-{plan_id}-{quant}-{layout}-r{rank}")
+        }
     }
 
     /// This manifest's cache key.
@@ -108,6 +123,7 @@ impl Manifest {
             &self.plan_id,
             self.rank as usize,
             &self.quant,
+            &self.layout,
         )
     }
 
@@ -143,6 +159,12 @@ impl Manifest {
                 return Err(format!("block {i} has no sha256"));
             }
             for t in &b.tensors {
+                if tpi_kernels::Layout::from_name(&t.layout).is_none() {
+                    return Err(format!(
+                        "a tensor of block {i} has unknown layout {}",
+                        t.layout
+                    ));
+                }
                 let tend = t.offset.checked_add(t.len).ok_or("tensor too long")?;
                 if tend > b.len {
                     return Err(format!("a tensor of block {i} runs past the block"));

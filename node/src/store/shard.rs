@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use memmap2::Mmap;
 use sha2::{Digest, Sha256};
-use tpi_kernels::DType;
+use tpi_kernels::{DType, Layout};
 
 use super::manifest::*;
 use super::window::{window_for_budget, Window};
@@ -66,20 +66,45 @@ fn is_matrix(role: Role) -> bool {
     )
 }
 
+/// The shard layout for a node that computes here: packed Q4 where this CPU runs the
+/// AVX-512 VNNI kernel (which reads packed rows without permutes), GGML elsewhere (the other
+/// kernels would have to unpack every row).
+pub fn default_layout() -> Layout {
+    if tpi_kernels::active_isa() == tpi_kernels::Isa::Avx512Vnni {
+        Layout::Packed
+    } else {
+        Layout::Ggml
+    }
+}
+
 /// Streams one tensor into the shard file row by row (converting to `target` if
-/// asked), feeding the block's hash; returns the stored dtype and byte length.
-/// Memory: one row, never the tensor.
+/// asked, packing Q4 rows if `layout` says so), feeding the block's hash; returns the
+/// stored dtype, layout and byte length. Memory: one row, never the tensor.
 fn write_tensor(
     out: &mut impl Write,
     hash: &mut Sha256,
     w: &Weight,
     target: Option<DType>,
+    layout: Layout,
     what: &str,
-) -> Result<(DType, u64), std::io::Error> {
+) -> Result<(DType, Layout, u64), std::io::Error> {
     let m = w.mat();
     let dtype = target.unwrap_or(w.dtype);
+    let layout = if layout.supports(dtype) {
+        layout
+    } else {
+        Layout::Ggml
+    };
     let mut written = 0u64;
+    let mut packed = Vec::new();
     let mut emit = |bytes: &[u8], out: &mut dyn Write| -> std::io::Result<()> {
+        let bytes = if layout == Layout::Packed {
+            packed.resize(bytes.len(), 0);
+            tpi_kernels::pack_row(dtype, bytes, &mut packed).map_err(std::io::Error::other)?;
+            &packed[..]
+        } else {
+            bytes
+        };
         hash.update(bytes);
         written += bytes.len() as u64;
         out.write_all(bytes)
@@ -88,7 +113,7 @@ fn write_tensor(
         for r in 0..w.rows {
             emit(m.row(r), out)?;
         }
-        return Ok((dtype, written));
+        return Ok((dtype, layout, written));
     }
     let rb = dtype.row_bytes(w.cols).ok_or_else(|| {
         std::io::Error::new(
@@ -113,7 +138,7 @@ fn write_tensor(
             emit(&q, out)?;
         }
     }
-    Ok((dtype, written))
+    Ok((dtype, layout, written))
 }
 
 /// The roles of one block for `rank` under `plan`.
@@ -143,12 +168,14 @@ fn block_roles(cfg: &ModelConfig, plan: &SplitPlan, rank: usize, kind: BlockKind
 }
 
 /// Writes rank `rank`'s shard of `files` under `plan` into `dir`, one block at a time
-/// (peak memory: one block). The manifest is written last, atomically.
+/// (peak memory: one block), its Q4 matrices in `layout`. The manifest is written last,
+/// atomically.
 pub fn write_shard(
     files: &ModelFiles,
     plan: &SplitPlan,
     rank: usize,
     quant: Quant,
+    layout: Layout,
     dir: &Path,
 ) -> Result<Manifest, StoreError> {
     let cfg = &files.config;
@@ -196,13 +223,20 @@ pub fn write_shard(
                 (true, Quant::To(t)) => Some(t),
             };
             let what = format!("layer {layer} {role:?}");
-            let (dtype, n) = write_tensor(&mut out, &mut hash, &w, target, &what).map_err(|e| {
-                if e.kind() == std::io::ErrorKind::InvalidInput {
-                    StoreError::Invalid(e.to_string())
-                } else {
-                    ioe(e)
-                }
-            })?;
+            // The embedding is read row by row, never by a GEMV: it stays GGML.
+            let tl = if role == Role::Embed {
+                Layout::Ggml
+            } else {
+                layout
+            };
+            let (dtype, tl, n) =
+                write_tensor(&mut out, &mut hash, &w, target, tl, &what).map_err(|e| {
+                    if e.kind() == std::io::ErrorKind::InvalidInput {
+                        StoreError::Invalid(e.to_string())
+                    } else {
+                        ioe(e)
+                    }
+                })?;
             full.release_pages();
             tensors.push(TensorEntry {
                 role,
@@ -212,6 +246,7 @@ pub fn write_shard(
                 cols: w.cols as u64,
                 offset: len,
                 len: n,
+                layout: tl.name().into(),
             });
             len += n;
         }
@@ -239,6 +274,7 @@ pub fn write_shard(
         rank: rank as u32,
         config: cfg.clone(),
         quant: quant.to_string(),
+        layout: layout.name().into(),
         blocks,
         file_len: pos,
     };
@@ -386,13 +422,20 @@ impl Shard {
                 tensor: format!("{role:?}"),
                 dtype: d,
             })?;
+        let layout = Layout::from_name(&t.layout).ok_or_else(|| {
+            crate::model::ModelError::Input(format!(
+                "shard tensor {role:?}/{layer}: unknown layout {}",
+                t.layout
+            ))
+        })?;
         let w = Weight::new(
             dtype,
             t.rows as usize,
             t.cols as usize,
             Blob::Map(self.map.clone()),
             (b.offset + t.offset) as usize,
-        )?;
+        )?
+        .with_layout(layout)?;
         if w.nbytes() as u64 != t.len {
             return Err(crate::model::ModelError::Input(format!(
                 "shard tensor {role:?}/{layer}: {} bytes, manifest says {}",
