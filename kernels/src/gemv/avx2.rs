@@ -21,7 +21,7 @@ unsafe fn h2f(p: *const u8) -> f32 {
     _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
 }
 
-/// Prefetches `p + pf` into L2 (`pf` from `prefetch_distance`: a later row group; see
+/// Prefetches `p + pf` into L2 (`pf` from `prefetch_distance`: a later row of the stream; see
 /// `avx512::prefetch_ahead` for why L2).
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]

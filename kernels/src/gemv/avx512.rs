@@ -21,7 +21,7 @@ pub(crate) unsafe fn hsum512(v: __m512) -> f32 {
     hsum256(_mm256_add_ps(lo, hi))
 }
 
-/// Prefetches `p + pf` into L2 (`pf` from `prefetch_distance`: a later row group). Into L2,
+/// Prefetches `p + pf` into L2 (`pf` from `prefetch_distance`: a later row of the stream). Into L2,
 /// not L1: a row group of long rows is as big as L1, which evicted the lines before use
 /// (f16 GEMV at 1 thread: 77% of bandwidth with T0, 96-100% with T1).
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
