@@ -450,3 +450,25 @@ async fn client_without_the_cluster_credential_gets_nothing() {
     );
     let _ok = node.open_welcomed().await;
 }
+
+#[test]
+fn unknown_or_impossible_tensor_layouts_are_clear_errors() {
+    let tmp = TempDir::new("layout");
+    let m = fixture_manifest(&tmp);
+    assert!(m.check().is_ok());
+    let mut bad = m.clone();
+    bad.blocks[0].tensors[0].layout = "zigzag".into();
+    let e = bad.check().expect_err("unknown layout accepted");
+    assert!(e.contains("unknown layout zigzag"), "{e}");
+    // A packed f32 tensor (the fixture's norms) cannot exist: reading it is an error.
+    let dir = tmp.0.join("shard");
+    let mut m2 = m.clone();
+    m2.blocks[0].tensors[0].layout = "packed".into();
+    tpi_node::store::shard::save_manifest(&dir, &m2).expect("save manifest");
+    let shard = tpi_node::store::Shard::open(&dir).expect("open shard");
+    let t = &m2.blocks[0].tensors[0];
+    let e = shard
+        .weight(t.role, t.layer as usize)
+        .expect_err("packed f32 accepted");
+    assert!(e.to_string().contains("cannot be stored packed"), "{e}");
+}
