@@ -327,8 +327,8 @@ impl<'a> MatRef<'a> {
                 cols: c1,
             });
         }
-        // A packed slice must keep whole groups: it starts on a group and ends on one or at
-        // the row's end (whose last blocks stay in GGML order either way).
+        // A packed slice must keep whole units: it starts on one and ends on one or at the
+        // row's end (whose last blocks stay in GGML order either way).
         if self.layout == Layout::Packed && !slice_keeps_units(self.dtype, c0, c1, self.cols) {
             return Err(KernelError::Invalid(format!(
                 "columns {c0}..{c1} of a packed {} matrix: a slice must start at a multiple of \
@@ -366,11 +366,17 @@ impl<'a> MatRef<'a> {
         if self.layout == Layout::Ggml {
             return None;
         }
+        let mut out = Vec::new();
+        self.unpack_rows_into(r0, r1, &mut out);
+        Some(out)
+    }
+
+    /// Rows `r0..r1` of a packed view unpacked into `out` (resized to fit), dense.
+    pub(crate) fn unpack_rows_into(&self, r0: usize, r1: usize, out: &mut Vec<u8>) {
         let rb = self.row_bytes();
-        let mut out = vec![0u8; (r1 - r0) * rb];
+        out.resize((r1 - r0) * rb, 0);
         for (r, dst) in (r0..r1).zip(out.chunks_exact_mut(rb.max(1))) {
             crate::layout::regroup(self.dtype, self.row(r), dst, false);
         }
-        Some(out)
     }
 }

@@ -202,10 +202,11 @@ fn gemv_rows_unpacking(
     y: &mut [f32],
 ) {
     const CHUNK: usize = 4 * ROW_BLOCK;
+    let mut buf = Vec::new();
     let mut r = r0;
     while r < r1 {
         let e = (r + CHUNK).min(r1);
-        let buf = w.ggml_rows(r, e).unwrap_or_default();
+        w.unpack_rows_into(r, e, &mut buf);
         let m = MatRef::new(w.dtype, e - r, w.cols, &buf).expect("unpacked rows are dense");
         gemv_rows_isa(isa, &m, 0, e - r, x, aux, &mut y[r - r0..e - r0]);
         r = e;

@@ -18,6 +18,7 @@ use std::arch::x86_64::*;
 
 use super::avx512::{hsum256, hsum512, prefetch_ahead};
 
+use crate::layout::{groups, octets};
 use crate::{DType, Layout, MatRef};
 
 /// Floats per unit in [`super::Aux::f`]: the activation scale `s_b` of each lane's block,
@@ -26,11 +27,6 @@ const UNIT_F: usize = 32;
 
 /// Bytes per unit of per-lane integer offsets (Q4_0, Q8_0) after the H and L planes.
 const UNIT_I: usize = 64;
-
-/// Q4_0 octets in a row of `nb` blocks (the first `8 * octets`), in either layout. Q4_1
-/// stays in groups: its 160-byte GGML octets need four masked loads (or a third load) per
-/// row, and measured only 2-3% faster than groups, in cache and from DRAM.
-use crate::layout::{groups, octets};
 
 /// Number of units (octets, groups, then pairs) in a row of `nb` blocks.
 fn units(dtype: DType, nb: usize) -> usize {

@@ -161,7 +161,7 @@ impl Weight {
     }
 
     /// Columns `c0..c1` (zero-copy; bounds must be whole quantisation blocks, and for a
-    /// packed weight whole groups or the row's end).
+    /// packed weight whole packed units or the row's end).
     pub fn cols_range(&self, c0: usize, c1: usize) -> Result<Weight, ModelError> {
         if self.layout == Layout::Packed && !slice_keeps_units(self.dtype, c0, c1, self.cols) {
             return Err(ModelError::Plan(format!(

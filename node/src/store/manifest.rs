@@ -146,6 +146,9 @@ impl Manifest {
                 self.plan.world()
             ));
         }
+        if tpi_kernels::Layout::from_name(&self.layout).is_none() {
+            return Err(format!("unknown shard layout {}", self.layout));
+        }
         let mut end = 0u64;
         for (i, b) in self.blocks.iter().enumerate() {
             if b.offset % BLOCK_ALIGN != 0 || b.offset < end {
