@@ -68,10 +68,17 @@ impl BandwidthProbe {
 
     /// Read bandwidth in GB/s, best of `reps` passes of each read pattern.
     pub fn measure(&self, pool: &ThreadPool, reps: usize) -> f64 {
-        [ReadPattern::Sequential, ReadPattern::Bursts]
-            .into_iter()
-            .map(|p| self.measure_pattern(pool, reps, p))
-            .fold(0.0, f64::max)
+        let (one, far) = self.measure_each(pool, reps);
+        one.max(far)
+    }
+
+    /// Read bandwidth in GB/s of one sequential stream and of four far-apart streams read in
+    /// bursts, each the best of `reps` passes.
+    pub fn measure_each(&self, pool: &ThreadPool, reps: usize) -> (f64, f64) {
+        (
+            self.measure_pattern(pool, reps, ReadPattern::Sequential),
+            self.measure_pattern(pool, reps, ReadPattern::Bursts),
+        )
     }
 
     fn measure_pattern(&self, pool: &ThreadPool, reps: usize, pattern: ReadPattern) -> f64 {
