@@ -43,6 +43,8 @@ pub struct ClusterOptions {
     pub connect_timeout: Duration,
     /// Weight type of the shards made on demand.
     pub quant: Quant,
+    /// Row layout of Q4 matrices in the shards made on demand.
+    pub layout: tpi_kernels::Layout,
     /// A `tpi shard --out` directory to use instead of the cache.
     pub shards: Option<std::path::PathBuf>,
     /// Rank 0's sliding window (blocks); None: from `mem_budget`.
@@ -147,7 +149,13 @@ impl ClusterBackend {
                 .collect(),
         };
         let plan = SplitPlan::new(&cfg, &weights)?;
-        let dirs = crate::shards::ensure_shards(files, &plan, opts.quant, opts.shards.as_deref())?;
+        let dirs = crate::shards::ensure_shards(
+            files,
+            &plan,
+            opts.quant,
+            opts.layout,
+            opts.shards.as_deref(),
+        )?;
         let shards: Vec<Shard> = dirs
             .iter()
             .map(|d| Shard::open(d).map_err(|e| Error::Io(e.to_string())))

@@ -3,8 +3,9 @@
 
 use std::path::{Path, PathBuf};
 
+use tpi_kernels::Layout;
 use tpi_node::model::{ModelFiles, SplitPlan};
-use tpi_node::store::{default_layout, load_manifest, write_shard, Manifest, Quant};
+use tpi_node::store::{load_manifest, write_shard, Manifest, Quant};
 
 use crate::error::{Error, Result};
 
@@ -48,12 +49,13 @@ fn usable(dir: &Path, model_id: &str, plan: &SplitPlan, r: usize) -> Result<Opti
 }
 
 /// The shard directory of every rank, in rank order. From `given` (a `tpi shard --out`
-/// directory, which must match the model and plan), else from the cache, writing any
-/// missing shard there first.
+/// directory, which must match the model and plan, whatever its layout), else from the
+/// cache, writing any missing shard there first with its Q4 matrices in `layout`.
 pub fn ensure_shards(
     files: &ModelFiles,
     plan: &SplitPlan,
     quant: Quant,
+    layout: Layout,
     given: Option<&Path>,
 ) -> Result<Vec<PathBuf>> {
     let model_id = files.identity();
@@ -71,7 +73,6 @@ pub fn ensure_shards(
                 d
             }
             None => {
-                let layout = default_layout();
                 let key =
                     Manifest::key(&model_id, &plan.id(), r, &quant.to_string(), layout.name());
                 let d = cache_root().join("shards").join(key);

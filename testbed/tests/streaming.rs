@@ -851,3 +851,51 @@ fn packed_and_ggml_shards_give_identical_logits() {
     }
     finish("packed vs ggml shards", fails);
 }
+
+#[test]
+fn one_device_q4_run_reads_a_packed_shard_or_falls_back_to_the_file() {
+    // On a machine running the VNNI kernel, a plain one-device run of a Q4 model writes a
+    // packed one-rank shard into the cache and reads that; if the cache cannot be written it
+    // warns and reads the model file in place. The output is the same either way.
+    let _g = serial();
+    let model = smollm2_gguf();
+    let tmp = TempDir::new("packed-1dev");
+    let vnni = std::fs::read_to_string("/proc/cpuinfo").is_ok_and(|c| c.contains("avx512_vnni"))
+        && std::env::var("TPI_ISA").is_err();
+    let args: Vec<String> = [
+        "run",
+        "--model",
+        &model.display().to_string(),
+        "--tokens",
+        "1,504,3458,282,253,1345,314,260",
+        "--max-tokens",
+        "8",
+        "--ignore-eos",
+        "--threads",
+        "1",
+        "--json",
+    ]
+    .map(String::from)
+    .to_vec();
+    let cache = tmp.join("cache");
+    let good = tpi_json(&args, &cache);
+    let written = std::fs::read_dir(cache.join("shards")).map_or(0, |d| d.count());
+    assert_eq!(
+        written > 0,
+        vnni,
+        "packed shard written: {written} entries, vnni: {vnni}"
+    );
+    // A cache path under a regular file cannot be created.
+    let blocker = tmp.join("file");
+    std::fs::write(&blocker, b"x").expect("write blocker");
+    let what = "tpi run with an unwritable cache";
+    let (st, out, err) = run_limited(tpi_cmd(&args, &blocker.join("cache")), what);
+    assert!(st.success(), "{what} failed ({st}):\n{out}\n{err}");
+    assert_eq!(
+        err.contains("reading the model file in place"),
+        vnni,
+        "{err}"
+    );
+    let v: Value = serde_json::from_str(out.trim()).expect("json");
+    assert_eq!(ids(&v["generated_ids"]), ids(&good["generated_ids"]));
+}

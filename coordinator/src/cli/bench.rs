@@ -67,6 +67,10 @@ pub enum BenchWhat {
         /// Repetitions (median reported).
         #[arg(long, default_value_t = 3)]
         reps: usize,
+        /// Row layout of Q4 weights, as for `tpi run`: packed runs from a one-rank packed
+        /// shard in the cache, ggml from the model file. Default: as `tpi run` would.
+        #[arg(long, value_parser = super::parse_layout)]
+        layout: Option<Layout>,
     },
 }
 
@@ -199,8 +203,23 @@ pub fn bench(a: BenchArgs) -> anyhow::Result<()> {
             prompt,
             decode,
             reps,
+            layout,
         } => {
             let loaded = LoadedModel::open(&model)?;
+            let layout = layout.unwrap_or_else(tpi_node::store::default_layout);
+            let shard = if layout == Layout::Packed && super::has_q4_matrices(&loaded.files) {
+                let plan = tpi_node::model::SplitPlan::even(&loaded.files.config, 1)?;
+                let dirs = tpi_coordinator::shards::ensure_shards(
+                    &loaded.files,
+                    &plan,
+                    tpi_node::store::Quant::Keep,
+                    layout,
+                    None,
+                )?;
+                Some(tpi_node::store::Shard::open(&dirs[0])?)
+            } else {
+                None
+            };
             let cfg = loaded.files.config.clone();
             let wbytes: usize = loaded.files.store.total_bytes();
             println!(
@@ -213,8 +232,18 @@ pub fn bench(a: BenchArgs) -> anyhow::Result<()> {
             let tokens: Vec<u32> = (0..prompt as u32)
                 .map(|i| (i * 7919 + 13) % cfg.vocab_size as u32)
                 .collect();
+            println!(
+                "weights: {}",
+                match &shard {
+                    Some(_) => "a packed one-rank shard in the cache",
+                    None => "the model file, GGML layout",
+                }
+            );
             for &t in &threads {
-                let mut be = LocalBackend::new(&loaded.files, t)?;
+                let mut be = match &shard {
+                    Some(s) => LocalBackend::from_shard(s, t, None, None, 0)?,
+                    None => LocalBackend::new(&loaded.files, t)?,
+                };
                 let bw = kb::memory_bandwidth_gbs(&ThreadPool::new(t), 512 << 20, 5);
                 let mut pre = Vec::new();
                 let mut dec = Vec::new();

@@ -18,10 +18,11 @@ use tpi_coordinator::engine::{Backend, LocalBackend, StepReport};
 use tpi_coordinator::loader::LoadedModel;
 use tpi_coordinator::local::LocalCluster;
 use tpi_coordinator::sampler::SamplerConfig;
+use tpi_kernels::{DType, Layout};
 use tpi_node::model::ModelConfig;
 use tpi_node::net::emulation::LinkEmulation;
 use tpi_node::net::{Algo, Credential, WireDType};
-use tpi_node::store::{Quant, Shard};
+use tpi_node::store::{default_layout, Quant, Shard};
 
 /// tpi: run large language models tensor-parallel across small devices.
 #[derive(Parser, Debug)]
@@ -131,6 +132,12 @@ pub struct ClusterArgs {
     /// Use the shards in this `tpi shard --out` directory.
     #[arg(long)]
     pub shards: Option<PathBuf>,
+    /// Row layout of Q4 weights in shards made on demand: packed (what the AVX-512 VNNI
+    /// kernel reads without permutes) or ggml. Default: packed on machines that run that
+    /// kernel, where a one-device run of a Q4 model also reads a packed one-rank shard
+    /// (written once into the cache) instead of the model file.
+    #[arg(long, value_parser = parse_layout)]
+    pub layout: Option<Layout>,
     /// Emulate this link on every rank's outgoing traffic (rank 0 and local nodes),
     /// e.g. 2ms,300mbit[,jitter=0.2ms][,loss=0.1%].
     #[arg(long, conflicts_with = "topology")]
@@ -228,6 +235,20 @@ fn default_credential() -> Option<PathBuf> {
         .filter(|p| p.join("cert.pem").exists())
 }
 
+/// Parses a `--layout` value.
+pub fn parse_layout(s: &str) -> Result<Layout, String> {
+    Layout::from_name(s).ok_or_else(|| format!("unknown layout `{s}` (ggml, packed)"))
+}
+
+/// Whether the model's matrices are Q4 (judged by layer 0's query projection), so that a
+/// packed shard would run faster than the file itself.
+pub(crate) fn has_q4_matrices(files: &tpi_node::model::ModelFiles) -> bool {
+    files
+        .store
+        .role(&files.config, tpi_node::model::Role::Wq, 0)
+        .is_ok_and(|w| matches!(w.dtype, DType::Q4_0 | DType::Q4_1))
+}
+
 /// Opens the model and builds the backend that will run it: this device alone, the
 /// listed nodes, or a spawned local cluster.
 pub fn open_backend(
@@ -250,21 +271,33 @@ pub fn open_backend(
             if c.ratios.is_some() {
                 bail!("--ratios needs a cluster (--nodes or --local-cluster N with N >= 2)");
             }
-            if m.window.is_none()
+            let layout = c.layout.unwrap_or_else(default_layout);
+            // Nothing asks for a shard: read the file in place, unless a packed shard
+            // would run faster (then a failure to write one falls back to the file).
+            let in_place = m.window.is_none()
                 && m.mem_budget.is_none()
                 && c.shards.is_none()
-                && c.quant == Quant::Keep
-            {
+                && c.quant == Quant::Keep;
+            if in_place && !(layout == Layout::Packed && has_q4_matrices(&loaded.files)) {
                 let backend = LocalBackend::new(&loaded.files, m.threads())?;
                 return Ok((loaded, Box::new(backend)));
             }
             let plan = tpi_node::model::SplitPlan::even(&loaded.files.config, 1)?;
-            let dirs = tpi_coordinator::shards::ensure_shards(
+            let dirs = match tpi_coordinator::shards::ensure_shards(
                 &loaded.files,
                 &plan,
                 c.quant,
+                layout,
                 c.shards.as_deref(),
-            )?;
+            ) {
+                Ok(d) => d,
+                Err(e) if in_place => {
+                    tracing::warn!("no packed shard ({e}); reading the model file in place");
+                    let backend = LocalBackend::new(&loaded.files, m.threads())?;
+                    return Ok((loaded, Box::new(backend)));
+                }
+                Err(e) => return Err(e.into()),
+            };
             let shard = Shard::open(&dirs[0])?;
             let backend =
                 LocalBackend::from_shard(&shard, m.threads(), m.window, m.mem_budget, capacity)?;
@@ -348,6 +381,7 @@ pub fn open_backend(
         threads,
         connect_timeout: std::time::Duration::from_secs(5),
         quant: c.quant,
+        layout: c.layout.unwrap_or_else(default_layout),
         shards: c.shards.clone(),
         window: m.window,
         mem_budget: m.mem_budget,

@@ -30,12 +30,8 @@ pub struct ShardArgs {
     pub quant: Quant,
     /// Row layout of Q4 matrices: packed (for nodes that run the AVX-512 VNNI kernel) or
     /// ggml. Default: packed if this machine runs that kernel, else ggml.
-    #[arg(long, value_parser = parse_layout)]
+    #[arg(long, value_parser = super::parse_layout)]
     pub layout: Option<Layout>,
-}
-
-fn parse_layout(s: &str) -> Result<Layout, String> {
-    Layout::from_name(s).ok_or_else(|| format!("unknown layout `{s}` (ggml, packed)"))
 }
 
 /// Runs `tpi shard`.
