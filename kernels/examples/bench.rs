@@ -179,6 +179,24 @@ fn main() {
                 "  gemm q4_1 1536x576 n=128: {:.1} GFLOP/s",
                 2.0 * (1536 * 576 * n) as f64 / el / 1e9
             );
+            let mut pk = layers[0][4].clone();
+            let rb = DType::Q4_1.row_bytes(576).unwrap();
+            for (row, g) in pk.chunks_mut(rb).zip(layers[0][4].chunks(rb)) {
+                pack_row(DType::Q4_1, g, row).unwrap();
+            }
+            let w = MatRef::new(DType::Q4_1, 1536, 576, &pk)
+                .unwrap()
+                .with_layout(Layout::Packed)
+                .unwrap();
+            let t = Instant::now();
+            for _ in 0..it {
+                gemm(&pool, w, &xs[..n * 576], n, &mut ys[..n * 1536]).unwrap();
+            }
+            let el = t.elapsed().as_secs_f64() / it as f64;
+            println!(
+                "  gemm q4_1 packed 1536x576 n=128: {:.1} GFLOP/s",
+                2.0 * (1536 * 576 * n) as f64 / el / 1e9
+            );
             let f32m = rand_mat(DType::F32, 1536, 576, 3);
             let w = MatRef::new(DType::F32, 1536, 576, &f32m).unwrap();
             let t = Instant::now();

@@ -84,23 +84,33 @@ pub(crate) fn groups(dtype: DType, nb: usize) -> usize {
     }
 }
 
-/// Calls `f(ggml offset, packed offset, length)` for each copy that packs one unit of `n`
-/// blocks (8 or 4) of `dtype`, offsets from the unit's start.
-fn unit_moves(dtype: DType, n: usize, mut f: impl FnMut(usize, usize, usize)) {
+/// Copies `L` bytes between a GGML unit (`src`/`dst` offset `g`) and its packed form
+/// (offset `p`), in the direction `pack` says; `L` is a constant so each copy is one move.
+#[inline(always)]
+fn mv<const L: usize>(src: &[u8], dst: &mut [u8], pack: bool, g: usize, p: usize) {
+    let (from, to) = if pack { (g, p) } else { (p, g) };
+    let bytes: [u8; L] = src[from..from + L].try_into().expect("L bytes");
+    dst[to..to + L].copy_from_slice(&bytes);
+}
+
+/// Packs (or unpacks) one unit of `n` blocks (8 or 4) of `dtype` between `src` and `dst`,
+/// both starting at the unit.
+#[inline(always)]
+fn unit(dtype: DType, n: usize, src: &[u8], dst: &mut [u8], pack: bool) {
     let bb = dtype.block_bytes();
     let q41 = dtype == DType::Q4_1;
     let hq = if q41 { 4 } else { 2 };
     for k in 0..n {
         let (gh, gq) = (k * bb, k * bb + hq);
-        f(gh, 16 * n + 2 * k, 2);
+        mv::<2>(src, dst, pack, gh, 16 * n + 2 * k);
         if q41 {
-            f(gh + 2, 16 * n + 2 * n + 2 * k, 2);
+            mv::<2>(src, dst, pack, gh + 2, 16 * n + 2 * n + 2 * k);
         }
         if n == 8 {
-            f(gq, 8 * k, 8);
-            f(gq + 8, 64 + 8 * k, 8);
+            mv::<8>(src, dst, pack, gq, 8 * k);
+            mv::<8>(src, dst, pack, gq + 8, 64 + 8 * k);
         } else {
-            f(gq, 16 * k, 16);
+            mv::<16>(src, dst, pack, gq, 16 * k);
         }
     }
 }
@@ -146,11 +156,9 @@ pub(crate) fn regroup(dtype: DType, src: &[u8], dst: &mut [u8], pack: bool) {
     let mut at = 0;
     for (n, count) in [(8, no), (4, ng)] {
         for _ in 0..count {
-            unit_moves(dtype, n, |g, p, len| {
-                let (from, to) = if pack { (g, p) } else { (p, g) };
-                dst[at + to..at + to + len].copy_from_slice(&src[at + from..at + from + len]);
-            });
-            at += n * bb;
+            let len = n * bb;
+            unit(dtype, n, &src[at..at + len], &mut dst[at..at + len], pack);
+            at += len;
         }
     }
     dst[at..].copy_from_slice(&src[at..]);
