@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use futures::future::try_join_all;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
-use tpi_kernels::ThreadPool;
+use tpi_kernels::{Layout, ThreadPool};
 use tpi_node::model::forward::BlockHooks;
 use tpi_node::model::{Head, KvCache, ModelConfig, ModelFiles, RankModel, SplitPlan};
 use tpi_node::net::collective::open_data_link;
@@ -19,7 +19,7 @@ use tpi_node::net::{
 };
 use tpi_node::proto::{FromNode, NodeStepTimes, Setup, ToNode, CONTROL_STREAM_TAG, MAX_CONTROL};
 use tpi_node::store::window::{disk_read_bytes, peak_rss};
-use tpi_node::store::{Quant, Shard, Window};
+use tpi_node::store::{default_layout, layout_for_isa, Quant, Shard, Window};
 
 use crate::engine::{Backend, RankStep, StepReport};
 use crate::error::{Error, Result};
@@ -43,8 +43,9 @@ pub struct ClusterOptions {
     pub connect_timeout: Duration,
     /// Weight type of the shards made on demand.
     pub quant: Quant,
-    /// Row layout of Q4 matrices in the shards made on demand.
-    pub layout: tpi_kernels::Layout,
+    /// Row layout of Q4 matrices in the shards made on demand; None: per rank, from the
+    /// kernel path it runs ([`tpi_node::store::layout_for_isa`]).
+    pub layout: Option<tpi_kernels::Layout>,
     /// A `tpi shard --out` directory to use instead of the cache.
     pub shards: Option<std::path::PathBuf>,
     /// Rank 0's sliding window (blocks); None: from `mem_budget`.
@@ -124,6 +125,17 @@ async fn send(node: &mut Node, rank: usize, msg: &ToNode) -> Result<()> {
         .map_err(|e| node_err(node.addr, rank, e))
 }
 
+/// Each rank's shard layout: `asked` for every rank if given, else the one its kernels read
+/// fastest: `own` for rank 0, and from each node's reported kernel path for the others.
+fn rank_layouts(asked: Option<Layout>, own: Layout, node_isas: &[String]) -> Vec<Layout> {
+    match asked {
+        Some(l) => vec![l; node_isas.len() + 1],
+        None => std::iter::once(own)
+            .chain(node_isas.iter().map(|i| layout_for_isa(i)))
+            .collect(),
+    }
+}
+
 impl ClusterBackend {
     /// Connects to every node, plans the split, ships each node its slices and builds the links.
     pub fn connect(
@@ -149,21 +161,6 @@ impl ClusterBackend {
                 .collect(),
         };
         let plan = SplitPlan::new(&cfg, &weights)?;
-        let dirs = crate::shards::ensure_shards(
-            files,
-            &plan,
-            opts.quant,
-            opts.layout,
-            opts.shards.as_deref(),
-        )?;
-        let shards: Vec<Shard> = dirs
-            .iter()
-            .map(|d| Shard::open(d).map_err(|e| Error::Io(e.to_string())))
-            .collect::<Result<_>>()?;
-        let model = shards[0].rank_model()?;
-        let head = shards[0].head()?;
-        let cache = model.new_cache(capacity);
-        let window = shards[0].window(opts.window, opts.mem_budget, cache.bytes() as u64);
         let net = Driven::new().map_err(|e| Error::Io(e.to_string()))?;
         let endpoint = {
             let _g = net.handle().enter();
@@ -179,11 +176,9 @@ impl ClusterBackend {
                 None => Endpoint::client_bind(bind, credential, &TransportOptions::default())?,
             }
         };
-        let model_id = files.identity();
-        let plan_id = plan.id();
-        let (nodes, group, sent, windows) = net.block_on(async {
+        let (mut nodes, isas): (Vec<Node>, Vec<String>) = net.block_on(async {
             // Reach every node at once; the slowest bounds the wait.
-            let mut nodes: Vec<Node> = try_join_all(opts.nodes.iter().enumerate().map(|(i, &addr)| {
+            let joined: Vec<(Node, String)> = try_join_all(opts.nodes.iter().enumerate().map(|(i, &addr)| {
                 let ep = endpoint.clone();
                 async move {
                     let rank = i + 1;
@@ -202,7 +197,7 @@ impl ClusterBackend {
                         .await
                         .map_err(|_| node_err(addr, rank, "no answer to the session handshake"))??;
                     match hello {
-                        FromNode::Welcome { version, .. } if version == PROTOCOL_VERSION => Ok(node),
+                        FromNode::Welcome { version, isa, .. } if version == PROTOCOL_VERSION => Ok((node, isa)),
                         FromNode::Welcome { version, .. } => Err(node_err(
                             addr,
                             rank,
@@ -213,6 +208,27 @@ impl ClusterBackend {
                 }
             }))
             .await?;
+            Ok::<_, Error>(joined.into_iter().unzip())
+        })?;
+        let layouts = rank_layouts(opts.layout, default_layout(), &isas);
+        let dirs = crate::shards::ensure_shards(
+            files,
+            &plan,
+            opts.quant,
+            &layouts,
+            opts.shards.as_deref(),
+        )?;
+        let shards: Vec<Shard> = dirs
+            .iter()
+            .map(|d| Shard::open(d).map_err(|e| Error::Io(e.to_string())))
+            .collect::<Result<_>>()?;
+        let model = shards[0].rank_model()?;
+        let head = shards[0].head()?;
+        let cache = model.new_cache(capacity);
+        let window = shards[0].window(opts.window, opts.mem_budget, cache.bytes() as u64);
+        let model_id = files.identity();
+        let plan_id = plan.id();
+        let (group, sent, windows) = net.block_on(async {
             let addrs: Vec<Option<SocketAddr>> = std::iter::once(None)
                 .chain(nodes.iter().map(|n| Some(n.addr)))
                 .collect();
@@ -242,7 +258,9 @@ impl ClusterBackend {
                     send(node, rank, &ToNode::Setup(Box::new(setup))).await?;
                     let needs = match expect_msg(node, rank).await? {
                         FromNode::NeedBlocks(n) => n,
-                        other => return Err(node_err(node.addr, rank, format!("unexpected {other:?}"))),
+                        other => {
+                            return Err(node_err(node.addr, rank, format!("unexpected {other:?}")))
+                        }
                     };
                     if needs.is_empty() {
                         return Ok(0u64);
@@ -251,7 +269,11 @@ impl ClusterBackend {
                     let mut total = 0u64;
                     for n in &needs {
                         let b = m.blocks.get(n.index as usize).ok_or_else(|| {
-                            node_err(node.addr, rank, format!("asked for unknown block {}", n.index))
+                            node_err(
+                                node.addr,
+                                rank,
+                                format!("asked for unknown block {}", n.index),
+                            )
                         })?;
                         total += b.len.saturating_sub(n.have);
                     }
@@ -270,12 +292,21 @@ impl ClusterBackend {
                             let buf = &mut chunk[..len as usize];
                             {
                                 use std::os::unix::fs::FileExt;
-                                file.read_exact_at(buf, b.offset + off)
-                                    .map_err(|e| Error::Io(format!("reading rank {rank}'s shard: {e}")))?;
+                                file.read_exact_at(buf, b.offset + off).map_err(|e| {
+                                    Error::Io(format!("reading rank {rank}'s shard: {e}"))
+                                })?;
                             }
                             let buf = &chunk[..len as usize];
                             let r = async {
-                                send(node, rank, &ToNode::BlockData { index: n.index, offset: off }).await?;
+                                send(
+                                    node,
+                                    rank,
+                                    &ToNode::BlockData {
+                                        index: n.index,
+                                        offset: off,
+                                    },
+                                )
+                                .await?;
                                 write_frame(&mut node.ctl.send, FrameKind::Tensor, buf)
                                     .await
                                     .map_err(|e| node_err(node.addr, rank, e))
@@ -283,7 +314,11 @@ impl ClusterBackend {
                             .await;
                             if let Err(e) = r {
                                 // The node may have said why it stopped (e.g. its disk is full).
-                                let why = tokio::time::timeout(Duration::from_millis(500), expect_msg(node, rank)).await;
+                                let why = tokio::time::timeout(
+                                    Duration::from_millis(500),
+                                    expect_msg(node, rank),
+                                )
+                                .await;
                                 return Err(match why {
                                     Ok(Err(reason)) => reason,
                                     _ => e,
@@ -307,17 +342,17 @@ impl ClusterBackend {
                     .map_err(|e| node_err(n.addr, p, e))?;
                 links.insert(p, l);
             }
-            let windows: Vec<u32> = try_join_all(nodes.iter_mut().enumerate().map(|(i, n)| async move {
-                match expect_msg(n, i + 1).await? {
-                    FromNode::Ready { window } => Ok(window),
-                    other => Err(node_err(n.addr, i + 1, format!("unexpected {other:?}"))),
-                }
-            }))
-            .await?;
+            let windows: Vec<u32> =
+                try_join_all(nodes.iter_mut().enumerate().map(|(i, n)| async move {
+                    match expect_msg(n, i + 1).await? {
+                        FromNode::Ready { window } => Ok(window),
+                        other => Err(node_err(n.addr, i + 1, format!("unexpected {other:?}"))),
+                    }
+                }))
+                .await?;
             let group = Group::new(0, world, opts.algo, opts.dtype, links)?;
-            Ok::<_, Error>((nodes, group, sent, windows))
+            Ok::<_, Error>((group, sent, windows))
         })?;
-        let (nodes, group, sent, windows) = (nodes, group, sent, windows);
         let setup = SetupReport {
             shard_bytes_sent: sent,
             windows: std::iter::once(if window.is_streaming() {
@@ -547,5 +582,34 @@ impl Drop for ClusterBackend {
             .await
         });
         self.endpoint.close("session over");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_rank_gets_the_layout_its_kernels_read_fastest() {
+        let isas = ["avx512vnni", "avx2", "neon", "avx512"].map(String::from);
+        assert_eq!(
+            rank_layouts(None, Layout::Packed, &isas),
+            [
+                Layout::Packed,
+                Layout::Packed,
+                Layout::Ggml,
+                Layout::Ggml,
+                Layout::Ggml
+            ]
+        );
+        assert_eq!(
+            rank_layouts(None, Layout::Ggml, &isas[..1]),
+            [Layout::Ggml, Layout::Packed]
+        );
+        assert_eq!(
+            rank_layouts(Some(Layout::Ggml), Layout::Packed, &isas),
+            [Layout::Ggml; 5]
+        );
+        assert_eq!(rank_layouts(None, Layout::Packed, &[]), [Layout::Packed]);
     }
 }

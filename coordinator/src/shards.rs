@@ -50,12 +50,12 @@ fn usable(dir: &Path, model_id: &str, plan: &SplitPlan, r: usize) -> Result<Opti
 
 /// The shard directory of every rank, in rank order. From `given` (a `tpi shard --out`
 /// directory, which must match the model and plan, whatever its layout), else from the
-/// cache, writing any missing shard there first with its Q4 matrices in `layout`.
+/// cache, writing any missing shard there first with rank r's Q4 matrices in `layouts[r]`.
 pub fn ensure_shards(
     files: &ModelFiles,
     plan: &SplitPlan,
     quant: Quant,
-    layout: Layout,
+    layouts: &[Layout],
     given: Option<&Path>,
 ) -> Result<Vec<PathBuf>> {
     let model_id = files.identity();
@@ -73,6 +73,7 @@ pub fn ensure_shards(
                 d
             }
             None => {
+                let layout = layouts.get(r).copied().unwrap_or_default();
                 let key =
                     Manifest::key(&model_id, &plan.id(), r, &quant.to_string(), layout.name());
                 let d = cache_root().join("shards").join(key);

@@ -89,6 +89,9 @@ pub enum FromNode {
         version: u32,
         /// The node's compute threads.
         threads: u32,
+        /// The kernel path the node computes with (`tpi_kernels::Isa::name`), which picks
+        /// the layout of the shard made for it.
+        isa: String,
     },
     /// Session refused; the reason says what differs.
     Refused {

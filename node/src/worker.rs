@@ -306,6 +306,7 @@ async fn handshake(ctl: &mut Stream, opts: &NodeOptions) -> Result<Setup, Sessio
     ctl.send_msg(&FromNode::Welcome {
         version: PROTOCOL_VERSION,
         threads: opts.threads as u32,
+        isa: tpi_kernels::active_isa().name().to_string(),
     })
     .await?;
     let setup = match ctl.recv_msg::<ToNode>(MAX_CONTROL).await? {

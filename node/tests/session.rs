@@ -109,9 +109,15 @@ impl TestNode {
             .await
             .ok(); // a busy node may refuse (and close) before reading it
             match recv(&mut s).await {
-                Ok(FromNode::Welcome { version, threads }) => {
+                Ok(FromNode::Welcome {
+                    version,
+                    threads,
+                    isa,
+                }) => {
                     assert_eq!(version, PROTOCOL_VERSION);
                     assert_eq!(threads, 1);
+                    // The kernel path the node computes with, as the coordinator reads it.
+                    assert_eq!(isa, tpi_kernels::active_isa().name());
                     return (cep, conn, s);
                 }
                 Ok(FromNode::Refused { reason })

@@ -18,6 +18,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use tpi_node::net::wire::PROTOCOL_VERSION;
 use tpi_testbed::{model_fixture_dirs, tpi_bin, tpi_node_bin, TempDir};
 
 fn serial() -> MutexGuard<'static, ()> {
@@ -368,7 +369,7 @@ fn two_nodes_are_found_with_their_addresses() {
         );
         assert_eq!(f[0]["addr"], want.to_string(), "{v:#}");
         assert_eq!(f[0]["name"], name);
-        assert_eq!(f[0]["proto"], 1);
+        assert_eq!(f[0]["proto"], PROTOCOL_VERSION);
         assert_eq!(f[0]["cores"], 1);
         assert!(f[0]["ram"].as_u64().unwrap() > 0);
         assert!(f[0]["disk_free"].as_u64().unwrap() > 0);
@@ -442,9 +443,10 @@ impl Spoof {
         daemon
             .enable_interface(mdns_sd::IfKind::LoopbackV4)
             .expect("enable loopback");
+        let proto = PROTOCOL_VERSION.to_string();
         let props = [
             ("id", id),
-            ("proto", "1"),
+            ("proto", proto.as_str()),
             ("cores", "64"),
             ("ram", "68719476736"),
             ("disk_free", "1000000000000"),

@@ -899,3 +899,53 @@ fn one_device_q4_run_reads_a_packed_shard_or_falls_back_to_the_file() {
     let v: Value = serde_json::from_str(out.trim()).expect("json");
     assert_eq!(ids(&v["generated_ids"]), ids(&good["generated_ids"]));
 }
+
+#[test]
+fn each_rank_shard_is_laid_out_for_the_kernels_its_node_reports() {
+    // Nodes say which kernel path they compute with; the coordinator packs a rank's Q4
+    // shard only for the AVX-512 VNNI kernel. Pinning every process to AVX2 gives GGML
+    // shards; the machine's own path gives packed ones where it has VNNI.
+    let _g = serial();
+    let model = smollm2_gguf();
+    let tmp = TempDir::new("layout-per-rank");
+    let vnni = std::fs::read_to_string("/proc/cpuinfo").is_ok_and(|c| c.contains("avx512_vnni"))
+        && std::env::var("TPI_ISA").is_err();
+    let args: Vec<String> = [
+        "run",
+        "--model",
+        &model.display().to_string(),
+        "--tokens",
+        "1,504,3458",
+        "--max-tokens",
+        "2",
+        "--ignore-eos",
+        "--threads",
+        "1",
+        "--node-threads",
+        "1",
+        "--local-cluster",
+        "2",
+        "--json",
+    ]
+    .map(String::from)
+    .to_vec();
+    for (pin, want_packed) in [(Some("avx2"), false), (None, vnni)] {
+        let cache = tmp.join(format!("cache-{}", pin.unwrap_or("own")));
+        let mut cmd = tpi_cmd(&args, &cache);
+        if let Some(isa) = pin {
+            cmd.env("TPI_ISA", isa);
+        }
+        let what = format!("tpi run --local-cluster 2 (TPI_ISA={pin:?})");
+        let (st, out, err) = run_limited(cmd, &what);
+        assert!(st.success(), "{what} failed ({st}):\n{out}\n{err}");
+        let names: Vec<String> = std::fs::read_dir(cache.join("shards"))
+            .expect("shard cache")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        // One shard per rank, in the coordinator's cache.
+        assert_eq!(names.len(), 2, "{names:?}");
+        for n in &names {
+            assert_eq!(n.contains("-packed-"), want_packed, "{what}: {names:?}");
+        }
+    }
+}

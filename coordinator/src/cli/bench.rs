@@ -213,7 +213,7 @@ pub fn bench(a: BenchArgs) -> anyhow::Result<()> {
                     &loaded.files,
                     &plan,
                     tpi_node::store::Quant::Keep,
-                    layout,
+                    &[layout],
                     None,
                 )?;
                 Some(tpi_node::store::Shard::open(&dirs[0])?)

@@ -133,9 +133,10 @@ pub struct ClusterArgs {
     #[arg(long)]
     pub shards: Option<PathBuf>,
     /// Row layout of Q4 weights in shards made on demand: packed (what the AVX-512 VNNI
-    /// kernel reads without permutes) or ggml. Default: packed on machines that run that
-    /// kernel, where a one-device run of a Q4 model also reads a packed one-rank shard
-    /// (written once into the cache) instead of the model file.
+    /// kernel reads without permutes) or ggml. Default: per rank, packed where that rank
+    /// runs that kernel (nodes say which kernel they run); there a one-device run of a Q4
+    /// model also reads a packed one-rank shard (written once into the cache) instead of
+    /// the model file.
     #[arg(long, value_parser = parse_layout)]
     pub layout: Option<Layout>,
     /// Emulate this link on every rank's outgoing traffic (rank 0 and local nodes),
@@ -287,7 +288,7 @@ pub fn open_backend(
                 &loaded.files,
                 &plan,
                 c.quant,
-                layout,
+                &[layout],
                 c.shards.as_deref(),
             ) {
                 Ok(d) => d,
@@ -381,7 +382,7 @@ pub fn open_backend(
         threads,
         connect_timeout: std::time::Duration::from_secs(5),
         quant: c.quant,
-        layout: c.layout.unwrap_or_else(default_layout),
+        layout: c.layout,
         shards: c.shards.clone(),
         window: m.window,
         mem_budget: m.mem_budget,

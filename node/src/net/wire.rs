@@ -12,7 +12,7 @@ use super::frame::{read_frame_of, write_frame, FrameKind};
 use super::transport::NetError;
 
 /// The tpi wire protocol version; peers exchange it in their hellos and refuse a mismatch.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Largest encoded control message [`decode`] accepts (and the bincode allocation limit).
 pub const MAX_CONTROL_BYTES: usize = 16 << 20;

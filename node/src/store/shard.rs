@@ -66,11 +66,16 @@ fn is_matrix(role: Role) -> bool {
     )
 }
 
-/// The shard layout for a node that computes here: packed Q4 where this CPU runs the
-/// AVX-512 VNNI kernel (which reads packed rows without permutes), GGML elsewhere (the other
-/// kernels would have to unpack every row).
+/// The shard layout for a node that computes here: see [`layout_for_isa`].
 pub fn default_layout() -> Layout {
-    if tpi_kernels::active_isa() == tpi_kernels::Isa::Avx512Vnni {
+    layout_for_isa(tpi_kernels::active_isa().name())
+}
+
+/// The shard layout for a node computing on the kernel path named `isa`: packed Q4 for the
+/// AVX-512 VNNI kernel (which reads packed rows without permutes), GGML for the others
+/// (which would have to unpack every row: half their speed).
+pub fn layout_for_isa(isa: &str) -> Layout {
+    if isa == tpi_kernels::Isa::Avx512Vnni.name() {
         Layout::Packed
     } else {
         Layout::Ggml
