@@ -327,14 +327,24 @@ fn is_q4(dtype: DType) -> bool {
     matches!(dtype, DType::Q4_0 | DType::Q4_1)
 }
 
-/// `data` (rows of `stride` bytes) with every row's first `rb` bytes packed.
-fn packed_copy(dtype: DType, data: &[u8], rows: usize, rb: usize, stride: usize) -> Vec<u8> {
-    let mut out = data.to_vec();
+/// `data` (rows of `stride` bytes, `cols` columns) copied into `buf` with every row packed,
+/// as a packed view.
+fn packed_view<'a>(
+    dtype: DType,
+    data: &[u8],
+    (rows, cols, stride): (usize, usize, usize),
+    buf: &'a mut Vec<u8>,
+) -> MatRef<'a> {
+    let rb = dtype.row_bytes(cols).unwrap();
+    *buf = data.to_vec();
     for r in 0..rows {
         let s = r * stride;
-        pack_row(dtype, &data[s..s + rb], &mut out[s..s + rb]).unwrap();
+        pack_row(dtype, &data[s..s + rb], &mut buf[s..s + rb]).unwrap();
     }
-    out
+    MatRef::with_stride(dtype, rows, cols, stride, buf)
+        .unwrap()
+        .with_layout(Layout::Packed)
+        .unwrap()
 }
 
 fn check_gemv_case(rng: &mut Rng, dtype: DType, rows: usize, cols: usize, pad: usize, slice: bool) {
@@ -352,18 +362,10 @@ fn check_gemv_case(rng: &mut Rng, dtype: DType, rows: usize, cols: usize, pad: u
     };
     let (data, stride) = rand_matrix(rng, dtype, rows, full_cols, pad);
     let mut w = MatRef::with_stride(dtype, rows, full_cols, stride, &data).unwrap();
-    let rb = dtype.row_bytes(full_cols).unwrap();
-    let pdata = packed_copy(
-        dtype,
-        &data,
-        if is_q4(dtype) { rows } else { 0 },
-        rb,
-        stride,
-    );
+    let mut buf = Vec::new();
     let mut views = vec![];
     if is_q4(dtype) {
-        let wp = MatRef::with_stride(dtype, rows, full_cols, stride, &pdata).unwrap();
-        let wp = wp.with_layout(Layout::Packed).unwrap();
+        let wp = packed_view(dtype, &data, (rows, full_cols, stride), &mut buf);
         views.push(if slice {
             wp.cols_range(c0, c0 + cols).unwrap()
         } else {
@@ -523,18 +525,10 @@ fn vnni_gemv_exact_when_x_is_representable() {
         ] {
             let (data, stride) = rand_matrix(&mut rng, dtype, rows, cols, 0);
             let w = MatRef::with_stride(dtype, rows, cols, stride, &data).unwrap();
-            let rb = dtype.row_bytes(cols).unwrap();
-            let pdata = packed_copy(
-                dtype,
-                &data,
-                if is_q4(dtype) { rows } else { 0 },
-                rb,
-                stride,
-            );
+            let mut buf = Vec::new();
             let mut views = vec![w];
             if is_q4(dtype) {
-                let wp = MatRef::with_stride(dtype, rows, cols, stride, &pdata).unwrap();
-                views.push(wp.with_layout(Layout::Packed).unwrap());
+                views.push(packed_view(dtype, &data, (rows, cols, stride), &mut buf));
             }
             let mut x: Vec<f32> = rng
                 .vec(cols)
@@ -587,13 +581,9 @@ fn packed_gemm_equals_ggml_gemm() {
         let u = tpi_kernels::layout::unit_cols(dtype);
         for &(rows, cols, c0) in &[(5usize, 96usize, 0usize), (33, 544, 0), (40, 800, u)] {
             let (data, stride) = rand_matrix(&mut rng, dtype, rows, cols, 4);
-            let rb = dtype.row_bytes(cols).unwrap();
-            let pdata = packed_copy(dtype, &data, rows, rb, stride);
+            let mut buf = Vec::new();
             let w = MatRef::with_stride(dtype, rows, cols, stride, &data).unwrap();
-            let wp = MatRef::with_stride(dtype, rows, cols, stride, &pdata)
-                .unwrap()
-                .with_layout(Layout::Packed)
-                .unwrap();
+            let wp = packed_view(dtype, &data, (rows, cols, stride), &mut buf);
             let (w, wp) = (
                 w.cols_range(c0, cols).unwrap(),
                 wp.cols_range(c0, cols).unwrap(),
@@ -622,12 +612,9 @@ fn packed_gemm_equals_ggml_gemm() {
 fn packed_views_keep_whole_groups() {
     let mut rng = Rng::new(16);
     let (rows, cols) = (3, 416);
+    let mut buf = Vec::new();
     let (data, stride) = rand_matrix(&mut rng, DType::Q4_1, rows, cols, 0);
-    let pdata = packed_copy(DType::Q4_1, &data, rows, stride, stride);
-    let wp = MatRef::new(DType::Q4_1, rows, cols, &pdata)
-        .unwrap()
-        .with_layout(Layout::Packed)
-        .unwrap();
+    let wp = packed_view(DType::Q4_1, &data, (rows, cols, stride), &mut buf);
     assert!(wp.cols_range(128, 256).is_ok());
     assert!(wp.cols_range(256, 416).is_ok());
     assert!(
@@ -640,11 +627,7 @@ fn packed_views_keep_whole_groups() {
     );
     // Q4_0 slices keep whole octets.
     let (data, stride) = rand_matrix(&mut rng, DType::Q4_0, rows, cols, 0);
-    let pdata = packed_copy(DType::Q4_0, &data, rows, stride, stride);
-    let wp = MatRef::new(DType::Q4_0, rows, cols, &pdata)
-        .unwrap()
-        .with_layout(Layout::Packed)
-        .unwrap();
+    let wp = packed_view(DType::Q4_0, &data, (rows, cols, stride), &mut buf);
     assert!(wp.cols_range(256, 416).is_ok());
     assert!(wp.cols_range(0, 256).is_ok());
     assert!(

@@ -769,6 +769,32 @@ fn interrupted_transfer_resumes() {
     finish("resumed transfer", fails);
 }
 
+/// `tpi run` of SmolLM2 (`model`) on `tokens`, greedy, `max` tokens, one compute thread,
+/// then `extra` flags.
+fn smol_run(model: &Path, tokens: &str, max: &str, extra: &[&str]) -> Vec<String> {
+    let model = model.display().to_string();
+    let base = [
+        "run",
+        "--model",
+        &model,
+        "--tokens",
+        tokens,
+        "--max-tokens",
+        max,
+        "--ignore-eos",
+        "--threads",
+        "1",
+    ];
+    base.iter().chain(extra).map(|s| s.to_string()).collect()
+}
+
+/// Whether `tpi` here computes with the AVX-512 VNNI kernel (this CPU has it and no
+/// `TPI_ISA` pins another path), so one-device and cluster runs pack their Q4 shards.
+fn runs_vnni_kernel() -> bool {
+    std::fs::read_to_string("/proc/cpuinfo").is_ok_and(|c| c.contains("avx512_vnni"))
+        && std::env::var("TPI_ISA").is_err()
+}
+
 #[test]
 fn packed_and_ggml_shards_give_identical_logits() {
     // The packed Q4 layout regroups bytes, never arithmetic: SmolLM2 (Q4_1, and re-quantised
@@ -813,26 +839,20 @@ fn packed_and_ggml_shards_give_identical_logits() {
                 let packed = tensors.filter(|t| t["layout"] == "packed").count();
                 assert_eq!(packed > 0, layout == "packed", "{quant} {layout} rank {r}");
             }
-            let run: Vec<String> = [
-                "run",
-                "--model",
-                &model.display().to_string(),
-                "--tokens",
+            let shards = out.display().to_string();
+            let run = smol_run(
+                &model,
                 "1,504,3458,282,253,1345,314,260",
-                "--max-tokens",
                 "8",
-                "--ignore-eos",
-                "--threads",
-                "1",
-                "--node-threads",
-                "1",
-                "--local-cluster",
-                "2",
-                "--shards",
-                &out.display().to_string(),
-            ]
-            .map(String::from)
-            .to_vec();
+                &[
+                    "--node-threads",
+                    "1",
+                    "--local-cluster",
+                    "2",
+                    "--shards",
+                    &shards,
+                ],
+            );
             runs.push(gen(
                 &run,
                 &tmp.join(format!("{quant}-{layout}.npy")),
@@ -860,23 +880,8 @@ fn one_device_q4_run_reads_a_packed_shard_or_falls_back_to_the_file() {
     let _g = serial();
     let model = smollm2_gguf();
     let tmp = TempDir::new("packed-1dev");
-    let vnni = std::fs::read_to_string("/proc/cpuinfo").is_ok_and(|c| c.contains("avx512_vnni"))
-        && std::env::var("TPI_ISA").is_err();
-    let args: Vec<String> = [
-        "run",
-        "--model",
-        &model.display().to_string(),
-        "--tokens",
-        "1,504,3458,282,253,1345,314,260",
-        "--max-tokens",
-        "8",
-        "--ignore-eos",
-        "--threads",
-        "1",
-        "--json",
-    ]
-    .map(String::from)
-    .to_vec();
+    let vnni = runs_vnni_kernel();
+    let args = smol_run(&model, "1,504,3458,282,253,1345,314,260", "8", &["--json"]);
     let cache = tmp.join("cache");
     let good = tpi_json(&args, &cache);
     let written = std::fs::read_dir(cache.join("shards")).map_or(0, |d| d.count());
@@ -908,27 +913,13 @@ fn each_rank_shard_is_laid_out_for_the_kernels_its_node_reports() {
     let _g = serial();
     let model = smollm2_gguf();
     let tmp = TempDir::new("layout-per-rank");
-    let vnni = std::fs::read_to_string("/proc/cpuinfo").is_ok_and(|c| c.contains("avx512_vnni"))
-        && std::env::var("TPI_ISA").is_err();
-    let args: Vec<String> = [
-        "run",
-        "--model",
-        &model.display().to_string(),
-        "--tokens",
+    let vnni = runs_vnni_kernel();
+    let args = smol_run(
+        &model,
         "1,504,3458",
-        "--max-tokens",
         "2",
-        "--ignore-eos",
-        "--threads",
-        "1",
-        "--node-threads",
-        "1",
-        "--local-cluster",
-        "2",
-        "--json",
-    ]
-    .map(String::from)
-    .to_vec();
+        &["--node-threads", "1", "--local-cluster", "2", "--json"],
+    );
     for (pin, want_packed) in [(Some("avx2"), false), (None, vnni)] {
         let cache = tmp.join(format!("cache-{}", pin.unwrap_or("own")));
         let mut cmd = tpi_cmd(&args, &cache);

@@ -179,7 +179,7 @@ pub(crate) fn gemv_rows_isa(
     }
     match isa {
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512Vnni if !aux.i.is_empty() => unsafe { vnni::gemv_rows(w, r0, r1, aux, y) },
+        Isa::Avx512Vnni if vnni => unsafe { vnni::gemv_rows(w, r0, r1, aux, y) },
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512 | Isa::Avx512Vnni => unsafe { avx512::gemv_rows(w, r0, r1, x, &aux.f, y) },
         #[cfg(target_arch = "x86_64")]
