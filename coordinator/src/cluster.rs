@@ -211,17 +211,13 @@ impl ClusterBackend {
             Ok::<_, Error>(joined.into_iter().unzip())
         })?;
         let layouts = rank_layouts(opts.layout, default_layout(), &isas);
-        let dirs = crate::shards::ensure_shards(
+        let shards: Vec<Shard> = crate::shards::ensure_shards(
             files,
             &plan,
             opts.quant,
             &layouts,
             opts.shards.as_deref(),
         )?;
-        let shards: Vec<Shard> = dirs
-            .iter()
-            .map(|d| Shard::open(d).map_err(|e| Error::Io(e.to_string())))
-            .collect::<Result<_>>()?;
         let model = shards[0].rank_model()?;
         let head = shards[0].head()?;
         let cache = model.new_cache(capacity);

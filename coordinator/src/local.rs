@@ -74,9 +74,11 @@ pub fn die_with_parent(cmd: &mut Command) {
     let _ = cmd;
 }
 
-/// Waits up to `timeout` for a `tpi-node serve` child (stdout piped) to print its first
-/// line, `listening on ADDR`, and returns ADDR. The rest of its stdout is drained in the
-/// background so the child never blocks on a full pipe.
+/// Waits up to `timeout` for a `tpi-node serve` child (stdout and stderr piped) to print
+/// its first line, `listening on ADDR`, and returns ADDR. Until then its stderr is held
+/// back, so a node that fails to start is reported with what it said; afterwards both
+/// streams are drained in the background (stderr passed on to ours), so the child never
+/// blocks on a full pipe.
 pub fn wait_for_listen(child: &mut Child, timeout: Duration) -> Result<SocketAddr> {
     let out = child.stdout.take();
     let (tx, rx) = mpsc::channel();
@@ -94,18 +96,59 @@ pub fn wait_for_listen(child: &mut Child, timeout: Duration) -> Result<SocketAdd
             let _ = tx.send(line);
         }
     });
-    let line = rx
-        .recv_timeout(timeout)
-        .map_err(|_| Error::Cluster(format!("a tpi-node did not start within {timeout:?}")))?;
-    line.trim()
-        .strip_prefix("listening on ")
-        .and_then(|a| a.parse().ok())
-        .ok_or_else(|| {
-            Error::Cluster(format!(
-                "a tpi-node failed to start (said {:?})",
-                line.trim()
-            ))
+    let said = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let started = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let err_reader = child.stderr.take().map(|err| {
+        let (said, started) = (said.clone(), started.clone());
+        std::thread::spawn(move || {
+            let mut r = BufReader::new(err);
+            let mut line = String::new();
+            while r.read_line(&mut line).map(|n| n > 0).unwrap_or(false) {
+                if started.load(std::sync::atomic::Ordering::Acquire) {
+                    eprint!("{line}");
+                } else if let Ok(mut s) = said.lock() {
+                    if s.len() < 4096 {
+                        s.push_str(&line);
+                    }
+                }
+                line.clear();
+            }
         })
+    });
+    let line = rx.recv_timeout(timeout).ok();
+    let addr = line.as_deref().and_then(|l| {
+        l.trim()
+            .strip_prefix("listening on ")
+            .and_then(|a| a.parse::<SocketAddr>().ok())
+    });
+    if let Some(addr) = addr {
+        if let Ok(s) = said.lock() {
+            eprint!("{s}");
+        }
+        started.store(true, std::sync::atomic::Ordering::Release);
+        return Ok(addr);
+    }
+    // Failed: let it finish saying why (it exits, closing stderr), then report that.
+    let _ = child.kill();
+    let _ = child.wait();
+    if let Some(h) = err_reader {
+        let _ = h.join();
+    }
+    let said = said
+        .lock()
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default();
+    let said = if said.is_empty() {
+        line.as_deref()
+            .map(|l| l.trim().to_string())
+            .unwrap_or_default()
+    } else {
+        said.lines().collect::<Vec<_>>().join(" / ")
+    };
+    Err(Error::Cluster(match line {
+        None => format!("a tpi-node did not start within {timeout:?} (it said {said:?})"),
+        Some(_) => format!("a tpi-node failed to start: {said}"),
+    }))
 }
 
 fn spawn_node(bin: &Path, cred_dir: &Path, threads: usize, extra: &[String]) -> Result<Child> {
@@ -120,7 +163,7 @@ fn spawn_node(bin: &Path, cred_dir: &Path, threads: usize, extra: &[String]) -> 
         .args(extra)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::inherit());
+        .stderr(Stdio::piped());
     if std::env::var_os("RUST_LOG").is_none() {
         cmd.env("RUST_LOG", "warn");
     }

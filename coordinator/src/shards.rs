@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use tpi_kernels::Layout;
 use tpi_node::model::{ModelFiles, SplitPlan};
-use tpi_node::store::{load_manifest, write_shard, Manifest, Quant};
+use tpi_node::store::{load_manifest, write_shard, Manifest, Quant, Shard};
 
 use crate::error::{Error, Result};
 
@@ -24,7 +24,15 @@ pub fn rank_dir(out: &Path, r: usize) -> PathBuf {
     out.join(format!("rank-{r}"))
 }
 
-fn usable(dir: &Path, model_id: &str, plan: &SplitPlan, r: usize) -> Result<Option<Manifest>> {
+/// The manifest in `dir`, if there is one, after checking that it is rank `r`'s shard of
+/// this very model and plan: its identity, its config and its plan, not just their ids.
+fn usable(
+    dir: &Path,
+    files: &ModelFiles,
+    model_id: &str,
+    plan: &SplitPlan,
+    r: usize,
+) -> Result<Option<Manifest>> {
     if !dir.join(tpi_node::store::manifest::MANIFEST_FILE).exists() {
         return Ok(None);
     }
@@ -45,67 +53,122 @@ fn usable(dir: &Path, model_id: &str, plan: &SplitPlan, r: usize) -> Result<Opti
             plan.id()
         )));
     }
+    if m.config != files.config || m.plan != *plan {
+        return Err(Error::Input(format!(
+            "the shard manifest in {} claims model {model_id} and plan {}, but its {} differs from that model's: it was edited or damaged",
+            dir.display(),
+            m.plan_id,
+            if m.config != files.config { "config" } else { "plan" }
+        )));
+    }
     Ok(Some(m))
 }
 
-/// The shard directory of every rank, in rank order. From `given` (a `tpi shard --out`
-/// directory, which must match the model and plan, whatever its layout), else from the
-/// cache, writing any missing shard there first with rank r's Q4 matrices in `layouts[r]`.
+/// Rank `r`'s shard in `dir` if it is complete, this model's and plan's, and every
+/// block verifies; `Ok(None)` when there is none there, or (with `repairable`) when the
+/// one there is stale or corrupt and should be written again.
+fn verified(
+    dir: &Path,
+    files: &ModelFiles,
+    model_id: &str,
+    plan: &SplitPlan,
+    r: usize,
+    repairable: bool,
+) -> Result<Option<Shard>> {
+    let found = match usable(dir, files, model_id, plan, r) {
+        Ok(found) => found,
+        Err(e) if repairable => {
+            tracing::warn!("{e}: writing it again");
+            None
+        }
+        Err(e) => return Err(e),
+    };
+    if found.is_none() {
+        return Ok(None);
+    }
+    match Shard::open_verified(dir) {
+        Ok(s) => Ok(Some(s)),
+        Err(e) if repairable => {
+            tracing::warn!("rank {r}'s cached shard is unusable ({e}): writing it again");
+            Ok(None)
+        }
+        Err(e) => Err(Error::Input(format!("rank {r}'s shard: {e}"))),
+    }
+}
+
+/// Every rank's shard, in rank order, opened and verified (each block's sha256, on
+/// first use and after any change of the data file). From `given` (a `tpi shard --out`
+/// directory, which must match the model and plan, whatever its layout: a corrupt one
+/// is an error), else from the cache, writing any missing, stale or corrupt shard there
+/// first with rank r's Q4 matrices in `layouts[r]`.
 pub fn ensure_shards(
     files: &ModelFiles,
     plan: &SplitPlan,
     quant: Quant,
     layouts: &[Layout],
     given: Option<&Path>,
-) -> Result<Vec<PathBuf>> {
+) -> Result<Vec<Shard>> {
     let model_id = files.identity();
-    let mut dirs = Vec::with_capacity(plan.world());
+    let mut shards = Vec::with_capacity(plan.world());
     for r in 0..plan.world() {
-        let dir = match given {
+        let shard = match given {
             Some(g) => {
                 let d = rank_dir(g, r);
-                if usable(&d, &model_id, plan, r)?.is_none() {
-                    return Err(Error::Input(format!(
-                        "no shard for rank {r} in {}",
-                        g.display()
-                    )));
-                }
-                d
+                verified(&d, files, &model_id, plan, r, false)?.ok_or_else(|| {
+                    Error::Input(format!("no shard for rank {r} in {}", g.display()))
+                })?
             }
             None => {
                 let layout = layouts.get(r).copied().unwrap_or_default();
                 let key =
                     Manifest::key(&model_id, &plan.id(), r, &quant.to_string(), layout.name());
                 let d = cache_root().join("shards").join(key);
-                if usable(&d, &model_id, plan, r).ok().flatten().is_none() {
-                    tracing::info!("writing rank {r}'s shard to {}", d.display());
-                    // Write aside, then rename into place: concurrent runs never see a half shard.
-                    let nanos = std::time::SystemTime::now()
-                        .duration_since(std::time::UNIX_EPOCH)
-                        .map(|t| t.subsec_nanos())
-                        .unwrap_or(0);
-                    let tmp = d.with_extension(format!("tmp-{}-{nanos}", std::process::id()));
-                    write_shard(files, plan, r, quant, layout, &tmp)
-                        .map_err(|e| Error::Io(e.to_string()))?;
-                    if usable(&d, &model_id, plan, r).ok().flatten().is_some() {
-                        let _ = std::fs::remove_dir_all(&tmp);
-                    } else {
-                        let _ = std::fs::remove_dir_all(&d);
-                        if std::fs::rename(&tmp, &d).is_err() {
-                            let _ = std::fs::remove_dir_all(&tmp);
-                            if usable(&d, &model_id, plan, r)?.is_none() {
-                                return Err(Error::Io(format!(
-                                    "cannot install shard {}",
-                                    d.display()
-                                )));
-                            }
-                        }
+                match verified(&d, files, &model_id, plan, r, true)? {
+                    Some(s) => s,
+                    None => {
+                        write_cached(files, plan, r, quant, layout, &d)?;
+                        verified(&d, files, &model_id, plan, r, false)?.ok_or_else(|| {
+                            Error::Io(format!("cannot install shard {}", d.display()))
+                        })?
                     }
                 }
-                d
             }
         };
-        dirs.push(dir);
+        shards.push(shard);
     }
-    Ok(dirs)
+    Ok(shards)
+}
+
+/// Writes rank `r`'s shard aside, then renames it into `d`: concurrent runs never see a
+/// half shard, and one that installed an intact shard first wins.
+fn write_cached(
+    files: &ModelFiles,
+    plan: &SplitPlan,
+    r: usize,
+    quant: Quant,
+    layout: Layout,
+    d: &Path,
+) -> Result<()> {
+    tracing::info!("writing rank {r}'s shard to {}", d.display());
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|t| t.subsec_nanos())
+        .unwrap_or(0);
+    let tmp = d.with_extension(format!("tmp-{}-{nanos}", std::process::id()));
+    write_shard(files, plan, r, quant, layout, &tmp).map_err(|e| Error::Io(e.to_string()))?;
+    let model_id = files.identity();
+    let installed = usable(d, files, &model_id, plan, r)
+        .ok()
+        .flatten()
+        .is_some()
+        && Shard::open_verified(d).is_ok();
+    if installed {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Ok(());
+    }
+    let _ = std::fs::remove_dir_all(d);
+    if std::fs::rename(&tmp, d).is_err() {
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    Ok(())
 }

@@ -24,7 +24,7 @@ pub use isa::{
     active_isa, available_isas, detected_isa, parse_isa, set_isa, set_isa_from_env, Isa,
 };
 pub use layout::{pack_row, unpack_row, Layout};
-pub use ops::{add_in_place, rmsnorm, silu_mul, softmax};
+pub use ops::{add_in_place, all_finite, rmsnorm, silu_mul, softmax};
 pub use pool::ThreadPool;
 pub use quant::{dequantize_row, quantize_row};
 pub use rope::{apply_rope, rope_inv_freq, Llama3Scaling, RopeLayout};

@@ -60,6 +60,15 @@ pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
     }
 }
 
+/// Whether every value is finite (no NaN, no ±Inf). Branch-free over the exponent bits,
+/// so it vectorises: cheap enough to run on every hidden state and every logit row.
+pub fn all_finite(x: &[f32]) -> bool {
+    const EXP: u32 = 0x7f80_0000;
+    x.iter()
+        .fold(0u32, |bad, v| bad | u32::from(v.to_bits() & EXP == EXP))
+        == 0
+}
+
 /// Residual add: `acc[i] += x[i]`.
 pub fn add_in_place(acc: &mut [f32], x: &[f32]) {
     assert_eq!(
@@ -71,5 +80,25 @@ pub fn add_in_place(acc: &mut [f32], x: &[f32]) {
     );
     for (a, v) in acc.iter_mut().zip(x) {
         *a += v;
+    }
+}
+
+#[cfg(test)]
+mod finite_tests {
+    use super::all_finite;
+
+    #[test]
+    fn all_finite_finds_every_non_finite_value() {
+        let mut v: Vec<f32> = (0..1027).map(|i| (i as f32 - 500.0) * 1e30).collect();
+        v.extend([f32::MAX, f32::MIN, f32::MIN_POSITIVE, 1e-45, -0.0]);
+        assert!(all_finite(&v));
+        assert!(all_finite(&[]));
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY, -f32::NAN] {
+            for at in [0, 1, 15, 16, 17, 500, v.len() - 1] {
+                let mut w = v.clone();
+                w[at] = bad;
+                assert!(!all_finite(&w), "{bad} at {at} not found");
+            }
+        }
     }
 }

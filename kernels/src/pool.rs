@@ -46,6 +46,30 @@ pub struct ThreadPool {
     handles: Vec<JoinHandle<()>>,
 }
 
+/// The most threads a pool may be asked for: 4 per core of this machine (at least 4).
+/// More only adds contention, and a mistyped count must not spawn threads until the
+/// OS refuses.
+pub fn max_threads() -> usize {
+    4 * std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+}
+
+/// Checks a thread count given by a user (`what` names the flag): 1 ..= [`max_threads`].
+pub fn check_threads(what: &str, n: usize) -> Result<usize, String> {
+    let max = max_threads();
+    if n == 0 {
+        return Err(format!("{what} must be at least 1"));
+    }
+    if n > max {
+        return Err(format!(
+            "{what} {n} is more than 4 threads per core of this machine ({} cores): at most {max}",
+            max / 4
+        ));
+    }
+    Ok(n)
+}
+
 impl ThreadPool {
     /// Create a pool using `n_threads` threads in total (the caller counts as one; 0 is treated as 1).
     pub fn new(n_threads: usize) -> Self {

@@ -228,7 +228,7 @@ fn validate_setup(s: &Setup) -> Result<(), String> {
 
 /// Checks that a shard directory given with `--shard` is the one the session needs.
 fn check_given_shard(dir: &std::path::Path, s: &Setup) -> Result<Shard, String> {
-    let shard = Shard::open(dir).map_err(|e| e.to_string())?;
+    let shard = Shard::open_verified(dir).map_err(|e| e.to_string())?;
     let m = &shard.manifest;
     let want = &s.manifest;
     if m.model_id != want.model_id {

@@ -7,13 +7,42 @@
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;
-use tpi_testbed::{cmdline, copy_dir, fixtures_dir, run_tpi, smollm2_gguf, TempDir};
+use tpi_node::model::GgufFile;
+use tpi_testbed::{cmdline, copy_dir, fixtures_dir, ids, run_tpi, smollm2_gguf, tpi_bin, TempDir};
 
 /// Runs `tpi args` and checks it fails cleanly. `groups`: for each group, at least one of
 /// its words must appear (case-insensitive) in the error line, with `strip` (temp
 /// directories, whose names could contain anything) removed first.
 fn expect_error(args: &[String], strip: &[&Path], groups: &[&[&str]]) -> String {
-    let out = run_tpi(args);
+    expect_failure(run_tpi(args), args, strip, groups)
+}
+
+/// [`expect_error`] for a run with its own tpi cache (`TPI_CACHE`).
+fn expect_error_with_cache(
+    args: &[String],
+    cache: &Path,
+    strip: &[&Path],
+    groups: &[&[&str]],
+) -> String {
+    expect_failure(tpi_with_cache(args, cache), args, strip, groups)
+}
+
+/// Runs `tpi args` with `TPI_CACHE=cache`.
+fn tpi_with_cache(args: &[String], cache: &Path) -> std::process::Output {
+    std::process::Command::new(tpi_bin())
+        .args(args)
+        .env("TPI_CACHE", cache)
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("run tpi")
+}
+
+fn expect_failure(
+    out: std::process::Output,
+    args: &[String],
+    strip: &[&Path],
+    groups: &[&[&str]],
+) -> String {
     let cmd = cmdline(args);
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -382,4 +411,340 @@ fn negative_temperature_space_separated() {
     let mut args = run_args(&fixture("gqa_f32_tied"));
     args.extend(["--temperature".to_string(), "-1".to_string()]);
     expect_error(&args, &[], &[&["temperature"]]);
+}
+
+// --- integrity: shards, inconsistent files, non-finite numbers ----------------------------
+
+/// A SmolLM2 run over a 2-rank local cluster, greedy, 4 tokens.
+fn cluster_args(model: &Path, extra: &[&str]) -> Vec<String> {
+    let mut a = s(&[
+        "run",
+        "--model",
+        &p(model),
+        "--local-cluster",
+        "2",
+        "--prompt",
+        "The capital of France is",
+        "--max-tokens",
+        "4",
+        "--json",
+        "--threads",
+        "1",
+        "--node-threads",
+        "1",
+    ]);
+    a.extend(s(extra));
+    a
+}
+
+/// Overwrites `len` bytes at `offset` of `path` with 0xFF, in place (the mtime changes).
+fn scribble(path: &Path, offset: usize, len: usize) {
+    patch(path, offset, &vec![0xFF; len]);
+}
+
+fn json_of(out: &std::process::Output) -> Value {
+    assert!(
+        out.status.success(),
+        "tpi failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("one JSON object on stdout")
+}
+
+#[test]
+fn rank0_cached_shard_that_fails_its_hash_is_written_again() {
+    let cache = TempDir::new("integrity-cache");
+    let args = cluster_args(&smollm2_gguf(), &[]);
+    let good = ids(&json_of(&tpi_with_cache(&args, cache.path()))["generated_ids"]);
+    let shards = cache.join("shards");
+    let r0 = std::fs::read_dir(&shards)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|d| d.to_string_lossy().ends_with("-r0"))
+        .expect("rank 0's cached shard");
+    scribble(&r0.join("shard.bin"), 0, 64 << 10);
+    let again = tpi_with_cache(&args, cache.path());
+    let stderr = String::from_utf8_lossy(&again.stderr).to_string();
+    assert_eq!(ids(&json_of(&again)["generated_ids"]), good, "{stderr}");
+    assert!(
+        stderr.contains("sha256"),
+        "the repair is not reported: {stderr}"
+    );
+    // Repaired for good: the next run finds it intact and says nothing.
+    let third = tpi_with_cache(&args, cache.path());
+    assert_eq!(ids(&json_of(&third)["generated_ids"]), good);
+    assert!(!String::from_utf8_lossy(&third.stderr).contains("sha256"));
+}
+
+#[test]
+fn rank0_given_shard_that_fails_its_hash_is_an_error() {
+    let tmp = TempDir::new("integrity-given");
+    let out = tmp.join("shards");
+    let made = run_tpi(s(&[
+        "shard",
+        "--model",
+        &p(&smollm2_gguf()),
+        "--nodes",
+        "2",
+        "--out",
+        &p(&out),
+    ]));
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    let data = out.join("rank-0").join("shard.bin");
+    // Verified once: the stamp lets the next run skip hashing, until the file changes.
+    let ok = tpi_with_cache(
+        &cluster_args(&smollm2_gguf(), &["--shards", &p(&out)]),
+        tmp.path(),
+    );
+    json_of(&ok);
+    // Damage that keeps the size and even the modification time is still caught when
+    // the inode or mtime moves; damage in place moves the mtime.
+    scribble(&data, 5 << 20, 4096);
+    expect_error_with_cache(
+        &cluster_args(&smollm2_gguf(), &["--shards", &p(&out)]),
+        tmp.path(),
+        &[tmp.path()],
+        &[&["rank 0"], &["sha256"], &["corrupt"]],
+    );
+}
+
+/// Offset of the value of GGUF metadata key `key` (after its type tag).
+fn meta_value_offset(bytes: &[u8], key: &str) -> usize {
+    let mut needle = (key.len() as u64).to_le_bytes().to_vec();
+    needle.extend_from_slice(key.as_bytes());
+    let at = bytes
+        .windows(needle.len())
+        .position(|w| w == needle.as_slice())
+        .unwrap_or_else(|| panic!("metadata key {key} not found"));
+    at + needle.len() + 4
+}
+
+/// Offset of the `offset` field of tensor `name`'s directory entry.
+fn tensor_offset_field(bytes: &[u8], name: &str) -> usize {
+    let mut needle = (name.len() as u64).to_le_bytes().to_vec();
+    needle.extend_from_slice(name.as_bytes());
+    let at = bytes
+        .windows(needle.len())
+        .position(|w| w == needle.as_slice())
+        .unwrap_or_else(|| panic!("tensor {name} not found"));
+    let nd_at = at + needle.len();
+    let nd = u32::from_le_bytes(bytes[nd_at..nd_at + 4].try_into().unwrap()) as usize;
+    nd_at + 4 + 8 * nd + 4
+}
+
+fn edited_gguf(tmp: &TempDir, edit: impl FnOnce(&mut Vec<u8>)) -> PathBuf {
+    let mut b = std::fs::read(smollm2_gguf()).unwrap();
+    edit(&mut b);
+    let dst = tmp.join("model.gguf");
+    std::fs::write(&dst, b).unwrap();
+    dst
+}
+
+fn add_to_offset(b: &mut [u8], name: &str, delta: i64) {
+    let f = tensor_offset_field(b, name);
+    let v = u64::from_le_bytes(b[f..f + 8].try_into().unwrap());
+    b[f..f + 8].copy_from_slice(&((v as i64 + delta) as u64).to_le_bytes());
+}
+
+#[test]
+fn gguf_tensor_offset_moved_inside_the_file() {
+    let tmp = TempDir::new("bad-gguf-moved");
+    let f = edited_gguf(&tmp, |b| add_to_offset(b, "blk.3.attn_k.weight", 32));
+    expect_error(
+        &run_args(&f),
+        &[tmp.path()],
+        &[&["blk.3.attn_k.weight"], &["gap", "overlap"]],
+    );
+}
+
+#[test]
+fn gguf_tensors_overlapping() {
+    let tmp = TempDir::new("bad-gguf-overlap");
+    let f = edited_gguf(&tmp, |b| add_to_offset(b, "blk.7.ffn_up.weight", -4096));
+    expect_error(&run_args(&f), &[tmp.path()], &[&["overlap"]]);
+}
+
+#[test]
+fn gguf_tensor_type_changed_to_a_smaller_one() {
+    // Q4_1 (20 bytes a block) relabelled Q4_0 (18): in bounds, but the bytes are no longer
+    // that tensor's.
+    let tmp = TempDir::new("bad-gguf-type");
+    let f = edited_gguf(&tmp, |b| {
+        let off = tensor_offset_field(b, "blk.0.ffn_gate.weight");
+        assert_eq!(u32::from_le_bytes(b[off - 4..off].try_into().unwrap()), 3);
+        b[off - 4..off].copy_from_slice(&2u32.to_le_bytes());
+    });
+    expect_error(
+        &run_args(&f),
+        &[tmp.path()],
+        &[&["gap", "overlap", "follow"]],
+    );
+}
+
+#[test]
+fn gguf_block_count_smaller_than_the_layers_present() {
+    let tmp = TempDir::new("bad-gguf-layers");
+    let f = edited_gguf(&tmp, |b| {
+        let v = meta_value_offset(b, "llama.block_count");
+        b[v..v + 4].copy_from_slice(&1u32.to_le_bytes());
+    });
+    expect_error(
+        &run_args(&f),
+        &[tmp.path()],
+        &[&["layer"], &["block_count"]],
+    );
+}
+
+#[test]
+fn gguf_absurd_norm_epsilon() {
+    let tmp = TempDir::new("bad-gguf-eps");
+    let f = edited_gguf(&tmp, |b| {
+        let v = meta_value_offset(b, "llama.attention.layer_norm_rms_epsilon");
+        b[v..v + 4].copy_from_slice(&1e38f32.to_le_bytes());
+    });
+    expect_error(&run_args(&f), &[tmp.path()], &[&["rms_norm_eps"]]);
+}
+
+#[test]
+fn gguf_nan_weights_are_an_error_not_an_empty_answer() {
+    let tmp = TempDir::new("bad-gguf-nan");
+    let g = GgufFile::open(&smollm2_gguf()).unwrap();
+    let norm = g.tensor("blk.2.attn_norm.weight").unwrap().clone();
+    drop(g);
+    let f = edited_gguf(&tmp, |b| {
+        b[norm.offset..norm.offset + 4].copy_from_slice(&f32::NAN.to_le_bytes());
+    });
+    expect_error(
+        &run_args(&f),
+        &[tmp.path()],
+        &[&["non-finite", "nan"], &["layer 2"], &["corrupt"]],
+    );
+}
+
+/// A copy of a fixture with `edit` applied to its config.json.
+fn edited_config(name: &str, edit: impl FnOnce(&mut Value)) -> TempDir {
+    let dir = copy_dir(&fixture(name), "bad-config");
+    let path = dir.join("config.json");
+    let mut cfg: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    edit(&mut cfg);
+    std::fs::write(&path, serde_json::to_string_pretty(&cfg).unwrap()).unwrap();
+    dir
+}
+
+#[test]
+fn config_unknown_activation() {
+    let dir = edited_config("gqa_f32_tied", |c| c["hidden_act"] = "gelu".into());
+    expect_error(
+        &run_args(dir.path()),
+        &[dir.path()],
+        &[&["hidden_act"], &["gelu"]],
+    );
+}
+
+#[test]
+fn config_absurd_norm_epsilon() {
+    let dir = edited_config("gqa_f32_tied", |c| c["rms_norm_eps"] = 1e38.into());
+    expect_error(&run_args(dir.path()), &[dir.path()], &[&["rms_norm_eps"]]);
+}
+
+#[test]
+fn config_llama3_rope_factor_zero() {
+    let dir = edited_config("llama3rope_f32", |c| {
+        c["rope_parameters"]["factor"] = 0.0.into()
+    });
+    expect_error(&run_args(dir.path()), &[dir.path()], &[&["factor"]]);
+}
+
+#[test]
+fn config_fewer_layers_than_the_weights_hold() {
+    let dir = edited_config("gqa_f32_tied", |c| c["num_hidden_layers"] = 1.into());
+    expect_error(
+        &run_args(dir.path()),
+        &[dir.path()],
+        &[&["layer"], &["num_hidden_layers"]],
+    );
+}
+
+#[test]
+fn shard_manifest_with_an_edited_config() {
+    let tmp = TempDir::new("integrity-manifest");
+    let out = tmp.join("shards");
+    let model = fixture("gqa_f32_tied");
+    let made = run_tpi(s(&[
+        "shard",
+        "--model",
+        &p(&model),
+        "--nodes",
+        "1",
+        "--out",
+        &p(&out),
+    ]));
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    let mpath = out.join("rank-0").join("manifest.json");
+    let mut m: Value = serde_json::from_str(&std::fs::read_to_string(&mpath).unwrap()).unwrap();
+    m["config"]["rms_norm_eps"] = 0.001.into();
+    std::fs::write(&mpath, serde_json::to_string_pretty(&m).unwrap()).unwrap();
+    let mut args = run_args(&model);
+    args.extend(s(&["--shards", &p(&out)]));
+    expect_error(&args, &[tmp.path()], &[&["config"], &["edited", "damaged"]]);
+}
+
+// --- absurd flags ----------------------------------------------------------------------
+
+#[test]
+fn absurd_thread_count() {
+    let mut args = run_args(&fixture("gqa_f32_tied"));
+    args.retain(|a| a != "--threads" && a != "1");
+    args.extend(s(&["--threads", "100000"]));
+    expect_error(&args, &[], &[&["--threads"], &["at most"]]);
+}
+
+#[test]
+fn local_cluster_larger_than_the_plan_allows_spawns_nothing() {
+    let args = cluster_args(&smollm2_gguf(), &[]);
+    let mut args: Vec<String> = args
+        .iter()
+        .map(|a| {
+            if a == "2" {
+                "500".to_string()
+            } else {
+                a.clone()
+            }
+        })
+        .collect();
+    args.retain(|a| a != "--json");
+    // The plan's error, not a node's: it comes before any node process is spawned.
+    expect_error(&args, &[], &[&["500"], &["heads"]]);
+}
+
+#[test]
+fn context_beyond_the_model_maximum() {
+    let mut args = run_args(&smollm2_gguf());
+    args.extend(s(&["--ctx", "1000000000"]));
+    expect_error(&args, &[], &[&["--ctx"], &["maximum"], &["kv cache"]]);
+}
+
+#[test]
+fn zero_node_threads() {
+    let args = cluster_args(&smollm2_gguf(), &[]);
+    let args: Vec<String> = args
+        .iter()
+        .enumerate()
+        .map(|(i, a)| {
+            if i > 0 && args[i - 1] == "--node-threads" {
+                "0".into()
+            } else {
+                a.clone()
+            }
+        })
+        .collect();
+    expect_error(&args, &[], &[&["--node-threads"], &["at least 1"]]);
 }

@@ -209,14 +209,14 @@ pub fn bench(a: BenchArgs) -> anyhow::Result<()> {
             let layout = layout.unwrap_or_else(tpi_node::store::default_layout);
             let shard = if layout == Layout::Packed && super::has_q4_matrices(&loaded.files) {
                 let plan = tpi_node::model::SplitPlan::even(&loaded.files.config, 1)?;
-                let dirs = tpi_coordinator::shards::ensure_shards(
+                let mut shards = tpi_coordinator::shards::ensure_shards(
                     &loaded.files,
                     &plan,
                     tpi_node::store::Quant::Keep,
                     &[layout],
                     None,
                 )?;
-                Some(tpi_node::store::Shard::open(&dirs[0])?)
+                Some(shards.remove(0))
             } else {
                 None
             };

@@ -28,7 +28,10 @@ pub fn chat(a: ChatArgs) -> anyhow::Result<()> {
     let (loaded, backend) = super::open_backend(&a.model, &a.cluster, 0)?;
     let tok = loaded.tokenizer()?;
     let template = loaded.chat()?;
-    let ctx = a.model.ctx.unwrap_or(4096);
+    let ctx = a
+        .model
+        .ctx
+        .unwrap_or(4096.min(loaded.files.config.max_position_embeddings));
     let mut session = Session::new(backend, ctx)?;
     let mut history: Vec<Message> = Vec::new();
     if let Some(s) = &a.system {

@@ -22,7 +22,7 @@ use tpi_kernels::{DType, Layout};
 use tpi_node::model::ModelConfig;
 use tpi_node::net::emulation::LinkEmulation;
 use tpi_node::net::{Algo, Credential, WireDType};
-use tpi_node::store::{default_layout, Quant, Shard};
+use tpi_node::store::{default_layout, Quant};
 
 /// tpi: run large language models tensor-parallel across small devices.
 #[derive(Parser, Debug)]
@@ -236,6 +236,40 @@ fn default_credential() -> Option<PathBuf> {
         .filter(|p| p.join("cert.pem").exists())
 }
 
+/// Checks `--ctx` against the model's trained context, naming the KV memory it needs.
+pub fn check_ctx(ctx: usize, cfg: &ModelConfig) -> anyhow::Result<()> {
+    let max = cfg.max_position_embeddings;
+    if ctx == 0 {
+        bail!("--ctx must be at least 1");
+    }
+    if ctx > max {
+        let kv = kv_bytes(cfg, ctx);
+        bail!(
+            "--ctx {ctx} exceeds the model's maximum context of {max} positions (its KV cache would need {} in all; {max} positions need {})",
+            human_bytes(kv),
+            human_bytes(kv_bytes(cfg, max))
+        );
+    }
+    Ok(())
+}
+
+/// Bytes of f32 KV cache for `positions` positions of every layer, summed over all ranks.
+pub fn kv_bytes(cfg: &ModelConfig, positions: usize) -> f64 {
+    2.0 * 4.0 * cfg.n_layers as f64 * cfg.kv_dim() as f64 * positions as f64
+}
+
+/// `1.5 GB`-style size for messages.
+pub fn human_bytes(b: f64) -> String {
+    const UNITS: [&str; 6] = ["B", "KB", "MB", "GB", "TB", "PB"];
+    let mut v = b;
+    let mut u = 0;
+    while v >= 1000.0 && u + 1 < UNITS.len() {
+        v /= 1000.0;
+        u += 1;
+    }
+    format!("{v:.1} {}", UNITS[u])
+}
+
 /// Parses a `--layout` value.
 pub fn parse_layout(s: &str) -> Result<Layout, String> {
     Layout::from_name(s).ok_or_else(|| format!("unknown layout `{s}` (ggml, packed)"))
@@ -257,11 +291,17 @@ pub fn open_backend(
     c: &ClusterArgs,
     capacity: usize,
 ) -> anyhow::Result<(LoadedModel, Box<dyn Backend>)> {
-    if m.threads == Some(0) {
-        bail!("--threads must be at least 1");
+    if let Some(t) = m.threads {
+        tpi_kernels::pool::check_threads("--threads", t).map_err(anyhow::Error::msg)?;
+    }
+    if let Some(t) = c.node_threads {
+        tpi_kernels::pool::check_threads("--node-threads", t).map_err(anyhow::Error::msg)?;
     }
     let loaded = LoadedModel::open(&m.model)
         .with_context(|| format!("cannot load model {}", m.model.display()))?;
+    if let Some(ctx) = m.ctx {
+        check_ctx(ctx, &loaded.files.config)?;
+    }
     if c.n.is_some() && !c.nodes.as_deref().is_some_and(plan::is_auto) {
         bail!("--n picks discovered nodes; use it with --nodes auto");
     }
@@ -284,7 +324,7 @@ pub fn open_backend(
                 return Ok((loaded, Box::new(backend)));
             }
             let plan = tpi_node::model::SplitPlan::even(&loaded.files.config, 1)?;
-            let dirs = match tpi_coordinator::shards::ensure_shards(
+            let shards = match tpi_coordinator::shards::ensure_shards(
                 &loaded.files,
                 &plan,
                 c.quant,
@@ -299,9 +339,13 @@ pub fn open_backend(
                 }
                 Err(e) => return Err(e.into()),
             };
-            let shard = Shard::open(&dirs[0])?;
-            let backend =
-                LocalBackend::from_shard(&shard, m.threads(), m.window, m.mem_budget, capacity)?;
+            let backend = LocalBackend::from_shard(
+                &shards[0],
+                m.threads(),
+                m.window,
+                m.mem_budget,
+                capacity,
+            )?;
             return Ok((loaded, Box::new(backend)));
         }
         (Some(n), _) => {
@@ -309,6 +353,16 @@ pub fn open_backend(
                 .map(|x| x.get())
                 .unwrap_or(1);
             let t = c.node_threads.unwrap_or((cores / n).max(1));
+            // The plan must exist before any process is spawned for it.
+            let weights = match &c.ratios {
+                Some(r) if r.len() != *n => bail!("--ratios has {} values for {n} ranks", r.len()),
+                Some(r) => r.clone(),
+                None => std::iter::once(c.coordinator_share)
+                    .chain(std::iter::repeat_n(1.0, n - 1))
+                    .collect(),
+            };
+            tpi_node::model::SplitPlan::new(&loaded.files.config, &weights)
+                .with_context(|| format!("--local-cluster {n}"))?;
             let mut extra = vec![
                 "--data-dir".to_string(),
                 tpi_coordinator::shards::cache_root().display().to_string(),

@@ -127,8 +127,8 @@ fn real_main() -> anyhow::Result<()> {
         (None, None) => None,
     };
     let data_dir = data_dir.unwrap_or_else(default_data_dir);
-    if threads == Some(0) {
-        anyhow::bail!("--threads must be at least 1");
+    if let Some(t) = threads {
+        tpi_kernels::pool::check_threads("--threads", t).map_err(anyhow::Error::msg)?;
     }
     std::fs::create_dir_all(&data_dir)
         .with_context(|| format!("cannot create {}", data_dir.display()))?;

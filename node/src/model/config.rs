@@ -206,6 +206,20 @@ impl ModelConfig {
                 None => None,
             },
         };
+        match v.get("hidden_act").or_else(|| v.get("hidden_activation")) {
+            None | Some(Value::Null) => {}
+            Some(Value::String(a)) if a == "silu" || a == "swish" => {}
+            Some(a) => {
+                return Err(cfg_err(format!(
+                    "unsupported hidden_act {a} (tpi runs SiLU-gated MLPs: \"silu\")"
+                )))
+            }
+        }
+        if v.get("mlp_bias").and_then(|b| b.as_bool()) == Some(true) {
+            return Err(cfg_err(
+                "mlp_bias = true is not supported (MLP projections without bias)",
+            ));
+        }
         let cfg = ModelConfig {
             attention_bias: arch == "qwen2"
                 || v.get("attention_bias")
@@ -336,11 +350,49 @@ impl ModelConfig {
         if !self.head_dim.is_multiple_of(2) {
             return Err(cfg_err("head_dim must be even for RoPE"));
         }
-        if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps >= 0.0) {
-            return Err(cfg_err("rms_norm_eps must be a non-negative number"));
+        // Sane ranges: values outside them run, but compute nonsense.
+        if !(self.rms_norm_eps > 0.0 && self.rms_norm_eps <= 1e-2) {
+            return Err(cfg_err(format!(
+                "rms_norm_eps = {} is outside (0, 0.01] (models use about 1e-6 to 1e-5)",
+                self.rms_norm_eps
+            )));
         }
-        if !(self.rope_theta.is_finite() && self.rope_theta > 0.0) {
-            return Err(cfg_err("rope_theta must be positive"));
+        if !(self.rope_theta >= 1.0 && self.rope_theta <= 1e10) {
+            return Err(cfg_err(format!(
+                "rope_theta = {} is outside [1, 1e10] (models use 1e4 to about 1e7)",
+                self.rope_theta
+            )));
+        }
+        if self.head_dim > 1024 {
+            return Err(cfg_err(format!(
+                "head_dim = {} is implausibly large (at most 1024)",
+                self.head_dim
+            )));
+        }
+        if let Some(r) = &self.rope_scaling {
+            if !(r.factor >= 1.0 && r.factor <= 1024.0) {
+                return Err(cfg_err(format!(
+                    "llama3 rope_scaling factor = {} is outside [1, 1024]",
+                    r.factor
+                )));
+            }
+            if !(r.low_freq_factor > 0.0
+                && r.high_freq_factor > r.low_freq_factor
+                && r.high_freq_factor <= 1024.0)
+            {
+                return Err(cfg_err(format!(
+                    "llama3 rope_scaling needs 0 < low_freq_factor < high_freq_factor <= 1024, got {} and {}",
+                    r.low_freq_factor, r.high_freq_factor
+                )));
+            }
+            if r.original_max_position_embeddings == 0
+                || r.original_max_position_embeddings > self.max_position_embeddings
+            {
+                return Err(cfg_err(format!(
+                    "llama3 rope_scaling original_max_position_embeddings = {} must be in 1..={} (max_position_embeddings)",
+                    r.original_max_position_embeddings, self.max_position_embeddings
+                )));
+            }
         }
         Ok(())
     }

@@ -56,6 +56,15 @@ pub enum ModelError {
     /// The split plan cannot be built for this model and cluster.
     #[error("invalid split plan: {0}")]
     Plan(String),
+    /// The forward pass produced NaN or Inf: corrupt weights, or a model whose numbers
+    /// overflow. Never passed on as logits (greedy decoding would silently pick id 0).
+    #[error("non-finite values (NaN or Inf) {at}: {cause}")]
+    NonFinite {
+        /// Where: which layer and block, or the logits.
+        at: String,
+        /// The likely cause, as far as this rank can tell.
+        cause: String,
+    },
     /// A kernel rejected its arguments (a bug in shapes, surfaced instead of a panic).
     #[error("kernel error: {0}")]
     Kernel(#[from] tpi_kernels::KernelError),

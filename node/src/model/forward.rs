@@ -435,7 +435,33 @@ impl Head {
         k::rmsnorm(x, &self.final_norm, self.eps, &mut h);
         let mut out = vec![0f32; self.lm_head.rows];
         k::gemv(pool, self.lm_head.mat(), &h, &mut out)?;
+        if !k::all_finite(&out) {
+            return Err(ModelError::NonFinite {
+                at: "in the logits".into(),
+                cause: if k::all_finite(x) {
+                    "the hidden state was finite, so the final norm or the LM head weights are likely corrupt".into()
+                } else {
+                    "the hidden state was already non-finite".into()
+                },
+            });
+        }
         Ok(out)
+    }
+}
+
+/// The error for a block whose reduced output is not finite. `own_finite`: whether this
+/// rank's partial was (then another rank's was not).
+fn non_finite_block(layer: usize, block: usize, own_finite: bool) -> ModelError {
+    ModelError::NonFinite {
+        at: format!(
+            "in the output of layer {layer}'s {} block",
+            if block == 0 { "attention" } else { "MLP" }
+        ),
+        cause: if own_finite {
+            "this rank's partial was finite, so another rank's was not: that rank's weights are likely corrupt".into()
+        } else {
+            "this rank's own partial was non-finite: its weights (shard or model file) are likely corrupt".into()
+        },
     }
 }
 
@@ -498,8 +524,12 @@ impl RankModel {
                     h.after(pos);
                 }
                 let t1 = std::time::Instant::now();
+                let own_finite = k::all_finite(&part);
                 reduce(&mut part)?;
                 let t2 = std::time::Instant::now();
+                if !k::all_finite(&part) {
+                    return Err(non_finite_block(l, block, own_finite).into());
+                }
                 k::add_in_place(&mut x[..n * d], &part);
                 times.compute_s += (t1 - t0).as_secs_f64();
                 times.reduce_s += (t2 - t1).as_secs_f64();

@@ -240,6 +240,68 @@ pub fn ggml_type_id(d: DType) -> u32 {
     }
 }
 
+/// Checks that the tensors tile the data section as GGUF writers lay it out: in offset
+/// order from its start, each at the aligned end of the one before, with no overlap, no
+/// gap and no more than the last padding after the last one. An offset moved inside
+/// the file, overlapping tensors, or a type changed to one of another size all break
+/// that tiling, and would otherwise read wrong bytes silently.
+fn check_data_layout(
+    path: &Path,
+    tensors: &BTreeMap<String, TensorInfo>,
+    data_start: u64,
+    align: u64,
+    file_len: u64,
+) -> Result<(), ModelError> {
+    let mut spans: Vec<(u64, u64, &str)> = tensors
+        .values()
+        .map(|t| {
+            (
+                t.offset as u64 - data_start,
+                t.nbytes as u64,
+                t.name.as_str(),
+            )
+        })
+        .collect();
+    spans.sort_unstable();
+    let mut expect = 0u64;
+    let mut prev: Option<&str> = None;
+    for &(off, len, name) in &spans {
+        if off != expect {
+            let after = match prev {
+                Some(p) => format!("the tensor before it, `{p}`, ends (padded) at {expect}"),
+                None => "the data section starts at 0".into(),
+            };
+            let what = if off < expect {
+                "overlaps"
+            } else {
+                "leaves a gap"
+            };
+            return Err(ModelError::corrupt(
+                path,
+                format!(
+                    "tensor `{name}` starts at data offset {off} but {after}: it {what} (a wrong offset, or a tensor type or shape that does not match its data)"
+                ),
+            ));
+        }
+        expect = (off + len).div_ceil(align) * align;
+        prev = Some(name);
+    }
+    let data_len = file_len.saturating_sub(data_start);
+    if let Some(&(off, len, name)) = spans.last() {
+        if data_len >= (off + len).div_ceil(align) * align + align {
+            return Err(ModelError::corrupt(
+                path,
+                format!(
+                    "{} bytes follow the last tensor `{name}` (which ends at data offset {}): a tensor type, shape or offset does not match the data",
+                    data_len - (off + len),
+                    off + len
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 impl GgufFile {
     /// Opens and validates a GGUF file: header, metadata and every tensor's bounds.
     pub fn open(path: &Path) -> Result<Self, ModelError> {
@@ -341,9 +403,17 @@ impl GgufFile {
                 )
             })?;
             let nbytes = row_bytes * (elems / cols);
+            if r.off % align != 0 {
+                return Err(ModelError::corrupt(
+                    path,
+                    format!(
+                        "tensor `{}` has offset {} in the data section, not a multiple of the alignment {align}",
+                        r.name, r.off
+                    ),
+                ));
+            }
             let offset = data_start
                 .checked_add(r.off)
-                .filter(|o| o % align == 0 || r.off % align == 0)
                 .ok_or_else(|| ModelError::corrupt(path, format!("`{}` bad offset", r.name)))?;
             let end = offset.checked_add(nbytes as u64);
             if end.is_none_or(|e| e > map.len() as u64) {
@@ -374,6 +444,7 @@ impl GgufFile {
                 },
             );
         }
+        check_data_layout(path, &tensors, data_start, align, map.len() as u64)?;
         Ok(GgufFile {
             path: path.to_path_buf(),
             map,

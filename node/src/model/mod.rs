@@ -91,6 +91,23 @@ impl ModelFiles {
                 }
             }
         }
+        // A layer the metadata does not count would be silently skipped.
+        let layers = self
+            .store
+            .names()
+            .filter_map(|n| Some((weights::layer_of(n)?, n)));
+        if let Some((l, name)) = layers.max_by_key(|&(l, _)| l) {
+            if l >= cfg.n_layers {
+                return Err(ModelError::Config(format!(
+                    "tensor `{name}` belongs to layer {l}, but the config says the model has {} layer(s) ({}): the layer count is wrong",
+                    cfg.n_layers,
+                    match self.store.format() {
+                        Format::Gguf => format!("{}.block_count", cfg.arch),
+                        Format::SafeTensors => "num_hidden_layers".into(),
+                    }
+                )));
+            }
+        }
         Ok(())
     }
 

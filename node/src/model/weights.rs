@@ -352,6 +352,15 @@ struct Entry {
     offset: usize,
 }
 
+/// The layer a per-layer tensor name belongs to (`blk.N.…` in GGUF,
+/// `model.layers.N.…` in safetensors); None for global tensors.
+pub fn layer_of(name: &str) -> Option<usize> {
+    let rest = name
+        .strip_prefix("blk.")
+        .or_else(|| name.strip_prefix("model.layers."))?;
+    rest.split('.').next()?.parse().ok()
+}
+
 /// All tensors of a model, by file name, over their memory maps.
 pub struct TensorStore {
     format: Format,
@@ -491,6 +500,11 @@ impl TensorStore {
     /// The naming scheme of the underlying files.
     pub fn format(&self) -> Format {
         self.format
+    }
+
+    /// Every tensor's file name.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.entries.keys().map(String::as_str)
     }
 
     /// Whether a tensor exists.

@@ -262,6 +262,7 @@ impl Receiver {
             std::fs::remove_dir_all(&self.final_dir).map_err(io(&self.final_dir))?;
         }
         std::fs::rename(&self.dir, &self.final_dir).map_err(io(&self.final_dir))?;
+        super::shard::stamp_verified(&self.final_dir);
         Shard::open(&self.final_dir)
     }
 }

@@ -22,6 +22,14 @@ pub enum StoreError {
         /// The OS error.
         err: std::io::Error,
     },
+    /// Blocks whose bytes do not hash to their manifest sha256.
+    #[error("shard {dir}: block(s) {blocks:?} fail their sha256 check (the shard file is corrupt; delete the directory, or let tpi write it again)")]
+    Corrupt {
+        /// The shard directory.
+        dir: String,
+        /// Indices of the failing blocks.
+        blocks: Vec<usize>,
+    },
     /// A manifest or shard that does not hold together.
     #[error("invalid shard: {0}")]
     Invalid(String),

@@ -284,6 +284,7 @@ pub fn write_shard(
         file_len: pos,
     };
     save_manifest(dir, &manifest)?;
+    stamp_verified(dir);
     Ok(manifest)
 }
 
@@ -341,6 +342,53 @@ pub fn load_manifest(dir: &Path) -> Result<Manifest, StoreError> {
     m.check()
         .map_err(|e| StoreError::Invalid(format!("{}: {e}", p.display())))?;
     Ok(m)
+}
+
+/// Name of the stamp a shard directory gets when all its blocks have verified.
+pub const STAMP_FILE: &str = "verified.json";
+
+/// The shard data file's identity at the last full verification: any write to it
+/// changes its modification time (or size, or inode, when it is replaced), and any
+/// change of the manifest changes its hash.
+#[derive(Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+struct VerifiedStamp {
+    len: u64,
+    mtime_ns: i128,
+    inode: u64,
+    manifest_sha256: String,
+}
+
+fn current_stamp(dir: &Path, data: &File) -> Option<VerifiedStamp> {
+    use std::os::unix::fs::MetadataExt;
+    let md = data.metadata().ok()?;
+    let manifest = std::fs::read(dir.join(MANIFEST_FILE)).ok()?;
+    Some(VerifiedStamp {
+        len: md.len(),
+        mtime_ns: md.mtime() as i128 * 1_000_000_000 + md.mtime_nsec() as i128,
+        inode: md.ino(),
+        manifest_sha256: hex::encode(Sha256::digest(&manifest)),
+    })
+}
+
+fn write_stamp_file(dir: &Path, st: &VerifiedStamp) {
+    let tmp = dir.join(format!("{STAMP_FILE}.tmp"));
+    let ok = serde_json::to_vec(st)
+        .ok()
+        .is_some_and(|b| std::fs::write(&tmp, b).is_ok())
+        && std::fs::rename(&tmp, dir.join(STAMP_FILE)).is_ok();
+    if !ok {
+        let _ = std::fs::remove_file(&tmp);
+        tracing::debug!("cannot stamp {} as verified", dir.display());
+    }
+}
+
+/// Stamps a shard directory whose data file was just written (or received) and hashed
+/// block by block, so its first use does not hash it again.
+pub(crate) fn stamp_verified(dir: &Path) {
+    let data = dir.join(DATA_FILE);
+    if let Some(st) = File::open(&data).ok().and_then(|f| current_stamp(dir, &f)) {
+        write_stamp_file(dir, &st);
+    }
 }
 
 /// An opened, memory-mapped shard.
@@ -402,11 +450,59 @@ impl Shard {
         hash_range(&self.file, b.offset, b.len).is_ok_and(|h| h == b.sha256)
     }
 
-    /// Indices of blocks whose checksum fails.
+    /// Indices of blocks whose checksum fails. Hashes every block, unless the shard's
+    /// stamp (written after its last full verification) still matches the data file's
+    /// size, modification time and inode and the manifest: then none.
     pub fn corrupt_blocks(&self) -> Vec<usize> {
-        (0..self.manifest.blocks.len())
+        if self.stamp_is_current() {
+            return Vec::new();
+        }
+        let bad: Vec<usize> = (0..self.manifest.blocks.len())
             .filter(|&i| !self.verify_block(i))
-            .collect()
+            .collect();
+        if bad.is_empty() {
+            self.write_stamp();
+        }
+        bad
+    }
+
+    /// Opens a shard directory and checks every block's sha256 (see
+    /// [`Shard::corrupt_blocks`]): the one check every rank, rank 0 included, runs
+    /// before it computes with a shard.
+    pub fn open_verified(dir: &Path) -> Result<Self, StoreError> {
+        let s = Self::open(dir)?;
+        let bad = s.corrupt_blocks();
+        if bad.is_empty() {
+            Ok(s)
+        } else {
+            Err(StoreError::Corrupt {
+                dir: dir.display().to_string(),
+                blocks: bad,
+            })
+        }
+    }
+
+    /// What the stamp records of the shard as it is on disk now.
+    fn current_stamp(&self) -> Option<VerifiedStamp> {
+        current_stamp(&self.dir, &self.file)
+    }
+
+    fn stamp_is_current(&self) -> bool {
+        let Some(now) = self.current_stamp() else {
+            return false;
+        };
+        std::fs::read(self.dir.join(STAMP_FILE))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<VerifiedStamp>(&b).ok())
+            .is_some_and(|s| s == now)
+    }
+
+    /// Records that every block verified, for the shard as it is now. A directory that
+    /// cannot be written (a read-only `--shards` copy) just verifies again next time.
+    fn write_stamp(&self) {
+        if let Some(st) = self.current_stamp() {
+            write_stamp_file(&self.dir, &st);
+        }
     }
 
     /// A tensor as a zero-copy weight view.
