@@ -18,10 +18,22 @@
 //! prompt) is used if the vocabulary has `<|im_start|>` and `<|im_end|>`; otherwise it is an error
 //! ([`TokenizerError::UnsupportedChatTemplate`]).
 //!
-//! The rendered text contains the special tokens (and BOS for Llama 3) literally; encode it with
-//! `Tokenizer::encode(text, false)`, as transformers' `apply_chat_template(tokenize=True)` does.
+//! The rendered text contains the special tokens (and BOS for Llama 3) literally. Encode it with
+//! [`ChatTemplate::encode`]: the template's own text is tokenised with special tokens parsed,
+//! message roles and contents with special-token parsing off, so `<|im_end|>` typed by a user
+//! stays text and cannot forge a system or assistant turn.
 
 use crate::tokenizer::{Tokenizer, TokenizerError};
+
+/// A piece of rendered prompt: the template's own text (trusted: its special tokens are
+/// meant), or text that came from a message (untrusted).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Part {
+    /// The text.
+    pub text: String,
+    /// Whether it came from a message's role or content.
+    pub untrusted: bool,
+}
 
 /// One chat message.
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize, PartialEq)]
@@ -161,35 +173,89 @@ impl ChatTemplate {
     /// Renders `messages` as prompt text; with `add_generation_prompt`, the opening of an
     /// assistant turn is appended so the model continues as the assistant.
     pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> String {
-        let mut out = String::new();
+        self.render_parts(messages, add_generation_prompt)
+            .into_iter()
+            .map(|p| p.text)
+            .collect()
+    }
+
+    /// Encodes `messages` as the prompt ids: [`ChatTemplate::render`]'s text, tokenised
+    /// with special tokens parsed only in the template's own text. When no message holds
+    /// special-token text, that is the whole prompt tokenised at once, exactly as
+    /// transformers' `apply_chat_template(tokenize=True)`; otherwise each piece is
+    /// tokenised on its own, the messages' with parsing off.
+    pub fn encode(
+        &self,
+        tok: &Tokenizer,
+        messages: &[Message],
+        add_generation_prompt: bool,
+    ) -> Result<Vec<u32>, TokenizerError> {
+        let parts = self.render_parts(messages, add_generation_prompt);
+        if !parts
+            .iter()
+            .any(|p| p.untrusted && tok.contains_special_text(&p.text))
+        {
+            let text: String = parts.into_iter().map(|p| p.text).collect();
+            return tok.encode(&text, false);
+        }
+        let mut ids = Vec::new();
+        for p in &parts {
+            if p.untrusted {
+                ids.extend(tok.encode_plain(&p.text, false)?);
+            } else {
+                ids.extend(tok.encode(&p.text, false)?);
+            }
+        }
+        Ok(ids)
+    }
+
+    /// The rendered prompt as trusted template text and untrusted message text.
+    pub fn render_parts(&self, messages: &[Message], add_generation_prompt: bool) -> Vec<Part> {
+        let mut out = Vec::new();
+        let lit = |out: &mut Vec<Part>, s: &str| {
+            out.push(Part {
+                text: s.to_string(),
+                untrusted: false,
+            })
+        };
+        let user = |out: &mut Vec<Part>, s: &str| {
+            out.push(Part {
+                text: s.to_string(),
+                untrusted: true,
+            })
+        };
         match &self.kind {
             TemplateKind::ChatMl { default_system } => {
                 if let (Some(first), Some(sys)) = (messages.first(), default_system) {
                     if first.role != "system" {
-                        out.push_str(&format!("<|im_start|>system\n{sys}<|im_end|>\n"));
+                        lit(&mut out, &format!("<|im_start|>system\n{sys}<|im_end|>\n"));
                     }
                 }
                 for m in messages {
-                    out.push_str(&format!(
-                        "<|im_start|>{}\n{}<|im_end|>\n",
-                        m.role, m.content
-                    ));
+                    lit(&mut out, "<|im_start|>");
+                    user(&mut out, &m.role);
+                    lit(&mut out, "\n");
+                    user(&mut out, &m.content);
+                    lit(&mut out, "<|im_end|>\n");
                 }
                 if add_generation_prompt {
-                    out.push_str("<|im_start|>assistant\n");
+                    lit(&mut out, "<|im_start|>assistant\n");
                 }
             }
             TemplateKind::Llama3 { bos } => {
-                out.push_str(bos);
+                lit(&mut out, bos);
                 for m in messages {
-                    out.push_str(&format!(
-                        "<|start_header_id|>{}<|end_header_id|>\n\n{}<|eot_id|>",
-                        m.role,
-                        m.content.trim()
-                    ));
+                    lit(&mut out, "<|start_header_id|>");
+                    user(&mut out, &m.role);
+                    lit(&mut out, "<|end_header_id|>\n\n");
+                    user(&mut out, m.content.trim());
+                    lit(&mut out, "<|eot_id|>");
                 }
                 if add_generation_prompt {
-                    out.push_str("<|start_header_id|>assistant<|end_header_id|>\n\n");
+                    lit(
+                        &mut out,
+                        "<|start_header_id|>assistant<|end_header_id|>\n\n",
+                    );
                 }
             }
         }

@@ -2,6 +2,8 @@
 //! stop conditions, optional logits capture and timings. A [`Session`] keeps the KV
 //! cache between calls so a chat only prefills what is new.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::engine::{Backend, StepReport};
@@ -23,7 +25,46 @@ pub struct GenRequest {
     pub ignore_eos: bool,
     /// Keep the logits behind every generated token.
     pub keep_logits: bool,
+    /// When set, generation stops (between prefill chunks, or before the next token).
+    pub cancel: Option<Arc<AtomicBool>>,
+    /// Generation stops once this instant has passed (checked at the same points).
+    pub deadline: Option<Instant>,
 }
+
+impl GenRequest {
+    /// A request for `prompt_ids` with no cancellation flag and no deadline.
+    pub fn new(prompt_ids: Vec<u32>, max_tokens: usize, sampler: SamplerConfig) -> Self {
+        GenRequest {
+            prompt_ids,
+            max_tokens,
+            sampler,
+            stop_ids: Vec::new(),
+            ignore_eos: false,
+            keep_logits: false,
+            cancel: None,
+            deadline: None,
+        }
+    }
+
+    /// Why the request should stop now, if it should.
+    fn interrupted(&self) -> Option<Finish> {
+        if self
+            .cancel
+            .as_ref()
+            .is_some_and(|c| c.load(Ordering::Relaxed))
+        {
+            return Some(Finish::Cancelled);
+        }
+        if self.deadline.is_some_and(|d| Instant::now() >= d) {
+            return Some(Finish::TimedOut);
+        }
+        None
+    }
+}
+
+/// Prompt tokens per prefill step for long prompts: between chunks a request can be
+/// cancelled or time out. Prompts up to this length prefill in one step, as before.
+pub const PREFILL_CHUNK: usize = 512;
 
 /// Why generation ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
@@ -35,6 +76,9 @@ pub enum Finish {
     Length,
     /// The caller asked to stop.
     Cancelled,
+    /// The request's deadline passed.
+    #[serde(rename = "timeout")]
+    TimedOut,
 }
 
 /// What a generation produced.
@@ -161,15 +205,25 @@ impl Session {
         };
         // Drop reports of earlier calls so this output's steps are its own.
         self.backend.take_reports()?;
-        let r = self.backend.forward(&req.prompt_ids[reuse..], reuse);
-        let mut logits = match r {
-            Ok(l) => l,
-            Err(e) => {
-                self.cached.clear();
-                return Err(e);
+        let mut logits = Vec::new();
+        let mut at = reuse;
+        while at < p {
+            if let Some(f) = req.interrupted() {
+                out.finish = f;
+                out.steps = self.backend.take_reports()?;
+                return Ok(out);
             }
-        };
-        self.cached.extend_from_slice(&req.prompt_ids[reuse..]);
+            let end = (at + PREFILL_CHUNK).min(p);
+            logits = match self.backend.forward(&req.prompt_ids[at..end], at) {
+                Ok(l) => l,
+                Err(e) => {
+                    self.cached.clear();
+                    return Err(e);
+                }
+            };
+            self.cached.extend_from_slice(&req.prompt_ids[at..end]);
+            at = end;
+        }
         let mut t_first = None;
         while out.generated_ids.len() < budget {
             let id = sampler.sample(&logits);
@@ -191,6 +245,10 @@ impl Session {
                 break;
             }
             if out.generated_ids.len() == budget {
+                break;
+            }
+            if let Some(f) = req.interrupted() {
+                out.finish = f;
                 break;
             }
             let pos = self.cached.len();

@@ -12,6 +12,12 @@ pub struct SamplerConfig {
     pub top_p: f32,
     /// RNG seed.
     pub seed: u64,
+    /// Subtracted from a token's logit once per time it was already generated
+    /// (OpenAI's `frequency_penalty`, -2 … 2; 0 = off).
+    pub frequency_penalty: f32,
+    /// Subtracted from the logit of every token generated at least once
+    /// (OpenAI's `presence_penalty`, -2 … 2; 0 = off).
+    pub presence_penalty: f32,
 }
 
 impl Default for SamplerConfig {
@@ -21,6 +27,8 @@ impl Default for SamplerConfig {
             top_k: 0,
             top_p: 1.0,
             seed: 0,
+            frequency_penalty: 0.0,
+            presence_penalty: 0.0,
         }
     }
 }
@@ -36,6 +44,14 @@ impl SamplerConfig {
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
             return Err(format!("top_p must be in (0, 1], got {}", self.top_p));
+        }
+        for (name, v) in [
+            ("frequency_penalty", self.frequency_penalty),
+            ("presence_penalty", self.presence_penalty),
+        ] {
+            if !(-2.0..=2.0).contains(&v) {
+                return Err(format!("{name} must be in [-2, 2], got {v}"));
+            }
         }
         Ok(())
     }
@@ -64,6 +80,8 @@ impl Rng {
 pub struct Sampler {
     cfg: SamplerConfig,
     rng: Rng,
+    /// How often each token was chosen so far (for the penalties).
+    counts: std::collections::HashMap<u32, u32>,
 }
 
 /// Index of the largest logit (the first on ties); None for an empty slice.
@@ -83,11 +101,29 @@ impl Sampler {
         Sampler {
             cfg,
             rng: Rng(cfg.seed),
+            counts: std::collections::HashMap::new(),
         }
     }
 
-    /// Chooses a token id.
+    /// Chooses a token id (and remembers it for the penalties).
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
+        let (f, p) = (self.cfg.frequency_penalty, self.cfg.presence_penalty);
+        let id = if (f != 0.0 || p != 0.0) && !self.counts.is_empty() {
+            let mut pen = logits.to_vec();
+            for (&t, &n) in &self.counts {
+                if let Some(l) = pen.get_mut(t as usize) {
+                    *l -= f * n as f32 + p;
+                }
+            }
+            self.pick(&pen)
+        } else {
+            self.pick(logits)
+        };
+        *self.counts.entry(id).or_default() += 1;
+        id
+    }
+
+    fn pick(&mut self, logits: &[f32]) -> u32 {
         if self.cfg.temperature == 0.0 || logits.len() <= 1 {
             return argmax(logits).unwrap_or(0) as u32;
         }
@@ -149,6 +185,7 @@ mod tests {
             top_k: 20,
             top_p: 0.9,
             seed: 7,
+            ..Default::default()
         };
         let a: Vec<u32> = (0..50)
             .scan(Sampler::new(cfg), |s, _| Some(s.sample(&logits)))
@@ -173,6 +210,7 @@ mod tests {
             top_k: 1,
             top_p: 1.0,
             seed: 3,
+            ..Default::default()
         });
         for _ in 0..20 {
             assert_eq!(s.sample(&logits), 1);
@@ -182,6 +220,7 @@ mod tests {
             top_k: 0,
             top_p: 0.5,
             seed: 3,
+            ..Default::default()
         });
         for _ in 0..50 {
             assert!(matches!(s.sample(&logits), 1 | 3));
@@ -196,12 +235,55 @@ mod tests {
             top_k: 0,
             top_p: 1.0,
             seed: 1,
+            ..Default::default()
         });
         let mut seen = [false; 8];
         for _ in 0..200 {
             seen[s.sample(&logits) as usize] = true;
         }
         assert!(seen.iter().all(|&x| x));
+    }
+
+    #[test]
+    fn penalties_push_repeated_tokens_down() {
+        let logits = [3.0f32, 2.5, 0.0];
+        // Greedy: without penalties always 0.
+        let mut s = Sampler::new(SamplerConfig::default());
+        assert_eq!(
+            (0..3).map(|_| s.sample(&logits)).collect::<Vec<_>>(),
+            [0, 0, 0]
+        );
+        // Presence 1: after one 0, token 0 scores 2.0 < 2.5; after one 1, 1.5 < 2.0.
+        let mut s = Sampler::new(SamplerConfig {
+            presence_penalty: 1.0,
+            ..Default::default()
+        });
+        assert_eq!(
+            (0..3).map(|_| s.sample(&logits)).collect::<Vec<_>>(),
+            [0, 1, 0]
+        );
+        // Frequency 0.4: 0 (3.0), 0 (2.6), 1 (2.5 > 2.2), 0 (2.2 > 2.1), ...
+        let mut s = Sampler::new(SamplerConfig {
+            frequency_penalty: 0.4,
+            ..Default::default()
+        });
+        assert_eq!(
+            (0..4).map(|_| s.sample(&logits)).collect::<Vec<_>>(),
+            [0, 0, 1, 0]
+        );
+        // Negative penalties favour repeats.
+        let mut s = Sampler::new(SamplerConfig {
+            presence_penalty: -2.0,
+            ..Default::default()
+        });
+        assert_eq!(s.sample(&[2.0, 2.5]), 1);
+        assert_eq!(s.sample(&[3.0, 1.5]), 1);
+        assert!(SamplerConfig {
+            frequency_penalty: 2.5,
+            ..Default::default()
+        }
+        .validate()
+        .is_err());
     }
 
     #[test]

@@ -154,6 +154,9 @@ pub fn vocab_from_gguf(f: &tpi_node::model::gguf::GgufFile) -> Result<GgufVocab,
 /// Text <-> ids. Wraps [`tokenizers::Tokenizer`].
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
+    /// The same tokenizer with special-token parsing off: `<|im_end|>` in its input is
+    /// text, never the control token (for untrusted text: message content, raw prompts).
+    plain: tokenizers::Tokenizer,
     bos_id: Option<u32>,
     eos_ids: Vec<u32>,
 }
@@ -310,6 +313,12 @@ fn config_token(cfg: &Value, key: &str) -> Option<String> {
         Value::Object(o) => o.get("content")?.as_str().map(str::to_string),
         _ => None,
     }
+}
+
+fn plain_copy(inner: &tokenizers::Tokenizer) -> tokenizers::Tokenizer {
+    let mut t = inner.clone();
+    t.set_encode_special_tokens(true);
+    t
 }
 
 impl Tokenizer {
@@ -486,6 +495,7 @@ impl Tokenizer {
         let inner: tokenizers::Tokenizer =
             doc.to_string().parse().map_err(TokenizerError::backend)?;
         let mut tok = Tokenizer {
+            plain: plain_copy(&inner),
             inner,
             bos_id: v.bos_id,
             eos_ids: Vec::new(),
@@ -512,6 +522,7 @@ impl Tokenizer {
         let bos_id = config_token(&cfg, "bos_token").and_then(|t| inner.token_to_id(&t));
         let eos_id = config_token(&cfg, "eos_token").and_then(|t| inner.token_to_id(&t));
         let mut tok = Tokenizer {
+            plain: plain_copy(&inner),
             inner,
             bos_id,
             eos_ids: Vec::new(),
@@ -548,6 +559,25 @@ impl Tokenizer {
             .encode(text, add_special)
             .map_err(TokenizerError::backend)?;
         Ok(enc.get_ids().to_vec())
+    }
+
+    /// Encodes untrusted `text` with special-token parsing off: special-token text such as
+    /// `<|im_end|>` is tokenised as the characters it is made of, so a user cannot forge
+    /// control tokens. `add_special` as in [`Tokenizer::encode`].
+    pub fn encode_plain(&self, text: &str, add_special: bool) -> Result<Vec<u32>, TokenizerError> {
+        let enc = self
+            .plain
+            .encode(text, add_special)
+            .map_err(TokenizerError::backend)?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// Whether `text` contains the text of any special token (e.g. `<|im_end|>`).
+    pub fn contains_special_text(&self, text: &str) -> bool {
+        self.inner
+            .get_added_tokens_decoder()
+            .values()
+            .any(|t| t.special && !t.content.is_empty() && text.contains(&t.content))
     }
 
     /// Decodes `ids` to text; with `skip_special`, special tokens are left out.

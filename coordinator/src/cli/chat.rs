@@ -58,8 +58,7 @@ pub fn chat(a: ChatArgs) -> anyhow::Result<()> {
             _ => {}
         }
         history.push(Message::new("user", line));
-        let text = template.render(&history, true);
-        let ids = tok.encode(&text, false)?;
+        let ids = template.encode(tok, &history, true)?;
         let req = GenRequest {
             prompt_ids: ids,
             max_tokens: a.sampling.max_tokens,
@@ -67,6 +66,8 @@ pub fn chat(a: ChatArgs) -> anyhow::Result<()> {
             stop_ids: loaded.stop_ids(),
             ignore_eos: false,
             keep_logits: false,
+            cancel: None,
+            deadline: None,
         };
         let mut dec = tok.stream_decoder();
         let res = session.generate(&req, &mut |id| {

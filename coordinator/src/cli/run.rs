@@ -51,10 +51,12 @@ pub fn run(a: RunArgs) -> anyhow::Result<()> {
         (Some(p), None) => {
             let tok = loaded.tokenizer()?;
             if a.chat {
-                let text = loaded.chat()?.render(&[Message::new("user", p)], true);
-                tok.encode(&text, false)?
+                loaded
+                    .chat()?
+                    .encode(tok, &[Message::new("user", p)], true)?
             } else {
-                tok.encode(p, true)?
+                // Special-token text in a prompt stays text; --tokens sends control ids.
+                tok.encode_plain(p, true)?
             }
         }
         (None, None) => bail!("give a prompt with --prompt TEXT or --tokens 1,2,3"),
@@ -71,6 +73,8 @@ pub fn run(a: RunArgs) -> anyhow::Result<()> {
         stop_ids: loaded.stop_ids(),
         ignore_eos: a.sampling.ignore_eos,
         keep_logits: a.logits_out.is_some(),
+        cancel: None,
+        deadline: None,
     };
     let tok = loaded.tokenizer.as_ref();
     let mut dec = tok.map(|t| t.stream_decoder());

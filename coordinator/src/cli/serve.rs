@@ -32,11 +32,32 @@ pub struct ServeArgs {
     /// Keep the KV cache between requests so a shared prompt prefix is not recomputed.
     #[arg(long)]
     pub reuse_prefix: bool,
+    /// Longest a request may run, in seconds, from arrival to its last token (0: no
+    /// limit). At the limit the answer ends with finish_reason "length"; a request still
+    /// in prefill gets a 504.
+    #[arg(long, default_value_t = 600.0, value_name = "SECS")]
+    pub request_timeout: f64,
+    /// Longest a client may take to send a request's headers, and then its body, in
+    /// seconds (an idle keep-alive connection is closed after the same time).
+    #[arg(long, default_value_t = 30.0, value_name = "SECS")]
+    pub read_timeout: f64,
+}
+
+/// A positive, finite number of seconds (`what` names the flag).
+fn seconds(what: &str, s: f64) -> anyhow::Result<std::time::Duration> {
+    if !(s.is_finite() && s > 0.0 && s <= 1e7) {
+        anyhow::bail!("{what} must be a number of seconds in (0, 1e7], got {s}");
+    }
+    Ok(std::time::Duration::from_secs_f64(s))
 }
 
 /// Runs `tpi serve` until interrupted.
 pub fn serve(a: ServeArgs) -> anyhow::Result<()> {
     let sampler = a.sampling.sampler()?;
+    let read_timeout = seconds("--read-timeout", a.read_timeout)?;
+    if a.request_timeout != 0.0 {
+        seconds("--request-timeout", a.request_timeout)?;
+    }
     let model_id = a.model_id.clone().unwrap_or_else(|| {
         let p = &a.model.model;
         let stem = if p.is_dir() {
@@ -74,6 +95,12 @@ pub fn serve(a: ServeArgs) -> anyhow::Result<()> {
         max_queue: a.max_queue,
         reuse_prefix: a.reuse_prefix,
         ranks,
+        request_timeout: if a.request_timeout == 0.0 {
+            None
+        } else {
+            Some(seconds("--request-timeout", a.request_timeout)?)
+        },
+        body_timeout: read_timeout,
     };
     let srv = server::build(session, loaded, cfg)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -94,8 +121,7 @@ pub fn serve(a: ServeArgs) -> anyhow::Result<()> {
             out.flush()?;
         }
         eprintln!("tpi serve: OpenAI-compatible API at http://{addr}/v1 (Ctrl-C to stop)");
-        axum::serve(listener, router)
-            .with_graceful_shutdown(shutdown_signal())
+        server::listen::serve(listener, router, read_timeout, shutdown_signal())
             .await
             .context("HTTP server failed")
     })?;

@@ -41,6 +41,7 @@ struct RankTotals {
 struct Inner {
     requests: BTreeMap<(&'static str, u16), u64>,
     cancelled: BTreeMap<&'static str, u64>,
+    timed_out: BTreeMap<&'static str, u64>,
     generated: u64,
     prompt: u64,
     ttft_counts: [u64; TTFT_BUCKETS.len()],
@@ -79,6 +80,7 @@ impl Metrics {
             inner: Mutex::new(Inner {
                 requests: BTreeMap::new(),
                 cancelled: BTreeMap::new(),
+                timed_out: BTreeMap::new(),
                 generated: 0,
                 prompt: 0,
                 ttft_counts: [0; TTFT_BUCKETS.len()],
@@ -107,6 +109,11 @@ impl Metrics {
     /// Counts a generation the client abandoned.
     pub fn cancelled(&self, endpoint: &'static str) {
         *self.lock().cancelled.entry(endpoint).or_default() += 1;
+    }
+
+    /// Counts a generation stopped by the per-request time limit.
+    pub fn timed_out(&self, endpoint: &'static str) {
+        *self.lock().timed_out.entry(endpoint).or_default() += 1;
     }
 
     /// Records a time to first token.
@@ -232,6 +239,17 @@ impl Metrics {
         }
         for (ep, n) in &g.cancelled {
             let _ = writeln!(s, "tpi_requests_cancelled_total{{endpoint=\"{ep}\"}} {n}");
+        }
+        let _ = writeln!(
+            s,
+            "# HELP tpi_requests_timed_out_total Generations stopped by the per-request time limit."
+        );
+        let _ = writeln!(s, "# TYPE tpi_requests_timed_out_total counter");
+        if g.timed_out.is_empty() {
+            let _ = writeln!(s, "tpi_requests_timed_out_total{{endpoint=\"chat\"}} 0");
+        }
+        for (ep, n) in &g.timed_out {
+            let _ = writeln!(s, "tpi_requests_timed_out_total{{endpoint=\"{ep}\"}} {n}");
         }
         let _ = writeln!(s, "# HELP tpi_generated_tokens_total Tokens generated.");
         let _ = writeln!(s, "# TYPE tpi_generated_tokens_total counter");

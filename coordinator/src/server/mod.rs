@@ -8,6 +8,7 @@
 //! a client goes away (its SSE stream or response future is dropped) the job's cancellation
 //! flag is set and the worker stops that generation at the next token.
 
+pub mod listen;
 pub mod metrics;
 pub mod openai;
 pub mod worker;
@@ -15,9 +16,9 @@ pub mod worker;
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use axum::body::Bytes;
+use axum::body::{Body, Bytes};
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::sse::{Event, Sse};
@@ -52,7 +53,14 @@ pub struct ServerConfig {
     pub reuse_prefix: bool,
     /// Rank addresses (rank 0 first), for `/health`.
     pub ranks: Vec<Option<String>>,
+    /// Longest a request may take from arrival to its last token (None: no limit).
+    pub request_timeout: Option<Duration>,
+    /// Longest a client may take to send a request body.
+    pub body_timeout: Duration,
 }
+
+/// Largest request body read (a chat that fills the context is far smaller).
+pub const MAX_BODY: usize = 4 << 20;
 
 struct AppState {
     cfg: ServerConfig,
@@ -183,15 +191,41 @@ fn prepare(
             ));
         }
     }
+    if let Some((field, why)) = c.unsupported_field() {
+        return Err(ApiError::invalid(why, Some(field)));
+    }
     let mut sampler = st.cfg.sampler;
     if let Some(t) = c.temperature {
-        if !t.is_finite() || t < 0.0 {
+        // OpenAI's range: beyond 2 the output is noise, and a typo such as 1e9 is one.
+        if !(0.0..=2.0).contains(&t) {
             return Err(ApiError::invalid(
-                format!("temperature must be >= 0, got {t}"),
+                format!("temperature must be in [0, 2], got {t}"),
                 Some("temperature"),
             ));
         }
         sampler.temperature = t;
+    }
+    for (field, v, slot) in [
+        (
+            "frequency_penalty",
+            c.frequency_penalty,
+            &mut sampler.frequency_penalty,
+        ),
+        (
+            "presence_penalty",
+            c.presence_penalty,
+            &mut sampler.presence_penalty,
+        ),
+    ] {
+        if let Some(v) = v {
+            if !(-2.0..=2.0).contains(&v) {
+                return Err(ApiError::invalid(
+                    format!("{field} must be in [-2, 2], got {v}"),
+                    Some(field),
+                ));
+            }
+            *slot = v;
+        }
     }
     if let Some(p) = c.top_p {
         if !(p > 0.0 && p <= 1.0) {
@@ -209,7 +243,13 @@ fn prepare(
                 Some("top_k"),
             ));
         }
-        sampler.top_k = k as usize;
+        // Documented rule: a top_k of at least the vocabulary size keeps every token.
+        let vocab = st.model.files.config.vocab_size;
+        sampler.top_k = if k as u64 >= vocab as u64 {
+            0
+        } else {
+            k as usize
+        };
     }
     if let Some(s) = c.seed {
         sampler.seed = s as u64;
@@ -299,6 +339,7 @@ fn submit(
         cancel: flag.clone(),
         events: etx,
         arrived,
+        deadline: st.cfg.request_timeout.map(|t| arrived + t),
     };
     st.metrics.queue_depth.fetch_add(1, Ordering::Relaxed);
     match st.jobs.try_send(job) {
@@ -418,12 +459,12 @@ fn render_chat(st: &AppState, req: &ChatCompletionRequest) -> Result<Vec<u32>, A
     let template = st.template.as_ref().ok_or_else(|| {
         ApiError::invalid("this model has no chat template: use /v1/completions", None)
     })?;
-    let text = template.render(&msgs, true);
     let tok = st
         .model
         .tokenizer()
         .map_err(|e| ApiError::invalid(e.to_string(), None))?;
-    tok.encode(&text, false)
+    template
+        .encode(tok, &msgs, true)
         .map_err(|e| ApiError::server(StatusCode::INTERNAL_SERVER_ERROR, e.to_string(), None))
 }
 
@@ -433,7 +474,9 @@ fn encode_prompt(st: &AppState, prompt: PromptIn) -> Result<Vec<u32>, ApiError> 
         .tokenizer()
         .map_err(|e| ApiError::invalid(e.to_string(), None))?;
     let enc = |s: &str| {
-        tok.encode(s, true)
+        // A text prompt is untrusted: its special-token text stays text (ids are the
+        // way to send control tokens).
+        tok.encode_plain(s, true)
             .map_err(|e| ApiError::server(StatusCode::INTERNAL_SERVER_ERROR, e.to_string(), None))
     };
     let batch = || ApiError::invalid("only one prompt per request is supported", Some("prompt"));
@@ -455,14 +498,43 @@ fn encode_prompt(st: &AppState, prompt: PromptIn) -> Result<Vec<u32>, ApiError> 
     Ok(ids)
 }
 
-async fn chat_completions(State(st): State<Arc<AppState>>, body: Bytes) -> Response {
-    let r = chat_inner(&st, body).await;
+async fn chat_completions(State(st): State<Arc<AppState>>, body: Body) -> Response {
+    let r = match read_body(&st, body).await {
+        Ok(b) => chat_inner(&st, b).await,
+        Err(e) => Err(e),
+    };
     finish_response(&st, "chat", r)
 }
 
-async fn completions(State(st): State<Arc<AppState>>, body: Bytes) -> Response {
-    let r = completions_inner(&st, body).await;
+async fn completions(State(st): State<Arc<AppState>>, body: Body) -> Response {
+    let r = match read_body(&st, body).await {
+        Ok(b) => completions_inner(&st, b).await,
+        Err(e) => Err(e),
+    };
     finish_response(&st, "completions", r)
+}
+
+/// Reads a request body of at most [`MAX_BODY`] bytes within the body time limit: a
+/// client that stalls mid-body gets a 408 instead of holding its connection forever.
+async fn read_body(st: &AppState, body: Body) -> Result<Bytes, ApiError> {
+    let limit = st.cfg.body_timeout;
+    match tokio::time::timeout(limit, axum::body::to_bytes(body, MAX_BODY)).await {
+        Err(_) => Err(ApiError {
+            status: StatusCode::REQUEST_TIMEOUT,
+            message: format!("the request body did not arrive within {limit:?}"),
+            kind: "invalid_request_error",
+            param: None,
+            code: Some("body_timeout"),
+        }),
+        Ok(Err(e)) => Err(ApiError {
+            status: StatusCode::PAYLOAD_TOO_LARGE,
+            message: format!("cannot read the request body (at most {MAX_BODY} bytes): {e}"),
+            kind: "invalid_request_error",
+            param: None,
+            code: Some("body_too_large"),
+        }),
+        Ok(Ok(b)) => Ok(b),
+    }
 }
 
 fn finish_response(

@@ -199,6 +199,117 @@ pub struct CommonParams {
     /// Keep generating past end-of-sequence tokens (extension).
     #[serde(default)]
     pub ignore_eos: Option<bool>,
+    /// Penalty per earlier occurrence of a token (-2 … 2).
+    #[serde(default)]
+    pub frequency_penalty: Option<f32>,
+    /// Penalty for any earlier occurrence of a token (-2 … 2).
+    #[serde(default)]
+    pub presence_penalty: Option<f32>,
+    /// Log probabilities: a bool (chat) or a count (completions). Not supported: a
+    /// request that asks for them is refused rather than answered without them.
+    #[serde(default)]
+    pub logprobs: Option<serde_json::Value>,
+    /// Most likely alternatives per token (with `logprobs`).
+    #[serde(default)]
+    pub top_logprobs: Option<serde_json::Value>,
+    /// Fields that change the answer and that tpi does not implement: refused unless
+    /// absent, null, or at their neutral value (see [`unsupported_field`]).
+    #[serde(default)]
+    pub logit_bias: Option<serde_json::Value>,
+    /// See `logit_bias`.
+    #[serde(default)]
+    pub tools: Option<serde_json::Value>,
+    /// See `logit_bias`.
+    #[serde(default)]
+    pub tool_choice: Option<serde_json::Value>,
+    /// See `logit_bias`.
+    #[serde(default)]
+    pub functions: Option<serde_json::Value>,
+    /// See `logit_bias`.
+    #[serde(default)]
+    pub response_format: Option<serde_json::Value>,
+    /// See `logit_bias`.
+    #[serde(default)]
+    pub best_of: Option<serde_json::Value>,
+    /// See `logit_bias`.
+    #[serde(default)]
+    pub suffix: Option<serde_json::Value>,
+}
+
+/// A field tpi refuses unless neutral: its name, its value, the test for a neutral
+/// value, and why anything else is refused.
+type Refusable<'a> = (
+    &'static str,
+    &'a Option<serde_json::Value>,
+    fn(&serde_json::Value) -> bool,
+    &'static str,
+);
+
+impl CommonParams {
+    /// The first field set to something tpi would otherwise silently ignore, with why.
+    pub fn unsupported_field(&self) -> Option<(&'static str, String)> {
+        use serde_json::Value as V;
+        let fields: [Refusable; 9] = [
+            (
+                "logprobs",
+                &self.logprobs,
+                |v: &V| v == &V::Bool(false) || v.as_u64() == Some(0),
+                "log probabilities are not supported",
+            ),
+            (
+                "top_logprobs",
+                &self.top_logprobs,
+                |v: &V| v.as_u64() == Some(0),
+                "log probabilities are not supported",
+            ),
+            (
+                "logit_bias",
+                &self.logit_bias,
+                |v: &V| v.as_object().is_some_and(|m| m.is_empty()),
+                "logit_bias is not supported",
+            ),
+            (
+                "tools",
+                &self.tools,
+                |v: &V| v.as_array().is_some_and(|a| a.is_empty()),
+                "tool calling is not supported",
+            ),
+            (
+                "tool_choice",
+                &self.tool_choice,
+                |v: &V| v == "none" || v == "auto",
+                "tool calling is not supported",
+            ),
+            (
+                "functions",
+                &self.functions,
+                |v: &V| v.as_array().is_some_and(|a| a.is_empty()),
+                "function calling is not supported",
+            ),
+            (
+                "response_format",
+                &self.response_format,
+                |v: &V| v["type"] == "text",
+                "only response_format {\"type\": \"text\"} is supported",
+            ),
+            (
+                "best_of",
+                &self.best_of,
+                |v: &V| v.as_u64() == Some(1),
+                "only best_of = 1 is supported",
+            ),
+            (
+                "suffix",
+                &self.suffix,
+                |v: &V| v.as_str() == Some(""),
+                "suffix (insertion) is not supported",
+            ),
+        ];
+        fields.into_iter().find_map(|(name, v, ok, why)| {
+            let v = v.as_ref()?;
+            (!(v.is_null() || ok(v))).then(|| (name, format!("{why} (got {name} = {v})")))
+        })
+    }
 }
 
 /// `POST /v1/chat/completions` body (besides [`CommonParams`]).

@@ -54,6 +54,8 @@ pub struct Job {
     pub events: mpsc::UnboundedSender<JobEvent>,
     /// When the request arrived (for the TTFT).
     pub arrived: Instant,
+    /// When the request must end (the server's per-request time limit).
+    pub deadline: Option<Instant>,
 }
 
 impl Job {
@@ -176,6 +178,8 @@ pub fn run(
             stop_ids: stop_ids.clone(),
             ignore_eos: job.ignore_eos,
             keep_logits: false,
+            cancel: Some(job.cancel.clone()),
+            deadline: job.deadline,
         };
         let mut dec = tok.stream_decoder();
         let mut stopper = StopMatcher::new(job.stop.clone());
@@ -209,10 +213,26 @@ pub fn run(
                     out.tokens_per_s(),
                     &out.steps,
                 );
+                if out.finish == Finish::TimedOut {
+                    metrics.timed_out(job.endpoint);
+                    if out.generated_ids.is_empty() {
+                        let _ = job.events.send(JobEvent::Failed(ApiError::server(
+                            StatusCode::GATEWAY_TIMEOUT,
+                            format!(
+                                "the request reached the server's time limit during prefill ({} prompt tokens); raise --request-timeout or send a shorter prompt",
+                                job.prompt_ids.len()
+                            ),
+                            Some("timeout"),
+                        )));
+                        metrics.set_busy(false);
+                        continue;
+                    }
+                }
                 let finish_reason = match out.finish {
                     _ if hit_stop => Some("stop"),
                     Finish::Stop => Some("stop"),
-                    Finish::Length => Some("length"),
+                    // Out of time with text to show: the answer ends as if cut by max_tokens.
+                    Finish::Length | Finish::TimedOut => Some("length"),
                     Finish::Cancelled => None,
                 };
                 match finish_reason {
