@@ -118,6 +118,24 @@ async fn expect_msg(node: &mut Node, rank: usize) -> Result<FromNode> {
     }
 }
 
+/// `e`, or better the reason the node gave on its control stream (a refusal or an error
+/// naming what failed there), if one arrives within half a second: when a node fails,
+/// what the coordinator notices first is usually just the stream or connection going away.
+async fn with_reason(node: &mut Node, rank: usize, e: Error) -> Error {
+    let said = tokio::time::timeout(
+        Duration::from_millis(500),
+        node.ctl.recv_msg::<FromNode>(MAX_CONTROL),
+    )
+    .await;
+    match said {
+        Ok(Ok(FromNode::Refused { reason })) => {
+            node_err(node.addr, rank, format!("refused the session: {reason}"))
+        }
+        Ok(Ok(FromNode::Error { msg })) => node_err(node.addr, rank, format!("failed: {msg}")),
+        _ => e,
+    }
+}
+
 async fn send(node: &mut Node, rank: usize, msg: &ToNode) -> Result<()> {
     node.ctl
         .send_msg(msg)
@@ -310,15 +328,7 @@ impl ClusterBackend {
                             .await;
                             if let Err(e) = r {
                                 // The node may have said why it stopped (e.g. its disk is full).
-                                let why = tokio::time::timeout(
-                                    Duration::from_millis(500),
-                                    expect_msg(node, rank),
-                                )
-                                .await;
-                                return Err(match why {
-                                    Ok(Err(reason)) => reason,
-                                    _ => e,
-                                });
+                                return Err(with_reason(node, rank, e).await);
                             }
                             off += len;
                             bar.inc(len);
@@ -332,10 +342,13 @@ impl ClusterBackend {
             .await?;
             let mut links = std::collections::BTreeMap::new();
             for p in opts.algo.peers(0, world) {
-                let n = &nodes[p - 1];
-                let l = open_data_link(&n.conn, 0, world, opts.algo, p)
-                    .await
-                    .map_err(|e| node_err(n.addr, p, e))?;
+                let n = &mut nodes[p - 1];
+                let l = match open_data_link(&n.conn, 0, world, opts.algo, p).await {
+                    Ok(l) => l,
+                    // A node that failed after the transfer (a block that does not verify)
+                    // said why on its control stream before it stopped answering.
+                    Err(e) => return Err(with_reason(n, p, node_err(n.addr, p, e)).await),
+                };
                 links.insert(p, l);
             }
             let windows: Vec<u32> =

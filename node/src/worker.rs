@@ -170,7 +170,10 @@ pub async fn serve(ep: Endpoint, opts: NodeOptions, net: Arc<Driven>) {
                         Some(tx) => {
                             let _ = tx.send((conn, stream)).await;
                         }
-                        None => conn.close("no session is expecting a data link"),
+                        // Drop just the stream: the connection may carry a session's
+                        // control stream whose last message (why it failed) must still
+                        // reach the coordinator.
+                        None => drop(stream),
                     }
                 }
                 t => conn.close(&format!("unknown stream tag {t:#x}")),

@@ -169,10 +169,15 @@ impl Drop for Netns {
     }
 }
 
-/// Starts `tpi-node serve --listen 127.0.0.1:0 --threads 1 --credential CRED` by hand, as a
-/// user would on a device (no testbed around it), logging to `log`, and reads the address it
-/// announces. The child is returned either way, so the caller decides how to clean up.
-pub fn spawn_static_node(cred: &Path, log: &Path) -> (Child, anyhow::Result<SocketAddr>) {
+/// Starts `tpi-node serve --listen 127.0.0.1:0 --threads 1 --credential CRED [EXTRA…]` by
+/// hand, as a user would on a device (no testbed around it), logging to `log`, and reads the
+/// address it announces. The child is returned either way, so the caller decides how to
+/// clean up.
+pub fn spawn_static_node(
+    cred: &Path,
+    log: &Path,
+    extra: &[&str],
+) -> (Child, anyhow::Result<SocketAddr>) {
     let bin = tpi_node_bin();
     let logf = std::fs::File::create(log).expect("node log file");
     let mut child = Command::new(&bin)
@@ -185,6 +190,7 @@ pub fn spawn_static_node(cred: &Path, log: &Path) -> (Child, anyhow::Result<Sock
             "--credential",
         ])
         .arg(cred)
+        .args(extra)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::from(logf))

@@ -410,7 +410,7 @@ fn tpi_ok(args: &[&str]) {
 
 /// Starts `tpi-node serve --listen 127.0.0.1:0` and waits for its address.
 fn start_node(cred: &Path, log: &Path) -> (Proc, SocketAddr) {
-    let (child, addr) = spawn_static_node(cred, log);
+    let (child, addr) = spawn_static_node(cred, log, &[]);
     let proc_ = Proc {
         child,
         what: format!("tpi-node ({})", log.display()),

@@ -156,7 +156,11 @@ struct Node {
 
 impl Node {
     fn start(cred: &Path, log: PathBuf) -> Node {
-        let (mut child, addr) = spawn_static_node(cred, &log);
+        Self::start_with(cred, log, &[])
+    }
+
+    fn start_with(cred: &Path, log: PathBuf, extra: &[&str]) -> Node {
+        let (mut child, addr) = spawn_static_node(cred, &log, extra);
         match addr {
             Ok(addr) => Node { child, addr, log },
             Err(e) => {
@@ -637,4 +641,69 @@ fn busy_node_refuses_a_second_coordinator_clearly() {
     // The first session is unharmed.
     assert!(first.try_status().is_none(), "{}", first.stderr());
     assert!(a.alive());
+}
+
+#[test]
+fn a_block_that_fails_its_hash_after_transfer_is_named_with_its_rank() {
+    let _g = serial();
+    let tmp = TempDir::new("fault-block-hash");
+    make_cluster(&tmp.join("c"), &["n1"]);
+    let data = tmp.join("node-data");
+    let data_arg = data.display().to_string();
+    let node = Node::start_with(
+        &tmp.join("c/n1"),
+        tmp.join("node.log"),
+        &["--data-dir", &data_arg],
+    );
+    let addr = node.addr.to_string();
+    let cred = tmp.join("c/credential").display().to_string();
+    let mut ok = Running::tpi(&short_run(&["--nodes", &addr, "--credential", &cred]));
+    let st = ok
+        .wait_for(Duration::from_secs(120))
+        .expect("first run ends");
+    assert!(st.success(), "first run failed: {}", ok.stderr());
+    // Make the node's cached shard an interrupted transfer that claims every block but the
+    // last, with block 0 damaged on disk: the node asks only for the last block, and finds
+    // block 0 bad when it verifies the whole shard after the transfer.
+    let shards = data.join("shards");
+    let dir = std::fs::read_dir(&shards)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.to_string_lossy().ends_with("-r1"))
+        .expect("the node's cached shard");
+    let m: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).unwrap()).unwrap();
+    let blocks = m["blocks"].as_array().unwrap();
+    assert!(blocks.len() >= 2);
+    let have: serde_json::Map<String, serde_json::Value> = blocks[..blocks.len() - 1]
+        .iter()
+        .enumerate()
+        .map(|(i, b)| (i.to_string(), b["len"].clone()))
+        .collect();
+    let key = dir.file_name().unwrap().to_string_lossy().to_string();
+    let partial = shards.join(format!("{key}.partial"));
+    std::fs::rename(&dir, &partial).unwrap();
+    std::fs::remove_file(partial.join("manifest.json")).unwrap();
+    let _ = std::fs::remove_file(partial.join("verified.json"));
+    std::fs::write(
+        partial.join("progress.json"),
+        serde_json::json!({"key": key, "have": have}).to_string(),
+    )
+    .unwrap();
+    let data_file = partial.join("shard.bin");
+    let mut bytes = std::fs::read(&data_file).unwrap();
+    let off = blocks[0]["offset"].as_u64().unwrap() as usize;
+    bytes[off..off + 64].fill(0xA5);
+    std::fs::write(&data_file, bytes).unwrap();
+
+    let mut bad = Running::tpi(&short_run(&["--nodes", &addr, "--credential", &cred]));
+    let st = bad
+        .wait_for(Duration::from_secs(120))
+        .expect("second run ends");
+    let err = bad.stderr();
+    assert!(!st.success(), "a shard that fails its hash was used: {err}");
+    for want in ["rank 1", "block 0", "sha256"] {
+        assert!(err.contains(want), "the error does not say {want:?}: {err}");
+    }
+    assert!(!err.contains("panicked"), "{err}");
 }
