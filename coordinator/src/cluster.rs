@@ -205,6 +205,16 @@ impl ClusterBackend {
                         .await
                         .map_err(|e| node_err(addr, rank, e))?
                         .with_peer_name(&format!("rank {rank} ({addr})"));
+                    match conn.peer_role().map_err(|e| node_err(addr, rank, e))? {
+                        Some(r) if !r.may_serve() => {
+                            return Err(node_err(
+                                addr,
+                                rank,
+                                format!("its certificate has role {r}, not node: it is not a node of this cluster"),
+                            ))
+                        }
+                        _ => {}
+                    }
                     let ctl = conn
                         .open_stream(CONTROL_STREAM_TAG)
                         .await

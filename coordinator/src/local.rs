@@ -9,7 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use tpi_node::net::{CaBundle, Credential};
+use tpi_node::net::{CaBundle, Credential, Role};
 
 use crate::error::{Error, Result};
 
@@ -183,11 +183,11 @@ impl LocalCluster {
         let io = |e: std::io::Error| Error::Io(format!("local cluster: {e}"));
         std::fs::create_dir_all(&dir).map_err(io)?;
         let ca = CaBundle::generate()?;
-        let node_cred = ca.issue("tpi-node")?;
+        let node_cred = ca.issue("tpi-node", Role::Node)?;
         let mut me = LocalCluster {
             children: Vec::new(),
             addrs: Vec::new(),
-            credential: ca.issue("tpi-coordinator")?,
+            credential: ca.issue("tpi-coordinator", Role::Coordinator)?,
             dir: dir.clone(),
         };
         let cred_dir = dir.join("node");

@@ -120,6 +120,13 @@ pub async fn serve(ep: Endpoint, opts: NodeOptions, net: Arc<Driven>) {
             };
             match stream.tag {
                 CONTROL_STREAM_TAG => {
+                    if let Err(reason) = may_start_sessions(&conn) {
+                        tracing::warn!("refused a session from {}: {reason}", conn.remote_addr());
+                        let mut s = stream;
+                        let _ = s.send_msg(&FromNode::Refused { reason }).await;
+                        linger(&conn, s).await;
+                        return;
+                    }
                     // A session that just ended may still be releasing the node: wait a little.
                     let guard = tokio::time::timeout(Duration::from_secs(3), busy.lock()).await;
                     let Ok(_guard) = guard else {
@@ -179,6 +186,26 @@ pub async fn serve(ep: Endpoint, opts: NodeOptions, net: Arc<Driven>) {
                 t => conn.close(&format!("unknown stream tag {t:#x}")),
             }
         });
+    }
+}
+
+/// Whether the peer's certificate allows it to start a session: a coordinator (or both)
+/// role. A certificate from before roles is accepted with a warning.
+fn may_start_sessions(conn: &Connection) -> Result<(), String> {
+    match conn.peer_role() {
+        Ok(Some(r)) if r.may_coordinate() => Ok(()),
+        Ok(Some(r)) => Err(format!(
+            "the certificate of {} has role {r}: only coordinator credentials may start sessions (issue one with `tpi cluster issue --role coordinator`)",
+            conn.remote_addr()
+        )),
+        Ok(None) => {
+            tracing::warn!(
+                "{} uses a credential issued before roles: accepted as a coordinator; re-issue it with `tpi cluster issue --role coordinator`",
+                conn.remote_addr()
+            );
+            Ok(())
+        }
+        Err(e) => Err(format!("cannot read the role in the peer's certificate: {e}")),
     }
 }
 

@@ -59,7 +59,7 @@ impl TestNode {
     async fn start() -> TestNode {
         let (ca, node_cred) = Credential::ephemeral_cluster().expect("ephemeral cluster");
         let client_cred = ca
-            .issue("test-coordinator")
+            .issue("test-coordinator", tpi_node::net::Role::Coordinator)
             .expect("issue client credential");
         let data = TempDir::new("data");
         let opts = NodeOptions {

@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use tpi_testbed::harness::spawn_static_node;
-use tpi_testbed::{cmdline, fixtures_dir, smollm2_gguf, tpi_bin, TempDir};
+use tpi_testbed::{cmdline, fixtures_dir, smollm2_gguf, tpi_bin, tpi_node_bin, TempDir};
 
 /// A dead node must be noticed within this long after it dies.
 const DEATH_DEADLINE: Duration = Duration::from_millis(2500);
@@ -706,4 +706,45 @@ fn a_block_that_fails_its_hash_after_transfer_is_named_with_its_rank() {
         assert!(err.contains(want), "the error does not say {want:?}: {err}");
     }
     assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn only_coordinator_credentials_start_sessions() {
+    let _g = serial();
+    let tmp = TempDir::new("fault-roles");
+    make_cluster(&tmp.join("c"), &["n1", "n2"]);
+    let node = Node::start(&tmp.join("c/n1"), tmp.join("node.log"));
+    let addr = node.addr.to_string();
+    // Another node's credential (role node) cannot drive n1.
+    let n2 = tmp.join("c/n2").display().to_string();
+    let mut r = Running::tpi(&short_run(&["--nodes", &addr, "--credential", &n2]));
+    let st = r.wait_for(Duration::from_secs(60)).expect("run ends");
+    let err = r.stderr();
+    assert!(!st.success(), "a node credential started a session: {err}");
+    for want in ["rank 1", "role node", "coordinator"] {
+        assert!(
+            err.contains(want),
+            "the refusal does not say {want:?}: {err}"
+        );
+    }
+    // The coordinator's credential (from `tpi cluster init`) can.
+    let cred = tmp.join("c/credential").display().to_string();
+    let mut ok = Running::tpi(&short_run(&["--nodes", &addr, "--credential", &cred]));
+    let st = ok.wait_for(Duration::from_secs(120)).expect("run ends");
+    assert!(
+        st.success(),
+        "the coordinator credential failed: {}",
+        ok.stderr()
+    );
+    // And a coordinator credential cannot serve as a node.
+    let out = Command::new(tpi_node_bin())
+        .args(["serve", "--listen", "127.0.0.1:0", "--credential", &cred])
+        .output()
+        .expect("run tpi-node");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("role coordinator") && err.contains("--role node"),
+        "{err}"
+    );
 }

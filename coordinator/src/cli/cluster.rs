@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
-use tpi_node::net::CaBundle;
+use tpi_node::net::{CaBundle, Role};
 
 /// `tpi cluster` subcommands.
 #[derive(Args, Debug)]
@@ -25,6 +25,10 @@ pub enum ClusterWhat {
         /// Replace an existing CA (every device then needs a new credential).
         #[arg(long)]
         force: bool,
+        /// Role of this machine's credential: coordinator (starts sessions), node
+        /// (serves a rank) or both.
+        #[arg(long, default_value = "coordinator")]
+        role: Role,
     },
     /// Issue a credential for another device from the cluster CA.
     Issue {
@@ -37,6 +41,11 @@ pub enum ClusterWhat {
         /// Where to write ca.pem, cert.pem and key.pem (copy it to the device).
         #[arg(long)]
         out: PathBuf,
+        /// What the device may do: node (serve a rank with `tpi-node`), coordinator (start
+        /// sessions with `tpi run/chat/serve`) or both. Nodes refuse sessions from
+        /// credentials without the coordinator role.
+        #[arg(long, default_value = "node")]
+        role: Role,
     },
 }
 
@@ -60,7 +69,7 @@ fn load_ca(dir: &std::path::Path) -> anyhow::Result<CaBundle> {
 /// Runs `tpi cluster`.
 pub fn cluster(c: ClusterCmd) -> anyhow::Result<()> {
     match c.what {
-        ClusterWhat::Init { dir, force } => {
+        ClusterWhat::Init { dir, force, role } => {
             let ca_dir = dir.join("ca");
             if ca_dir.join("ca.pem").exists() && !force {
                 bail!(
@@ -78,20 +87,25 @@ pub fn cluster(c: ClusterCmd) -> anyhow::Result<()> {
                 use std::os::unix::fs::PermissionsExt;
                 std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600))?;
             }
-            let cred = ca.issue("tpi-coordinator")?;
+            let cred = ca.issue("tpi-coordinator", role)?;
             let cred_dir = dir.join("credential");
             cred.save(&cred_dir)?;
             println!("cluster CA: {}", ca_dir.display());
-            println!("this machine's credential: {}", cred_dir.display());
+            println!("this machine's credential ({role}): {}", cred_dir.display());
             println!(
                 "for each device: tpi cluster issue --name NAME --out DIR, copy DIR there, and run tpi-node serve --credential DIR"
             );
         }
-        ClusterWhat::Issue { dir, name, out } => {
+        ClusterWhat::Issue {
+            dir,
+            name,
+            out,
+            role,
+        } => {
             let ca = load_ca(&dir)?;
-            let cred = ca.issue(&name)?;
+            let cred = ca.issue(&name, role)?;
             cred.save(&out)?;
-            println!("credential for {name}: {}", out.display());
+            println!("credential for {name} ({role}): {}", out.display());
         }
     }
     Ok(())

@@ -137,6 +137,17 @@ fn real_main() -> anyhow::Result<()> {
         .context("no cluster credential: pass --credential DIR (made by `tpi cluster init`)")?;
     let credential = Credential::load(&cred_dir)
         .with_context(|| format!("cannot load the credential in {}", cred_dir.display()))?;
+    match credential.role()? {
+        Some(r) if !r.may_serve() => anyhow::bail!(
+            "the credential in {} has role {r}: a node needs a node credential (`tpi cluster issue --role node`)",
+            cred_dir.display()
+        ),
+        Some(_) => {}
+        None => tracing::warn!(
+            "the credential in {} was issued before roles; it keeps working, but re-issue it with `tpi cluster issue --role node`",
+            cred_dir.display()
+        ),
+    }
     let threads = threads.unwrap_or_else(|| {
         std::thread::available_parallelism()
             .map(|n| n.get())

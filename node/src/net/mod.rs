@@ -23,5 +23,5 @@ pub mod transport;
 pub mod wire;
 
 pub use collective::{Algo, AllreduceStats, DataLink, Group, WireDType};
-pub use tls::{CaBundle, Credential};
+pub use tls::{certificate_role, CaBundle, Credential, Role};
 pub use transport::{Connection, Endpoint, NetError, Stream, TransportOptions};

@@ -28,6 +28,81 @@ pub const ALPN: &[u8] = b"tpi/1";
 
 const CA_COMMON_NAME: &str = "tpi cluster CA";
 
+/// The prefix of the subject OU attribute that holds a credential's [`Role`].
+const ROLE_PREFIX: &str = "tpi-role=";
+
+/// What a credential may do in the cluster, written into its certificate (subject OU
+/// `tpi-role=…`, signed by the cluster CA, so a device cannot change its own).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// Starts sessions on nodes (the `tpi` CLI, rank 0).
+    Coordinator,
+    /// Serves a rank (`tpi-node`); cannot start sessions on other nodes.
+    Node,
+    /// Either.
+    Both,
+}
+
+impl Role {
+    /// The name used in certificates and on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Coordinator => "coordinator",
+            Role::Node => "node",
+            Role::Both => "both",
+        }
+    }
+
+    /// Whether a credential with this role may start sessions.
+    pub fn may_coordinate(self) -> bool {
+        matches!(self, Role::Coordinator | Role::Both)
+    }
+
+    /// Whether a credential with this role may serve a rank.
+    pub fn may_serve(self) -> bool {
+        matches!(self, Role::Node | Role::Both)
+    }
+}
+
+impl std::str::FromStr for Role {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "coordinator" => Ok(Role::Coordinator),
+            "node" => Ok(Role::Node),
+            "both" => Ok(Role::Both),
+            o => Err(format!("unknown role `{o}` (coordinator, node, both)")),
+        }
+    }
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The role a certificate (DER) carries: `Ok(None)` for a certificate issued before
+/// roles existed (no `tpi-role=` OU), an error for one that does not parse or names an
+/// unknown role.
+pub fn certificate_role(der: &[u8]) -> Result<Option<Role>, NetError> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der)
+        .map_err(|e| tls_err("parsing the peer certificate", e))?;
+    let mut role = None;
+    for ou in cert.subject().iter_organizational_unit() {
+        let v = ou
+            .as_str()
+            .map_err(|e| tls_err("reading the certificate's OU", e))?;
+        if let Some(r) = v.strip_prefix(ROLE_PREFIX) {
+            if role.is_some() {
+                return Err(NetError::Tls("the certificate names two roles".into()));
+            }
+            role = Some(r.parse::<Role>().map_err(NetError::Tls)?);
+        }
+    }
+    Ok(role)
+}
+
 fn tls_err(what: &str, e: impl std::fmt::Display) -> NetError {
     NetError::Tls(format!("{what}: {e}"))
 }
@@ -80,12 +155,13 @@ impl CaBundle {
         })
     }
 
-    /// Issues a leaf credential named `name` (its CN), valid for client and server auth,
-    /// with [`SERVER_NAME`] as its DNS SAN, signed by this CA.
+    /// Issues a leaf credential named `name` (its CN) with `role` (its OU), valid for
+    /// client and server auth (nodes also connect to each other for data links), with
+    /// [`SERVER_NAME`] as its DNS SAN, signed by this CA.
     ///
     /// Only CAs made by [`CaBundle::generate`] are supported (the issuer name is rebuilt
     /// from the fixed CA parameters; the signature comes from `key_pem`).
-    pub fn issue(&self, name: &str) -> Result<Credential, NetError> {
+    pub fn issue(&self, name: &str, role: Role) -> Result<Credential, NetError> {
         let ca_key = KeyPair::from_pem(&self.key_pem).map_err(|e| tls_err("CA key", e))?;
         let ca_cert = ca_params()?
             .self_signed(&ca_key)
@@ -94,6 +170,10 @@ impl CaBundle {
             .map_err(|e| tls_err("leaf params", e))?;
         let mut dn = DistinguishedName::new();
         dn.push(DnType::CommonName, name);
+        dn.push(
+            DnType::OrganizationalUnitName,
+            format!("{ROLE_PREFIX}{}", role.name()),
+        );
         p.distinguished_name = dn;
         p.is_ca = IsCa::ExplicitNoCa;
         p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
@@ -145,8 +225,14 @@ impl Credential {
     /// [`CaBundle::issue`]).
     pub fn ephemeral_cluster() -> Result<(CaBundle, Credential), NetError> {
         let ca = CaBundle::generate()?;
-        let cred = ca.issue("tpi-local")?;
+        let cred = ca.issue("tpi-local", Role::Both)?;
         Ok((ca, cred))
+    }
+
+    /// The role this credential's certificate carries (None: issued before roles).
+    pub fn role(&self) -> Result<Option<Role>, NetError> {
+        let chain = self.parts()?.chain;
+        certificate_role(&chain[0])
     }
 
     /// Writes `ca.pem`, `cert.pem` and `key.pem` into `dir` (created if missing); the key
@@ -294,7 +380,13 @@ mod tests {
     #[test]
     fn issue_save_load() {
         let (ca, cred) = Credential::ephemeral_cluster().unwrap();
-        let other = ca.issue("rank-3").unwrap();
+        let other = ca.issue("rank-3", Role::Node).unwrap();
+        assert_eq!(other.role().unwrap(), Some(Role::Node));
+        assert_eq!(cred.role().unwrap(), Some(Role::Both));
+        assert_eq!(
+            ca.issue("c", Role::Coordinator).unwrap().role().unwrap(),
+            Some(Role::Coordinator)
+        );
         assert_eq!(other.ca_pem, cred.ca_pem);
         let dir = std::env::temp_dir().join(format!("tpi-net-tls-{}", std::process::id()));
         other.save(&dir).unwrap();
@@ -313,6 +405,25 @@ mod tests {
         server_config(&back).unwrap();
         client_config(&back).unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn roles_parse_and_say_what_they_allow() {
+        for r in [Role::Coordinator, Role::Node, Role::Both] {
+            assert_eq!(r.name().parse::<Role>().unwrap(), r);
+        }
+        assert!("admin".parse::<Role>().is_err());
+        assert!(Role::Coordinator.may_coordinate() && !Role::Coordinator.may_serve());
+        assert!(!Role::Node.may_coordinate() && Role::Node.may_serve());
+        assert!(Role::Both.may_coordinate() && Role::Both.may_serve());
+        // A certificate from before roles (no OU) has none.
+        let key = KeyPair::generate().unwrap();
+        let cert = CertificateParams::new(vec![SERVER_NAME.to_string()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        assert_eq!(certificate_role(cert.der()).unwrap(), None);
+        assert!(certificate_role(b"not a certificate").is_err());
     }
 
     #[test]

@@ -568,6 +568,23 @@ impl Connection {
         self.inner.remote_address()
     }
 
+    /// The role in the peer's certificate (verified against the cluster CA during the
+    /// handshake): None when its certificate predates roles.
+    pub fn peer_role(&self) -> Result<Option<super::tls::Role>, NetError> {
+        let certs = self
+            .inner
+            .peer_identity()
+            .and_then(|id| {
+                id.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+                    .ok()
+            })
+            .ok_or_else(|| NetError::Tls(format!("{} presented no certificate", self.peer)))?;
+        let leaf = certs
+            .first()
+            .ok_or_else(|| NetError::Tls(format!("{} presented no certificate", self.peer)))?;
+        super::tls::certificate_role(leaf)
+    }
+
     /// Current RTT estimate.
     pub fn rtt(&self) -> Duration {
         self.inner.rtt()
