@@ -250,7 +250,7 @@ impl ClusterBackend {
         let head = shards[0].head()?;
         let cache = model.new_cache(capacity);
         let window = shards[0].window(opts.window, opts.mem_budget, cache.bytes() as u64);
-        let model_id = files.identity();
+        let model_id = files.identity()?;
         let plan_id = plan.id();
         let (group, sent, windows) = net.block_on(async {
             let addrs: Vec<Option<SocketAddr>> = std::iter::once(None)

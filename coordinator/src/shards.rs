@@ -108,7 +108,7 @@ pub fn ensure_shards(
     layouts: &[Layout],
     given: Option<&Path>,
 ) -> Result<Vec<Shard>> {
-    let model_id = files.identity();
+    let model_id = files.identity()?;
     let mut shards = Vec::with_capacity(plan.world());
     for r in 0..plan.world() {
         let shard = match given {
@@ -156,7 +156,7 @@ fn write_cached(
         .unwrap_or(0);
     let tmp = d.with_extension(format!("tmp-{}-{nanos}", std::process::id()));
     write_shard(files, plan, r, quant, layout, &tmp).map_err(|e| Error::Io(e.to_string()))?;
-    let model_id = files.identity();
+    let model_id = files.identity()?;
     let installed = usable(d, files, &model_id, plan, r)
         .ok()
         .flatten()

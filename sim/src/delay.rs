@@ -107,9 +107,62 @@ impl Ord for Packet {
     }
 }
 
+/// One link's serialisation clock: when it is free again, and its last delivery (so
+/// jitter never reorders).
 struct LinkClock {
     free_at: Instant,
     last_delivery: Instant,
+}
+
+impl LinkClock {
+    fn new(now: Instant) -> Self {
+        LinkClock {
+            free_at: now,
+            last_delivery: now,
+        }
+    }
+
+    /// The link model, as a pure function of the submit time `now`: a packet of `len`
+    /// bytes departs at `max(now, free_at) + len*8/bandwidth` and is delivered at
+    /// `departure + latency ± jitter`, never before the previous delivery; it is dropped
+    /// when the backlog would exceed the queue, or with probability `loss` (after using
+    /// its serialisation time). `draw` gives uniform numbers in [0, 1): the loss draw,
+    /// then the jitter draw.
+    fn schedule(
+        &mut self,
+        now: Instant,
+        spec: &LinkSpec,
+        len: usize,
+        draw: &mut dyn FnMut() -> f64,
+    ) -> Verdict {
+        let start = self.free_at.max(now);
+        if let Some(bps) = spec.bandwidth_bps {
+            let backlog = (start - now).as_secs_f64() * bps as f64 / 8.0;
+            if backlog + len as f64 > spec.queue_bytes as f64 {
+                return Verdict::QueueFull;
+            }
+        }
+        let departure = start + spec.serialisation(len);
+        self.free_at = departure;
+        if spec.loss > 0.0 && draw() < spec.loss {
+            return Verdict::Lost;
+        }
+        let mut delivery = departure + spec.latency;
+        if !spec.jitter.is_zero() {
+            let j = (draw() * 2.0 - 1.0) * spec.jitter.as_secs_f64();
+            delivery = if j >= 0.0 {
+                delivery + Duration::from_secs_f64(j)
+            } else {
+                delivery
+                    .checked_sub(Duration::from_secs_f64(-j))
+                    .unwrap_or(departure)
+                    .max(departure)
+            };
+        }
+        delivery = delivery.max(self.last_delivery);
+        self.last_delivery = delivery;
+        Verdict::Scheduled(delivery)
+    }
 }
 
 struct State {
@@ -199,46 +252,28 @@ impl DelayLine {
         let now = Instant::now();
         let mut st = lock(&self.shared.state);
         let st = &mut *st;
-        let clock = st.links.entry(key).or_insert(LinkClock {
-            free_at: now,
-            last_delivery: now,
-        });
-        let start = clock.free_at.max(now);
-        if let Some(bps) = spec.bandwidth_bps {
-            let backlog = (start - now).as_secs_f64() * bps as f64 / 8.0;
-            if backlog + data.len() as f64 > spec.queue_bytes as f64 {
+        let clock = st.links.entry(key).or_insert(LinkClock::new(now));
+        let rng = &mut st.rng;
+        let verdict = clock.schedule(now, spec, data.len(), &mut || uniform(rng));
+        let delivery = match verdict {
+            Verdict::Scheduled(at) => at,
+            Verdict::QueueFull => {
                 self.shared
                     .counters
                     .0
                     .dropped_queue
                     .fetch_add(1, Ordering::Relaxed);
-                return Verdict::QueueFull;
+                return verdict;
             }
-        }
-        let departure = start + spec.serialisation(data.len());
-        clock.free_at = departure;
-        if spec.loss > 0.0 && uniform(&mut st.rng) < spec.loss {
-            self.shared
-                .counters
-                .0
-                .dropped_loss
-                .fetch_add(1, Ordering::Relaxed);
-            return Verdict::Lost;
-        }
-        let mut delivery = departure + spec.latency;
-        if !spec.jitter.is_zero() {
-            let j = (uniform(&mut st.rng) * 2.0 - 1.0) * spec.jitter.as_secs_f64();
-            delivery = if j >= 0.0 {
-                delivery + Duration::from_secs_f64(j)
-            } else {
-                delivery
-                    .checked_sub(Duration::from_secs_f64(-j))
-                    .unwrap_or(departure)
-                    .max(departure)
-            };
-        }
-        delivery = delivery.max(clock.last_delivery);
-        clock.last_delivery = delivery;
+            Verdict::Lost => {
+                self.shared
+                    .counters
+                    .0
+                    .dropped_loss
+                    .fetch_add(1, Ordering::Relaxed);
+                return verdict;
+            }
+        };
         st.seq += 1;
         let was_earliest = st.heap.peek().map_or(true, |p| delivery < p.due);
         st.heap.push(Packet {
@@ -338,6 +373,94 @@ mod tests {
                 .send((Instant::now(), data.to_vec()))
                 .is_ok()
         }
+    }
+
+    /// Submit times on a virtual clock: `t0 + us` microseconds.
+    fn at(t0: Instant, us: u64) -> Instant {
+        t0 + Duration::from_micros(us)
+    }
+
+    fn due(v: Verdict) -> Instant {
+        match v {
+            Verdict::Scheduled(t) => t,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn schedule_adds_latency_and_paces_at_the_bandwidth() {
+        let t0 = Instant::now();
+        let spec: LinkSpec = "2ms,300mbit".parse().unwrap();
+        let mut c = LinkClock::new(t0);
+        let mut never = || panic!("no loss or jitter: nothing to draw");
+        // An idle link: latency plus serialisation (1500 B at 300 Mbit/s = 40 us).
+        let d = due(c.schedule(at(t0, 100), &spec, 1500, &mut never));
+        assert_eq!(d, at(t0, 100 + 40 + 2000));
+        // A burst: departures 40 us apart, so deliveries are too (exactly the bandwidth).
+        let ds: Vec<Instant> = (0..100)
+            .map(|_| due(c.schedule(at(t0, 200), &spec, 1500, &mut never)))
+            .collect();
+        assert_eq!(ds[0], at(t0, 200 + 40 + 2000));
+        for w in ds.windows(2) {
+            assert_eq!(w[1] - w[0], Duration::from_micros(40));
+        }
+        // After the burst has drained, the link is idle again.
+        let d = due(c.schedule(at(t0, 1_000_000), &spec, 64, &mut never));
+        let ser = spec.serialisation(64);
+        assert_eq!(d, at(t0, 1_000_000) + ser + Duration::from_millis(2));
+    }
+
+    #[test]
+    fn schedule_drops_the_tail_of_a_full_queue_and_keeps_fifo_under_jitter() {
+        let t0 = Instant::now();
+        // 1 Mbit/s, 10 kB queue: 1500-byte packets (12 ms each) fit while the backlog
+        // plus the packet stays within 10 kB.
+        let spec: LinkSpec = "0ms,1mbit,queue=10kb".parse().unwrap();
+        let mut c = LinkClock::new(t0);
+        let v: Vec<Verdict> = (0..10)
+            .map(|_| c.schedule(t0, &spec, 1500, &mut || 0.5))
+            .collect();
+        let kept = v
+            .iter()
+            .take_while(|v| matches!(v, Verdict::Scheduled(_)))
+            .count();
+        assert_eq!(kept, 6, "{v:?}");
+        assert!(v[kept..].iter().all(|v| *v == Verdict::QueueFull));
+        // Jitter of ±0.9 ms on 1 ms with draws that alternate extremes: never reordered,
+        // never before departure.
+        let spec: LinkSpec = "1ms,jitter=0.9ms".parse().unwrap();
+        let mut c = LinkClock::new(t0);
+        let mut k = 0u32;
+        let mut draw = || {
+            k += 1;
+            if k % 2 == 0 {
+                0.999
+            } else {
+                0.0
+            }
+        };
+        let ds: Vec<Instant> = (0..50)
+            .map(|i| due(c.schedule(at(t0, 10 * i), &spec, 100, &mut draw)))
+            .collect();
+        assert!(ds.windows(2).all(|w| w[0] <= w[1]));
+        assert!(ds
+            .iter()
+            .enumerate()
+            .all(|(i, d)| *d >= at(t0, 10 * i as u64)));
+    }
+
+    #[test]
+    fn schedule_loses_packets_at_the_loss_rate() {
+        let t0 = Instant::now();
+        let spec: LinkSpec = "1ms,loss=10%".parse().unwrap();
+        let mut c = LinkClock::new(t0);
+        let mut rng = 12345u64;
+        let n = 100_000;
+        let lost = (0..n)
+            .filter(|_| c.schedule(t0, &spec, 100, &mut || uniform(&mut rng)) == Verdict::Lost)
+            .count();
+        let rate = lost as f64 / n as f64;
+        assert!((rate - 0.10).abs() < 0.005, "{rate}");
     }
 
     #[test]

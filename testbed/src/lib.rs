@@ -8,6 +8,7 @@
 //! with the same profile, so that the binary under test is never stale. Set
 //! `TPI_TEST_NO_BUILD=1` to skip that build and use whatever binary is there (it must exist).
 
+pub mod fuzz;
 pub mod harness;
 pub mod synth;
 

@@ -50,6 +50,22 @@ enum Cmd {
         #[arg(long, default_value_t = 1)]
         node_threads: usize,
     },
+    /// Fuzz the parsers of untrusted input (see tpi_testbed::fuzz); new behaviours are
+    /// added to testbed/fuzz/corpus/<target>/, crashes saved to testbed/fuzz/crashes/.
+    Fuzz {
+        /// Targets (default: all): gguf, safetensors, config, manifest, wire, http, chat.
+        #[arg(long, value_delimiter = ',')]
+        target: Vec<String>,
+        /// Executions per target.
+        #[arg(long, default_value_t = 1_000_000)]
+        execs: u64,
+        /// RNG seed (different seeds explore differently).
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Do not add new inputs to the committed corpus.
+        #[arg(long)]
+        no_save: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -63,6 +79,16 @@ fn main() -> ExitCode {
 }
 
 fn real_main() -> anyhow::Result<()> {
+    let cmd = Cli::parse().cmd;
+    if let Cmd::Fuzz {
+        target,
+        execs,
+        seed,
+        no_save,
+    } = cmd
+    {
+        return fuzz(&target, execs, seed, !no_save);
+    }
     let Cmd::Cluster {
         nodes,
         link,
@@ -73,7 +99,10 @@ fn real_main() -> anyhow::Result<()> {
         netns,
         allreduce,
         node_threads,
-    } = Cli::parse().cmd;
+    } = cmd
+    else {
+        unreachable!("handled above");
+    };
     if netns && !netns_available() {
         anyhow::bail!("--netns needs root and iproute2");
     }
@@ -129,6 +158,57 @@ fn real_main() -> anyhow::Result<()> {
             "{i:>4}  {addr:<22} {c:>8.2} {w:>8.2} {x:>8.2}  {:>6.1} MB",
             r.peak_rss.get(i).copied().unwrap_or(0) as f64 / 1e6
         );
+    }
+    Ok(())
+}
+
+fn fuzz(names: &[String], execs: u64, seed: u64, save: bool) -> anyhow::Result<()> {
+    use tpi_testbed::fuzz;
+    let all = fuzz::targets();
+    for n in names {
+        if !all.iter().any(|t| t.name == n) {
+            let known: Vec<&str> = all.iter().map(|t| t.name).collect();
+            anyhow::bail!("unknown fuzz target `{n}` (known: {})", known.join(", "));
+        }
+    }
+    let crash_dir = fuzz::corpus_dir("x")
+        .parent()
+        .and_then(|p| p.parent())
+        .map(|p| p.join("crashes"))
+        .unwrap_or_else(|| "crashes".into());
+    let mut crashed = false;
+    for t in all
+        .iter()
+        .filter(|t| names.is_empty() || names.iter().any(|n| n == t.name))
+    {
+        let dir = fuzz::corpus_dir(t.name);
+        let corpus = fuzz::read_corpus(&dir);
+        let start = std::time::Instant::now();
+        let r = fuzz::fuzz(
+            t,
+            execs,
+            seed,
+            corpus,
+            save.then_some(dir.as_path()),
+            Some(&crash_dir.join(t.name)),
+        );
+        let secs = start.elapsed().as_secs_f64();
+        println!(
+            "{:<12} {:>10} execs in {secs:>7.1} s ({:>8.0}/s): {} behaviours, corpus {}, {} crash(es)",
+            t.name,
+            r.execs,
+            r.execs as f64 / secs.max(1e-9),
+            r.signatures,
+            r.corpus,
+            r.crashes.len()
+        );
+        for (input, msg) in r.crashes.iter().take(5) {
+            println!("  crash ({} bytes): {msg}", input.len());
+        }
+        crashed |= !r.crashes.is_empty();
+    }
+    if crashed {
+        anyhow::bail!("crashes found: inputs saved under {}", crash_dir.display());
     }
     Ok(())
 }

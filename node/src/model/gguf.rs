@@ -317,6 +317,22 @@ impl GgufFile {
         Self::parse(path, Arc::new(map))
     }
 
+    /// Parses a GGUF held in memory (a copy in an anonymous map), with every check
+    /// [`GgufFile::open`] makes; `path` only names it in errors.
+    pub fn from_bytes(path: &Path, bytes: &[u8]) -> Result<Self, ModelError> {
+        if bytes.is_empty() {
+            return Err(ModelError::corrupt(path, "empty file"));
+        }
+        let io = |err| ModelError::Io {
+            path: path.to_path_buf(),
+            err,
+        };
+        let mut m = memmap2::MmapMut::map_anon(bytes.len()).map_err(io)?;
+        m.copy_from_slice(bytes);
+        let map = m.make_read_only().map_err(io)?;
+        Self::parse(path, Arc::new(map))
+    }
+
     fn parse(path: &Path, map: Arc<Mmap>) -> Result<Self, ModelError> {
         let mut c = Cursor {
             buf: &map,

@@ -27,6 +27,8 @@ pub struct ModelFiles {
     pub store: TensorStore,
     /// The GGUF file (for tokenizer metadata) when the model is one.
     pub gguf: Option<GgufFile>,
+    /// [`ModelFiles::identity`], once computed.
+    identity: std::sync::OnceLock<String>,
 }
 
 impl ModelFiles {
@@ -44,22 +46,22 @@ impl ModelFiles {
             })?;
             let config = ModelConfig::from_hf_json(&text)?;
             let store = TensorStore::from_hf_dir(path)?;
-            Ok(ModelFiles {
-                path: path.to_path_buf(),
+            Ok(ModelFiles::from_parts(
+                path.to_path_buf(),
                 config,
                 store,
-                gguf: None,
-            })
+                None,
+            ))
         } else {
             let f = GgufFile::open(path)?;
             let config = ModelConfig::from_gguf(&f)?;
             let store = TensorStore::from_gguf(&f);
-            Ok(ModelFiles {
-                path: path.to_path_buf(),
+            Ok(ModelFiles::from_parts(
+                path.to_path_buf(),
                 config,
                 store,
-                gguf: Some(f),
-            })
+                Some(f),
+            ))
         }
     }
 
@@ -126,16 +128,135 @@ impl ModelFiles {
         RankModel::build(&self.config, slice, &src)
     }
 
-    /// A stable identity: the config plus the size and a sample of the weights' bytes
-    /// (cheap: does not hash whole files).
-    pub fn identity(&self) -> String {
+    /// A stable identity: the config and the sha256 of every byte of the model's files
+    /// (the GGUF, or an HF directory's config, index and weight files). Shards are cached
+    /// under it, so two files that differ anywhere never share shards. Each file is hashed
+    /// once per version: the digest is kept in a stamp (see [`file_digest`]).
+    pub fn identity(&self) -> Result<String, ModelError> {
+        if let Some(id) = self.identity.get() {
+            return Ok(id.clone());
+        }
         let mut h = Sha256::new();
         h.update(serde_json::to_string(&self.config).unwrap_or_default());
-        h.update(self.store.total_bytes().to_le_bytes());
-        if let Ok(e) = self.store.role(&self.config, Role::Embed, 0) {
-            let m = e.mat();
-            h.update(&m.data[..m.data.len().min(1 << 16)]);
+        for f in self.files()? {
+            h.update(file_digest(&f)?);
         }
-        hex::encode(&h.finalize()[..12])
+        let id = hex::encode(&h.finalize()[..12]);
+        Ok(self.identity.get_or_init(|| id).clone())
     }
+
+    /// The files the model's bytes come from, in a fixed order.
+    fn files(&self) -> Result<Vec<PathBuf>, ModelError> {
+        if !self.path.is_dir() {
+            return Ok(vec![self.path.clone()]);
+        }
+        let rd = std::fs::read_dir(&self.path).map_err(|err| ModelError::Io {
+            path: self.path.clone(),
+            err,
+        })?;
+        let mut v: Vec<PathBuf> = rd
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| {
+                let n = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+                n == "config.json" || n.ends_with(".safetensors") || n.ends_with(".index.json")
+            })
+            .collect();
+        v.sort();
+        Ok(v)
+    }
+
+    /// A model opened from parts (for tests and tools that build a model in memory);
+    /// its identity is computed from the file at `path` when asked for.
+    pub fn from_parts(
+        path: PathBuf,
+        config: ModelConfig,
+        store: TensorStore,
+        gguf: Option<GgufFile>,
+    ) -> Self {
+        ModelFiles {
+            path,
+            config,
+            store,
+            gguf,
+            identity: std::sync::OnceLock::new(),
+        }
+    }
+}
+
+/// Where file digests are remembered: `$TPI_CACHE/identity`, else
+/// `~/.cache/tpi/identity` (None: nowhere, every run hashes again).
+fn digest_dir() -> Option<PathBuf> {
+    let root = std::env::var_os("TPI_CACHE")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/tpi")))?;
+    Some(root.join("identity"))
+}
+
+/// What a digest stamp records: the file's version and its sha256.
+#[derive(serde::Serialize, serde::Deserialize, PartialEq)]
+struct DigestStamp {
+    len: u64,
+    mtime_ns: i128,
+    inode: u64,
+    sha256: String,
+}
+
+/// sha256 (hex) of the whole file at `path`, read through a small buffer (the page
+/// cache, not this process's memory). Remembered in a stamp keyed by the canonical path
+/// and checked against the file's size, modification time and inode, so a model is
+/// hashed once, and again only after it changes.
+pub fn file_digest(path: &Path) -> Result<String, ModelError> {
+    use std::io::Read;
+    use std::os::unix::fs::MetadataExt;
+    let io = |err| ModelError::Io {
+        path: path.to_path_buf(),
+        err,
+    };
+    let mut f = std::fs::File::open(path).map_err(io)?;
+    let md = f.metadata().map_err(io)?;
+    let version = |sha256: String| DigestStamp {
+        len: md.len(),
+        mtime_ns: md.mtime() as i128 * 1_000_000_000 + md.mtime_nsec() as i128,
+        inode: md.ino(),
+        sha256,
+    };
+    let canon = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+    let stamp = digest_dir().map(|d| {
+        let key = hex::encode(&Sha256::digest(canon.to_string_lossy().as_bytes())[..12]);
+        d.join(format!("{key}.json"))
+    });
+    if let Some(s) = stamp.as_ref().and_then(|p| std::fs::read(p).ok()) {
+        if let Ok(st) = serde_json::from_slice::<DigestStamp>(&s) {
+            if st == version(st.sha256.clone()) {
+                return Ok(st.sha256);
+            }
+        }
+    }
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).map_err(io)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    let sha = hex::encode(h.finalize());
+    if let Some(p) = stamp {
+        let st = version(sha.clone());
+        let tmp = p.with_extension(format!("tmp{}", std::process::id()));
+        let ok = p
+            .parent()
+            .is_some_and(|d| std::fs::create_dir_all(d).is_ok())
+            && serde_json::to_vec(&st)
+                .ok()
+                .is_some_and(|b| std::fs::write(&tmp, b).is_ok())
+            && std::fs::rename(&tmp, &p).is_ok();
+        if !ok {
+            let _ = std::fs::remove_file(&tmp);
+        }
+    }
+    Ok(sha)
 }

@@ -361,6 +361,49 @@ pub fn layer_of(name: &str) -> Option<usize> {
     rest.split('.').next()?.parse().ok()
 }
 
+/// One matrix or vector of a safetensors file, as [`parse_safetensors`] finds it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SafetensorsEntry {
+    /// Tensor name.
+    pub name: String,
+    /// Element type.
+    pub dtype: DType,
+    /// Rows (1 for a vector).
+    pub rows: usize,
+    /// Columns.
+    pub cols: usize,
+    /// Byte offset of its data in the file.
+    pub offset: usize,
+}
+
+/// The 1-D and 2-D tensors of a safetensors file's bytes (header and bounds checked by
+/// the safetensors crate, dtypes by tpi); tensors of other ranks, which the engine
+/// never reads (rotary caches), are left out. `path` only names the file in errors.
+pub fn parse_safetensors(bytes: &[u8], path: &Path) -> Result<Vec<SafetensorsEntry>, ModelError> {
+    let st = safetensors::SafeTensors::deserialize(bytes)
+        .map_err(|e| ModelError::corrupt(path, e.to_string()))?;
+    let base = bytes.as_ptr() as usize;
+    let mut out = Vec::new();
+    for (name, view) in st.tensors() {
+        let dtype = st_dtype(&name, view.dtype())?;
+        let shape = view.shape();
+        let (rows, cols) = match shape.len() {
+            1 => (1, shape[0]),
+            2 => (shape[0], shape[1]),
+            _ => continue,
+        };
+        let offset = view.data().as_ptr() as usize - base;
+        out.push(SafetensorsEntry {
+            name,
+            dtype,
+            rows,
+            cols,
+            offset,
+        });
+    }
+    Ok(out)
+}
+
 /// All tensors of a model, by file name, over their memory maps.
 pub struct TensorStore {
     format: Format,
@@ -462,29 +505,15 @@ impl TensorStore {
         let mut entries = BTreeMap::new();
         for (fi, path) in files.iter().enumerate() {
             let map = map_file(path)?;
-            let st = safetensors::SafeTensors::deserialize(&map)
-                .map_err(|e| ModelError::corrupt(path, e.to_string()))?;
-            let base = map.as_ptr() as usize;
-            for (name, view) in st.tensors() {
-                let dtype = st_dtype(&name, view.dtype())?;
-                let shape = view.shape();
-                let (rows, cols) = match shape.len() {
-                    1 => (1, shape[0]),
-                    2 => (shape[0], shape[1]),
-                    _ => {
-                        // Tensors the engine never reads (e.g. rotary caches) may have other ranks.
-                        continue;
-                    }
-                };
-                let offset = view.data().as_ptr() as usize - base;
+            for t in parse_safetensors(&map, path)? {
                 entries.insert(
-                    name,
+                    t.name,
                     Entry {
                         file: fi,
-                        dtype,
-                        rows,
-                        cols,
-                        offset,
+                        dtype: t.dtype,
+                        rows: t.rows,
+                        cols: t.cols,
+                        offset: t.offset,
                     },
                 );
             }

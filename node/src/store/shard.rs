@@ -273,7 +273,7 @@ pub fn write_shard(
     std::fs::rename(&tmp, &data_path).map_err(|e| StoreError::io(&data_path, e))?;
     let manifest = Manifest {
         format: SHARD_FORMAT,
-        model_id: files.identity(),
+        model_id: files.identity()?,
         plan_id: plan.id(),
         plan: plan.clone(),
         rank: rank as u32,
