@@ -383,14 +383,14 @@ impl GgufWriter {
             out.extend(off.to_le_bytes());
             off = (off + 4 * v.len() as u64).div_ceil(ALIGN) * ALIGN;
         }
-        while out.len() as u64 % ALIGN != 0 {
+        while !(out.len() as u64).is_multiple_of(ALIGN) {
             out.push(0);
         }
         for (_, _, v) in &self.tensors {
             for x in v {
                 out.extend(x.to_le_bytes());
             }
-            while out.len() as u64 % ALIGN != 0 {
+            while !(out.len() as u64).is_multiple_of(ALIGN) {
                 out.push(0);
             }
         }
