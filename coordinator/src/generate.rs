@@ -148,11 +148,12 @@ impl Session {
         self.cached.clear();
     }
 
-    /// Generates; `on_token` sees each new id as it is made and returns false to stop.
+    /// Generates; `on_token` sees each new id as it is made, with the logits it was
+    /// sampled from, and returns false to stop.
     pub fn generate(
         &mut self,
         req: &GenRequest,
-        on_token: &mut dyn FnMut(u32) -> bool,
+        on_token: &mut dyn FnMut(u32, &[f32]) -> bool,
     ) -> Result<GenOutput> {
         req.sampler.validate().map_err(Error::Input)?;
         let p = req.prompt_ids.len();
@@ -227,15 +228,15 @@ impl Session {
         let mut t_first = None;
         while out.generated_ids.len() < budget {
             let id = sampler.sample(&logits);
-            if req.keep_logits {
-                out.logits.push(std::mem::take(&mut logits));
-            }
             out.generated_ids.push(id);
             if t_first.is_none() {
                 t_first = Some(Instant::now());
                 out.ttft = t0.elapsed();
             }
-            let go_on = on_token(id);
+            let go_on = on_token(id, &logits);
+            if req.keep_logits {
+                out.logits.push(std::mem::take(&mut logits));
+            }
             if !req.ignore_eos && req.stop_ids.contains(&id) {
                 out.finish = Finish::Stop;
                 break;

@@ -7,6 +7,7 @@ pub mod error;
 pub mod generate;
 pub mod loader;
 pub mod local;
+pub mod logprobs;
 pub mod npy;
 pub mod planner;
 pub mod sampler;

@@ -104,6 +104,12 @@ fn one_way_latency_matches_spec() {
             min >= want_ms,
             "a packet arrived after {min} ms on a {want_ms} ms link"
         );
+        // The timing thread counts a packet once `deliver` returned, which can be just after
+        // the receiver saw it: wait (bounded) for the counter to catch up.
+        let t = Instant::now();
+        while stats.snapshot().packets_sent < n as u64 && t.elapsed() < Duration::from_secs(10) {
+            thread::sleep(Duration::from_millis(1));
+        }
         assert_eq!(stats.snapshot().packets_sent, n as u64);
     }
 }

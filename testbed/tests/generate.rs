@@ -26,14 +26,14 @@ fn long_prompts_prefill_in_chunks() {
     let mut s = session();
     let n = 2 * PREFILL_CHUNK + 77;
     let req = GenRequest::new(prompt(n), 3, SamplerConfig::default());
-    let out = s.generate(&req, &mut |_| true).unwrap();
+    let out = s.generate(&req, &mut |_, _| true).unwrap();
     assert_eq!(out.generated_ids.len(), 3);
     let steps: Vec<usize> = out.steps.iter().map(|r| r.tokens).collect();
     assert_eq!(steps, [PREFILL_CHUNK, PREFILL_CHUNK, 77, 1, 1]);
     // A prompt of one chunk or less is one step, as it always was.
     let req = GenRequest::new(prompt(PREFILL_CHUNK), 1, SamplerConfig::default());
     s.clear();
-    let out = s.generate(&req, &mut |_| true).unwrap();
+    let out = s.generate(&req, &mut |_, _| true).unwrap();
     let steps: Vec<usize> = out.steps.iter().map(|r| r.tokens).collect();
     assert_eq!(steps, [PREFILL_CHUNK]);
 }
@@ -46,18 +46,18 @@ fn cancelled_or_late_requests_stop_before_the_next_chunk() {
         cancel: Some(cancel),
         ..GenRequest::new(prompt(3 * PREFILL_CHUNK), 5, SamplerConfig::default())
     };
-    let out = s.generate(&req, &mut |_| true).unwrap();
+    let out = s.generate(&req, &mut |_, _| true).unwrap();
     assert_eq!(out.finish, Finish::Cancelled);
     assert!(out.generated_ids.is_empty() && out.steps.is_empty());
     let req = GenRequest {
         deadline: Some(Instant::now()),
         ..GenRequest::new(prompt(3 * PREFILL_CHUNK), 5, SamplerConfig::default())
     };
-    let out = s.generate(&req, &mut |_| true).unwrap();
+    let out = s.generate(&req, &mut |_, _| true).unwrap();
     assert_eq!(out.finish, Finish::TimedOut);
     assert!(out.generated_ids.is_empty() && out.steps.is_empty());
     // The session is still usable, and a request without limits runs to its length.
     let req = GenRequest::new(prompt(10), 4, SamplerConfig::default());
-    let out = s.generate(&req, &mut |_| true).unwrap();
+    let out = s.generate(&req, &mut |_, _| true).unwrap();
     assert_eq!((out.finish, out.generated_ids.len()), (Finish::Length, 4));
 }

@@ -547,8 +547,9 @@ async fn malformed_and_unsupported_requests_get_400() {
 
     // Fields that would change the answer and are not implemented: refused, not ignored.
     for (field, value) in [
-        ("logprobs", json!(true)),
+        ("logprobs", json!("yes")),
         ("top_logprobs", json!(3)),
+        ("top_logprobs", json!(21)),
         ("logit_bias", json!({"42": 5})),
         (
             "tools",
@@ -576,9 +577,9 @@ async fn malformed_and_unsupported_requests_get_400() {
         &c,
         &s,
         cmpl,
-        json!({"prompt": "hi", "logprobs": 2}).to_string(),
+        json!({"prompt": "hi", "logprobs": 9}).to_string(),
         Some("logprobs"),
-        "completions logprobs",
+        "completions logprobs beyond 5",
     )
     .await;
     // Their neutral values are accepted, and so is an absurd top_k (clamped to the vocabulary).
@@ -913,4 +914,94 @@ async fn a_long_prompt_is_cancelled_during_prefill() {
         "{m}"
     );
     assert_eq!(metric_sum(&m, "tpi_requests_cancelled_total"), 1.0, "{m}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logprobs_are_reported_for_every_token() {
+    let s = Server::start(&[]);
+    let c = client();
+    // Chat: greedy, so each chosen token is the most likely one.
+    let mut body = france(8, false);
+    body["logprobs"] = json!(true);
+    body["top_logprobs"] = json!(3);
+    let (code, v) = post(&c, &s, "/v1/chat/completions", &body).await;
+    assert_eq!(code, 200, "{v}");
+    let n = v["usage"]["completion_tokens"].as_u64().unwrap() as usize;
+    let content = v["choices"][0]["logprobs"]["content"].as_array().unwrap();
+    assert_eq!(content.len(), n, "{v}");
+    let mut text = String::new();
+    for e in content {
+        let lp = e["logprob"].as_f64().unwrap();
+        assert!(lp <= 0.0, "{e}");
+        let top = e["top_logprobs"].as_array().unwrap();
+        assert_eq!(top.len(), 3, "{e}");
+        assert!(top
+            .windows(2)
+            .all(|w| w[0]["logprob"].as_f64() >= w[1]["logprob"].as_f64()));
+        assert_eq!(
+            top[0]["token"], e["token"],
+            "greedy picks the most likely: {e}"
+        );
+        assert!((top[0]["logprob"].as_f64().unwrap() - lp).abs() < 1e-6);
+        let bytes: Vec<u8> = e["bytes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| b.as_u64().unwrap() as u8)
+            .collect();
+        assert_eq!(bytes, e["token"].as_str().unwrap().as_bytes());
+        text.push_str(e["token"].as_str().unwrap());
+    }
+    let answer = v["choices"][0]["message"]["content"].as_str().unwrap();
+    assert!(
+        text.starts_with(answer.trim_end()) || text.contains(answer.trim()),
+        "{text:?} vs {answer:?}"
+    );
+    // Without the flag: null.
+    let (_, plain) = post(&c, &s, "/v1/chat/completions", &france(4, false)).await;
+    assert!(plain["choices"][0]["logprobs"].is_null(), "{plain}");
+
+    // Completions, streamed and not: the same tokens and log probabilities.
+    let body = json!({"prompt": "The capital of France is", "max_tokens": 6, "temperature": 0, "logprobs": 2});
+    let (code, v) = post(&c, &s, "/v1/completions", &body).await;
+    assert_eq!(code, 200, "{v}");
+    let lp = &v["choices"][0]["logprobs"];
+    for k in ["tokens", "token_logprobs", "top_logprobs", "text_offset"] {
+        assert_eq!(lp[k].as_array().unwrap().len(), 6, "{k}: {lp}");
+    }
+    assert!(lp["top_logprobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|m| m.as_object().unwrap().len() <= 2));
+    let offsets: Vec<u64> = lp["text_offset"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap())
+        .collect();
+    assert!(
+        offsets.windows(2).all(|w| w[0] <= w[1]) && offsets[0] == 0,
+        "{offsets:?}"
+    );
+    let mut sbody = body.clone();
+    sbody["stream"] = json!(true);
+    let r = c
+        .post(s.url("/v1/completions"))
+        .json(&sbody)
+        .send()
+        .await
+        .unwrap();
+    let (chunks, done) = read_sse(r).await;
+    assert!(done);
+    let streamed: Vec<Value> = chunks
+        .iter()
+        .filter_map(|ch| {
+            ch["choices"][0]["logprobs"]["token_logprobs"]
+                .as_array()
+                .cloned()
+        })
+        .flatten()
+        .collect();
+    assert_eq!(&streamed, lp["token_logprobs"].as_array().unwrap());
 }

@@ -70,7 +70,7 @@ pub fn chat(a: ChatArgs) -> anyhow::Result<()> {
             deadline: None,
         };
         let mut dec = tok.stream_decoder();
-        let res = session.generate(&req, &mut |id| {
+        let res = session.generate(&req, &mut |id, _| {
             let piece = dec.push(id).unwrap_or_default();
             let _ = out.write_all(piece.as_bytes());
             let _ = out.flush();

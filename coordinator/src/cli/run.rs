@@ -81,7 +81,7 @@ pub fn run(a: RunArgs) -> anyhow::Result<()> {
     let stream = !a.json;
     let mut stdout = std::io::stdout().lock();
     let mut write_err = None;
-    let out = session.generate(&req, &mut |id| {
+    let out = session.generate(&req, &mut |id, _| {
         if stream {
             let piece = match dec.as_mut() {
                 Some(d) => d.push(id).unwrap_or_default(),

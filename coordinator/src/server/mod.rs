@@ -34,7 +34,7 @@ use crate::loader::LoadedModel;
 use crate::sampler::SamplerConfig;
 use metrics::Metrics;
 use openai::*;
-use worker::{CancelOnDrop, Job, JobEvent};
+use worker::{CancelOnDrop, Job, JobEvent, TokenInfo};
 
 /// Server settings.
 #[derive(Clone, Debug)]
@@ -175,6 +175,55 @@ struct Prepared {
     stop: Vec<String>,
     stream: bool,
     include_usage: bool,
+    /// Alternatives per token when log probabilities were asked for.
+    logprobs: Option<usize>,
+}
+
+/// The log probabilities a request asks for: chat's `logprobs: true` with
+/// `top_logprobs` 0–20, or the completions endpoint's `logprobs` 0–5 (OpenAI's ranges).
+fn logprobs_wanted(c: &CommonParams, chat: bool) -> Result<Option<usize>, ApiError> {
+    use serde_json::Value as V;
+    let int = |field: &str, v: &V, max: u64| match v.as_u64() {
+        Some(n) if n <= max => Ok(n as usize),
+        _ => Err(ApiError::invalid(
+            format!("{field} must be an integer from 0 to {max}, got {v}"),
+            Some(field),
+        )),
+    };
+    let top = match &c.top_logprobs {
+        None | Some(V::Null) => None,
+        Some(v) => Some(int("top_logprobs", v, 20)?),
+    };
+    if chat {
+        let on = match &c.logprobs {
+            None | Some(V::Null) => false,
+            Some(V::Bool(b)) => *b,
+            Some(v) => {
+                return Err(ApiError::invalid(
+                    format!("logprobs must be true or false, got {v}"),
+                    Some("logprobs"),
+                ))
+            }
+        };
+        if top.is_some() && !on {
+            return Err(ApiError::invalid(
+                "top_logprobs needs logprobs: true",
+                Some("top_logprobs"),
+            ));
+        }
+        Ok(on.then_some(top.unwrap_or(0)))
+    } else {
+        if top.is_some() {
+            return Err(ApiError::invalid(
+                "the completions endpoint takes the number of alternatives in logprobs, not top_logprobs",
+                Some("top_logprobs"),
+            ));
+        }
+        match &c.logprobs {
+            None | Some(V::Null) => Ok(None),
+            Some(v) => Ok(Some(int("logprobs", v, 5)?)),
+        }
+    }
 }
 
 fn prepare(
@@ -194,6 +243,7 @@ fn prepare(
     if let Some((field, why)) = c.unsupported_field() {
         return Err(ApiError::invalid(why, Some(field)));
     }
+    let logprobs = logprobs_wanted(&c, chat)?;
     let mut sampler = st.cfg.sampler;
     if let Some(t) = c.temperature {
         // OpenAI's range: beyond 2 the output is noise, and a typo such as 1e9 is one.
@@ -312,6 +362,7 @@ fn prepare(
             .stream_options
             .and_then(|o| o.include_usage)
             .unwrap_or(false),
+        logprobs,
     })
 }
 
@@ -340,6 +391,7 @@ fn submit(
         events: etx,
         arrived,
         deadline: st.cfg.request_timeout.map(|t| arrived + t),
+        logprobs: p.logprobs,
     };
     st.metrics.queue_depth.fetch_add(1, Ordering::Relaxed);
     match st.jobs.try_send(job) {
@@ -378,6 +430,7 @@ struct Meta {
     model: String,
     prompt_tokens: usize,
     include_usage: bool,
+    logprobs: bool,
 }
 
 fn lost_worker() -> ApiError {
@@ -388,21 +441,68 @@ fn lost_worker() -> ApiError {
     )
 }
 
-/// Collects a whole generation: (text, finish_reason, completion_tokens).
-async fn collect(t: &mut Ticket) -> Result<(String, &'static str, usize), ApiError> {
-    let mut text = String::new();
+/// A whole generation, collected.
+struct Collected {
+    text: String,
+    finish: &'static str,
+    completion_tokens: usize,
+    tokens: Vec<TokenInfo>,
+}
+
+/// Collects a whole generation.
+async fn collect(t: &mut Ticket) -> Result<Collected, ApiError> {
+    let (mut text, mut tokens) = (String::new(), Vec::new());
     while let Some(ev) = t.rx.recv().await {
         match ev {
-            JobEvent::Text(s) => text.push_str(&s),
+            JobEvent::Text(s, infos) => {
+                text.push_str(&s);
+                tokens.extend(infos);
+            }
             JobEvent::Done {
                 finish_reason,
                 completion_tokens,
                 ..
-            } => return Ok((text, finish_reason, completion_tokens)),
+            } => {
+                return Ok(Collected {
+                    text,
+                    finish: finish_reason,
+                    completion_tokens,
+                    tokens,
+                })
+            }
             JobEvent::Failed(e) => return Err(e),
         }
     }
     Err(lost_worker())
+}
+
+/// Chat's `logprobs` object: `{"content": [{token, logprob, bytes, top_logprobs}]}`.
+fn chat_logprobs(tokens: &[TokenInfo]) -> serde_json::Value {
+    let entry =
+        |t: &str, l: f32| serde_json::json!({"token": t, "logprob": l, "bytes": t.as_bytes()});
+    let content: Vec<serde_json::Value> = tokens
+        .iter()
+        .map(|i| {
+            let mut e = entry(&i.token, i.logprob);
+            e["top_logprobs"] = i.top.iter().map(|(t, l)| entry(t, *l)).collect();
+            e
+        })
+        .collect();
+    serde_json::json!({ "content": content })
+}
+
+/// The completions endpoint's `logprobs` object: parallel lists of tokens, their log
+/// probabilities, `{token: logprob}` maps of the alternatives, and text offsets.
+fn completion_logprobs(tokens: &[TokenInfo]) -> serde_json::Value {
+    serde_json::json!({
+        "tokens": tokens.iter().map(|i| i.token.clone()).collect::<Vec<_>>(),
+        "token_logprobs": tokens.iter().map(|i| i.logprob).collect::<Vec<_>>(),
+        "top_logprobs": tokens
+            .iter()
+            .map(|i| i.top.iter().map(|(t, l)| (t.clone(), serde_json::json!(l))).collect::<serde_json::Map<_, _>>())
+            .collect::<Vec<_>>(),
+        "text_offset": tokens.iter().map(|i| i.offset).collect::<Vec<_>>(),
+    })
 }
 
 fn render_chat(st: &AppState, req: &ChatCompletionRequest) -> Result<Vec<u32>, ApiError> {
@@ -554,6 +654,7 @@ fn meta(st: &AppState, prefix: &str, prompt_tokens: usize) -> Meta {
         model: st.cfg.model_id.clone(),
         prompt_tokens,
         include_usage: false,
+        logprobs: false,
     }
 }
 
@@ -565,6 +666,7 @@ async fn chat_inner(st: &Arc<AppState>, body: Bytes) -> Result<Response, ApiErro
     let p = prepare(st, common, ids, true)?;
     let m = Meta {
         include_usage: p.include_usage,
+        logprobs: p.logprobs.is_some(),
         ..m
     };
     let mut ticket = submit(st, "chat", &p, arrived)?;
@@ -572,7 +674,7 @@ async fn chat_inner(st: &Arc<AppState>, body: Bytes) -> Result<Response, ApiErro
         let first = first_event(&mut ticket).await?;
         return Ok(sse(ticket, first, m, Kind::Chat));
     }
-    let (text, finish, completion) = collect(&mut ticket).await?;
+    let got = collect(&mut ticket).await?;
     let out = ChatCompletion {
         id: m.id,
         object: "chat.completion".into(),
@@ -582,12 +684,12 @@ async fn chat_inner(st: &Arc<AppState>, body: Bytes) -> Result<Response, ApiErro
             index: 0,
             message: ChatMessageOut {
                 role: "assistant".into(),
-                content: text,
+                content: got.text,
             },
-            logprobs: None,
-            finish_reason: Some(finish.into()),
+            logprobs: m.logprobs.then(|| chat_logprobs(&got.tokens)),
+            finish_reason: Some(got.finish.into()),
         }],
-        usage: Usage::new(m.prompt_tokens, completion),
+        usage: Usage::new(m.prompt_tokens, got.completion_tokens),
     };
     Ok(Json(out).into_response())
 }
@@ -603,6 +705,7 @@ async fn completions_inner(st: &Arc<AppState>, body: Bytes) -> Result<Response, 
     let p = prepare(st, common, ids, false)?;
     let m = Meta {
         include_usage: p.include_usage,
+        logprobs: p.logprobs.is_some(),
         ..m
     };
     let mut ticket = submit(st, "completions", &p, arrived)?;
@@ -610,7 +713,7 @@ async fn completions_inner(st: &Arc<AppState>, body: Bytes) -> Result<Response, 
         let first = first_event(&mut ticket).await?;
         return Ok(sse(ticket, first, m, Kind::Completion));
     }
-    let (text, finish, completion) = collect(&mut ticket).await?;
+    let got = collect(&mut ticket).await?;
     let out = Completion {
         id: m.id,
         object: "text_completion".into(),
@@ -618,11 +721,11 @@ async fn completions_inner(st: &Arc<AppState>, body: Bytes) -> Result<Response, 
         model: m.model,
         choices: vec![CompletionChoice {
             index: 0,
-            text,
-            logprobs: None,
-            finish_reason: Some(finish.into()),
+            text: got.text,
+            logprobs: m.logprobs.then(|| completion_logprobs(&got.tokens)),
+            finish_reason: Some(got.finish.into()),
         }],
-        usage: Some(Usage::new(m.prompt_tokens, completion)),
+        usage: Some(Usage::new(m.prompt_tokens, got.completion_tokens)),
     };
     Ok(Json(out).into_response())
 }
@@ -644,6 +747,15 @@ enum Kind {
 }
 
 fn chat_chunk(m: &Meta, delta: ChatDelta, finish: Option<&str>) -> Event {
+    chat_chunk_with(m, delta, finish, None)
+}
+
+fn chat_chunk_with(
+    m: &Meta,
+    delta: ChatDelta,
+    finish: Option<&str>,
+    logprobs: Option<serde_json::Value>,
+) -> Event {
     let c = ChatCompletionChunk {
         id: m.id.clone(),
         object: "chat.completion.chunk".into(),
@@ -652,7 +764,7 @@ fn chat_chunk(m: &Meta, delta: ChatDelta, finish: Option<&str>) -> Event {
         choices: vec![ChatChunkChoice {
             index: 0,
             delta,
-            logprobs: None,
+            logprobs,
             finish_reason: finish.map(String::from),
         }],
         usage: None,
@@ -661,6 +773,15 @@ fn chat_chunk(m: &Meta, delta: ChatDelta, finish: Option<&str>) -> Event {
 }
 
 fn text_chunk(m: &Meta, text: String, finish: Option<&str>) -> Event {
+    text_chunk_with(m, text, finish, None)
+}
+
+fn text_chunk_with(
+    m: &Meta,
+    text: String,
+    finish: Option<&str>,
+    logprobs: Option<serde_json::Value>,
+) -> Event {
     let c = Completion {
         id: m.id.clone(),
         object: "text_completion".into(),
@@ -669,7 +790,7 @@ fn text_chunk(m: &Meta, text: String, finish: Option<&str>) -> Event {
         choices: vec![CompletionChoice {
             index: 0,
             text,
-            logprobs: None,
+            logprobs,
             finish_reason: finish.map(String::from),
         }],
         usage: None,
@@ -702,17 +823,20 @@ fn usage_chunk(m: &Meta, kind: Kind, usage: Usage) -> Event {
 /// Turns one job event into the SSE events to send; `true` once the stream is over.
 fn events_for(ev: JobEvent, m: &Meta, kind: Kind, out: &mut Vec<Event>) -> bool {
     match ev {
-        JobEvent::Text(t) => {
+        JobEvent::Text(t, infos) => {
             out.push(match kind {
-                Kind::Chat => chat_chunk(
+                Kind::Chat => chat_chunk_with(
                     m,
                     ChatDelta {
                         role: None,
                         content: Some(t),
                     },
                     None,
+                    m.logprobs.then(|| chat_logprobs(&infos)),
                 ),
-                Kind::Completion => text_chunk(m, t, None),
+                Kind::Completion => {
+                    text_chunk_with(m, t, None, m.logprobs.then(|| completion_logprobs(&infos)))
+                }
             });
             false
         }

@@ -205,8 +205,7 @@ pub struct CommonParams {
     /// Penalty for any earlier occurrence of a token (-2 … 2).
     #[serde(default)]
     pub presence_penalty: Option<f32>,
-    /// Log probabilities: a bool (chat) or a count (completions). Not supported: a
-    /// request that asks for them is refused rather than answered without them.
+    /// Log probabilities: a bool (chat) or the number of alternatives (completions).
     #[serde(default)]
     pub logprobs: Option<serde_json::Value>,
     /// Most likely alternatives per token (with `logprobs`).
@@ -249,19 +248,7 @@ impl CommonParams {
     /// The first field set to something tpi would otherwise silently ignore, with why.
     pub fn unsupported_field(&self) -> Option<(&'static str, String)> {
         use serde_json::Value as V;
-        let fields: [Refusable; 9] = [
-            (
-                "logprobs",
-                &self.logprobs,
-                |v: &V| v == &V::Bool(false) || v.as_u64() == Some(0),
-                "log probabilities are not supported",
-            ),
-            (
-                "top_logprobs",
-                &self.top_logprobs,
-                |v: &V| v.as_u64() == Some(0),
-                "log probabilities are not supported",
-            ),
+        let fields: [Refusable; 7] = [
             (
                 "logit_bias",
                 &self.logit_bias,

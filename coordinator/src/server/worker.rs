@@ -14,13 +14,29 @@ use super::openai::ApiError;
 use crate::error::Error;
 use crate::generate::{Finish, GenRequest, Session};
 use crate::loader::LoadedModel;
+use crate::logprobs::token_logprob;
 use crate::sampler::SamplerConfig;
+
+/// A generated token's log probability as a client sees it: its text, and the text of
+/// each of the most likely alternatives.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TokenInfo {
+    /// The token's text (special tokens included).
+    pub token: String,
+    /// Its log probability.
+    pub logprob: f32,
+    /// The most likely tokens at that step, most likely first.
+    pub top: Vec<(String, f32)>,
+    /// Characters of completion text before this token.
+    pub offset: usize,
+}
 
 /// What a job streams back.
 #[derive(Debug)]
 pub enum JobEvent {
-    /// Newly decoded text.
-    Text(String),
+    /// Newly decoded text, with the log probabilities of the tokens it completes (when
+    /// the request asked for them).
+    Text(String, Vec<TokenInfo>),
     /// The generation ended.
     Done {
         /// `stop` or `length`.
@@ -56,6 +72,8 @@ pub struct Job {
     pub arrived: Instant,
     /// When the request must end (the server's per-request time limit).
     pub deadline: Option<Instant>,
+    /// Report log probabilities with this many alternatives per token (None: no logprobs).
+    pub logprobs: Option<usize>,
 }
 
 impl Job {
@@ -184,7 +202,10 @@ pub fn run(
         let mut dec = tok.stream_decoder();
         let mut stopper = StopMatcher::new(job.stop.clone());
         let (mut first, mut hit_stop, mut gone) = (true, false, false);
-        let res = session.generate(&req, &mut |id| {
+        // Log probabilities of tokens whose text the stop matcher still holds back.
+        let mut held: Vec<TokenInfo> = Vec::new();
+        let mut chars = 0usize;
+        let res = session.generate(&req, &mut |id, logits| {
             if first {
                 first = false;
                 metrics.ttft(job.arrived.elapsed());
@@ -194,8 +215,24 @@ pub fn run(
                 return false;
             }
             let piece = dec.push(id).unwrap_or_default();
+            if let Some(n) = job.logprobs {
+                let lp = token_logprob(logits, id, n);
+                let text_of = |t: u32| tok.decode(&[t], false).unwrap_or_default();
+                held.push(TokenInfo {
+                    token: text_of(id),
+                    logprob: lp.logprob,
+                    top: lp.top.iter().map(|&(t, l)| (text_of(t), l)).collect(),
+                    offset: chars,
+                });
+                chars += piece.chars().count();
+            }
             let (text, stopped) = stopper.push(&piece);
-            if !text.is_empty() && job.events.send(JobEvent::Text(text)).is_err() {
+            if !text.is_empty()
+                && job
+                    .events
+                    .send(JobEvent::Text(text, std::mem::take(&mut held)))
+                    .is_err()
+            {
                 gone = true;
                 return false;
             }
@@ -239,8 +276,8 @@ pub fn run(
                     Some(r) if !gone => {
                         if !hit_stop {
                             let tail = stopper.finish();
-                            if !tail.is_empty() {
-                                let _ = job.events.send(JobEvent::Text(tail));
+                            if !tail.is_empty() || !held.is_empty() {
+                                let _ = job.events.send(JobEvent::Text(tail, held));
                             }
                         }
                         let _ = job.events.send(JobEvent::Done {
