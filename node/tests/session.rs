@@ -13,7 +13,8 @@ use tpi_node::net::driven::Driven;
 use tpi_node::net::frame::{encode_header, FrameKind};
 use tpi_node::net::wire::PROTOCOL_VERSION;
 use tpi_node::net::{
-    Algo, CaBundle, Connection, Credential, Endpoint, NetError, Stream, TransportOptions, WireDType,
+    Algo, CaBundle, Connection, Credential, Endpoint, NetError, Role, Stream, TransportOptions,
+    WireDType,
 };
 use tpi_node::proto::{FromNode, Setup, ToNode, CONTROL_STREAM_TAG, MAX_CONTROL};
 use tpi_node::store::{write_shard, Manifest, Quant};
@@ -477,4 +478,89 @@ fn unknown_or_impossible_tensor_layouts_are_clear_errors() {
         .weight(t.role, t.layer as usize)
         .expect_err("packed f32 accepted");
     assert!(e.to_string().contains("cannot be stored packed"), "{e}");
+}
+
+/// A leaf signed by `ca` the way credentials were issued before roles: no `tpi-role` OU.
+fn legacy_credential(ca: &CaBundle) -> Credential {
+    use rcgen::{
+        BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
+        IsCa, KeyPair, KeyUsagePurpose,
+    };
+    let ca_key = KeyPair::from_pem(&ca.key_pem).unwrap();
+    let mut cp = CertificateParams::new(Vec::<String>::new()).unwrap();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, "tpi cluster CA");
+    cp.distinguished_name = dn;
+    cp.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    cp.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    let ca_cert = cp.self_signed(&ca_key).unwrap();
+    let mut p = CertificateParams::new(vec![tpi_node::net::tls::SERVER_NAME.to_string()]).unwrap();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, "old-coordinator");
+    p.distinguished_name = dn;
+    p.is_ca = IsCa::ExplicitNoCa;
+    p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    p.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    p.use_authority_key_identifier_extension = true;
+    let key = KeyPair::generate().unwrap();
+    let cert = p.signed_by(&key, &ca_cert, &ca_key).unwrap();
+    Credential {
+        ca_pem: ca.cert_pem.clone(),
+        cert_pem: cert.pem(),
+        key_pem: key.serialize_pem(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn roles_decide_who_may_start_a_session() {
+    let node = TestNode::start().await;
+    let hello = |cred: Credential| {
+        let addr = node.addr;
+        async move {
+            let cep = Endpoint::client(&cred).expect("client endpoint");
+            let conn = cep.connect(addr, T).await.expect("connect");
+            let mut s = conn.open_stream(CONTROL_STREAM_TAG).await.expect("stream");
+            let _ = s
+                .send_msg(&ToNode::Hello {
+                    version: PROTOCOL_VERSION,
+                })
+                .await;
+            let r = recv(&mut s).await;
+            (cep, conn, r)
+        }
+    };
+    // Another node's credential is refused, naming its role.
+    let other = node._ca.issue("other-node", Role::Node).unwrap();
+    match hello(other).await.2 {
+        Ok(FromNode::Refused { reason }) => {
+            assert!(
+                reason.contains("role node") && reason.contains("coordinator"),
+                "{reason}"
+            )
+        }
+        other => panic!("a node credential started a session: {other:?}"),
+    }
+    // A credential from before roles is still welcomed (the node logs a warning).
+    let legacy = legacy_credential(&node._ca);
+    assert_eq!(legacy.role().unwrap(), None);
+    let r = loop {
+        let (_cep, _conn, r) = hello(legacy.clone()).await;
+        match &r {
+            Ok(FromNode::Refused { reason }) if reason.contains("busy") => {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
+            _ => break r,
+        }
+    };
+    assert!(
+        matches!(r, Ok(FromNode::Welcome { .. })),
+        "legacy credential: {r:?}"
+    );
 }
