@@ -152,9 +152,9 @@ const JSON_WORDS: &[&str] = &[
     "\"config\":",
 ];
 
-/// The signature of a result: `ok`, or the kind of error: its message up to the first
-/// quoted or bracketed part, digits dropped (so errors that differ only in names, offsets
-/// or sizes count as one behaviour).
+/// The signature of a result: `ok`, or the kind of error: the first six words of its
+/// message before any quoted or bracketed part, digits dropped (so errors that differ
+/// only in names, values, offsets or sizes count as one behaviour).
 fn sig<T, E: std::fmt::Display>(what: &str, r: Result<T, E>) -> Result<T, String> {
     r.map_err(|e| {
         let m: String = e
@@ -162,9 +162,9 @@ fn sig<T, E: std::fmt::Display>(what: &str, r: Result<T, E>) -> Result<T, String
             .chars()
             .take_while(|c| !matches!(c, '`' | '"' | '\'' | '(' | '[' | '{'))
             .filter(|c| !c.is_ascii_digit())
-            .take(64)
             .collect();
-        format!("{what}: {m}")
+        let words: Vec<&str> = m.split_whitespace().take(6).collect();
+        format!("{what}: {}", words.join(" "))
     })
 }
 

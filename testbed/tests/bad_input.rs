@@ -480,20 +480,7 @@ fn rank0_cached_shard_that_fails_its_hash_is_written_again() {
 fn rank0_given_shard_that_fails_its_hash_is_an_error() {
     let tmp = TempDir::new("integrity-given");
     let out = tmp.join("shards");
-    let made = run_tpi(s(&[
-        "shard",
-        "--model",
-        &p(&smollm2_gguf()),
-        "--nodes",
-        "2",
-        "--out",
-        &p(&out),
-    ]));
-    assert!(
-        made.status.success(),
-        "{}",
-        String::from_utf8_lossy(&made.stderr)
-    );
+    make_shards(&smollm2_gguf(), 2, &out);
     let data = out.join("rank-0").join("shard.bin");
     // Verified once: the stamp lets the next run skip hashing, until the file changes.
     let ok = tpi_with_cache(
@@ -509,6 +496,24 @@ fn rank0_given_shard_that_fails_its_hash_is_an_error() {
         tmp.path(),
         &[tmp.path()],
         &[&["rank 0"], &["sha256"], &["corrupt"]],
+    );
+}
+
+/// `tpi shard --model M --nodes N --out OUT`, which must succeed.
+fn make_shards(model: &Path, nodes: usize, out: &Path) {
+    let made = run_tpi(s(&[
+        "shard",
+        "--model",
+        &p(model),
+        "--nodes",
+        &nodes.to_string(),
+        "--out",
+        &p(out),
+    ]));
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
     );
 }
 
@@ -674,20 +679,7 @@ fn shard_manifest_with_an_edited_config() {
     let tmp = TempDir::new("integrity-manifest");
     let out = tmp.join("shards");
     let model = fixture("gqa_f32_tied");
-    let made = run_tpi(s(&[
-        "shard",
-        "--model",
-        &p(&model),
-        "--nodes",
-        "1",
-        "--out",
-        &p(&out),
-    ]));
-    assert!(
-        made.status.success(),
-        "{}",
-        String::from_utf8_lossy(&made.stderr)
-    );
+    make_shards(&model, 1, &out);
     let mpath = out.join("rank-0").join("manifest.json");
     let mut m: Value = serde_json::from_str(&std::fs::read_to_string(&mpath).unwrap()).unwrap();
     m["config"]["rms_norm_eps"] = 0.001.into();

@@ -198,8 +198,14 @@ impl SplitPlan {
     /// Verifies coverage and the group invariants (used on plans received from a peer too).
     pub fn check(&self) -> Result<(), ModelError> {
         let bad = |m: String| Err(ModelError::Plan(m));
-        if self.n_kv_heads == 0 || !self.n_heads.is_multiple_of(self.n_kv_heads) {
-            return bad("heads not a multiple of KV heads".into());
+        if self.n_kv_heads == 0
+            || self.n_heads < self.n_kv_heads
+            || !self.n_heads.is_multiple_of(self.n_kv_heads)
+        {
+            return bad(format!(
+                "{} heads are not a positive multiple of {} KV heads",
+                self.n_heads, self.n_kv_heads
+            ));
         }
         let g = self.n_heads / self.n_kv_heads;
         let (mut h, mut f) = (0, 0);
@@ -259,6 +265,36 @@ impl SplitPlan {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn plans_with_no_heads_are_refused_not_divided_by() {
+        // Found by fuzzing a manifest: 0 heads over 4 KV heads made a zero group size.
+        let cfg = crate::model::ModelConfig {
+            arch: "llama".into(),
+            vocab_size: 64,
+            hidden_size: 96,
+            intermediate_size: 192,
+            n_layers: 2,
+            n_heads: 12,
+            n_kv_heads: 4,
+            head_dim: 8,
+            rms_norm_eps: 1e-5,
+            rope_theta: 1e4,
+            rope_scaling: None,
+            max_position_embeddings: 256,
+            tie_word_embeddings: true,
+            attention_bias: false,
+            rope_layout: crate::model::config::Layout::HalfSplit,
+            bos_token_id: None,
+            eos_token_ids: vec![],
+        };
+        let mut p = SplitPlan::even(&cfg, 2).unwrap();
+        p.check().unwrap();
+        p.n_heads = 0;
+        assert!(p.check().is_err());
+        p.n_heads = 2;
+        assert!(p.check().is_err());
+    }
     use super::*;
     use crate::model::config::{Layout, ModelConfig};
 

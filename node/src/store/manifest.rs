@@ -136,6 +136,24 @@ impl Manifest {
             ));
         }
         self.plan.check().map_err(|e| e.to_string())?;
+        self.config.validate().map_err(|e| e.to_string())?;
+        let c = &self.config;
+        if (
+            self.plan.n_heads,
+            self.plan.n_kv_heads,
+            self.plan.intermediate_size,
+        ) != (c.n_heads, c.n_kv_heads, c.intermediate_size)
+        {
+            return Err(format!(
+                "the plan splits {} heads / {} KV heads / {} MLP columns, the config has {} / {} / {}",
+                self.plan.n_heads,
+                self.plan.n_kv_heads,
+                self.plan.intermediate_size,
+                c.n_heads,
+                c.n_kv_heads,
+                c.intermediate_size
+            ));
+        }
         if self.plan.id() != self.plan_id {
             return Err("the manifest's plan does not hash to its plan id".into());
         }
@@ -147,7 +165,7 @@ impl Manifest {
             ));
         }
         if tpi_kernels::Layout::from_name(&self.layout).is_none() {
-            return Err(format!("unknown shard layout {}", self.layout));
+            return Err(format!("unknown shard layout `{}`", self.layout));
         }
         let mut end = 0u64;
         for (i, b) in self.blocks.iter().enumerate() {
@@ -164,7 +182,7 @@ impl Manifest {
             for t in &b.tensors {
                 if tpi_kernels::Layout::from_name(&t.layout).is_none() {
                     return Err(format!(
-                        "a tensor of block {i} has unknown layout {}",
+                        "a tensor of block {i} has unknown layout `{}`",
                         t.layout
                     ));
                 }
