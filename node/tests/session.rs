@@ -466,7 +466,7 @@ fn unknown_or_impossible_tensor_layouts_are_clear_errors() {
     let mut bad = m.clone();
     bad.blocks[0].tensors[0].layout = "zigzag".into();
     let e = bad.check().expect_err("unknown layout accepted");
-    assert!(e.contains("unknown layout zigzag"), "{e}");
+    assert!(e.contains("unknown layout `zigzag`"), "{e}");
     // A packed f32 tensor (the fixture's norms) cannot exist: reading it is an error.
     let dir = tmp.0.join("shard");
     let mut m2 = m.clone();
