@@ -376,174 +376,125 @@ async fn malformed_and_unsupported_requests_get_400() {
     // --- malformed requests: 400 with an OpenAI error body
     let chat = "/v1/chat/completions";
     let msgs = r#"[{"role":"user","content":"hi"}]"#;
-    expect_400(&c, &s, chat, "{not json".into(), None, "malformed JSON").await;
-    expect_400(&c, &s, chat, "[1,2]".into(), None, "not an object").await;
-    expect_400(&c, &s, chat, r#"{"model":"x"}"#.into(), None, "no messages").await;
-    expect_400(
-        &c,
-        &s,
-        chat,
-        format!(r#"{{"messages":{msgs},"max_tokens":"ten"}}"#),
-        Some("max_tokens"),
-        "max_tokens string",
-    )
-    .await;
-    expect_400(
-        &c,
-        &s,
-        chat,
-        r#"{"messages":"hi"}"#.into(),
-        Some("messages"),
-        "messages string",
-    )
-    .await;
-    expect_400(
-        &c,
-        &s,
-        chat,
-        format!(r#"{{"messages":{msgs},"temperature":"hot"}}"#),
-        Some("temperature"),
-        "temperature string",
-    )
-    .await;
-    expect_400(
-        &c,
-        &s,
-        chat,
-        r#"{"messages":[{"role":"robot","content":"hi"}]}"#.into(),
-        Some("messages[0].role"),
-        "unknown role",
-    )
-    .await;
-    expect_400(
-        &c,
-        &s,
-        chat,
-        r#"{"messages":[]}"#.into(),
-        Some("messages"),
-        "empty messages",
-    )
-    .await;
-    expect_400(
-        &c,
-        &s,
-        chat,
-        format!(r#"{{"messages":{msgs},"max_tokens":0}}"#),
-        Some("max_tokens"),
-        "max_tokens 0",
-    )
-    .await;
-    expect_400(
-        &c,
-        &s,
-        chat,
-        format!(r#"{{"messages":{msgs},"max_tokens":-3}}"#),
-        Some("max_tokens"),
-        "max_tokens < 0",
-    )
-    .await;
-    expect_400(
-        &c,
-        &s,
-        chat,
-        format!(r#"{{"messages":{msgs},"max_tokens":100000}}"#),
-        Some("max_tokens"),
-        "max_tokens > context",
-    )
-    .await;
-    expect_400(
-        &c,
-        &s,
-        chat,
-        format!(r#"{{"messages":{msgs},"max_completion_tokens":0}}"#),
-        Some("max_completion_tokens"),
-        "max_completion_tokens 0",
-    )
-    .await;
-    expect_400(
-        &c,
-        &s,
-        chat,
-        format!(r#"{{"messages":{msgs},"n":2}}"#),
-        Some("n"),
-        "n=2",
-    )
-    .await;
-    expect_400(
-        &c,
-        &s,
-        chat,
-        format!(r#"{{"messages":{msgs},"temperature":-0.5}}"#),
-        Some("temperature"),
-        "temperature < 0",
-    )
-    .await;
-    expect_400(
-        &c,
-        &s,
-        chat,
-        format!(r#"{{"messages":{msgs},"top_p":0}}"#),
-        Some("top_p"),
-        "top_p 0",
-    )
-    .await;
     let long = "hello ".repeat(5000);
     let long_chat = json!({"messages": [{"role": "user", "content": long}], "max_tokens": 4});
-    expect_400(
-        &c,
-        &s,
-        chat,
-        long_chat.to_string(),
-        Some("messages"),
-        "chat prompt > context",
-    )
-    .await;
     let cmpl = "/v1/completions";
-    expect_400(
-        &c,
-        &s,
-        cmpl,
-        json!({"prompt": long, "max_tokens": 4}).to_string(),
-        Some("prompt"),
-        "prompt > context",
-    )
-    .await;
-    expect_400(
-        &c,
-        &s,
-        cmpl,
-        r#"{"prompt":["a","b"]}"#.into(),
-        Some("prompt"),
-        "prompt batch",
-    )
-    .await;
-    expect_400(
-        &c,
-        &s,
-        cmpl,
-        r#"{"prompt":42}"#.into(),
-        Some("prompt"),
-        "prompt number",
-    )
-    .await;
-    expect_400(
-        &c,
-        &s,
-        cmpl,
-        r#"{"prompt":"hi","stop":7}"#.into(),
-        Some("stop"),
-        "stop number",
-    )
-    .await;
-    expect_400(
-        &c,
-        &s,
-        cmpl,
-        r#"{"prompt":"hi","n":3}"#.into(),
-        Some("n"),
-        "completions n=3",
-    )
-    .await;
+    let cases: Vec<(&str, String, Option<&str>, &str)> = vec![
+        (chat, "{not json".into(), None, "malformed JSON"),
+        (chat, "[1,2]".into(), None, "not an object"),
+        (chat, r#"{"model":"x"}"#.into(), None, "no messages"),
+        (
+            chat,
+            format!(r#"{{"messages":{msgs},"max_tokens":"ten"}}"#),
+            Some("max_tokens"),
+            "max_tokens string",
+        ),
+        (
+            chat,
+            r#"{"messages":"hi"}"#.into(),
+            Some("messages"),
+            "messages string",
+        ),
+        (
+            chat,
+            format!(r#"{{"messages":{msgs},"temperature":"hot"}}"#),
+            Some("temperature"),
+            "temperature string",
+        ),
+        (
+            chat,
+            r#"{"messages":[{"role":"robot","content":"hi"}]}"#.into(),
+            Some("messages[0].role"),
+            "unknown role",
+        ),
+        (
+            chat,
+            r#"{"messages":[]}"#.into(),
+            Some("messages"),
+            "empty messages",
+        ),
+        (
+            chat,
+            format!(r#"{{"messages":{msgs},"max_tokens":0}}"#),
+            Some("max_tokens"),
+            "max_tokens 0",
+        ),
+        (
+            chat,
+            format!(r#"{{"messages":{msgs},"max_tokens":-3}}"#),
+            Some("max_tokens"),
+            "max_tokens < 0",
+        ),
+        (
+            chat,
+            format!(r#"{{"messages":{msgs},"max_tokens":100000}}"#),
+            Some("max_tokens"),
+            "max_tokens > context",
+        ),
+        (
+            chat,
+            format!(r#"{{"messages":{msgs},"max_completion_tokens":0}}"#),
+            Some("max_completion_tokens"),
+            "max_completion_tokens 0",
+        ),
+        (
+            chat,
+            format!(r#"{{"messages":{msgs},"n":2}}"#),
+            Some("n"),
+            "n=2",
+        ),
+        (
+            chat,
+            format!(r#"{{"messages":{msgs},"temperature":-0.5}}"#),
+            Some("temperature"),
+            "temperature < 0",
+        ),
+        (
+            chat,
+            format!(r#"{{"messages":{msgs},"top_p":0}}"#),
+            Some("top_p"),
+            "top_p 0",
+        ),
+        (
+            chat,
+            long_chat.to_string(),
+            Some("messages"),
+            "chat prompt > context",
+        ),
+        (
+            cmpl,
+            json!({"prompt": long, "max_tokens": 4}).to_string(),
+            Some("prompt"),
+            "prompt > context",
+        ),
+        (
+            cmpl,
+            r#"{"prompt":["a","b"]}"#.into(),
+            Some("prompt"),
+            "prompt batch",
+        ),
+        (
+            cmpl,
+            r#"{"prompt":42}"#.into(),
+            Some("prompt"),
+            "prompt number",
+        ),
+        (
+            cmpl,
+            r#"{"prompt":"hi","stop":7}"#.into(),
+            Some("stop"),
+            "stop number",
+        ),
+        (
+            cmpl,
+            r#"{"prompt":"hi","n":3}"#.into(),
+            Some("n"),
+            "completions n=3",
+        ),
+    ];
+    for (path, body, param, what) in cases {
+        expect_400(&c, &s, path, body, param, what).await;
+    }
 
     // Fields that would change the answer and are not implemented: refused, not ignored.
     for (field, value) in [
