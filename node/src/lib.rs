@@ -5,5 +5,6 @@ pub mod discovery;
 pub mod model;
 pub mod net;
 pub mod proto;
+pub mod stamp;
 pub mod store;
 pub mod worker;

@@ -17,6 +17,8 @@ pub use weights::{Format, Role, TensorStore, Weight};
 
 use sha2::{Digest, Sha256};
 
+use crate::stamp::{self, FileVersion};
+
 /// An opened model: a GGUF file or an HF directory (config.json + safetensors), mapped, not read.
 pub struct ModelFiles {
     /// Where it was opened from.
@@ -194,45 +196,28 @@ fn digest_dir() -> Option<PathBuf> {
     Some(root.join("identity"))
 }
 
-/// What a digest stamp records: the file's version and its sha256.
-#[derive(serde::Serialize, serde::Deserialize, PartialEq)]
-struct DigestStamp {
-    len: u64,
-    mtime_ns: i128,
-    inode: u64,
-    sha256: String,
-}
-
 /// sha256 (hex) of the whole file at `path`, read through a small buffer (the page
 /// cache, not this process's memory). Remembered in a stamp keyed by the canonical path
 /// and checked against the file's size, modification time and inode, so a model is
 /// hashed once, and again only after it changes.
 pub fn file_digest(path: &Path) -> Result<String, ModelError> {
     use std::io::Read;
-    use std::os::unix::fs::MetadataExt;
     let io = |err| ModelError::Io {
         path: path.to_path_buf(),
         err,
     };
     let mut f = std::fs::File::open(path).map_err(io)?;
-    let md = f.metadata().map_err(io)?;
-    let version = |sha256: String| DigestStamp {
-        len: md.len(),
-        mtime_ns: md.mtime() as i128 * 1_000_000_000 + md.mtime_nsec() as i128,
-        inode: md.ino(),
-        sha256,
-    };
+    let version = FileVersion::of(&f).map_err(io)?;
     let canon = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
-    let stamp = digest_dir().map(|d| {
+    let stamp_path = digest_dir().map(|d| {
         let key = hex::encode(&Sha256::digest(canon.to_string_lossy().as_bytes())[..12]);
         d.join(format!("{key}.json"))
     });
-    if let Some(s) = stamp.as_ref().and_then(|p| std::fs::read(p).ok()) {
-        if let Ok(st) = serde_json::from_slice::<DigestStamp>(&s) {
-            if st == version(st.sha256.clone()) {
-                return Ok(st.sha256);
-            }
-        }
+    if let Some(sha) = stamp_path
+        .as_deref()
+        .and_then(|p| stamp::read::<String>(p, version))
+    {
+        return Ok(sha);
     }
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
@@ -244,19 +229,8 @@ pub fn file_digest(path: &Path) -> Result<String, ModelError> {
         h.update(&buf[..n]);
     }
     let sha = hex::encode(h.finalize());
-    if let Some(p) = stamp {
-        let st = version(sha.clone());
-        let tmp = p.with_extension(format!("tmp{}", std::process::id()));
-        let ok = p
-            .parent()
-            .is_some_and(|d| std::fs::create_dir_all(d).is_ok())
-            && serde_json::to_vec(&st)
-                .ok()
-                .is_some_and(|b| std::fs::write(&tmp, b).is_ok())
-            && std::fs::rename(&tmp, &p).is_ok();
-        if !ok {
-            let _ = std::fs::remove_file(&tmp);
-        }
+    if let Some(p) = stamp_path {
+        stamp::write(&p, version, &sha);
     }
     Ok(sha)
 }

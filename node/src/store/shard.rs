@@ -17,6 +17,7 @@ use crate::model::forward::{slice_weight, SliceSource};
 use crate::model::gguf::{ggml_dtype, ggml_type_id};
 use crate::model::weights::Blob;
 use crate::model::{Head, ModelConfig, ModelFiles, RankModel, Role, SplitPlan, Weight};
+use crate::stamp::{self, FileVersion};
 
 /// Weight type of the matrices in a shard.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -347,47 +348,29 @@ pub fn load_manifest(dir: &Path) -> Result<Manifest, StoreError> {
 /// Name of the stamp a shard directory gets when all its blocks have verified.
 pub const STAMP_FILE: &str = "verified.json";
 
-/// The shard data file's identity at the last full verification: any write to it
-/// changes its modification time (or size, or inode, when it is replaced), and any
-/// change of the manifest changes its hash.
-#[derive(Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-struct VerifiedStamp {
-    len: u64,
-    mtime_ns: i128,
-    inode: u64,
-    manifest_sha256: String,
-}
-
-fn current_stamp(dir: &Path, data: &File) -> Option<VerifiedStamp> {
-    use std::os::unix::fs::MetadataExt;
-    let md = data.metadata().ok()?;
+/// The shard as the stamp sees it: its data file's version, and the manifest's hash (any
+/// change of the manifest invalidates the stamp too).
+fn current_version(dir: &Path, data: &File) -> Option<(FileVersion, String)> {
     let manifest = std::fs::read(dir.join(MANIFEST_FILE)).ok()?;
-    Some(VerifiedStamp {
-        len: md.len(),
-        mtime_ns: md.mtime() as i128 * 1_000_000_000 + md.mtime_nsec() as i128,
-        inode: md.ino(),
-        manifest_sha256: hex::encode(Sha256::digest(&manifest)),
-    })
-}
-
-fn write_stamp_file(dir: &Path, st: &VerifiedStamp) {
-    let tmp = dir.join(format!("{STAMP_FILE}.tmp"));
-    let ok = serde_json::to_vec(st)
-        .ok()
-        .is_some_and(|b| std::fs::write(&tmp, b).is_ok())
-        && std::fs::rename(&tmp, dir.join(STAMP_FILE)).is_ok();
-    if !ok {
-        let _ = std::fs::remove_file(&tmp);
-        tracing::debug!("cannot stamp {} as verified", dir.display());
-    }
+    Some((
+        FileVersion::of(data).ok()?,
+        hex::encode(Sha256::digest(&manifest)),
+    ))
 }
 
 /// Stamps a shard directory whose data file was just written (or received) and hashed
 /// block by block, so its first use does not hash it again.
 pub(crate) fn stamp_verified(dir: &Path) {
-    let data = dir.join(DATA_FILE);
-    if let Some(st) = File::open(&data).ok().and_then(|f| current_stamp(dir, &f)) {
-        write_stamp_file(dir, &st);
+    if let Ok(f) = File::open(dir.join(DATA_FILE)) {
+        write_verified(dir, &f);
+    }
+}
+
+fn write_verified(dir: &Path, data: &File) {
+    if let Some((version, manifest)) = current_version(dir, data) {
+        if !stamp::write(&dir.join(STAMP_FILE), version, &manifest) {
+            tracing::debug!("cannot stamp {} as verified", dir.display());
+        }
     }
 }
 
@@ -482,27 +465,16 @@ impl Shard {
         }
     }
 
-    /// What the stamp records of the shard as it is on disk now.
-    fn current_stamp(&self) -> Option<VerifiedStamp> {
-        current_stamp(&self.dir, &self.file)
-    }
-
     fn stamp_is_current(&self) -> bool {
-        let Some(now) = self.current_stamp() else {
-            return false;
-        };
-        std::fs::read(self.dir.join(STAMP_FILE))
-            .ok()
-            .and_then(|b| serde_json::from_slice::<VerifiedStamp>(&b).ok())
-            .is_some_and(|s| s == now)
+        current_version(&self.dir, &self.file).is_some_and(|(version, manifest)| {
+            stamp::read::<String>(&self.dir.join(STAMP_FILE), version) == Some(manifest)
+        })
     }
 
     /// Records that every block verified, for the shard as it is now. A directory that
     /// cannot be written (a read-only `--shards` copy) just verifies again next time.
     fn write_stamp(&self) {
-        if let Some(st) = self.current_stamp() {
-            write_stamp_file(&self.dir, &st);
-        }
+        write_verified(&self.dir, &self.file);
     }
 
     /// A tensor as a zero-copy weight view.
