@@ -107,13 +107,18 @@ async fn expect_msg(node: &mut Node, rank: usize) -> Result<FromNode> {
         .recv_msg::<FromNode>(MAX_CONTROL)
         .await
         .map_err(|e| node_err(node.addr, rank, e))?;
+    said(node.addr, rank, m)
+}
+
+/// A node's message, or the error it reports (a refusal, or a failure at the node).
+fn said(addr: SocketAddr, rank: usize, m: FromNode) -> Result<FromNode> {
     match m {
         FromNode::Refused { reason } => Err(node_err(
-            node.addr,
+            addr,
             rank,
             format!("refused the session: {reason}"),
         )),
-        FromNode::Error { msg } => Err(node_err(node.addr, rank, format!("failed: {msg}"))),
+        FromNode::Error { msg } => Err(node_err(addr, rank, format!("failed: {msg}"))),
         m => Ok(m),
     }
 }
@@ -122,16 +127,13 @@ async fn expect_msg(node: &mut Node, rank: usize) -> Result<FromNode> {
 /// naming what failed there), if one arrives within half a second: when a node fails,
 /// what the coordinator notices first is usually just the stream or connection going away.
 async fn with_reason(node: &mut Node, rank: usize, e: Error) -> Error {
-    let said = tokio::time::timeout(
+    let next = tokio::time::timeout(
         Duration::from_millis(500),
         node.ctl.recv_msg::<FromNode>(MAX_CONTROL),
     )
     .await;
-    match said {
-        Ok(Ok(FromNode::Refused { reason })) => {
-            node_err(node.addr, rank, format!("refused the session: {reason}"))
-        }
-        Ok(Ok(FromNode::Error { msg })) => node_err(node.addr, rank, format!("failed: {msg}")),
+    match next {
+        Ok(Ok(m)) => said(node.addr, rank, m).err().unwrap_or(e),
         _ => e,
     }
 }
