@@ -13,11 +13,11 @@ use tpi_node::model::{Head, KvCache, ModelConfig, ModelFiles, RankModel, SplitPl
 use tpi_node::net::collective::open_data_link;
 use tpi_node::net::driven::Driven;
 use tpi_node::net::frame::{write_frame, FrameKind};
-use tpi_node::net::wire::{f32_to_le_bytes, PROTOCOL_VERSION};
+use tpi_node::net::wire::{f32_to_le_bytes, MAX_CONTROL, PROTOCOL_VERSION};
 use tpi_node::net::{
     Algo, Connection, Credential, Endpoint, Group, Stream, TransportOptions, WireDType,
 };
-use tpi_node::proto::{FromNode, NodeStepTimes, Setup, ToNode, CONTROL_STREAM_TAG, MAX_CONTROL};
+use tpi_node::proto::{FromNode, NodeStepTimes, Setup, ToNode, CONTROL_STREAM_TAG};
 use tpi_node::store::window::{disk_read_bytes, peak_rss};
 use tpi_node::store::{default_layout, layout_for_isa, Quant, Shard, Window};
 

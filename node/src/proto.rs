@@ -18,9 +18,6 @@ use crate::store::{BlockNeed, Manifest};
 /// Stream tag of a session's control stream.
 pub const CONTROL_STREAM_TAG: u8 = 0xC0;
 
-/// Largest control message accepted.
-pub const MAX_CONTROL: usize = 1 << 20;
-
 /// Coordinator → node.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum ToNode {

@@ -20,11 +20,11 @@ use crate::net::collective::{
 use crate::net::driven::Driven;
 use crate::net::emulation::LinkEmulation;
 use crate::net::frame::{read_frame_of, FrameKind};
-use crate::net::wire::{f32_from_le_bytes, PROTOCOL_VERSION};
+use crate::net::wire::{f32_from_le_bytes, MAX_CONTROL, PROTOCOL_VERSION};
 use crate::net::{
     Connection, Credential, DataLink, Endpoint, Group, NetError, Stream, TransportOptions,
 };
-use crate::proto::{FromNode, NodeStepTimes, Setup, ToNode, CONTROL_STREAM_TAG, MAX_CONTROL};
+use crate::proto::{FromNode, NodeStepTimes, Setup, ToNode, CONTROL_STREAM_TAG};
 use crate::store::window::{disk_read_bytes, peak_rss, reset_peak_rss};
 use crate::store::{Shard, ShardCache, StoreError};
 

@@ -11,12 +11,13 @@ use std::time::{Duration, Instant};
 use tpi_node::model::{ModelFiles, SplitPlan};
 use tpi_node::net::driven::Driven;
 use tpi_node::net::frame::{encode_header, FrameKind};
+use tpi_node::net::wire::MAX_CONTROL;
 use tpi_node::net::wire::PROTOCOL_VERSION;
 use tpi_node::net::{
     Algo, CaBundle, Connection, Credential, Endpoint, NetError, Role, Stream, TransportOptions,
     WireDType,
 };
-use tpi_node::proto::{FromNode, Setup, ToNode, CONTROL_STREAM_TAG, MAX_CONTROL};
+use tpi_node::proto::{FromNode, Setup, ToNode, CONTROL_STREAM_TAG};
 use tpi_node::store::{write_shard, Manifest, Quant};
 use tpi_node::worker::{bind, serve, NodeOptions};
 

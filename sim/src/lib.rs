@@ -8,6 +8,7 @@
 pub mod delay;
 pub mod link;
 pub mod model;
+#[cfg(feature = "plot")]
 pub mod plot;
 pub mod predict;
 pub mod relay;

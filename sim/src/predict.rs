@@ -6,91 +6,14 @@
 //! hidden vector; disk streaming (when a shard exceeds its budget) overlaps
 //! with compute and the allreduce of the same block.
 
-use std::{fmt, str::FromStr, time::Duration};
+use std::time::Duration;
+
+pub use tpi_algo::{tree_children, tree_parent, Algo};
 
 use crate::{
     model::{Calibration, Device, ModelShape, Workload},
     topology::Topology,
 };
-
-/// An allreduce algorithm: what `tpi-node` runs and what the simulator prices (one type, so
-/// the two cannot drift apart; it travels in the cluster protocol through serde).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
-pub enum Algo {
-    /// Workers send partials to rank 0, which sums in rank order and sends the sum back
-    /// (2 one-way hops, 1 with two ranks: a direct exchange; the default on latency-bound
-    /// edge links).
-    Star,
-    /// Reduce-scatter then allgather around a ring: 2(N−1) steps of payload/N
-    /// (bandwidth-optimal).
-    Ring,
-    /// Reduce up the binary tree rooted at rank 0 (see [`tree_parent`]), then broadcast
-    /// down: 2⌊log2 N⌋ levels.
-    Tree,
-}
-
-impl Algo {
-    /// All algorithms, in display order.
-    pub const ALL: [Algo; 3] = [Algo::Star, Algo::Ring, Algo::Tree];
-
-    /// The ranks `rank` needs a data link with, ascending: star: 0 ↔ every worker;
-    /// ring: rank ± 1 mod N; tree: parent and children in the binary tree rooted at 0.
-    /// Empty when `world <= 1`.
-    pub fn peers(self, rank: usize, world: usize) -> Vec<usize> {
-        if world <= 1 || rank >= world {
-            return Vec::new();
-        }
-        let mut p: Vec<usize> = match self {
-            Algo::Star if rank == 0 => (1..world).collect(),
-            Algo::Star => vec![0],
-            Algo::Ring => vec![(rank + world - 1) % world, (rank + 1) % world],
-            Algo::Tree => tree_parent(rank)
-                .into_iter()
-                .chain(tree_children(rank, world))
-                .collect(),
-        };
-        p.sort_unstable();
-        p.dedup();
-        p
-    }
-}
-
-/// The parent of `rank` in the binary tree rooted at 0 (`None` for the root).
-pub fn tree_parent(rank: usize) -> Option<usize> {
-    (rank > 0).then(|| (rank - 1) / 2)
-}
-
-/// The children of `rank` in the binary tree rooted at 0, ascending.
-pub fn tree_children(rank: usize, world: usize) -> Vec<usize> {
-    [2 * rank + 1, 2 * rank + 2]
-        .into_iter()
-        .filter(|&c| c < world)
-        .collect()
-}
-
-impl fmt::Display for Algo {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Algo::Star => "star",
-            Algo::Ring => "ring",
-            Algo::Tree => "tree",
-        })
-    }
-}
-
-impl FromStr for Algo {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s.to_ascii_lowercase().as_str() {
-            "star" => Ok(Algo::Star),
-            "ring" => Ok(Algo::Ring),
-            "tree" => Ok(Algo::Tree),
-            _ => Err(format!(
-                "unknown allreduce algorithm {s:?} (expected star, ring or tree)"
-            )),
-        }
-    }
-}
 
 /// Everything one prediction needs.
 #[derive(Clone, Debug)]

@@ -4,8 +4,9 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use super::collective::{establish_links, Algo, Group, WireDType};
+use super::error::NetError;
 use super::tls::Credential;
-use super::transport::{Endpoint, NetError};
+use super::transport::Endpoint;
 
 /// Runs `world` ranks in this process, each on its own quinn endpoint on 127.0.0.1 and
 /// its own tokio task (call from a multi-thread runtime), and returns rank 0's wall time
@@ -39,7 +40,7 @@ pub async fn allreduce_latency_over(
                 bind,
                 true,
                 &cred,
-                &super::transport::TransportOptions::default(),
+                &super::options::TransportOptions::default(),
             ),
             None => Endpoint::server(bind, &cred),
         })

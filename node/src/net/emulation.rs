@@ -12,8 +12,10 @@ use std::sync::{Arc, RwLock};
 
 use tpi_sim::{LinkFor, LinkSpec, Topology};
 
+use super::error::NetError;
+use super::options::TransportOptions;
 use super::tls::Credential;
-use super::transport::{Endpoint, NetError, TransportOptions};
+use super::transport::Endpoint;
 
 #[derive(Default)]
 struct Ranks {

@@ -1,11 +1,14 @@
-//! Length-prefixed frames over QUIC streams.
+//! Length-prefixed frames over any byte stream (`AsyncRead` / `AsyncWrite`: a QUIC stream,
+//! or `tokio::io::duplex` in tests).
 //!
 //! A frame is `[u32 LE payload length][u8 kind][payload]`; the length counts the payload
 //! only (not the 5 header bytes). Readers pass a maximum payload length and the length
 //! field is checked against it *before* anything is allocated, so a garbage or hostile
 //! length can never drive an allocation.
 
-use super::transport::{map_read_exact_error, map_write_error, NetError};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use super::error::{map_io_error, NetError};
 
 /// Bytes in a frame header: 4 (length, LE) + 1 (kind).
 pub const FRAME_HEADER_LEN: usize = 5;
@@ -71,8 +74,8 @@ pub fn decode_header(
 /// they leave in one packet; larger ones are written as header then payload (quinn
 /// copies into its send buffer either way, and both writes are queued before the
 /// connection driver can packetise more than the first).
-pub async fn write_frame(
-    send: &mut quinn::SendStream,
+pub async fn write_frame<W: AsyncWrite + Unpin>(
+    send: &mut W,
     kind: FrameKind,
     payload: &[u8],
 ) -> Result<(), NetError> {
@@ -83,26 +86,14 @@ pub async fn write_frame(
         buf[FRAME_HEADER_LEN..FRAME_HEADER_LEN + payload.len()].copy_from_slice(payload);
         send.write_all(&buf[..FRAME_HEADER_LEN + payload.len()])
             .await
-            .map_err(map_write_error)
+            .map_err(map_io_error)
     } else {
-        send.write_all(&hdr).await.map_err(map_write_error)?;
-        send.write_all(payload).await.map_err(map_write_error)
+        send.write_all(&hdr).await.map_err(map_io_error)?;
+        send.write_all(payload).await.map_err(map_io_error)
     }
 }
 
-/// Writes one frame whose header space is already reserved: `buf[..FRAME_HEADER_LEN]` is
-/// overwritten with the header for the payload `buf[FRAME_HEADER_LEN..]`, and the whole
-/// buffer goes out in a single stream write (the zero-extra-copy hot path).
-pub async fn write_prefixed_frame(
-    send: &mut quinn::SendStream,
-    kind: FrameKind,
-    buf: &mut [u8],
-) -> Result<(), NetError> {
-    fill_prefix(kind, buf)?;
-    send.write_all(buf).await.map_err(map_write_error)
-}
-
-/// Fills the reserved header space of a prefixed frame buffer (see [`write_prefixed_frame`]).
+/// Fills the reserved header space of a prefixed frame buffer (one frame, ready for a single stream write).
 pub fn fill_prefix(kind: FrameKind, buf: &mut [u8]) -> Result<(), NetError> {
     if buf.len() < FRAME_HEADER_LEN {
         return Err(NetError::Protocol(
@@ -119,25 +110,23 @@ pub fn fill_prefix(kind: FrameKind, buf: &mut [u8]) -> Result<(), NetError> {
 ///
 /// Returns the frame kind. A stream that ends cleanly before a header is an error
 /// ([`NetError::Closed`]); so is one that ends inside a frame.
-pub async fn read_frame(
-    recv: &mut quinn::RecvStream,
+pub async fn read_frame<R: AsyncRead + Unpin>(
+    recv: &mut R,
     buf: &mut Vec<u8>,
     max: usize,
 ) -> Result<FrameKind, NetError> {
     let mut hdr = [0u8; FRAME_HEADER_LEN];
-    recv.read_exact(&mut hdr)
-        .await
-        .map_err(map_read_exact_error)?;
+    recv.read_exact(&mut hdr).await.map_err(map_io_error)?;
     let (kind, len) = decode_header(&hdr, max)?;
     buf.clear();
     buf.resize(len, 0);
-    recv.read_exact(buf).await.map_err(map_read_exact_error)?;
+    recv.read_exact(buf).await.map_err(map_io_error)?;
     Ok(kind)
 }
 
 /// Reads one frame and checks that it is of the `expected` kind.
-pub async fn read_frame_of(
-    recv: &mut quinn::RecvStream,
+pub async fn read_frame_of<R: AsyncRead + Unpin>(
+    recv: &mut R,
     expected: FrameKind,
     buf: &mut Vec<u8>,
     max: usize,
@@ -185,5 +174,63 @@ mod tests {
         fill_prefix(FrameKind::Tensor, &mut b).unwrap();
         assert_eq!(&b[..5], &[3, 0, 0, 0, 2]);
         assert!(fill_prefix(FrameKind::Tensor, &mut [0u8; 2]).is_err());
+    }
+
+    #[tokio::test]
+    async fn frames_over_a_duplex_pipe() {
+        // A pipe of 7 bytes: every frame crosses it in several pieces.
+        let (mut a, mut b) = tokio::io::duplex(7);
+        let big = vec![9u8; 5000];
+        let w = tokio::spawn(async move {
+            write_frame(&mut a, FrameKind::Control, b"hello")
+                .await
+                .unwrap();
+            write_frame(&mut a, FrameKind::Tensor, &big).await.unwrap();
+            write_frame(&mut a, FrameKind::Tensor, &[1, 2, 3])
+                .await
+                .unwrap();
+            a
+        });
+        let mut buf = Vec::new();
+        assert_eq!(
+            read_frame(&mut b, &mut buf, 16).await.unwrap(),
+            FrameKind::Control
+        );
+        assert_eq!(buf, b"hello");
+        read_frame_of(&mut b, FrameKind::Tensor, &mut buf, 5000)
+            .await
+            .unwrap();
+        assert_eq!(buf, vec![9u8; 5000]);
+        let e = read_frame_of(&mut b, FrameKind::Control, &mut buf, 16)
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("expected a Control frame"), "{e}");
+        drop(w.await.unwrap());
+        let e = read_frame(&mut b, &mut buf, 16).await.unwrap_err();
+        assert!(matches!(e, NetError::Closed { .. }), "{e}");
+    }
+
+    #[tokio::test]
+    async fn stream_ending_inside_a_frame_is_closed_not_garbage() {
+        let (mut a, mut b) = tokio::io::duplex(64);
+        let hdr = encode_header(FrameKind::Tensor, 10).unwrap();
+        a.write_all(&hdr).await.unwrap();
+        a.write_all(&[1, 2, 3]).await.unwrap();
+        drop(a);
+        let mut buf = Vec::new();
+        let e = read_frame(&mut b, &mut buf, 100).await.unwrap_err();
+        assert!(e.to_string().contains("inside a frame"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn oversized_frame_is_refused_before_reading_it() {
+        let (mut a, mut b) = tokio::io::duplex(64);
+        a.write_all(&encode_header(FrameKind::Control, 1 << 30).unwrap())
+            .await
+            .unwrap();
+        let mut buf = Vec::new();
+        let e = read_frame(&mut b, &mut buf, 1 << 20).await.unwrap_err();
+        assert!(matches!(e, NetError::FrameTooLarge { .. }), "{e}");
+        assert_eq!(buf.capacity(), 0);
     }
 }

@@ -18,7 +18,8 @@ use rcgen::{
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
-use super::transport::{NetError, TransportOptions};
+use super::error::NetError;
+use super::options::TransportOptions;
 
 /// The server name every leaf certificate carries and every client verifies.
 pub const SERVER_NAME: &str = "tpi.cluster";

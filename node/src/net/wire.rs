@@ -8,32 +8,45 @@
 use half::f16;
 use half::slice::HalfFloatSliceExt;
 
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use super::error::NetError;
 use super::frame::{read_frame_of, write_frame, FrameKind};
-use super::transport::NetError;
 
 /// The tpi wire protocol version; peers exchange it in their hellos and refuse a mismatch.
 pub const PROTOCOL_VERSION: u32 = 2;
 
-/// Largest encoded control message [`decode`] accepts (and the bincode allocation limit).
-pub const MAX_CONTROL_BYTES: usize = 16 << 20;
+/// The one limit on control messages: the largest encoded message [`encode`] produces and
+/// [`decode`] accepts, and the bincode allocation limit. Tensor payloads and shard blocks
+/// travel as their own frames, so control messages stay small (a session's Setup with
+/// its manifest is a few KiB).
+pub const MAX_CONTROL: usize = 1 << 20;
 
 fn config() -> impl bincode::config::Config {
-    bincode::config::standard().with_limit::<MAX_CONTROL_BYTES>()
+    bincode::config::standard().with_limit::<MAX_CONTROL>()
 }
 
-/// Encodes a control message with bincode (standard config, 16 MiB limit).
+/// Encodes a control message with bincode (standard config). A message longer than
+/// [`MAX_CONTROL`] is refused here, since no peer would accept it.
 pub fn encode<T: serde::Serialize>(msg: &T) -> Result<Vec<u8>, NetError> {
-    bincode::serde::encode_to_vec(msg, config())
-        .map_err(|e| NetError::Codec(format!("encode: {e}")))
+    let v = bincode::serde::encode_to_vec(msg, config())
+        .map_err(|e| NetError::Codec(format!("encode: {e}")))?;
+    if v.len() > MAX_CONTROL {
+        return Err(NetError::Codec(format!(
+            "encode: message of {} bytes exceeds the {MAX_CONTROL}-byte limit",
+            v.len()
+        )));
+    }
+    Ok(v)
 }
 
-/// Decodes a control message encoded by [`encode`]. Input longer than 16 MiB, input that
-/// would make the decoder allocate more than 16 MiB, malformed input and trailing bytes
+/// Decodes a control message encoded by [`encode`]. Input longer than [`MAX_CONTROL`],
+/// input that would make the decoder allocate more than that, malformed input and trailing bytes
 /// are all refused with [`NetError::Codec`].
 pub fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, NetError> {
-    if bytes.len() > MAX_CONTROL_BYTES {
+    if bytes.len() > MAX_CONTROL {
         return Err(NetError::Codec(format!(
-            "message of {} bytes exceeds the {MAX_CONTROL_BYTES}-byte limit",
+            "message of {} bytes exceeds the {MAX_CONTROL}-byte limit",
             bytes.len()
         )));
     }
@@ -49,27 +62,22 @@ pub fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, NetErro
 }
 
 /// Sends `msg` as one [`FrameKind::Control`] frame.
-pub async fn send_msg<T: serde::Serialize>(
-    send: &mut quinn::SendStream,
+pub async fn send_msg<T: serde::Serialize, W: AsyncWrite + Unpin>(
+    send: &mut W,
     msg: &T,
 ) -> Result<(), NetError> {
     let bytes = encode(msg)?;
     write_frame(send, FrameKind::Control, &bytes).await
 }
 
-/// Receives one [`FrameKind::Control`] frame of at most `max` bytes and decodes it.
-pub async fn recv_msg<T: serde::de::DeserializeOwned>(
-    recv: &mut quinn::RecvStream,
+/// Receives one [`FrameKind::Control`] frame of at most `max` bytes (never more than
+/// [`MAX_CONTROL`]) and decodes it.
+pub async fn recv_msg<T: serde::de::DeserializeOwned, R: AsyncRead + Unpin>(
+    recv: &mut R,
     max: usize,
 ) -> Result<T, NetError> {
     let mut buf = Vec::new();
-    read_frame_of(
-        recv,
-        FrameKind::Control,
-        &mut buf,
-        max.min(MAX_CONTROL_BYTES),
-    )
-    .await?;
+    read_frame_of(recv, FrameKind::Control, &mut buf, max.min(MAX_CONTROL)).await?;
     decode(&buf)
 }
 
@@ -232,6 +240,51 @@ mod tests {
         let mut t = m.clone();
         t.push(0);
         assert!(matches!(decode::<Msg>(&t), Err(NetError::Codec(_))));
+    }
+
+    #[tokio::test]
+    async fn messages_over_a_duplex_pipe() {
+        let (mut a, mut b) = tokio::io::duplex(16);
+        let m = Msg {
+            a: 7,
+            s: "over the pipe".into(),
+            v: (0..100).collect(),
+        };
+        let sent = encode(&m).unwrap().len();
+        let w = tokio::spawn(async move {
+            send_msg(
+                &mut a,
+                &Msg {
+                    a: 1,
+                    s: String::new(),
+                    v: vec![],
+                },
+            )
+            .await
+            .unwrap();
+            send_msg(&mut a, &m).await.unwrap();
+            a
+        });
+        assert_eq!(recv_msg::<Msg, _>(&mut b, 64).await.unwrap().a, 1);
+        // A per-call limit below the message's size refuses it.
+        let e = recv_msg::<Msg, _>(&mut b, sent - 1).await.unwrap_err();
+        assert!(matches!(e, NetError::FrameTooLarge { .. }), "{e}");
+        // The writer is still blocked on the refused message, which nobody reads.
+        w.abort();
+    }
+
+    #[test]
+    fn one_limit_for_control_messages() {
+        let big = Msg {
+            a: 0,
+            s: "x".repeat(MAX_CONTROL),
+            v: vec![],
+        };
+        assert!(matches!(encode(&big), Err(NetError::Codec(_))));
+        assert!(matches!(
+            decode::<Msg>(&vec![0; MAX_CONTROL + 1]),
+            Err(NetError::Codec(_))
+        ));
     }
 
     #[test]

@@ -1,0 +1,153 @@
+//! The allreduce algorithms and their shapes: which ranks link with which, the binary
+//! tree and the ring's chunks. A wire type (it travels in the session protocol), kept in
+//! a crate of its own so that the simulator can price exactly what `tpi-node` runs
+//! without depending on the node, whose link emulation depends on the simulator.
+
+use std::{fmt, ops::Range, str::FromStr};
+
+/// An allreduce algorithm: what `tpi-node` runs and what the simulator prices (one type, so
+/// the two cannot drift apart).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub enum Algo {
+    /// Workers send partials to rank 0, which sums in rank order and sends the sum back
+    /// (2 one-way hops, 1 with two ranks: a direct exchange; the default on latency-bound
+    /// edge links).
+    Star,
+    /// Reduce-scatter then allgather around a ring: 2(N−1) steps of payload/N
+    /// (bandwidth-optimal).
+    Ring,
+    /// Reduce up the binary tree rooted at rank 0 (see [`tree_parent`]), then broadcast
+    /// down: 2⌊log2 N⌋ levels.
+    Tree,
+}
+
+impl Algo {
+    /// All algorithms, in display order.
+    pub const ALL: [Algo; 3] = [Algo::Star, Algo::Ring, Algo::Tree];
+
+    /// The ranks `rank` needs a data link with, ascending: star: 0 ↔ every worker;
+    /// ring: rank ± 1 mod N; tree: parent and children in the binary tree rooted at 0.
+    /// Empty when `world <= 1`.
+    pub fn peers(self, rank: usize, world: usize) -> Vec<usize> {
+        if world <= 1 || rank >= world {
+            return Vec::new();
+        }
+        let mut p: Vec<usize> = match self {
+            Algo::Star if rank == 0 => (1..world).collect(),
+            Algo::Star => vec![0],
+            Algo::Ring => vec![(rank + world - 1) % world, (rank + 1) % world],
+            Algo::Tree => tree_parent(rank)
+                .into_iter()
+                .chain(tree_children(rank, world))
+                .collect(),
+        };
+        p.sort_unstable();
+        p.dedup();
+        p
+    }
+}
+
+/// The parent of `rank` in the binary tree rooted at 0 (`None` for the root).
+pub fn tree_parent(rank: usize) -> Option<usize> {
+    (rank > 0).then(|| (rank - 1) / 2)
+}
+
+/// The children of `rank` in the binary tree rooted at 0, ascending.
+pub fn tree_children(rank: usize, world: usize) -> Vec<usize> {
+    [2 * rank + 1, 2 * rank + 2]
+        .into_iter()
+        .filter(|&c| c < world)
+        .collect()
+}
+
+impl fmt::Display for Algo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Algo::Star => "star",
+            Algo::Ring => "ring",
+            Algo::Tree => "tree",
+        })
+    }
+}
+
+impl FromStr for Algo {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "star" => Ok(Algo::Star),
+            "ring" => Ok(Algo::Ring),
+            "tree" => Ok(Algo::Tree),
+            _ => Err(format!(
+                "unknown allreduce algorithm {s:?} (expected star, ring or tree)"
+            )),
+        }
+    }
+}
+
+/// The element range of chunk `c` when `n` elements are split into `world` chunks for the
+/// ring: `[c·n/world, (c+1)·n/world)`. Chunks differ in size by at most one and may be
+/// empty when `n < world`.
+pub fn ring_chunk(n: usize, world: usize, c: usize) -> Range<usize> {
+    let at = |i: usize| ((i as u128 * n as u128) / world as u128) as usize;
+    at(c)..at(c + 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunks_cover_exactly() {
+        for n in 0..40 {
+            for w in 1..9 {
+                let mut next = 0;
+                for c in 0..w {
+                    let r = ring_chunk(n, w, c);
+                    assert_eq!(r.start, next);
+                    assert!(r.len() <= n / w + 1 && r.len() >= n / w);
+                    next = r.end;
+                }
+                assert_eq!(next, n);
+            }
+        }
+    }
+
+    #[test]
+    fn tree_shape() {
+        assert_eq!(tree_parent(0), None);
+        assert_eq!(tree_parent(1), Some(0));
+        assert_eq!(tree_parent(2), Some(0));
+        assert_eq!(tree_parent(5), Some(2));
+        assert_eq!(tree_children(0, 3), vec![1, 2]);
+        assert_eq!(tree_children(1, 4), vec![3]);
+        assert_eq!(tree_children(3, 4), Vec::<usize>::new());
+    }
+
+    #[test]
+    fn peers_are_symmetric() {
+        for algo in Algo::ALL {
+            for w in 1..10 {
+                for r in 0..w {
+                    for p in algo.peers(r, w) {
+                        assert_ne!(p, r);
+                        assert!(algo.peers(p, w).contains(&r), "{algo} {w} {r} {p}");
+                    }
+                }
+            }
+        }
+        assert_eq!(Algo::Star.peers(0, 4), vec![1, 2, 3]);
+        assert_eq!(Algo::Star.peers(2, 4), vec![0]);
+        assert_eq!(Algo::Ring.peers(0, 4), vec![1, 3]);
+        assert_eq!(Algo::Ring.peers(1, 2), vec![0]);
+        assert_eq!(Algo::Tree.peers(1, 5), vec![0, 3, 4]);
+        assert!(Algo::Star.peers(0, 1).is_empty());
+    }
+
+    #[test]
+    fn parse_display() {
+        for a in Algo::ALL {
+            assert_eq!(a.to_string().parse::<Algo>().unwrap(), a);
+        }
+        assert!("mesh".parse::<Algo>().is_err());
+    }
+}

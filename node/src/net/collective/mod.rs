@@ -1,0 +1,361 @@
+//! Allreduce over per-peer data links: star (default), ring and tree.
+//!
+//! Guarantee: after [`Group::allreduce`] every rank holds a *bitwise identical* vector.
+//! Star and tree results are deterministic functions of the inputs (sums are taken in
+//! rank order, never in arrival order): see [`star_reference`] and [`tree_reference`].
+//! The ring computes each chunk's final value once, at the chunk's owner, and
+//! propagates those bits.
+//!
+//! - [`schedule`]: each algorithm's steps as pure data, tested without sockets;
+//! - [`reduce`]: the wire element type, rank-order sums, tensor-frame encoding;
+//! - [`reassemble`]: a frame's pieces into header and whole elements;
+//! - [`link`]: per-peer links (QUIC or in-memory, both carrying whole frames);
+//! - [`handshake`]: link setup;
+//! - this file: [`Group`], which executes a schedule over the links.
+
+pub mod handshake;
+pub mod link;
+pub mod reassemble;
+pub mod reduce;
+pub mod schedule;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::{Duration, Instant};
+
+use futures::future::try_join_all;
+use half::f16;
+
+pub use handshake::{
+    accept_data_link, accept_data_stream, establish_links, open_data_link, DATA_STREAM_TAG,
+};
+pub use link::DataLink;
+pub use reduce::{star_reference, sum_rank_order, tree_reference, WireDType};
+pub use schedule::{schedule, Op, Step};
+pub use tpi_algo::{ring_chunk, tree_children, tree_parent, Algo};
+
+use crate::net::error::NetError;
+use crate::net::wire::round_to_f16;
+use link::split_link;
+use reduce::{add_into, decode_into, encode_frame};
+
+/// Timing and volume of one allreduce at this rank.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AllreduceStats {
+    /// Wall time of the whole call.
+    pub total: Duration,
+    /// Wall time blocked in awaits that receive peers' data (for the ring: each step's
+    /// joined send + receive). It includes the peers' lateness (skew) and network time;
+    /// `total − wait` is local work (encoding, summing, decoding, send-only awaits).
+    pub wait: Duration,
+    /// Tensor payload bytes this rank sent (frame headers excluded).
+    pub bytes_sent: u64,
+    /// Tensor payload bytes this rank received (frame headers excluded).
+    pub bytes_recv: u64,
+}
+
+/// A rank's membership in a collective group: its links, the schedule of the last
+/// length reduced, and scratch space.
+pub struct Group {
+    rank: usize,
+    world: usize,
+    algo: Algo,
+    dtype: WireDType,
+    links: BTreeMap<usize, DataLink>,
+    steps: Vec<Step>,
+    steps_len: Option<usize>,
+    h16: Vec<f16>,
+    poisoned: bool,
+}
+
+impl fmt::Debug for Group {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Group")
+            .field("rank", &self.rank)
+            .field("world", &self.world)
+            .field("algo", &self.algo)
+            .field("dtype", &self.dtype)
+            .field("links", &self.links.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+impl Group {
+    /// Creates the group. `links` must hold exactly one link per rank in
+    /// `algo.peers(rank, world)`, each with the matching [`DataLink::peer`].
+    pub fn new(
+        rank: usize,
+        world: usize,
+        algo: Algo,
+        dtype: WireDType,
+        links: BTreeMap<usize, DataLink>,
+    ) -> Result<Group, NetError> {
+        if world == 0 || rank >= world {
+            return Err(NetError::Protocol(format!(
+                "rank {rank} outside a world of {world}"
+            )));
+        }
+        let want = algo.peers(rank, world);
+        let have: Vec<usize> = links.keys().copied().collect();
+        if want != have {
+            return Err(NetError::Protocol(format!(
+                "rank {rank} of {world} under {algo} needs links to {want:?}, got {have:?}"
+            )));
+        }
+        if let Some((k, l)) = links.iter().find(|(k, l)| **k != l.peer()) {
+            return Err(NetError::Protocol(format!(
+                "link keyed as rank {k} leads to rank {}",
+                l.peer()
+            )));
+        }
+        Ok(Group {
+            rank,
+            world,
+            algo,
+            dtype,
+            links,
+            steps: Vec::new(),
+            steps_len: None,
+            h16: Vec::new(),
+            poisoned: false,
+        })
+    }
+
+    /// This rank.
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
+
+    /// Number of ranks.
+    pub fn world(&self) -> usize {
+        self.world
+    }
+
+    /// The algorithm.
+    pub fn algo(&self) -> Algo {
+        self.algo
+    }
+
+    /// The wire element type.
+    pub fn dtype(&self) -> WireDType {
+        self.dtype
+    }
+
+    /// Changes the wire element type; every rank must make the same change between the
+    /// same two allreduces.
+    pub fn set_dtype(&mut self, dtype: WireDType) {
+        self.dtype = dtype;
+    }
+
+    /// The links, by peer rank.
+    pub fn links(&self) -> &BTreeMap<usize, DataLink> {
+        &self.links
+    }
+
+    /// Sums `x` element-wise across all ranks in place; afterwards every rank holds the
+    /// same bits. All ranks must call it with the same length, in the same order.
+    ///
+    /// Not cancellation safe: if this future is dropped before completing, or returns an
+    /// error, the group is poisoned (streams may be mid-frame) and every later call fails.
+    pub async fn allreduce(&mut self, x: &mut [f32]) -> Result<AllreduceStats, NetError> {
+        if self.poisoned {
+            return Err(NetError::Protocol(
+                "collective group unusable after an earlier error".into(),
+            ));
+        }
+        let start = Instant::now();
+        let mut st = AllreduceStats::default();
+        if self.steps_len != Some(x.len()) {
+            self.steps = schedule(self.algo, self.rank, self.world, x.len());
+            self.steps_len = Some(x.len());
+        }
+        self.poisoned = true;
+        let steps = std::mem::take(&mut self.steps);
+        let r = self.run(&steps, x, &mut st).await;
+        self.steps = steps;
+        r?;
+        self.poisoned = false;
+        st.total = start.elapsed();
+        Ok(st)
+    }
+
+    /// Executes `steps` on `x`. Time spent awaiting received data counts as wait;
+    /// send-only awaits do not.
+    async fn run(
+        &mut self,
+        steps: &[Step],
+        x: &mut [f32],
+        st: &mut AllreduceStats,
+    ) -> Result<(), NetError> {
+        let Group {
+            dtype, links, h16, ..
+        } = self;
+        let (dtype, eb) = (*dtype, dtype.bytes());
+        // Applies an element-aligned run `b` of received wire bytes to `x` at element `i`.
+        let apply = |op: Op, x: &mut [f32], i: usize, b: &[u8], h16: &mut Vec<f16>| {
+            let dst = &mut x[i..i + b.len() / eb];
+            match op {
+                Op::Add => add_into(dtype, b, dst),
+                Op::Copy => decode_into(dtype, b, dst, h16),
+            }
+        };
+        for step in steps {
+            match step {
+                Step::Round(range) => {
+                    if dtype == WireDType::F16 {
+                        round_to_f16(&mut x[range.clone()], h16);
+                    }
+                }
+                Step::Send { to, range } => {
+                    let framed = encode_frame(dtype, &x[range.clone()], h16)?;
+                    try_join_all(
+                        links
+                            .iter_mut()
+                            .filter(|(k, _)| to.contains(k))
+                            .map(|(_, l)| l.tx.send(framed.clone())),
+                    )
+                    .await?;
+                    st.bytes_sent += (range.len() * eb * to.len()) as u64;
+                }
+                Step::Recv { from, range, op } => {
+                    let l = links.get_mut(from).ok_or_else(|| {
+                        NetError::Protocol(format!("no data link to rank {from}"))
+                    })?;
+                    let x = &mut x[range.clone()];
+                    let t = Instant::now();
+                    l.rx.recv_each(range.len() * eb, eb, |i, b| apply(*op, x, i, b, h16))
+                        .await?;
+                    st.wait += t.elapsed();
+                    st.bytes_recv += (range.len() * eb) as u64;
+                }
+                Step::Exchange {
+                    to,
+                    send,
+                    from,
+                    recv,
+                    op,
+                } => {
+                    let framed = encode_frame(dtype, &x[send.clone()], h16)?;
+                    let (tx, rx) = split_link(links, *to, *from)?;
+                    let xr = &mut x[recv.clone()];
+                    let t = Instant::now();
+                    futures::try_join!(
+                        tx.send(framed),
+                        rx.recv_each(recv.len() * eb, eb, |i, b| apply(*op, xr, i, b, h16))
+                    )?;
+                    st.wait += t.elapsed();
+                    st.bytes_sent += (send.len() * eb) as u64;
+                    st.bytes_recv += (recv.len() * eb) as u64;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use reduce::tests::inputs;
+
+    async fn run_group(
+        world: usize,
+        algo: Algo,
+        dtype: WireDType,
+        parts: &[Vec<f32>],
+    ) -> Vec<Vec<f32>> {
+        let mesh = DataLink::memory_mesh(world, algo);
+        let mut tasks = Vec::new();
+        for (r, links) in mesh.into_iter().enumerate() {
+            let mut x = parts[r].clone();
+            tasks.push(tokio::spawn(async move {
+                let mut g = Group::new(r, world, algo, dtype, links).unwrap();
+                // Twice, to exercise buffer reuse.
+                let mut y = x.clone();
+                g.allreduce(&mut y).await.unwrap();
+                let st = g.allreduce(&mut x).await.unwrap();
+                assert_eq!(x, y);
+                if world > 1 {
+                    assert!(st.bytes_sent > 0 || x.is_empty());
+                }
+                x
+            }));
+        }
+        let mut out = Vec::new();
+        for t in tasks {
+            out.push(t.await.unwrap());
+        }
+        out
+    }
+
+    fn bits(v: &[f32]) -> Vec<u32> {
+        v.iter().map(|f| f.to_bits()).collect()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn in_memory_all_algos_identical_bits() {
+        for world in 1..=8 {
+            for &n in &[0usize, 1, 3, 7, 64, 1000] {
+                for algo in Algo::ALL {
+                    for dtype in [WireDType::F32, WireDType::F16] {
+                        let positive = algo == Algo::Ring;
+                        let parts = inputs(world, n, (world * 131 + n) as u64, positive);
+                        let res = run_group(world, algo, dtype, &parts).await;
+                        for r in 1..world {
+                            assert_eq!(
+                                bits(&res[r]),
+                                bits(&res[0]),
+                                "{algo} {dtype} w={world} n={n} rank {r}"
+                            );
+                        }
+                        match algo {
+                            _ if world == 1 => {}
+                            Algo::Star => {
+                                assert_eq!(bits(&res[0]), bits(&star_reference(&parts, dtype)))
+                            }
+                            Algo::Tree => {
+                                assert_eq!(bits(&res[0]), bits(&tree_reference(&parts, dtype)))
+                            }
+                            Algo::Ring => {
+                                let reference = star_reference(&parts, WireDType::F32);
+                                let tol = if dtype == WireDType::F32 { 1e-6 } else { 4e-3 };
+                                for (a, b) in res[0].iter().zip(&reference) {
+                                    assert!(
+                                        (a - b).abs() <= tol * b.abs(),
+                                        "ring {dtype} w={world}: {a} vs {b}"
+                                    );
+                                }
+                            }
+                        }
+                        if world == 1 {
+                            assert_eq!(bits(&res[0]), bits(&parts[0]));
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn group_validates_links() {
+        let mut mesh = DataLink::memory_mesh(3, Algo::Ring);
+        assert!(Group::new(0, 3, Algo::Star, WireDType::F32, mesh.remove(0)).is_ok()); // ring(3) == star for rank 0
+        let mut mesh = DataLink::memory_mesh(4, Algo::Ring);
+        let e = Group::new(0, 4, Algo::Star, WireDType::F32, mesh.remove(0)).unwrap_err();
+        assert!(e.to_string().contains("needs links"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn dropped_memory_peer_is_named() {
+        let mut mesh = DataLink::memory_mesh(3, Algo::Star);
+        let l0 = mesh.remove(0);
+        drop(mesh); // ranks 1 and 2 vanish
+        let mut g = Group::new(0, 3, Algo::Star, WireDType::F32, l0).unwrap();
+        let e = g.allreduce(&mut [1.0; 4]).await.unwrap_err();
+        assert!(
+            e.to_string().contains("rank 1") || e.to_string().contains("rank 2"),
+            "{e}"
+        );
+        assert!(g.allreduce(&mut [1.0; 4]).await.is_err());
+    }
+}
