@@ -196,7 +196,7 @@ fn gib(b: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tpi_node::model::config::Layout;
+    use tpi_node::model::config::RopePairing;
 
     fn cfg(nh: usize, nkv: usize, ffn: usize) -> ModelConfig {
         ModelConfig {
@@ -214,7 +214,7 @@ mod tests {
             max_position_embeddings: 128,
             tie_word_embeddings: true,
             attention_bias: false,
-            rope_layout: Layout::HalfSplit,
+            rope_layout: RopePairing::HalfSplit,
             bos_token_id: None,
             eos_token_ids: vec![],
         }

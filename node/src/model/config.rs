@@ -40,27 +40,28 @@ pub struct ModelConfig {
     /// Q/K/V projections carry biases (Qwen2).
     pub attention_bias: bool,
     /// Pairing of RoPE rotation: half-split for HF weights, interleaved for GGUF llama (whose Q/K rows are permuted).
-    pub rope_layout: Layout,
+    pub rope_layout: RopePairing,
     /// BOS token id, if the config names one.
     pub bos_token_id: Option<u32>,
     /// EOS token ids, if the config names them.
     pub eos_token_ids: Vec<u32>,
 }
 
-/// Serializable mirror of [`RopeLayout`].
+/// Which elements RoPE rotates together (serializable mirror of the kernels' [`RopeLayout`];
+/// not to be confused with [`tpi_kernels::Layout`], the row layout of a weight matrix).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Layout {
+pub enum RopePairing {
     /// HF layout: pairs (i, i + d/2).
     HalfSplit,
     /// GGUF/llama.cpp layout: pairs (2i, 2i + 1).
     Interleaved,
 }
 
-impl From<Layout> for RopeLayout {
-    fn from(l: Layout) -> Self {
+impl From<RopePairing> for RopeLayout {
+    fn from(l: RopePairing) -> Self {
         match l {
-            Layout::HalfSplit => RopeLayout::HalfSplit,
-            Layout::Interleaved => RopeLayout::Interleaved,
+            RopePairing::HalfSplit => RopeLayout::HalfSplit,
+            RopePairing::Interleaved => RopeLayout::Interleaved,
         }
     }
 }
@@ -241,7 +242,7 @@ impl ModelConfig {
                 .get("tie_word_embeddings")
                 .and_then(|b| b.as_bool())
                 .unwrap_or(false),
-            rope_layout: Layout::HalfSplit,
+            rope_layout: RopePairing::HalfSplit,
             bos_token_id: token_ids(v.get("bos_token_id")).first().copied(),
             eos_token_ids: token_ids(v.get("eos_token_id")),
         };
@@ -256,8 +257,8 @@ impl ModelConfig {
             .ok_or_else(|| cfg_err("GGUF has no general.architecture"))?
             .to_string();
         let layout = match arch.as_str() {
-            "llama" | "mistral" => Layout::Interleaved,
-            "qwen2" => Layout::HalfSplit,
+            "llama" | "mistral" => RopePairing::Interleaved,
+            "qwen2" => RopePairing::HalfSplit,
             other => return Err(ModelError::UnsupportedArch(other.to_string())),
         };
         let key = |k: &str| format!("{arch}.{k}");

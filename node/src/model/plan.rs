@@ -284,7 +284,7 @@ mod tests {
             max_position_embeddings: 256,
             tie_word_embeddings: true,
             attention_bias: false,
-            rope_layout: crate::model::config::Layout::HalfSplit,
+            rope_layout: crate::model::config::RopePairing::HalfSplit,
             bos_token_id: None,
             eos_token_ids: vec![],
         };
@@ -296,7 +296,7 @@ mod tests {
         assert!(p.check().is_err());
     }
     use super::*;
-    use crate::model::config::{Layout, ModelConfig};
+    use crate::model::config::{ModelConfig, RopePairing};
 
     fn cfg(nh: usize, nkv: usize, ffn: usize) -> ModelConfig {
         ModelConfig {
@@ -314,7 +314,7 @@ mod tests {
             max_position_embeddings: 128,
             tie_word_embeddings: true,
             attention_bias: false,
-            rope_layout: Layout::HalfSplit,
+            rope_layout: RopePairing::HalfSplit,
             bos_token_id: None,
             eos_token_ids: vec![],
         }
