@@ -24,6 +24,18 @@ struct LinkHello {
     algo: Algo,
 }
 
+impl LinkHello {
+    /// The hello this rank sends.
+    fn ours(rank: usize, world: usize, algo: Algo) -> LinkHello {
+        LinkHello {
+            version: PROTOCOL_VERSION,
+            rank: rank as u32,
+            world: world as u32,
+            algo,
+        }
+    }
+}
+
 const HELLO_MAX: usize = 1024;
 
 fn check_hello(h: &LinkHello, world: usize, algo: Algo) -> Result<(), NetError> {
@@ -55,13 +67,7 @@ pub async fn open_data_link(
         .clone()
         .with_peer_name(&format!("rank {peer} ({})", conn.remote_addr()));
     let mut s = conn.open_stream(DATA_STREAM_TAG).await?;
-    s.send_msg(&LinkHello {
-        version: PROTOCOL_VERSION,
-        rank: rank as u32,
-        world: world as u32,
-        algo,
-    })
-    .await?;
+    s.send_msg(&LinkHello::ours(rank, world, algo)).await?;
     let h: LinkHello = s.recv_msg(HELLO_MAX).await?;
     check_hello(&h, world, algo).map_err(|e| e.with_peer(conn.peer_name()))?;
     if h.rank as usize != peer {
@@ -104,13 +110,7 @@ pub async fn accept_data_stream(
     }
     let h: LinkHello = s.recv_msg(HELLO_MAX).await?;
     check_hello(&h, world, algo).map_err(|e| e.with_peer(conn.peer_name()))?;
-    s.send_msg(&LinkHello {
-        version: PROTOCOL_VERSION,
-        rank: rank as u32,
-        world: world as u32,
-        algo,
-    })
-    .await?;
+    s.send_msg(&LinkHello::ours(rank, world, algo)).await?;
     let peer = h.rank as usize;
     let conn = conn
         .clone()
