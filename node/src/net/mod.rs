@@ -14,7 +14,7 @@
 //! - [`spin`], [`driven`]: drive an allreduce on the compute thread, spinning before
 //!   parking.
 //! - [`emulation`]: the link emulator (from tpi-sim) under a process's endpoint.
-//! - [`bench`]: an in-process loopback allreduce latency benchmark.
+//! - [`bench`](mod@bench): an in-process loopback allreduce latency benchmark.
 
 pub mod bench;
 pub mod collective;

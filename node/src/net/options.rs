@@ -9,7 +9,7 @@ pub struct TransportOptions {
     /// Keep-alive PING interval (default 250 ms).
     pub keep_alive: Duration,
     /// Idle timeout: a connection with no packets from the peer for this long fails with
-    /// [`NetError::Closed`] (default 1.5 s, so a killed peer surfaces within 2 s). The
+    /// [`NetError::Closed`](super::error::NetError::Closed) (default 1.5 s, so a killed peer surfaces within 2 s). The
     /// effective value is the minimum of both sides'.
     pub idle_timeout: Duration,
     /// Per-stream receive window in bytes (default 16 MiB: bounds what a fast sender can

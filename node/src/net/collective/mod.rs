@@ -6,7 +6,7 @@
 //! The ring computes each chunk's final value once, at the chunk's owner, and
 //! propagates those bits.
 //!
-//! - [`schedule`]: each algorithm's steps as pure data, tested without sockets;
+//! - [`schedule`](mod@schedule): each algorithm's steps as pure data, tested without sockets;
 //! - [`reduce`]: the wire element type, rank-order sums, tensor-frame encoding;
 //! - [`reassemble`]: a frame's pieces into header and whole elements;
 //! - [`link`]: per-peer links (QUIC or in-memory, both carrying whole frames);
