@@ -95,6 +95,9 @@ pub struct ClusterBackend {
     pending: Option<StepReport>,
     reports: Vec<StepReport>,
     last_end: Instant,
+    /// Spawned local nodes this session runs on. Last, so they are killed only after
+    /// [`Drop`] has ended the sessions and every other field is gone.
+    local: Option<crate::local::LocalCluster>,
 }
 
 fn node_err(addr: SocketAddr, rank: usize, e: impl std::fmt::Display) -> Error {
@@ -176,9 +179,7 @@ impl ClusterBackend {
                 )))
             }
             Some(r) => r.clone(),
-            None => std::iter::once(opts.coordinator_share)
-                .chain(std::iter::repeat_n(1.0, opts.nodes.len()))
-                .collect(),
+            None => crate::backend::even_ratios(opts.coordinator_share, world),
         };
         let plan = SplitPlan::new(&cfg, &weights)?;
         let net = Driven::new().map_err(|e| Error::Io(e.to_string()))?;
@@ -401,7 +402,14 @@ impl ClusterBackend {
             pending: None,
             reports: Vec::new(),
             last_end: Instant::now(),
+            local: None,
         })
+    }
+
+    /// This backend, owning the local nodes it runs on so they live as long as it does.
+    pub fn keeping(mut self, local: crate::local::LocalCluster) -> Self {
+        self.local = Some(local);
+        self
     }
 
     /// The split plan in force.

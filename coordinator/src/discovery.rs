@@ -125,6 +125,33 @@ pub fn nothing_found(timeout: Duration) -> String {
     )
 }
 
+/// How long `--nodes auto` listens for adverts.
+pub const AUTO_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Browses for [`AUTO_TIMEOUT`] and picks the nodes for `n` ranks ([`pick`]), printing
+/// warnings (duplicate ids) to stderr. Errors when none is found.
+pub fn discover(n: Option<usize>) -> anyhow::Result<Vec<DiscoveredNode>> {
+    let b = browse(AUTO_TIMEOUT)?;
+    for w in &b.warnings {
+        eprintln!("warning: {w}");
+    }
+    if b.nodes.is_empty() {
+        anyhow::bail!("{}", nothing_found(AUTO_TIMEOUT));
+    }
+    let picked = pick(&b, n, tpi_node::net::wire::PROTOCOL_VERSION)?;
+    for (i, d) in picked.iter().enumerate() {
+        tracing::info!(
+            "rank {}: {} ({}) at {}, {:.1} GB/s GEMV",
+            i + 1,
+            d.name,
+            d.id,
+            d.addr,
+            d.gemv_gbs
+        );
+    }
+    Ok(picked)
+}
+
 /// Picks the nodes for a cluster of `n` ranks (rank 0 is this process): usable nodes
 /// (same protocol, unique id), fastest first, `n - 1` of them; all when `n` is None.
 /// Errors when fewer are usable than asked for. Pure.

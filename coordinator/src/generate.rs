@@ -6,6 +6,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use tpi_node::model::ModelConfig;
+
 use crate::engine::{Backend, StepReport};
 use crate::error::{Error, Result};
 use crate::sampler::{Sampler, SamplerConfig};
@@ -112,6 +114,65 @@ impl GenOutput {
     }
 }
 
+/// Checks a context length of `ctx` positions against the model's trained context,
+/// naming the KV memory a too-long one would need.
+pub fn check_context(ctx: usize, cfg: &ModelConfig) -> std::result::Result<(), String> {
+    let max = cfg.max_position_embeddings;
+    if ctx == 0 {
+        return Err("a context holds at least 1 position".into());
+    }
+    if ctx > max {
+        let fmt = |p: usize| crate::discovery::fmt_bytes(kv_bytes(cfg, p) as u64);
+        return Err(format!(
+            "exceeds the model's maximum context of {max} positions (its KV cache would need {} in all; {max} positions need {})",
+            fmt(ctx),
+            fmt(max)
+        ));
+    }
+    Ok(())
+}
+
+/// Bytes of f32 KV cache for `positions` positions of every layer, summed over all ranks.
+pub fn kv_bytes(cfg: &ModelConfig, positions: usize) -> f64 {
+    2.0 * 4.0 * cfg.n_layers as f64 * cfg.kv_dim() as f64 * positions as f64
+}
+
+/// Why a prompt cannot be generated from.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum PromptError {
+    /// No tokens at all.
+    #[error("the prompt is empty")]
+    Empty,
+    /// No room is left for a new token.
+    #[error(
+        "the prompt has {prompt} tokens but the context holds {context} (leave room for at least one new token)"
+    )]
+    TooLong {
+        /// Prompt tokens.
+        prompt: usize,
+        /// Positions in the context.
+        context: usize,
+    },
+    /// An id outside the vocabulary.
+    #[error("{0}")]
+    BadToken(String),
+}
+
+/// Checks that `ids` can be generated from in a `context`-position window on a
+/// `vocab`-token model: not empty, room for one new token, every id in the vocabulary.
+pub fn check_prompt(ids: &[u32], context: usize, vocab: usize) -> Result<(), PromptError> {
+    if ids.is_empty() {
+        return Err(PromptError::Empty);
+    }
+    if ids.len() >= context {
+        return Err(PromptError::TooLong {
+            prompt: ids.len(),
+            context,
+        });
+    }
+    tpi_node::model::config::check_token_ids(ids, vocab).map_err(PromptError::BadToken)
+}
+
 /// A backend plus the tokens its KV cache currently holds.
 pub struct Session {
     backend: Box<dyn Backend>,
@@ -123,9 +184,7 @@ impl Session {
     /// Wraps a backend; `context` bounds prompt plus generated tokens.
     pub fn new(backend: Box<dyn Backend>, context: usize) -> Result<Self> {
         let max = backend.config().max_position_embeddings;
-        if context == 0 {
-            return Err(Error::Input("context length must be positive".into()));
-        }
+        check_context(context.min(max), backend.config()).map_err(Error::Input)?;
         Ok(Session {
             backend,
             cached: Vec::new(),
@@ -155,23 +214,13 @@ impl Session {
         req: &GenRequest,
         on_token: &mut dyn FnMut(u32, &[f32]) -> bool,
     ) -> Result<GenOutput> {
-        req.sampler.validate().map_err(Error::Input)?;
-        let p = req.prompt_ids.len();
-        if p == 0 {
-            return Err(Error::Input("the prompt is empty".into()));
-        }
-        if p >= self.context {
-            return Err(Error::Input(format!(
-                "the prompt has {p} tokens but the context holds {} (leave room for at least one new token)",
-                self.context
-            )));
-        }
+        req.sampler
+            .validate()
+            .map_err(|e| Error::Input(e.to_string()))?;
         let vocab = self.backend.config().vocab_size;
-        if let Some(&bad) = req.prompt_ids.iter().find(|&&t| t as usize >= vocab) {
-            return Err(Error::Input(format!(
-                "token id {bad} is out of range: the vocabulary has {vocab} tokens"
-            )));
-        }
+        check_prompt(&req.prompt_ids, self.context, vocab)
+            .map_err(|e| Error::Input(e.to_string()))?;
+        let p = req.prompt_ids.len();
         let budget = req.max_tokens.min(self.context - p);
         // Reuse the cached prefix (a chat's earlier turns); always recompute at least the last token.
         let mut reuse = self
@@ -267,5 +316,39 @@ impl Session {
         }
         out.steps = self.backend.take_reports()?;
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prompts_are_checked_for_length_room_and_vocabulary() {
+        assert_eq!(check_prompt(&[], 8, 10), Err(PromptError::Empty));
+        assert_eq!(check_prompt(&[1, 2, 3], 4, 10), Ok(()));
+        assert_eq!(
+            check_prompt(&[1, 2, 3, 4], 4, 10),
+            Err(PromptError::TooLong {
+                prompt: 4,
+                context: 4
+            })
+        );
+        let e = check_prompt(&[1, 10], 4, 10).unwrap_err().to_string();
+        assert!(e.contains("token id 10 is out of range"), "{e}");
+    }
+
+    #[test]
+    fn a_context_is_at_least_one_position_and_at_most_the_models() {
+        let cfg = crate::planner::tests::cfg(4, 2, 64);
+        let max = cfg.max_position_embeddings;
+        assert!(check_context(0, &cfg).is_err());
+        assert!(check_context(1, &cfg).is_ok());
+        assert!(check_context(max, &cfg).is_ok());
+        let e = check_context(max + 1, &cfg).unwrap_err();
+        assert!(
+            e.contains("maximum context") && e.contains("KV cache"),
+            "{e}"
+        );
     }
 }

@@ -1,4 +1,5 @@
 //! tpi-coordinator: the planner, tokenizer, sampling and generation loop (rank 0), and the `tpi` CLI.
+pub mod backend;
 pub mod chat;
 pub mod cluster;
 pub mod discovery;

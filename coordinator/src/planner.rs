@@ -91,7 +91,7 @@ fn normalise(v: &mut [f64]) {
 
 /// Plans ratios for `ranks` (rank 0 first). With `streaming`, budgets are ignored
 /// (the sliding window keeps only part of a shard resident).
-pub fn plan(
+pub fn choose_ratios(
     cfg: &ModelConfig,
     bytes_per_weight: f64,
     ranks: &[RankCaps],
@@ -189,16 +189,48 @@ pub fn plan(
     )
 }
 
+/// [`choose_ratios`] for a rank 0 that computes `share` of its measured rate: with
+/// share 0 (rank 0 only coordinates) it gets weight 0 and the nodes split the layers.
+pub fn choose_ratios_with_share(
+    cfg: &ModelConfig,
+    bytes_per_weight: f64,
+    ranks: &[RankCaps],
+    streaming: bool,
+    share: f64,
+) -> anyhow::Result<Planned> {
+    if share > 0.0 || ranks.len() == 1 {
+        return choose_ratios(cfg, bytes_per_weight, ranks, streaming);
+    }
+    let p = choose_ratios(cfg, bytes_per_weight, &ranks[1..], streaming)?;
+    let mut weights = vec![0.0];
+    weights.extend(&p.weights);
+    let plan = SplitPlan::new(cfg, &weights)?;
+    let bytes = plan
+        .ranks
+        .iter()
+        .map(|s| slice_bytes(cfg, s, bytes_per_weight))
+        .collect();
+    let mut capped = vec![false];
+    capped.extend(&p.capped);
+    Ok(Planned {
+        weights,
+        plan,
+        bytes,
+        capped,
+    })
+}
+
 fn gib(b: u64) -> String {
     format!("{:.2}GiB", b as f64 / (1u64 << 30) as f64)
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use tpi_node::model::config::RopePairing;
 
-    fn cfg(nh: usize, nkv: usize, ffn: usize) -> ModelConfig {
+    /// A Llama-shaped config with `nh` heads, `nkv` KV heads and `ffn` MLP columns.
+    pub(crate) fn cfg(nh: usize, nkv: usize, ffn: usize) -> ModelConfig {
         ModelConfig {
             arch: "llama".into(),
             vocab_size: 1000,
@@ -231,7 +263,7 @@ mod tests {
     #[test]
     fn twice_the_bandwidth_gets_about_twice_the_work() {
         let c = cfg(32, 8, 8192);
-        let p = plan(&c, 18.0 / 32.0, &[caps(20.0), caps(10.0)], false).unwrap();
+        let p = choose_ratios(&c, 18.0 / 32.0, &[caps(20.0), caps(10.0)], false).unwrap();
         let (a, b) = (&p.plan.ranks[0], &p.plan.ranks[1]);
         let hr = a.n_heads() as f64 / b.n_heads() as f64;
         let fr = a.ffn.len() as f64 / b.ffn.len() as f64;
@@ -250,7 +282,7 @@ mod tests {
         assert!((p.weights[0] - 2.0 / 3.0).abs() < 1e-9);
         assert_eq!(p.capped, [false, false]);
         // Three ranks 1:2:4.
-        let p = plan(&c, 1.0, &[caps(1.0), caps(2.0), caps(4.0)], false).unwrap();
+        let p = choose_ratios(&c, 1.0, &[caps(1.0), caps(2.0), caps(4.0)], false).unwrap();
         let f: Vec<usize> = p.plan.ranks.iter().map(|r| r.ffn.len()).collect();
         assert!((f[2] as f64 / f[0] as f64 - 4.0).abs() < 0.2, "{f:?}");
         assert!((f[1] as f64 / f[0] as f64 - 2.0).abs() < 0.1, "{f:?}");
@@ -272,7 +304,7 @@ mod tests {
             },
             caps(1.0),
         ];
-        let p = plan(&c, bpw, &ranks, false).unwrap();
+        let p = choose_ratios(&c, bpw, &ranks, false).unwrap();
         assert!(p.bytes[1] <= small - RESERVE_BYTES, "{:?}", p.bytes);
         assert_eq!(p.capped, [false, true, false]);
         // The others split the rest evenly (same compute).
@@ -284,7 +316,7 @@ mod tests {
             p.weights
         );
         // With streaming the budget is ignored.
-        let s = plan(&c, bpw, &ranks, true).unwrap();
+        let s = choose_ratios(&c, bpw, &ranks, true).unwrap();
         assert!((s.weights[1] - 4.0 / 6.0).abs() < 1e-9);
         assert!(s.bytes[1] > small);
     }
@@ -304,7 +336,7 @@ mod tests {
             mem_budget: Some(RESERVE_BYTES + total / 3),
             extra_bytes: 0,
         };
-        let p = plan(&c, 1.0, &[r0, r1, caps(1.0)], false).unwrap();
+        let p = choose_ratios(&c, 1.0, &[r0, r1, caps(1.0)], false).unwrap();
         assert!(
             p.bytes[0] <= total / 4 && p.bytes[1] <= total / 3,
             "{:?}",
@@ -322,13 +354,15 @@ mod tests {
             mem_budget: Some(RESERVE_BYTES + total / 3),
             extra_bytes: 0,
         };
-        let e = plan(&c, 1.0, &[r, r], false).unwrap_err().to_string();
+        let e = choose_ratios(&c, 1.0, &[r, r], false)
+            .unwrap_err()
+            .to_string();
         assert!(
             e.contains("memory budgets") && e.contains("--mem-budget"),
             "{e}"
         );
-        assert!(plan(&c, 1.0, &[r, r], true).is_ok());
-        assert!(plan(&c, 1.0, &[caps(0.0)], false).is_err());
+        assert!(choose_ratios(&c, 1.0, &[r, r], true).is_ok());
+        assert!(choose_ratios(&c, 1.0, &[caps(0.0)], false).is_err());
     }
 
     #[test]

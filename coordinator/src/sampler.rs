@@ -33,27 +33,60 @@ impl Default for SamplerConfig {
     }
 }
 
+/// A sampler setting out of its range: the field (OpenAI's name for it) and why.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+#[error("{message}")]
+pub struct SamplerError {
+    /// The request field (`temperature`, `top_p`, `top_k`, `frequency_penalty`, `presence_penalty`).
+    pub field: &'static str,
+    /// What is wrong with it.
+    pub message: String,
+}
+
 impl SamplerConfig {
-    /// Rejects settings that have no meaning (negative temperature, p outside (0, 1]).
-    pub fn validate(&self) -> Result<(), String> {
-        if !self.temperature.is_finite() || self.temperature < 0.0 {
-            return Err(format!(
-                "temperature must be >= 0, got {}",
-                self.temperature
-            ));
+    /// Rejects settings that have no meaning: a temperature outside [0, 2] (beyond 2 the
+    /// output is noise, and a typo such as 1e9 is one), p outside (0, 1], a penalty
+    /// outside [-2, 2]. The ranges are OpenAI's.
+    pub fn validate(&self) -> Result<(), SamplerError> {
+        let bad = |field, message| Err(SamplerError { field, message });
+        let t = self.temperature;
+        if !(0.0..=2.0).contains(&t) {
+            return bad(
+                "temperature",
+                format!("temperature must be in [0, 2], got {t}"),
+            );
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            return Err(format!("top_p must be in (0, 1], got {}", self.top_p));
+            return bad(
+                "top_p",
+                format!("top_p must be in (0, 1], got {}", self.top_p),
+            );
         }
-        for (name, v) in [
+        for (field, v) in [
             ("frequency_penalty", self.frequency_penalty),
             ("presence_penalty", self.presence_penalty),
         ] {
             if !(-2.0..=2.0).contains(&v) {
-                return Err(format!("{name} must be in [-2, 2], got {v}"));
+                return bad(field, format!("{field} must be in [-2, 2], got {v}"));
             }
         }
         Ok(())
+    }
+
+    /// The `top_k` setting for a requested `k` on a `vocab`-token model: 0 (off) when `k`
+    /// keeps every token anyway.
+    pub fn top_k_for(k: i64, vocab: usize) -> Result<usize, SamplerError> {
+        if k < 0 {
+            return Err(SamplerError {
+                field: "top_k",
+                message: format!("top_k must be >= 0, got {k}"),
+            });
+        }
+        Ok(if k as u64 >= vocab as u64 {
+            0
+        } else {
+            k as usize
+        })
     }
 }
 
@@ -287,18 +320,37 @@ mod tests {
     }
 
     #[test]
-    fn invalid_settings_are_rejected() {
-        assert!(SamplerConfig {
-            temperature: -1.0,
-            ..Default::default()
+    fn invalid_settings_are_rejected_naming_the_field() {
+        let field = |c: SamplerConfig| c.validate().unwrap_err().field;
+        for t in [-1.0, 2.5, f32::NAN, f32::INFINITY] {
+            let c = SamplerConfig {
+                temperature: t,
+                ..Default::default()
+            };
+            assert_eq!(field(c), "temperature", "{t}");
         }
-        .validate()
-        .is_err());
-        assert!(SamplerConfig {
-            top_p: 0.0,
-            ..Default::default()
+        for p in [0.0, 1.5, f32::NAN] {
+            let c = SamplerConfig {
+                top_p: p,
+                ..Default::default()
+            };
+            assert_eq!(field(c), "top_p", "{p}");
         }
-        .validate()
-        .is_err());
+        let c = SamplerConfig {
+            presence_penalty: -3.0,
+            ..Default::default()
+        };
+        assert_eq!(field(c), "presence_penalty");
+        let edge = SamplerConfig {
+            temperature: 2.0,
+            top_p: 1.0,
+            frequency_penalty: -2.0,
+            presence_penalty: 2.0,
+            ..Default::default()
+        };
+        assert!(edge.validate().is_ok());
+        assert_eq!(SamplerConfig::top_k_for(-1, 10).unwrap_err().field, "top_k");
+        assert_eq!(SamplerConfig::top_k_for(10, 10), Ok(0));
+        assert_eq!(SamplerConfig::top_k_for(3, 10), Ok(3));
     }
 }

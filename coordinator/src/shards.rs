@@ -37,22 +37,8 @@ fn usable(
         return Ok(None);
     }
     let m = load_manifest(dir).map_err(|e| Error::Input(e.to_string()))?;
-    if m.model_id != model_id {
-        return Err(Error::Input(format!(
-            "the shard in {} is for model {}, not this model ({model_id})",
-            dir.display(),
-            m.model_id
-        )));
-    }
-    if m.plan_id != plan.id() || m.rank as usize != r {
-        return Err(Error::Input(format!(
-            "the shard in {} is for plan {} rank {}, the run needs plan {} rank {r}",
-            dir.display(),
-            m.plan_id,
-            m.rank,
-            plan.id()
-        )));
-    }
+    m.is_for(model_id, &plan.id(), r as u32)
+        .map_err(|e| Error::Input(format!("the shard in {} {e}", dir.display())))?;
     if m.config != files.config || m.plan != *plan {
         return Err(Error::Input(format!(
             "the shard manifest in {} claims model {model_id} and plan {}, but its {} differs from that model's: it was edited or damaged",

@@ -57,7 +57,12 @@ pub fn max_threads() -> usize {
 
 /// Checks a thread count given by a user (`what` names the flag): 1 ..= [`max_threads`].
 pub fn check_threads(what: &str, n: usize) -> Result<usize, String> {
-    let max = max_threads();
+    check_threads_on(what, n, max_threads() / 4)
+}
+
+/// [`check_threads`] for a machine with `cores` cores: 1 ..= 4 per core.
+pub fn check_threads_on(what: &str, n: usize, cores: usize) -> Result<usize, String> {
+    let max = 4 * cores.max(1);
     if n == 0 {
         return Err(format!("{what} must be at least 1"));
     }

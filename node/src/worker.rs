@@ -122,21 +122,13 @@ pub async fn serve(ep: Endpoint, opts: NodeOptions, net: Arc<Driven>) {
                 CONTROL_STREAM_TAG => {
                     if let Err(reason) = may_start_sessions(&conn) {
                         tracing::warn!("refused a session from {}: {reason}", conn.remote_addr());
-                        let mut s = stream;
-                        let _ = s.send_msg(&FromNode::Refused { reason }).await;
-                        linger(&conn, s).await;
+                        turn_away(&conn, stream, reason).await;
                         return;
                     }
                     // A session that just ended may still be releasing the node: wait a little.
                     let guard = tokio::time::timeout(Duration::from_secs(3), busy.lock()).await;
                     let Ok(_guard) = guard else {
-                        let mut s = stream;
-                        let _ = s
-                            .send_msg(&FromNode::Refused {
-                                reason: "node is busy with another session".into(),
-                            })
-                            .await;
-                        linger(&conn, s).await;
+                        turn_away(&conn, stream, "node is busy with another session".into()).await;
                         return;
                     };
                     let peer = conn.remote_addr();
@@ -218,6 +210,12 @@ async fn refuse<T>(ctl: &mut Stream, reason: String) -> Result<T, SessionError> 
     Err(SessionError::Protocol(reason))
 }
 
+/// Refuses a session before it starts: says why, and lets that reach the peer.
+async fn turn_away(conn: &Connection, mut ctl: Stream, reason: String) {
+    let _ = ctl.send_msg(&FromNode::Refused { reason }).await;
+    linger(conn, ctl).await;
+}
+
 /// Finishes our side of `s` and waits (briefly) for the peer to close, so what we
 /// sent last is delivered rather than cut off by the connection closing.
 async fn linger(conn: &Connection, mut s: Stream) {
@@ -229,18 +227,8 @@ fn validate_setup(s: &Setup) -> Result<(), String> {
     let m = &s.manifest;
     m.check()?;
     m.config.validate().map_err(|e| e.to_string())?;
-    if m.plan_id != s.plan_id {
-        return Err(format!(
-            "plan identity differs: the session is for plan {}, the manifest for {}",
-            s.plan_id, m.plan_id
-        ));
-    }
-    if m.model_id != s.model_id {
-        return Err(format!(
-            "model identity differs: the session is for model {}, the manifest for {}",
-            s.model_id, m.model_id
-        ));
-    }
+    m.is_for(&s.model_id, &s.plan_id, s.rank)
+        .map_err(|e| format!("the session's manifest {e}"))?;
     if m.plan.world() != s.world as usize || s.rank == 0 || s.rank >= s.world || m.rank != s.rank {
         return Err(format!(
             "rank {} of world {} does not fit a manifest for rank {} of {}",
@@ -261,24 +249,8 @@ fn check_given_shard(dir: &std::path::Path, s: &Setup) -> Result<Shard, String> 
     let shard = Shard::open_verified(dir).map_err(|e| e.to_string())?;
     let m = &shard.manifest;
     let want = &s.manifest;
-    if m.model_id != want.model_id {
-        return Err(format!(
-            "the local shard {} is for model {}, the session runs model {}",
-            dir.display(),
-            m.model_id,
-            want.model_id
-        ));
-    }
-    if m.plan_id != want.plan_id || m.rank != want.rank {
-        return Err(format!(
-            "the local shard {} is for plan {} rank {}, the session wants plan {} rank {}",
-            dir.display(),
-            m.plan_id,
-            m.rank,
-            want.plan_id,
-            want.rank
-        ));
-    }
+    m.is_for(&want.model_id, &want.plan_id, want.rank)
+        .map_err(|e| format!("the local shard {} {e}", dir.display()))?;
     if m != want {
         return Err(format!(
             "the local shard {} differs from the session's manifest",
@@ -325,11 +297,7 @@ async fn handshake(ctl: &mut Stream, opts: &NodeOptions) -> Result<Setup, Sessio
             let reason = format!(
                 "protocol version mismatch: the coordinator speaks {version}, this node speaks {PROTOCOL_VERSION}"
             );
-            ctl.send_msg(&FromNode::Refused {
-                reason: reason.clone(),
-            })
-            .await?;
-            return Err(SessionError::Protocol(reason));
+            return refuse(ctl, reason).await;
         }
         other => return refuse(ctl, format!("expected Hello, got {other:?}")).await,
     }
@@ -344,11 +312,7 @@ async fn handshake(ctl: &mut Stream, opts: &NodeOptions) -> Result<Setup, Sessio
         other => return refuse(ctl, format!("expected Setup, got {other:?}")).await,
     };
     if let Err(reason) = validate_setup(&setup) {
-        ctl.send_msg(&FromNode::Refused {
-            reason: reason.clone(),
-        })
-        .await?;
-        return Err(SessionError::Protocol(reason));
+        return refuse(ctl, reason).await;
     }
     Ok(setup)
 }
@@ -366,13 +330,7 @@ async fn obtain_shard(
                 ctl.send_msg(&FromNode::NeedBlocks(Vec::new())).await?;
                 Ok(s)
             }
-            Err(reason) => {
-                ctl.send_msg(&FromNode::Refused {
-                    reason: reason.clone(),
-                })
-                .await?;
-                Err(SessionError::Protocol(reason))
-            }
+            Err(reason) => refuse(ctl, reason).await,
         };
     }
     let cache = ShardCache::new(&opts.data_dir.join("shards"));

@@ -207,7 +207,9 @@ pub fn bench(a: BenchArgs) -> anyhow::Result<()> {
         } => {
             let loaded = LoadedModel::open(&model)?;
             let layout = layout.unwrap_or_else(tpi_node::store::default_layout);
-            let shard = if layout == Layout::Packed && super::has_q4_matrices(&loaded.files) {
+            let shard = if layout == Layout::Packed
+                && tpi_coordinator::backend::has_q4_matrices(&loaded.files)
+            {
                 let plan = tpi_node::model::SplitPlan::even(&loaded.files.config, 1)?;
                 let mut shards = tpi_coordinator::shards::ensure_shards(
                     &loaded.files,

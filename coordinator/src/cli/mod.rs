@@ -4,7 +4,7 @@ mod bench;
 mod chat;
 mod cluster;
 mod nodes;
-mod plan;
+mod plan_cmd;
 mod run;
 mod serve;
 mod shard;
@@ -13,16 +13,13 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
-use tpi_coordinator::cluster::{ClusterBackend, ClusterOptions};
-use tpi_coordinator::engine::{Backend, LocalBackend, StepReport};
+use tpi_coordinator::backend::{self, BackendSpec, Ranks};
+use tpi_coordinator::engine::{Backend, StepReport};
 use tpi_coordinator::loader::LoadedModel;
-use tpi_coordinator::local::LocalCluster;
 use tpi_coordinator::sampler::SamplerConfig;
-use tpi_kernels::{DType, Layout};
-use tpi_node::model::ModelConfig;
-use tpi_node::net::emulation::LinkEmulation;
-use tpi_node::net::{Algo, Credential, WireDType};
-use tpi_node::store::{default_layout, Quant};
+use tpi_kernels::Layout;
+use tpi_node::net::{Algo, WireDType};
+use tpi_node::store::Quant;
 
 /// tpi: run large language models tensor-parallel across small devices.
 #[derive(Parser, Debug)]
@@ -51,7 +48,7 @@ pub enum Command {
     /// List the nodes announcing themselves on the local network (mDNS).
     Nodes(nodes::NodesArgs),
     /// Print the split plan for a cluster and the simulator's predicted latency.
-    Plan(plan::PlanArgs),
+    Plan(plan_cmd::PlanArgs),
     /// Serve an OpenAI-compatible HTTP API (chat and text completions).
     Serve(serve::ServeArgs),
 }
@@ -193,278 +190,65 @@ impl SamplingArgs {
     }
 }
 
-/// A cluster backend plus the local nodes it runs on (dropped after the backend, so
-/// the session ends cleanly before the processes are killed).
-struct WithLocal {
-    backend: ClusterBackend,
-    _local: Option<LocalCluster>,
-}
-
-impl Backend for WithLocal {
-    fn config(&self) -> &ModelConfig {
-        self.backend.config()
-    }
-    fn reset(&mut self, capacity: usize) -> tpi_coordinator::Result<()> {
-        self.backend.reset(capacity)
-    }
-    fn capacity(&self) -> usize {
-        self.backend.capacity()
-    }
-    fn forward(&mut self, tokens: &[u32], start: usize) -> tpi_coordinator::Result<Vec<f32>> {
-        self.backend.forward(tokens, start)
-    }
-    fn last_step(&self) -> StepReport {
-        self.backend.last_step()
-    }
-    fn take_reports(&mut self) -> tpi_coordinator::Result<Vec<StepReport>> {
-        self.backend.take_reports()
-    }
-    fn info(&self) -> serde_json::Value {
-        self.backend.info()
-    }
-}
-
-fn resolve_nodes(list: &[String]) -> anyhow::Result<Vec<std::net::SocketAddr>> {
-    use std::net::ToSocketAddrs;
-    list.iter()
-        .filter(|s| !s.trim().is_empty())
-        .map(|s| {
-            s.trim()
-                .to_socket_addrs()
-                .with_context(|| format!("cannot resolve node address `{s}` (expected host:port)"))?
-                .next()
-                .with_context(|| format!("`{s}` resolves to no address"))
-        })
-        .collect()
-}
-
-fn default_credential() -> Option<PathBuf> {
-    std::env::var_os("HOME")
-        .map(|h| PathBuf::from(h).join(".config/tpi/credential"))
-        .filter(|p| p.join("cert.pem").exists())
-}
-
-/// Checks `--ctx` against the model's trained context, naming the KV memory it needs.
-pub fn check_ctx(ctx: usize, cfg: &ModelConfig) -> anyhow::Result<()> {
-    let max = cfg.max_position_embeddings;
-    if ctx == 0 {
-        bail!("--ctx must be at least 1");
-    }
-    if ctx > max {
-        let kv = kv_bytes(cfg, ctx);
-        bail!(
-            "--ctx {ctx} exceeds the model's maximum context of {max} positions (its KV cache would need {} in all; {max} positions need {})",
-            human_bytes(kv),
-            human_bytes(kv_bytes(cfg, max))
-        );
-    }
-    Ok(())
-}
-
-/// Bytes of f32 KV cache for `positions` positions of every layer, summed over all ranks.
-pub fn kv_bytes(cfg: &ModelConfig, positions: usize) -> f64 {
-    2.0 * 4.0 * cfg.n_layers as f64 * cfg.kv_dim() as f64 * positions as f64
-}
-
-/// `1.5 GB`-style size for messages.
-pub fn human_bytes(b: f64) -> String {
-    const UNITS: [&str; 6] = ["B", "KB", "MB", "GB", "TB", "PB"];
-    let mut v = b;
-    let mut u = 0;
-    while v >= 1000.0 && u + 1 < UNITS.len() {
-        v /= 1000.0;
-        u += 1;
-    }
-    format!("{v:.1} {}", UNITS[u])
-}
-
 /// Parses a `--layout` value.
 pub fn parse_layout(s: &str) -> Result<Layout, String> {
     Layout::from_name(s).ok_or_else(|| format!("unknown layout `{s}` (ggml, packed)"))
 }
 
-/// Whether the model's matrices are Q4 (judged by layer 0's query projection), so that a
-/// packed shard would run faster than the file itself.
-pub(crate) fn has_q4_matrices(files: &tpi_node::model::ModelFiles) -> bool {
-    files
-        .store
-        .role(&files.config, tpi_node::model::Role::Wq, 0)
-        .is_ok_and(|w| matches!(w.dtype, DType::Q4_0 | DType::Q4_1))
+impl ClusterArgs {
+    /// The backend these flags and `m`'s ask for (checked further by
+    /// [`tpi_coordinator::backend::choose`]).
+    pub fn spec(&self, m: &ModelArgs) -> anyhow::Result<BackendSpec> {
+        if self.n.is_some() && !self.nodes.as_deref().is_some_and(is_auto) {
+            bail!("--n picks discovered nodes; use it with --nodes auto");
+        }
+        let ranks = match (&self.local_cluster, &self.nodes) {
+            (Some(n), _) => Ranks::LocalCluster(*n),
+            (None, Some(list)) if is_auto(list) => Ranks::Discover(self.n),
+            (None, Some(list)) => Ranks::Nodes(list.clone()),
+            (None, None) => Ranks::Alone,
+        };
+        Ok(BackendSpec {
+            ranks,
+            threads: m.threads,
+            node_threads: self.node_threads,
+            window: m.window,
+            mem_budget: m.mem_budget,
+            ratios: self.ratios.clone(),
+            coordinator_share: self.coordinator_share,
+            credential: self.credential.clone(),
+            algo: self.allreduce,
+            dtype: self.allreduce_dtype,
+            quant: self.quant,
+            layout: self.layout,
+            shards: self.shards.clone(),
+            link: self.link,
+            topology: self.topology.clone(),
+        })
+    }
 }
 
-/// Opens the model and builds the backend that will run it: this device alone, the
-/// listed nodes, or a spawned local cluster.
+/// Whether `--nodes` asks for discovery.
+pub fn is_auto(list: &[String]) -> bool {
+    list.len() == 1 && list[0].trim().eq_ignore_ascii_case("auto")
+}
+
+/// Opens the model and the backend that will run it: this device alone, the listed
+/// nodes, or a spawned local cluster.
 pub fn open_backend(
     m: &ModelArgs,
     c: &ClusterArgs,
     capacity: usize,
 ) -> anyhow::Result<(LoadedModel, Box<dyn Backend>)> {
-    if let Some(t) = m.threads {
-        tpi_kernels::pool::check_threads("--threads", t).map_err(anyhow::Error::msg)?;
-    }
-    if let Some(t) = c.node_threads {
-        tpi_kernels::pool::check_threads("--node-threads", t).map_err(anyhow::Error::msg)?;
-    }
+    let spec = c.spec(m)?;
     let loaded = LoadedModel::open(&m.model)
         .with_context(|| format!("cannot load model {}", m.model.display()))?;
     if let Some(ctx) = m.ctx {
-        check_ctx(ctx, &loaded.files.config)?;
+        tpi_coordinator::generate::check_context(ctx, &loaded.files.config)
+            .map_err(|e| anyhow::anyhow!("--ctx {ctx}: {e}"))?;
     }
-    if c.n.is_some() && !c.nodes.as_deref().is_some_and(plan::is_auto) {
-        bail!("--n picks discovered nodes; use it with --nodes auto");
-    }
-    let mut auto_ratios: Option<Vec<f64>> = None;
-    let (local, nodes, credential) = match (&c.local_cluster, &c.nodes) {
-        (Some(0), _) => bail!("--local-cluster needs N >= 1"),
-        (Some(1), _) | (None, None) => {
-            if c.ratios.is_some() {
-                bail!("--ratios needs a cluster (--nodes or --local-cluster N with N >= 2)");
-            }
-            let layout = c.layout.unwrap_or_else(default_layout);
-            // Nothing asks for a shard: read the file in place, unless a packed shard
-            // would run faster (then a failure to write one falls back to the file).
-            let in_place = m.window.is_none()
-                && m.mem_budget.is_none()
-                && c.shards.is_none()
-                && c.quant == Quant::Keep;
-            if in_place && !(layout == Layout::Packed && has_q4_matrices(&loaded.files)) {
-                let backend = LocalBackend::new(&loaded.files, m.threads())?;
-                return Ok((loaded, Box::new(backend)));
-            }
-            let plan = tpi_node::model::SplitPlan::even(&loaded.files.config, 1)?;
-            let shards = match tpi_coordinator::shards::ensure_shards(
-                &loaded.files,
-                &plan,
-                c.quant,
-                &[layout],
-                c.shards.as_deref(),
-            ) {
-                Ok(d) => d,
-                Err(e) if in_place => {
-                    tracing::warn!("no packed shard ({e}); reading the model file in place");
-                    let backend = LocalBackend::new(&loaded.files, m.threads())?;
-                    return Ok((loaded, Box::new(backend)));
-                }
-                Err(e) => return Err(e.into()),
-            };
-            let backend = LocalBackend::from_shard(
-                &shards[0],
-                m.threads(),
-                m.window,
-                m.mem_budget,
-                capacity,
-            )?;
-            return Ok((loaded, Box::new(backend)));
-        }
-        (Some(n), _) => {
-            let cores = std::thread::available_parallelism()
-                .map(|x| x.get())
-                .unwrap_or(1);
-            let t = c.node_threads.unwrap_or((cores / n).max(1));
-            // The plan must exist before any process is spawned for it.
-            let weights = match &c.ratios {
-                Some(r) if r.len() != *n => bail!("--ratios has {} values for {n} ranks", r.len()),
-                Some(r) => r.clone(),
-                None => std::iter::once(c.coordinator_share)
-                    .chain(std::iter::repeat_n(1.0, n - 1))
-                    .collect(),
-            };
-            tpi_node::model::SplitPlan::new(&loaded.files.config, &weights)
-                .with_context(|| format!("--local-cluster {n}"))?;
-            let mut extra = vec![
-                "--data-dir".to_string(),
-                tpi_coordinator::shards::cache_root().display().to_string(),
-            ];
-            if let Some(w) = m.window {
-                extra.extend(["--window".to_string(), w.to_string()]);
-            }
-            if let Some(b) = m.mem_budget {
-                extra.extend(["--mem-budget".to_string(), b.to_string()]);
-            }
-            if let Some(l) = &c.link {
-                extra.extend(["--link".to_string(), l.to_string()]);
-            }
-            if let Some(t) = &c.topology {
-                extra.extend(["--topology".to_string(), t.display().to_string()]);
-            }
-            // Local nodes are private to this run: do not announce them.
-            extra.push("--no-mdns".to_string());
-            let lc = LocalCluster::spawn(n - 1, t, &extra)?;
-            let (addrs, cred) = (lc.addrs.clone(), lc.credential.clone());
-            (Some(lc), addrs, cred)
-        }
-        (None, Some(list)) if plan::is_auto(list) => {
-            let found = plan::discover(c)?;
-            if c.ratios.is_none() {
-                let t = m.threads();
-                let p = plan::auto_ratios(&loaded.files, m, c, &found, t)?;
-                tracing::info!("planner ratios {:?}", p.weights);
-                auto_ratios = Some(p.weights);
-            }
-            let dir = c
-                .credential
-                .clone()
-                .or_else(default_credential)
-                .context("--nodes auto needs the cluster credential: pass --credential DIR (made by `tpi cluster init`)")?;
-            let cred = Credential::load(&dir)
-                .with_context(|| format!("cannot load the credential in {}", dir.display()))?;
-            (None, found.iter().map(|d| d.addr).collect(), cred)
-        }
-        (None, Some(list)) => {
-            let addrs = resolve_nodes(list)?;
-            if addrs.is_empty() {
-                bail!("--nodes lists no address");
-            }
-            let dir = c
-                .credential
-                .clone()
-                .or_else(default_credential)
-                .context("--nodes needs the cluster credential: pass --credential DIR (made by `tpi cluster init`)")?;
-            let cred = Credential::load(&dir)
-                .with_context(|| format!("cannot load the credential in {}", dir.display()))?;
-            (None, addrs, cred)
-        }
-    };
-    let threads = match (&c.local_cluster, m.threads) {
-        (_, Some(t)) => t,
-        (Some(n), None) => {
-            let cores = std::thread::available_parallelism()
-                .map(|x| x.get())
-                .unwrap_or(1);
-            (cores / n).max(1)
-        }
-        _ => m.threads(),
-    };
-    let opts = ClusterOptions {
-        nodes,
-        algo: c.allreduce,
-        dtype: c.allreduce_dtype,
-        ratios: c.ratios.clone().or(auto_ratios),
-        coordinator_share: c.coordinator_share,
-        threads,
-        connect_timeout: std::time::Duration::from_secs(5),
-        quant: c.quant,
-        layout: c.layout,
-        shards: c.shards.clone(),
-        window: m.window,
-        mem_budget: m.mem_budget,
-        link: match (&c.link, &c.topology) {
-            (Some(l), _) => Some(LinkEmulation::uniform(*l)),
-            (None, Some(t)) => Some(LinkEmulation::with_topology(
-                tpi_sim::Topology::load(t)
-                    .with_context(|| format!("cannot load topology {}", t.display()))?,
-            )),
-            (None, None) => None,
-        },
-    };
-    let backend = ClusterBackend::connect(&loaded.files, &credential, &opts, capacity)?;
-    Ok((
-        loaded,
-        Box::new(WithLocal {
-            backend,
-            _local: local,
-        }),
-    ))
+    let backend = backend::open(&spec, &loaded.files, capacity)?;
+    Ok((loaded, backend))
 }
 
 /// A readable per-rank summary of where decode time went (prefill shown separately).
@@ -549,7 +333,7 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Cluster(a) => cluster::cluster(a),
         Command::Shard(a) => shard::shard(a),
         Command::Nodes(a) => nodes::nodes(a),
-        Command::Plan(a) => plan::plan(a),
+        Command::Plan(a) => plan_cmd::plan(a),
         Command::Serve(a) => serve::serve(a),
     }
 }

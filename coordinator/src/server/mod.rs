@@ -29,9 +29,9 @@ use futures::Stream;
 use tokio::sync::mpsc;
 
 use crate::chat::{ChatTemplate, Message};
-use crate::generate::Session;
+use crate::generate::{check_prompt, PromptError, Session};
 use crate::loader::LoadedModel;
-use crate::sampler::SamplerConfig;
+use crate::sampler::{SamplerConfig, SamplerError};
 use metrics::Metrics;
 use openai::*;
 use worker::{CancelOnDrop, Job, JobEvent, TokenInfo};
@@ -245,84 +245,32 @@ fn prepare(
     }
     let logprobs = logprobs_wanted(&c, chat)?;
     let mut sampler = st.cfg.sampler;
-    if let Some(t) = c.temperature {
-        // OpenAI's range: beyond 2 the output is noise, and a typo such as 1e9 is one.
-        if !(0.0..=2.0).contains(&t) {
-            return Err(ApiError::invalid(
-                format!("temperature must be in [0, 2], got {t}"),
-                Some("temperature"),
-            ));
-        }
-        sampler.temperature = t;
-    }
-    for (field, v, slot) in [
-        (
-            "frequency_penalty",
-            c.frequency_penalty,
-            &mut sampler.frequency_penalty,
-        ),
-        (
-            "presence_penalty",
-            c.presence_penalty,
-            &mut sampler.presence_penalty,
-        ),
-    ] {
-        if let Some(v) = v {
-            if !(-2.0..=2.0).contains(&v) {
-                return Err(ApiError::invalid(
-                    format!("{field} must be in [-2, 2], got {v}"),
-                    Some(field),
-                ));
-            }
-            *slot = v;
-        }
-    }
-    if let Some(p) = c.top_p {
-        if !(p > 0.0 && p <= 1.0) {
-            return Err(ApiError::invalid(
-                format!("top_p must be in (0, 1], got {p}"),
-                Some("top_p"),
-            ));
-        }
-        sampler.top_p = p;
-    }
+    let vocab = st.model.files.config.vocab_size;
+    let bad_setting = |e: SamplerError| ApiError::invalid(e.message, Some(e.field));
+    sampler.temperature = c.temperature.unwrap_or(sampler.temperature);
+    sampler.frequency_penalty = c.frequency_penalty.unwrap_or(sampler.frequency_penalty);
+    sampler.presence_penalty = c.presence_penalty.unwrap_or(sampler.presence_penalty);
+    sampler.top_p = c.top_p.unwrap_or(sampler.top_p);
     if let Some(k) = c.top_k {
-        if k < 0 {
-            return Err(ApiError::invalid(
-                format!("top_k must be >= 0, got {k}"),
-                Some("top_k"),
-            ));
-        }
         // Documented rule: a top_k of at least the vocabulary size keeps every token.
-        let vocab = st.model.files.config.vocab_size;
-        sampler.top_k = if k as u64 >= vocab as u64 {
-            0
-        } else {
-            k as usize
-        };
+        sampler.top_k = SamplerConfig::top_k_for(k, vocab).map_err(bad_setting)?;
     }
+    sampler.validate().map_err(bad_setting)?;
     if let Some(s) = c.seed {
         sampler.seed = s as u64;
     }
     let p = prompt_ids.len();
-    if p == 0 {
-        return Err(ApiError::invalid(
-            "the prompt is empty",
-            Some(if chat { "messages" } else { "prompt" }),
-        ));
-    }
     let ctx = st.context;
-    if p >= ctx {
-        return Err(ApiError {
-            code: Some("context_length_exceeded"),
-            ..ApiError::invalid(
-                format!(
-                    "this model's maximum context length is {ctx} tokens, but the prompt has {p} tokens \
-                     (leave room for at least one new token)"
-                ),
-                Some(if chat { "messages" } else { "prompt" }),
-            )
-        });
+    let prompt_field = Some(if chat { "messages" } else { "prompt" });
+    match check_prompt(&prompt_ids, ctx, vocab) {
+        Ok(()) => {}
+        Err(e @ PromptError::TooLong { .. }) => {
+            return Err(ApiError {
+                code: Some("context_length_exceeded"),
+                ..ApiError::invalid(e.to_string(), prompt_field)
+            })
+        }
+        Err(e) => return Err(ApiError::invalid(e.to_string(), prompt_field)),
     }
     let (field, asked) = match (c.max_completion_tokens, c.max_tokens) {
         (Some(m), _) if chat => ("max_completion_tokens", Some(m)),
@@ -588,13 +536,6 @@ fn encode_prompt(st: &AppState, prompt: PromptIn) -> Result<Vec<u32>, ApiError> 
         PromptIn::TokenLists(mut v) if v.len() == 1 => v.remove(0),
         PromptIn::TokenLists(_) => return Err(batch()),
     };
-    let vocab = st.model.files.config.vocab_size;
-    if let Some(&bad) = ids.iter().find(|&&t| t as usize >= vocab) {
-        return Err(ApiError::invalid(
-            format!("token id {bad} is out of range: the vocabulary has {vocab} tokens"),
-            Some("prompt"),
-        ));
-    }
     Ok(ids)
 }
 

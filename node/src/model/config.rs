@@ -156,6 +156,17 @@ fn parse_scaling(s: &Value) -> Result<Option<RopeScaling>, ModelError> {
     }
 }
 
+/// Checks that every id in `ids` names a row of a `vocab`-token vocabulary; the error
+/// names the first that does not.
+pub fn check_token_ids(ids: &[u32], vocab: usize) -> Result<(), String> {
+    match ids.iter().find(|&&t| t as usize >= vocab) {
+        Some(bad) => Err(format!(
+            "token id {bad} is out of range: the vocabulary has {vocab} tokens"
+        )),
+        None => Ok(()),
+    }
+}
+
 impl ModelConfig {
     /// Parses an HF `config.json` (transformers 4.x `rope_theta`/`rope_scaling`/`torch_dtype`
     /// or 5.x `rope_parameters`/`dtype`).

@@ -14,7 +14,7 @@ use tpi_kernels::{self as k, RopeLayout, ThreadPool};
 
 use super::config::ModelConfig;
 use super::error::ModelError;
-use super::plan::RankSlice;
+use super::split::RankSlice;
 use super::weights::{Role, TensorStore, Weight};
 
 /// One layer's weights as seen by one rank: column slices of Q/K/V and gate/up,
@@ -417,13 +417,8 @@ impl Head {
     pub fn embed(&self, tokens: &[u32]) -> Result<Vec<f32>, ModelError> {
         let d = self.embed.cols;
         let mut x = vec![0f32; tokens.len() * d];
+        super::config::check_token_ids(tokens, self.embed.rows).map_err(ModelError::Input)?;
         for (t, &id) in tokens.iter().enumerate() {
-            if id as usize >= self.embed.rows {
-                return Err(ModelError::Input(format!(
-                    "token id {id} is out of range: the vocabulary has {} tokens",
-                    self.embed.rows
-                )));
-            }
             self.embed.row_f32(id as usize, &mut x[t * d..(t + 1) * d]);
         }
         Ok(x)

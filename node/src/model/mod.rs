@@ -3,7 +3,7 @@ pub mod config;
 pub mod error;
 pub mod forward;
 pub mod gguf;
-pub mod plan;
+pub mod split;
 pub mod weights;
 
 use std::path::{Path, PathBuf};
@@ -12,7 +12,7 @@ pub use config::ModelConfig;
 pub use error::ModelError;
 pub use forward::{Head, KvCache, RankModel, StoreSlicer};
 pub use gguf::GgufFile;
-pub use plan::{RankSlice, SplitPlan};
+pub use split::{RankSlice, SplitPlan};
 pub use weights::{Format, Role, TensorStore, Weight};
 
 use sha2::{Digest, Sha256};

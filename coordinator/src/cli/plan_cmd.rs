@@ -1,20 +1,17 @@
-//! `tpi plan`: print the split plan and the simulator's prediction; plus the helpers
-//! `--nodes auto` uses (discovery, rank 0's GEMV rate, the planner's ratios).
+//! `tpi plan`: print the split plan the planner chooses for a cluster, and the
+//! simulator's prediction for it.
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::Args;
-use tpi_coordinator::discovery::{self, DiscoveredNode};
+use tpi_coordinator::backend::{bytes_per_weight, local_gemv, resolve_nodes};
+use tpi_coordinator::discovery;
 use tpi_coordinator::planner::{self, RankCaps};
-use tpi_node::model::{ModelConfig, ModelFiles, Role};
-use tpi_node::store::Quant;
+use tpi_node::model::{ModelConfig, ModelFiles};
 
-use super::{resolve_nodes, ClusterArgs, ModelArgs};
-
-/// How long `--nodes auto` listens for adverts.
-pub const AUTO_TIMEOUT: Duration = Duration::from_secs(2);
+use super::{is_auto, ClusterArgs, ModelArgs};
 
 /// `tpi plan` flags.
 #[derive(Args, Debug)]
@@ -29,115 +26,6 @@ pub struct PlanArgs {
     /// Prompt length for the predicted TTFT.
     #[arg(long, default_value_t = 128)]
     pub prompt_len: usize,
-}
-
-/// Whether `--nodes` asks for discovery.
-pub fn is_auto(list: &[String]) -> bool {
-    list.len() == 1 && list[0].trim().eq_ignore_ascii_case("auto")
-}
-
-/// Browses for nodes and picks `--n` of them (fastest GEMV first), printing warnings
-/// (duplicate ids) to stderr. Errors when none is found.
-pub fn discover(c: &ClusterArgs) -> anyhow::Result<Vec<DiscoveredNode>> {
-    let b = discovery::browse(AUTO_TIMEOUT)?;
-    for w in &b.warnings {
-        eprintln!("warning: {w}");
-    }
-    if b.nodes.is_empty() {
-        bail!("{}", discovery::nothing_found(AUTO_TIMEOUT));
-    }
-    let picked = discovery::pick(&b, c.n, tpi_node::net::wire::PROTOCOL_VERSION)?;
-    for (i, d) in picked.iter().enumerate() {
-        tracing::info!(
-            "rank {}: {} ({}) at {}, {:.1} GB/s GEMV",
-            i + 1,
-            d.name,
-            d.id,
-            d.addr,
-            d.gemv_gbs
-        );
-    }
-    Ok(picked)
-}
-
-/// Rank 0's GEMV rate, measured like the nodes measure theirs.
-pub fn local_gemv(threads: usize) -> f64 {
-    tpi_node::discovery::measure_gemv_gbs(threads)
-}
-
-/// Bytes per weight of the shards this session uses.
-pub fn bytes_per_weight(files: &ModelFiles, quant: Quant) -> anyhow::Result<f64> {
-    if let Quant::To(dt) = quant {
-        let b = dt.block_len();
-        return Ok(dt.row_bytes(b).unwrap_or(4 * b) as f64 / b as f64);
-    }
-    let w = files
-        .store
-        .role(&files.config, Role::Wq, 0)
-        .context("cannot read layer 0's query weight")?;
-    Ok(w.nbytes() as f64 / (w.rows * w.cols).max(1) as f64)
-}
-
-/// The planner's ratios for rank 0 plus `nodes` (rank 0 measured here with `threads`,
-/// its RAM read here; `coordinator_share` scales rank 0, 0 = coordinate only).
-pub fn auto_ratios(
-    files: &ModelFiles,
-    m: &ModelArgs,
-    c: &ClusterArgs,
-    nodes: &[DiscoveredNode],
-    threads: usize,
-) -> anyhow::Result<planner::Planned> {
-    let bpw = bytes_per_weight(files, c.quant)?;
-    let mut caps = vec![rank0_caps(&files.config, bpw, threads, c.coordinator_share)];
-    caps.extend(
-        nodes
-            .iter()
-            .map(|d| RankCaps::from_ram(d.gemv_gbs.max(1e-3), d.ram)),
-    );
-    plan_caps(&files.config, bpw, &caps, streaming(m), c.coordinator_share)
-}
-
-fn streaming(m: &ModelArgs) -> bool {
-    m.window.is_some() || m.mem_budget.is_some()
-}
-
-fn rank0_caps(cfg: &ModelConfig, bpw: f64, threads: usize, share: f64) -> RankCaps {
-    let mut r = RankCaps::from_ram(
-        local_gemv(threads) * share.max(0.0),
-        tpi_node::discovery::total_ram().unwrap_or(0),
-    );
-    r.extra_bytes = planner::rank0_extra_bytes(cfg, bpw);
-    r
-}
-
-/// Plans; a rank 0 with no compute (share 0) gets weight 0 and the nodes split the rest.
-fn plan_caps(
-    cfg: &ModelConfig,
-    bpw: f64,
-    caps: &[RankCaps],
-    streaming: bool,
-    share: f64,
-) -> anyhow::Result<planner::Planned> {
-    if share > 0.0 || caps.len() == 1 {
-        return planner::plan(cfg, bpw, caps, streaming);
-    }
-    let p = planner::plan(cfg, bpw, &caps[1..], streaming)?;
-    let mut weights = vec![0.0];
-    weights.extend(&p.weights);
-    let plan = tpi_node::model::SplitPlan::new(cfg, &weights)?;
-    let bytes = plan
-        .ranks
-        .iter()
-        .map(|s| planner::slice_bytes(cfg, s, bpw))
-        .collect();
-    let mut capped = vec![false];
-    capped.extend(&p.capped);
-    Ok(planner::Planned {
-        weights,
-        plan,
-        bytes,
-        capped,
-    })
 }
 
 struct Rank {
@@ -177,7 +65,7 @@ pub fn plan(a: PlanArgs) -> anyhow::Result<()> {
             }
         }
         (None, Some(list)) if is_auto(list) => {
-            let nodes = discover(c)?;
+            let nodes = discovery::discover(c.n)?;
             ranks.push(Rank {
                 label: "this machine".into(),
                 gemv: local_gemv(m.threads()),
@@ -281,7 +169,13 @@ pub fn plan(a: PlanArgs) -> anyhow::Result<()> {
                 capped: vec![false; n],
             }
         }
-        None => plan_caps(cfg, bpw, &caps, streaming(m), c.coordinator_share)?,
+        None => planner::choose_ratios_with_share(
+            cfg,
+            bpw,
+            &caps,
+            m.window.is_some() || m.mem_budget.is_some(),
+            c.coordinator_share,
+        )?,
     };
     print!("{}", render(&files, bpw, &ranks, &caps, &planned));
     // The links for the prediction: --topology, else --link (default 1ms,1gbit).
