@@ -438,7 +438,7 @@ pub fn local_gemv(threads: usize) -> f64 {
 pub fn rank0_caps(cfg: &ModelConfig, bpw: f64, threads: usize, share: f64) -> RankCaps {
     let mut r = RankCaps::from_ram(
         local_gemv(threads) * share.max(0.0),
-        tpi_node::discovery::total_ram().unwrap_or(0),
+        tpi_node::sys::total_ram().unwrap_or(0),
     );
     r.extra_bytes = planner::rank0_extra_bytes(cfg, bpw);
     r

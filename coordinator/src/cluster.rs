@@ -17,9 +17,9 @@ use tpi_node::net::wire::{f32_to_le_bytes, MAX_CONTROL, PROTOCOL_VERSION};
 use tpi_node::net::{
     Algo, Connection, Credential, Endpoint, Group, Stream, TransportOptions, WireDType,
 };
-use tpi_node::proto::{FromNode, NodeStepTimes, Setup, ToNode, CONTROL_STREAM_TAG};
-use tpi_node::store::window::{disk_read_bytes, peak_rss};
+use tpi_node::proto::{FromNode, Setup, ToNode, CONTROL_STREAM_TAG};
 use tpi_node::store::{default_layout, layout_for_isa, Quant, Shard, Window};
+use tpi_node::sys::{disk_read_bytes, peak_rss};
 
 use crate::engine::{Backend, RankStep, StepReport};
 use crate::error::{Error, Result};
@@ -425,7 +425,7 @@ impl ClusterBackend {
             return Ok(());
         };
         let nodes = &mut self.nodes;
-        let worker_times: Vec<NodeStepTimes> =
+        let worker_times: Vec<RankStep> =
             self.net
                 .block_on(try_join_all(nodes.iter_mut().enumerate().map(
                     |(i, node)| async move {
@@ -437,20 +437,13 @@ impl ClusterBackend {
                         }
                     },
                 )))?;
-        let ms = |s: f64| s * 1e3;
-        for (i, t) in worker_times.iter().enumerate() {
-            report.ranks.push(RankStep {
-                rank: i + 1,
-                compute_ms: ms(t.compute_s),
-                allreduce_wait_ms: ms(t.reduce_wait_s),
-                allreduce_transfer_ms: ms(t.reduce_total_s - t.reduce_wait_s),
-                idle_ms: ms(t.idle_s),
-                disk_wait_ms: ms(t.disk_wait_s),
-                disk_load_ms: ms(t.disk_load_s),
-                disk_read_bytes: t.disk_read_bytes,
-                peak_rss_bytes: t.peak_rss_bytes,
-            });
-        }
+        // Node i is rank i+1 whatever it says.
+        report.ranks.extend(
+            worker_times
+                .into_iter()
+                .enumerate()
+                .map(|(i, t)| RankStep { rank: i + 1, ..t }),
+        );
         self.last = report.clone();
         self.reports.push(report);
         Ok(())

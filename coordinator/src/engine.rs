@@ -4,35 +4,14 @@
 use std::time::Instant;
 
 use tpi_kernels::ThreadPool;
-use tpi_node::model::forward::{BlockHooks, StepTimes};
+use tpi_node::model::forward::{BlockHooks, ForwardTimes};
 use tpi_node::model::{Head, KvCache, ModelConfig, ModelFiles, RankModel, SplitPlan};
-use tpi_node::store::window::{disk_read_bytes, peak_rss};
 use tpi_node::store::{Shard, Window};
+use tpi_node::sys::{disk_read_bytes, peak_rss};
 
 use crate::error::{Error, Result};
 
-/// Timings of one forward step at one rank.
-#[derive(Clone, Debug, Default, serde::Serialize)]
-pub struct RankStep {
-    /// Rank index.
-    pub rank: usize,
-    /// Milliseconds computing.
-    pub compute_ms: f64,
-    /// Milliseconds blocked in allreduce waiting for peers.
-    pub allreduce_wait_ms: f64,
-    /// Milliseconds of allreduce spent transferring and summing.
-    pub allreduce_transfer_ms: f64,
-    /// Milliseconds idle (waiting for the next step to start).
-    pub idle_ms: f64,
-    /// Milliseconds waiting for the sliding window to bring a block in from disk.
-    pub disk_wait_ms: f64,
-    /// Milliseconds the prefetch thread spent loading blocks (overlapped with compute).
-    pub disk_load_ms: f64,
-    /// Bytes read from storage during the step.
-    pub disk_read_bytes: u64,
-    /// Peak resident set size of the rank's process so far.
-    pub peak_rss_bytes: u64,
-}
+pub use tpi_node::proto::RankStep;
 
 /// What one forward step cost.
 #[derive(Clone, Debug, Default, serde::Serialize)]
@@ -147,7 +126,7 @@ impl Backend for LocalBackend {
             .unwrap_or(0.0);
         let mut x = self.head.embed(tokens)?;
         let hooks = self.window.as_ref().map(|w| w as &dyn BlockHooks);
-        let times: StepTimes = self.model.forward_layers::<Error>(
+        let times: ForwardTimes = self.model.forward_layers::<Error>(
             &self.pool,
             &mut x,
             n,

@@ -89,38 +89,6 @@ pub fn node_id(data_dir: &Path) -> Result<String, DiscoveryError> {
     Ok(id)
 }
 
-/// Total memory in bytes (MemTotal of /proc/meminfo).
-pub fn total_ram() -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
-    parse_meminfo_total(&text)
-}
-
-fn parse_meminfo_total(text: &str) -> Option<u64> {
-    let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
-    let mut it = line["MemTotal:".len()..].split_whitespace();
-    let v: u64 = it.next()?.parse().ok()?;
-    let mult = match it.next().map(|u| u.to_ascii_lowercase()) {
-        Some(u) if u == "kb" => 1024,
-        Some(u) if u == "mb" => 1 << 20,
-        None => 1,
-        Some(_) => 1024,
-    };
-    Some(v * mult)
-}
-
-/// Bytes available to unprivileged users in the file system holding `path`.
-pub fn disk_free(path: &Path) -> Option<u64> {
-    use std::os::unix::ffi::OsStrExt;
-    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
-    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    // SAFETY: `c` is a NUL-terminated path and `st` a properly sized out-parameter.
-    let rc = unsafe { libc::statvfs(c.as_ptr(), &mut st) };
-    if rc != 0 {
-        return None;
-    }
-    Some(st.f_bavail as u64 * st.f_frsize as u64)
-}
-
 /// Complete shards cached under `data_dir/shards` (partial downloads not counted).
 pub fn cached_shards(data_dir: &Path) -> usize {
     std::fs::read_dir(data_dir.join("shards"))
@@ -390,8 +358,8 @@ pub fn spawn_advert(o: AdvertOptions) -> Result<AdvertHandle, DiscoveryError> {
                 name: o.name.clone().unwrap_or_else(hostname),
                 proto: crate::net::wire::PROTOCOL_VERSION,
                 cores: o.threads,
-                ram: total_ram().unwrap_or(0),
-                disk_free: disk_free(&o.data_dir).unwrap_or(0),
+                ram: crate::sys::total_ram().unwrap_or(0),
+                disk_free: crate::sys::disk_free(&o.data_dir).unwrap_or(0),
                 gemv_gbs,
                 shards: cached_shards(&o.data_dir),
                 port: o.listen.port(),
@@ -545,13 +513,6 @@ mod tests {
         assert_ne!(node_id(&other).unwrap(), a);
         std::fs::remove_dir_all(&dir).unwrap();
         std::fs::remove_dir_all(&other).unwrap();
-    }
-
-    #[test]
-    fn meminfo_parses() {
-        let t = "MemTotal:       24684084 kB\nMemFree:        16951824 kB\n";
-        assert_eq!(parse_meminfo_total(t), Some(24684084 * 1024));
-        assert!(total_ram().unwrap_or(1) > 0);
     }
 
     #[test]

@@ -7,4 +7,5 @@ pub mod net;
 pub mod proto;
 pub mod stamp;
 pub mod store;
+pub mod sys;
 pub mod worker;

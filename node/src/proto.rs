@@ -103,7 +103,7 @@ pub enum FromNode {
         window: u32,
     },
     /// A step finished; its timings at this node.
-    StepDone(NodeStepTimes),
+    StepDone(RankStep),
     /// The session failed at the node.
     Error {
         /// What went wrong.
@@ -111,24 +111,27 @@ pub enum FromNode {
     },
 }
 
-/// Where one step's time went at one node.
-#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize)]
-pub struct NodeStepTimes {
-    /// Seconds computing.
-    pub compute_s: f64,
-    /// Seconds of allreduce blocked waiting for peers' data.
-    pub reduce_wait_s: f64,
-    /// Seconds of allreduce in total.
-    pub reduce_total_s: f64,
-    /// Seconds idle between the previous step's end and this step's start.
-    pub idle_s: f64,
-    /// Seconds waiting for the sliding window to bring a block in.
-    pub disk_wait_s: f64,
-    /// Seconds the prefetch thread spent loading blocks during the step (overlapped
-    /// with compute; compare with `disk_wait_s`).
-    pub disk_load_s: f64,
+/// Where one step's time went at one rank: what a node reports after each step, and
+/// what rank 0 measures of itself (`tpi run --json`'s `steps[].ranks[]`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct RankStep {
+    /// Rank index.
+    pub rank: usize,
+    /// Milliseconds computing.
+    pub compute_ms: f64,
+    /// Milliseconds blocked in allreduce waiting for peers.
+    pub allreduce_wait_ms: f64,
+    /// Milliseconds of allreduce spent transferring and summing.
+    pub allreduce_transfer_ms: f64,
+    /// Milliseconds idle between the previous step's end and this step's start.
+    pub idle_ms: f64,
+    /// Milliseconds waiting for the sliding window to bring a block in from disk.
+    pub disk_wait_ms: f64,
+    /// Milliseconds the prefetch thread spent loading blocks (overlapped with compute;
+    /// compare with `disk_wait_ms`).
+    pub disk_load_ms: f64,
     /// Bytes read from storage during the step.
     pub disk_read_bytes: u64,
-    /// Peak resident set size of the node process so far (VmHWM).
+    /// Peak resident set size of the rank's process so far (VmHWM).
     pub peak_rss_bytes: u64,
 }

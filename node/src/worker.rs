@@ -24,9 +24,9 @@ use crate::net::wire::{f32_from_le_bytes, MAX_CONTROL, PROTOCOL_VERSION};
 use crate::net::{
     Connection, Credential, DataLink, Endpoint, Group, NetError, Stream, TransportOptions,
 };
-use crate::proto::{FromNode, NodeStepTimes, Setup, ToNode, CONTROL_STREAM_TAG};
-use crate::store::window::{disk_read_bytes, peak_rss, reset_peak_rss};
+use crate::proto::{FromNode, RankStep, Setup, ToNode, CONTROL_STREAM_TAG};
 use crate::store::{Shard, ShardCache, StoreError};
+use crate::sys::{disk_read_bytes, peak_rss, reset_peak_rss};
 
 /// How a node serves.
 #[derive(Clone)]
@@ -542,13 +542,15 @@ fn run_steps(
                     },
                 )?;
                 last_end = Instant::now();
-                net.block_on(ctl.send_msg(&FromNode::StepDone(NodeStepTimes {
-                    compute_s: times.compute_s,
-                    reduce_wait_s: wait,
-                    reduce_total_s: total,
-                    idle_s,
-                    disk_wait_s: times.disk_wait_s,
-                    disk_load_s: window.stats().load_s - load0,
+                let ms = |s: f64| s * 1e3;
+                net.block_on(ctl.send_msg(&FromNode::StepDone(RankStep {
+                    rank: group.rank(),
+                    compute_ms: ms(times.compute_s),
+                    allreduce_wait_ms: ms(wait),
+                    allreduce_transfer_ms: ms(total - wait),
+                    idle_ms: ms(idle_s),
+                    disk_wait_ms: ms(times.disk_wait_s),
+                    disk_load_ms: ms(window.stats().load_s - load0),
                     disk_read_bytes: disk_read_bytes().unwrap_or(0).saturating_sub(read0),
                     peak_rss_bytes: peak_rss().unwrap_or(0),
                 })))?;

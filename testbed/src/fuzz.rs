@@ -523,7 +523,10 @@ fn frame(kind: FrameKind, payload: &[u8]) -> Vec<u8> {
 
 fn wire_seeds() -> Vec<Vec<u8>> {
     let msgs = [
-        wire::encode(&ToNode::Hello { version: 2 }).expect("encode"),
+        wire::encode(&ToNode::Hello {
+            version: wire::PROTOCOL_VERSION,
+        })
+        .expect("encode"),
         wire::encode(&ToNode::Step { start: 3, n: 1 }).expect("encode"),
         wire::encode(&FromNode::Error { msg: "x".into() }).expect("encode"),
     ];

@@ -44,7 +44,7 @@ pub fn plan(a: PlanArgs) -> anyhow::Result<()> {
     let cores = std::thread::available_parallelism()
         .map(|x| x.get())
         .unwrap_or(1);
-    let ram0 = tpi_node::discovery::total_ram().unwrap_or(0);
+    let ram0 = tpi_node::sys::total_ram().unwrap_or(0);
     // Who the ranks are and what they can do.
     let mut ranks: Vec<Rank> = Vec::new();
     match (&c.local_cluster, &c.nodes) {

@@ -65,7 +65,7 @@ pub fn shard(a: ShardArgs) -> anyhow::Result<()> {
             dir.display()
         );
     }
-    let peak = tpi_node::store::window::peak_rss().unwrap_or(0);
+    let peak = tpi_node::sys::peak_rss().unwrap_or(0);
     println!(
         "done in {:.1} s; peak RSS {:.1} MB for a {:.1} MB model",
         t0.elapsed().as_secs_f64(),

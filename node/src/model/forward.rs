@@ -460,13 +460,12 @@ fn non_finite_block(layer: usize, block: usize, own_finite: bool) -> ModelError 
     }
 }
 
-/// Time spent in one step, split into computing and reducing.
-#[derive(Clone, Copy, Debug, Default, serde::Serialize, serde::Deserialize)]
-pub struct StepTimes {
+/// What [`RankModel::forward_layers`] measured of one step: computing, and waiting for
+/// the window. Allreduce time is the caller's to measure, since the caller's `reduce` does it.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ForwardTimes {
     /// Seconds computing this rank's blocks.
     pub compute_s: f64,
-    /// Seconds inside allreduce calls.
-    pub reduce_s: f64,
     /// Seconds waiting for the sliding window to make a block resident.
     pub disk_wait_s: f64,
 }
@@ -494,13 +493,13 @@ impl RankModel {
         cache: &mut KvCache,
         hooks: Option<&dyn BlockHooks>,
         reduce: &mut dyn FnMut(&mut [f32]) -> Result<(), E>,
-    ) -> Result<StepTimes, E>
+    ) -> Result<ForwardTimes, E>
     where
         E: From<ModelError>,
     {
         let d = self.cfg.hidden_size;
         let mut part = vec![0f32; n * d];
-        let mut times = StepTimes::default();
+        let mut times = ForwardTimes::default();
         for l in 0..self.cfg.n_layers {
             for block in 0..2 {
                 let pos = 2 * l + block;
@@ -521,13 +520,11 @@ impl RankModel {
                 let t1 = std::time::Instant::now();
                 let own_finite = k::all_finite(&part);
                 reduce(&mut part)?;
-                let t2 = std::time::Instant::now();
                 if !k::all_finite(&part) {
                     return Err(non_finite_block(l, block, own_finite).into());
                 }
                 k::add_in_place(&mut x[..n * d], &part);
                 times.compute_s += (t1 - t0).as_secs_f64();
-                times.reduce_s += (t2 - t1).as_secs_f64();
             }
         }
         Ok(times)

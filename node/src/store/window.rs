@@ -269,38 +269,6 @@ impl Drop for Window {
     }
 }
 
-/// Peak resident set size of this process (VmHWM), bytes.
-pub fn peak_rss() -> Option<u64> {
-    proc_status_kb("VmHWM:").map(|k| k * 1024)
-}
-
-/// Resets the peak RSS counter (VmHWM) to the current RSS, so a session's peak is its
-/// own, not that of start-up work such as a benchmark (Linux: /proc/self/clear_refs 5).
-pub fn reset_peak_rss() {
-    let _ = std::fs::write("/proc/self/clear_refs", "5");
-}
-
-fn proc_status_kb(key: &str) -> Option<u64> {
-    let s = std::fs::read_to_string("/proc/self/status").ok()?;
-    s.lines()
-        .find(|l| l.starts_with(key))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
-}
-
-/// Bytes this process has caused to be read from storage (/proc/self/io read_bytes).
-pub fn disk_read_bytes() -> Option<u64> {
-    let s = std::fs::read_to_string("/proc/self/io").ok()?;
-    s.lines()
-        .find(|l| l.starts_with("read_bytes:"))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
