@@ -1,9 +1,6 @@
-//! Text <-> token ids, built either from an HF `tokenizer.json` or from the `tokenizer.ggml.*`
-//! metadata a GGUF file carries.
-//!
-//! A GGUF vocabulary is turned into the equivalent of a `tokenizer.json` (model, pre-tokenizer,
-//! decoder, added tokens, post-processor) and loaded with the `tokenizers` crate, so encoding and
-//! decoding are exactly the HF implementation. Two GGUF tokenizer models are supported:
+//! A GGUF vocabulary turned into the equivalent of a `tokenizer.json` (model,
+//! pre-tokenizer, decoder, added tokens, post-processor). Two GGUF tokenizer models are
+//! supported:
 //!
 //! * `"gpt2"`: byte-level BPE. The split regex is picked from `tokenizer.ggml.pre` (see
 //!   [`Tokenizer::from_gguf_vocab`] for the table); an unknown `pre` is an error rather than a
@@ -16,27 +13,15 @@
 //! non-special added tokens, as transformers and llama.cpp do.
 
 use std::collections::{HashMap, HashSet};
-use std::path::Path;
 
 use serde_json::{json, Value};
+
+use super::{plain_copy, Tokenizer, TokenizerError};
 
 /// GGUF `token_type` value of a control token (`<|im_start|>`, `<s>`, ...).
 const TOKEN_TYPE_CONTROL: i32 = 3;
 /// GGUF `token_type` value of a user-defined token (an added, non-special token).
 const TOKEN_TYPE_USER_DEFINED: i32 = 4;
-
-/// Tokens that, when present in the vocabulary as special tokens, end a turn or a document and so
-/// should stop generation (besides the model's declared EOS).
-const STOP_TOKENS: &[&str] = &[
-    "<|im_end|>",
-    "<|endoftext|>",
-    "<|eot_id|>",
-    "<|eom_id|>",
-    "<|end_of_text|>",
-    "<end_of_turn>",
-    "<|end|>",
-    "</s>",
-];
 
 /// Llama-3's split regex (`llama-bpe` and friends).
 const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
@@ -83,47 +68,6 @@ pub struct GgufVocab {
     pub add_space_prefix: Option<bool>,
 }
 
-/// Errors building or running a tokenizer.
-#[derive(Debug, thiserror::Error)]
-pub enum TokenizerError {
-    /// Neither a `tokenizer.json` nor any `tokenizer.ggml.*` vocabulary is available.
-    #[error("model has no tokenizer (no tokenizer.json and no tokenizer.ggml.* metadata)")]
-    NoTokenizer,
-    /// `tokenizer.ggml.model` names a tokenizer kind this crate cannot build.
-    #[error(
-        "unsupported tokenizer model {0:?} (tokenizer.ggml.model); supported: \"gpt2\", \"llama\""
-    )]
-    UnsupportedModel(String),
-    /// `tokenizer.ggml.pre` names a pre-tokenizer this crate does not know.
-    #[error(
-        "unsupported pre-tokenizer {0:?} (tokenizer.ggml.pre) for a byte-level BPE vocabulary"
-    )]
-    UnsupportedPreTokenizer(String),
-    /// The vocabulary metadata is inconsistent (e.g. a special token id out of range).
-    #[error("invalid tokenizer vocabulary: {0}")]
-    InvalidVocab(String),
-    /// Reading a tokenizer file failed.
-    #[error("reading tokenizer file {path}: {source}")]
-    Io {
-        /// The file.
-        path: String,
-        /// The underlying error.
-        source: std::io::Error,
-    },
-    /// The chat template is neither recognised nor can ChatML be assumed.
-    #[error("unsupported chat template: {0}")]
-    UnsupportedChatTemplate(String),
-    /// An error from the `tokenizers` crate (loading, encoding or decoding).
-    #[error("tokenizer: {0}")]
-    Backend(String),
-}
-
-impl TokenizerError {
-    fn backend(e: impl std::fmt::Display) -> Self {
-        TokenizerError::Backend(e.to_string())
-    }
-}
-
 /// Reads the `tokenizer.ggml.*` metadata of a GGUF file into a [`GgufVocab`].
 ///
 /// Fails with [`TokenizerError::NoTokenizer`] when the file has no `tokenizer.ggml.tokens`.
@@ -149,26 +93,6 @@ pub fn vocab_from_gguf(f: &tpi_node::model::gguf::GgufFile) -> Result<GgufVocab,
         add_eos: f.get_bool("tokenizer.ggml.add_eos_token"),
         add_space_prefix: f.get_bool("tokenizer.ggml.add_space_prefix"),
     })
-}
-
-/// Text <-> ids. Wraps [`tokenizers::Tokenizer`].
-pub struct Tokenizer {
-    inner: tokenizers::Tokenizer,
-    /// The same tokenizer with special-token parsing off: `<|im_end|>` in its input is
-    /// text, never the control token (for untrusted text: message content, raw prompts).
-    plain: tokenizers::Tokenizer,
-    bos_id: Option<u32>,
-    eos_ids: Vec<u32>,
-}
-
-impl std::fmt::Debug for Tokenizer {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Tokenizer")
-            .field("vocab_size", &self.vocab_size())
-            .field("bos_id", &self.bos_id)
-            .field("eos_ids", &self.eos_ids)
-            .finish()
-    }
 }
 
 /// GPT-2's byte -> printable char table (`bytes_to_unicode`).
@@ -306,19 +230,18 @@ fn added_token(id: usize, content: &str, special: bool) -> Value {
            "normalized": false, "special": special})
 }
 
-/// Reads a token string out of a `tokenizer_config.json` field (plain string or `{"content": ..}`).
-fn config_token(cfg: &Value, key: &str) -> Option<String> {
-    match cfg.get(key)? {
-        Value::String(s) => Some(s.clone()),
-        Value::Object(o) => o.get("content")?.as_str().map(str::to_string),
-        _ => None,
+fn vocab_json(tokens: &[String]) -> Value {
+    let mut m = serde_json::Map::with_capacity(tokens.len());
+    for (i, t) in tokens.iter().enumerate() {
+        // On duplicates the first id wins in the map; the later ids stay decodable only through
+        // the added-tokens table, if they are there.
+        m.entry(t.clone()).or_insert(json!(i));
     }
+    Value::Object(m)
 }
 
-fn plain_copy(inner: &tokenizers::Tokenizer) -> tokenizers::Tokenizer {
-    let mut t = inner.clone();
-    t.set_encode_special_tokens(true);
-    t
+fn merges_json(merges: &[(String, String)]) -> Value {
+    Value::Array(merges.iter().map(|(l, r)| json!([l, r])).collect())
 }
 
 impl Tokenizer {
@@ -502,183 +425,5 @@ impl Tokenizer {
         };
         tok.eos_ids = tok.collect_eos_ids(v.eos_id);
         Ok(tok)
-    }
-
-    /// Loads an HF `tokenizer.json`. BOS/EOS come from a `tokenizer_config.json` next to it when
-    /// there is one (`bos_token`, `eos_token`); whether `encode(.., true)` adds BOS is whatever the
-    /// `tokenizer.json` post-processor does, as in transformers.
-    pub fn from_file(path: &Path) -> Result<Self, TokenizerError> {
-        let text = std::fs::read_to_string(path).map_err(|source| TokenizerError::Io {
-            path: path.display().to_string(),
-            source,
-        })?;
-        let inner: tokenizers::Tokenizer = text.parse().map_err(TokenizerError::backend)?;
-        let cfg = path
-            .parent()
-            .map(|d| d.join("tokenizer_config.json"))
-            .and_then(|p| std::fs::read_to_string(p).ok())
-            .and_then(|s| serde_json::from_str::<Value>(&s).ok())
-            .unwrap_or(Value::Null);
-        let bos_id = config_token(&cfg, "bos_token").and_then(|t| inner.token_to_id(&t));
-        let eos_id = config_token(&cfg, "eos_token").and_then(|t| inner.token_to_id(&t));
-        let mut tok = Tokenizer {
-            plain: plain_copy(&inner),
-            inner,
-            bos_id,
-            eos_ids: Vec::new(),
-        };
-        tok.eos_ids = tok.collect_eos_ids(eos_id);
-        Ok(tok)
-    }
-
-    fn collect_eos_ids(&self, eos: Option<u32>) -> Vec<u32> {
-        let special: HashSet<u32> = self
-            .inner
-            .get_added_tokens_decoder()
-            .into_iter()
-            .filter(|(_, t)| t.special)
-            .map(|(id, _)| id)
-            .collect();
-        let mut ids: Vec<u32> = eos.into_iter().collect();
-        for s in STOP_TOKENS {
-            if let Some(id) = self.inner.token_to_id(s) {
-                if special.contains(&id) && !ids.contains(&id) && Some(id) != self.bos_id {
-                    ids.push(id);
-                }
-            }
-        }
-        ids
-    }
-
-    /// Encodes `text`. With `add_special`, the model's configured special tokens are added (BOS
-    /// when the model's config says `add_bos_token`, as transformers' `add_special_tokens=True`).
-    /// Special-token text such as `<|im_start|>` always maps to its single id.
-    pub fn encode(&self, text: &str, add_special: bool) -> Result<Vec<u32>, TokenizerError> {
-        let enc = self
-            .inner
-            .encode(text, add_special)
-            .map_err(TokenizerError::backend)?;
-        Ok(enc.get_ids().to_vec())
-    }
-
-    /// Encodes untrusted `text` with special-token parsing off: special-token text such as
-    /// `<|im_end|>` is tokenised as the characters it is made of, so a user cannot forge
-    /// control tokens. `add_special` as in [`Tokenizer::encode`].
-    pub fn encode_plain(&self, text: &str, add_special: bool) -> Result<Vec<u32>, TokenizerError> {
-        let enc = self
-            .plain
-            .encode(text, add_special)
-            .map_err(TokenizerError::backend)?;
-        Ok(enc.get_ids().to_vec())
-    }
-
-    /// Whether `text` contains the text of any special token (e.g. `<|im_end|>`).
-    pub fn contains_special_text(&self, text: &str) -> bool {
-        self.inner
-            .get_added_tokens_decoder()
-            .values()
-            .any(|t| t.special && !t.content.is_empty() && text.contains(&t.content))
-    }
-
-    /// Decodes `ids` to text; with `skip_special`, special tokens are left out.
-    pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String, TokenizerError> {
-        self.inner
-            .decode(ids, skip_special)
-            .map_err(TokenizerError::backend)
-    }
-
-    /// Number of ids, added tokens included.
-    pub fn vocab_size(&self) -> usize {
-        self.inner.get_vocab_size(true)
-    }
-
-    /// Ids that should stop generation: the model's EOS, then any of `<|im_end|>`, `<|endoftext|>`,
-    /// `<|eot_id|>`, `<|eom_id|>`, `<|end_of_text|>`, `<end_of_turn>`, `<|end|>`, `</s>` that the
-    /// vocabulary has as special tokens (never the BOS).
-    pub fn eos_ids(&self) -> Vec<u32> {
-        self.eos_ids.clone()
-    }
-
-    /// The model's BOS id, if it declares one (whether or not `encode` adds it).
-    pub fn bos_id(&self) -> Option<u32> {
-        self.bos_id
-    }
-
-    /// The id of a token given its vocabulary spelling (e.g. `"<|im_start|>"`, or `"Ġthe"` in a
-    /// byte-level vocabulary).
-    pub fn token_to_id(&self, s: &str) -> Option<u32> {
-        self.inner.token_to_id(s)
-    }
-
-    /// The vocabulary spelling of an id.
-    pub fn id_to_token(&self, id: u32) -> Option<String> {
-        self.inner.id_to_token(id)
-    }
-
-    /// Whether `id` is a special token (skipped by `decode(.., true)`).
-    pub fn is_special(&self, id: u32) -> bool {
-        self.inner
-            .get_added_tokens_decoder()
-            .get(&id)
-            .is_some_and(|t| t.special)
-    }
-
-    /// The wrapped `tokenizers` tokenizer.
-    pub fn inner(&self) -> &tokenizers::Tokenizer {
-        &self.inner
-    }
-
-    /// Incremental detokenizer for streaming, skipping special tokens (what a user should see):
-    /// feed one id at a time and get the newly completed text. See [`StreamDecoder`].
-    pub fn stream_decoder(&self) -> StreamDecoder<'_> {
-        self.stream_decoder_with(true)
-    }
-
-    /// Like [`Tokenizer::stream_decoder`], choosing whether special tokens are skipped.
-    pub fn stream_decoder_with(&self, skip_special: bool) -> StreamDecoder<'_> {
-        StreamDecoder {
-            inner: self.inner.decode_stream(skip_special),
-        }
-    }
-}
-
-fn vocab_json(tokens: &[String]) -> Value {
-    let mut m = serde_json::Map::with_capacity(tokens.len());
-    for (i, t) in tokens.iter().enumerate() {
-        // On duplicates the first id wins in the map; the later ids stay decodable only through
-        // the added-tokens table, if they are there.
-        m.entry(t.clone()).or_insert(json!(i));
-    }
-    Value::Object(m)
-}
-
-fn merges_json(merges: &[(String, String)]) -> Value {
-    Value::Array(merges.iter().map(|(l, r)| json!([l, r])).collect())
-}
-
-/// Incremental detokenizer (see [`Tokenizer::stream_decoder`]).
-///
-/// Each [`StreamDecoder::push`] returns the text completed by that id: `""` while a multi-byte
-/// UTF-8 character is still split across byte-level tokens, then the whole character once its
-/// last byte arrives. The concatenation of everything returned equals `decode` of all the ids.
-pub struct StreamDecoder<'a> {
-    inner: tokenizers::DecodeStream<
-        'a,
-        tokenizers::ModelWrapper,
-        tokenizers::NormalizerWrapper,
-        tokenizers::PreTokenizerWrapper,
-        tokenizers::PostProcessorWrapper,
-        tokenizers::DecoderWrapper,
-    >,
-}
-
-impl StreamDecoder<'_> {
-    /// Feeds one id; returns the newly completed text (possibly empty).
-    pub fn push(&mut self, id: u32) -> Result<String, TokenizerError> {
-        Ok(self
-            .inner
-            .step(id)
-            .map_err(TokenizerError::backend)?
-            .unwrap_or_default())
     }
 }
