@@ -1,6 +1,9 @@
 //! Rank 0 of a tensor-parallel cluster: connects to the nodes, hands out the split
 //! plan and their weight slices, and runs each step with them (rank 0 is the hub of
 //! the star allreduce and also computes its own slice unless its share is 0).
+//!
+//! Over 600 lines on purpose: this is rank 0's half of the session protocol, kept whole
+//! until it and the node's half (`node/src/worker.rs`) become one state machine.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};

@@ -13,6 +13,9 @@
 //! from the loaded weight vectors by a word permute. The offset terms (Q4_0 `-8 sum X`, Q8_0's
 //! sign bias, Q4_1 `m_b sum(x̂_b)`) use sums of the same quantised x, so a row is exactly
 //! `dot(w, x̂)`.
+//!
+//! Over 600 lines on purpose: the three types' row kernels share the unit helpers above,
+//! which are `unsafe` and `#[target_feature]`-bound; one file keeps them private.
 
 use std::arch::x86_64::*;
 
