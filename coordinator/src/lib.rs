@@ -1,4 +1,4 @@
-//! tpi-coordinator: the planner, tokenizer, sampling and generation loop (rank 0), and the `tpi` CLI.
+//! tpi-coordinator: rank 0. Backend choice, the planner, shards, tokenizer and chat templates, sampling, the generation loop, the OpenAI-compatible server, and the `tpi` CLI.
 pub mod backend;
 pub mod chat;
 pub mod cluster;

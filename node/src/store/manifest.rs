@@ -128,17 +128,17 @@ impl Manifest {
     }
 
     /// Checks that this is rank `rank`'s shard of model `model_id` split by plan
-    /// `plan_id`. The error completes a sentence about the shard ("the shard in D …").
+    /// `plan_id`. The error completes a sentence about the shard ("the shard in D has …").
     pub fn is_for(&self, model_id: &str, plan_id: &str, rank: u32) -> Result<(), String> {
         if self.model_id != model_id {
             return Err(format!(
-                "is for model {}, not model {model_id}",
+                "has model identity {}, not {model_id}",
                 self.model_id
             ));
         }
         if self.plan_id != plan_id || self.rank != rank {
             return Err(format!(
-                "is for plan {} rank {}, not plan {plan_id} rank {rank}",
+                "has plan identity {} (rank {}), not {plan_id} (rank {rank})",
                 self.plan_id, self.rank
             ));
         }
