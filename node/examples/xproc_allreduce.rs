@@ -4,7 +4,7 @@
 //! thread yield-spins on the result). Between allreduces each rank busy-computes for
 //! `compute_us`, as a decode step does between its two allreduces per layer.
 //!
-//! `cargo run --release -p tpi-node --example xproc_allreduce [N] [bytes,...] [star|ring|tree] [compute_us]`
+//! `cargo run --release -p tpi-node --example xproc_allreduce [N] [bytes,...] [star|ring|tree|mesh|rsag] [compute_us]`
 //! prints rank 0's median and p99 per allreduce and the wall time per iteration.
 
 use std::net::SocketAddr;

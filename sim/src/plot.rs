@@ -134,10 +134,13 @@ fn register_fonts() {
     });
 }
 
-const COLORS: [RGBColor; 3] = [
+/// One colour per algorithm, in [`Algo::ALL`] order.
+const COLORS: [RGBColor; 5] = [
     RGBColor(214, 39, 40),
     RGBColor(31, 119, 180),
     RGBColor(44, 160, 44),
+    RGBColor(148, 103, 189),
+    RGBColor(255, 127, 14),
 ];
 
 fn fmt_tick(v: f64) -> String {
@@ -250,7 +253,7 @@ mod tests {
         };
         let figs = standard_figures(&c, "1ms,300mbit".parse().unwrap(), "smollm2-135m");
         assert_eq!(figs.len(), 3);
-        assert!(figs.iter().all(|f| f.series.len() == 3));
+        assert!(figs.iter().all(|f| f.series.len() == Algo::ALL.len()));
         let dir = std::env::temp_dir().join(format!("tpi-sim-plot-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         for ext in ["png", "svg"] {

@@ -103,6 +103,17 @@ fn message(topo: &Topology, cal: &Calibration, from: usize, to: usize, bytes: f6
         + bytes * cal.per_byte_ns * 1e-9
 }
 
+/// One round in which every rank of `0..n` sends `bytes` to every other at once: the
+/// slowest pair's message, plus the per-message work a sender spends on its other N-2.
+fn all_to_all(topo: &Topology, cal: &Calibration, n: usize, bytes: f64) -> f64 {
+    let slowest = (0..n)
+        .flat_map(|i| (0..n).filter(move |&j| j != i).map(move |j| (i, j)))
+        .map(|(i, j)| message(topo, cal, i, j, bytes))
+        .fold(0.0f64, f64::max);
+    let per_send = cal.per_message_overhead.as_secs_f64() + bytes * cal.per_byte_ns * 1e-9;
+    slowest + n.saturating_sub(2) as f64 * per_send
+}
+
 /// Time of one allreduce of `bytes` over ranks `0..n` with `algo`.
 pub fn allreduce_time(
     algo: Algo,
@@ -130,6 +141,11 @@ pub fn allreduce_time(
             let step = max(&mut (0..n).map(|i| message(topo, cal, i, (i + 1) % n, chunk)));
             2.0 * (n - 1) as f64 * step
         }
+        // Every rank sends to all others at once: one hop over the slowest pair's link,
+        // plus the sender's own work on its other N-2 messages.
+        Algo::Mesh => all_to_all(topo, cal, n, bytes),
+        // Two such rounds of 1/N of the payload: chunks to their owners, sums back out.
+        Algo::Rsag => 2.0 * all_to_all(topo, cal, n, bytes / n as f64),
         Algo::Tree => {
             // The binary tree tpi-node uses ([`tree_parent`]), so depth ⌊log2 N⌋. Each
             // level's children send at once; the sum goes up level by
@@ -344,7 +360,7 @@ mod tests {
         let mut gaps = Vec::new();
         for lat in ["0.1ms", "1ms", "10ms"] {
             let c = cluster("llama2-70b", 8, &format!("{lat},300mbit"));
-            let [star, ring, tree] = Algo::ALL.map(|a| predict(&c, a).token);
+            let [star, ring, tree, _mesh, _rsag] = Algo::ALL.map(|a| predict(&c, a).token);
             assert!(
                 star < tree && star < ring,
                 "{lat}: {star:?} {tree:?} {ring:?}"

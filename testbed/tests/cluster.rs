@@ -248,7 +248,7 @@ fn every_fixture_matches_one_rank_on_n_ranks() {
     finish("N-rank sweep", fails);
 }
 
-/// Star, ring and tree at N=3 agree with one rank.
+/// Every allreduce algorithm at N=3 agrees with one rank.
 #[test]
 fn all_allreduce_algorithms_match_one_rank() {
     let _g = serial();
@@ -257,7 +257,7 @@ fn all_allreduce_algorithms_match_one_rank() {
         let dir = fixture(name);
         let (prompt, _) = first_prompt(&dir);
         let base = gen(&dir, &Prompt::Ids(prompt.clone()), N_TOKENS, &[]);
-        for algo in ["star", "ring", "tree"] {
+        for algo in ["star", "ring", "tree", "mesh", "rsag"] {
             let got = gen(
                 &dir,
                 &Prompt::Ids(prompt.clone()),
@@ -291,7 +291,7 @@ fn f16_allreduce_keeps_tokens_with_comfortable_margins() {
         "{name}'s reference margins ({margins:?}) are too thin for an f16 payload test"
     );
     let base = gen(&dir, &Prompt::Ids(prompt.clone()), N_TOKENS, &[]);
-    for algo in ["star", "ring"] {
+    for algo in ["star", "ring", "mesh"] {
         let got = gen(
             &dir,
             &Prompt::Ids(prompt.clone()),

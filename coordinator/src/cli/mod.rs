@@ -102,7 +102,10 @@ pub struct ClusterArgs {
     /// Spawn N-1 local tpi-node processes on 127.0.0.1 (rank 0 is this process).
     #[arg(long, value_name = "N")]
     pub local_cluster: Option<usize>,
-    /// Allreduce algorithm.
+    /// Allreduce algorithm: star (2 hops via rank 0; 1 with two ranks), mesh (1 hop: every
+    /// rank sends to all), rsag (2 hops, 2(N-1)/N of the payload per rank), ring, tree.
+    /// All give the same bits on every rank; star, mesh and rsag give the same bits as
+    /// each other.
     #[arg(long, default_value = "star")]
     pub allreduce: Algo,
     /// Allreduce payload type (f16 halves the bytes).

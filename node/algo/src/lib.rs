@@ -19,14 +19,22 @@ pub enum Algo {
     /// Reduce up the binary tree rooted at rank 0 (see [`tree_parent`]), then broadcast
     /// down: 2⌊log2 N⌋ levels.
     Tree,
+    /// Every rank sends its partial to every other rank and sums all N in rank order:
+    /// 1 hop, (N−1)·P bytes out of and into each rank.
+    Mesh,
+    /// Direct reduce-scatter then all-gather: each rank owns 1/N of the vector
+    /// ([`ring_chunk`]), sums its chunk of every partial in rank order and sends the sum
+    /// to all: 2 hops, 2·P·(N−1)/N bytes out of and into each rank.
+    Rsag,
 }
 
 impl Algo {
     /// All algorithms, in display order.
-    pub const ALL: [Algo; 3] = [Algo::Star, Algo::Ring, Algo::Tree];
+    pub const ALL: [Algo; 5] = [Algo::Star, Algo::Ring, Algo::Tree, Algo::Mesh, Algo::Rsag];
 
     /// The ranks `rank` needs a data link with, ascending: star: 0 ↔ every worker;
-    /// ring: rank ± 1 mod N; tree: parent and children in the binary tree rooted at 0.
+    /// ring: rank ± 1 mod N; tree: parent and children in the binary tree rooted at 0;
+    /// mesh and rsag: every other rank.
     /// Empty when `world <= 1`.
     pub fn peers(self, rank: usize, world: usize) -> Vec<usize> {
         if world <= 1 || rank >= world {
@@ -40,6 +48,7 @@ impl Algo {
                 .into_iter()
                 .chain(tree_children(rank, world))
                 .collect(),
+            Algo::Mesh | Algo::Rsag => (0..world).filter(|&p| p != rank).collect(),
         };
         p.sort_unstable();
         p.dedup();
@@ -66,6 +75,8 @@ impl fmt::Display for Algo {
             Algo::Star => "star",
             Algo::Ring => "ring",
             Algo::Tree => "tree",
+            Algo::Mesh => "mesh",
+            Algo::Rsag => "rsag",
         })
     }
 }
@@ -77,8 +88,10 @@ impl FromStr for Algo {
             "star" => Ok(Algo::Star),
             "ring" => Ok(Algo::Ring),
             "tree" => Ok(Algo::Tree),
+            "mesh" => Ok(Algo::Mesh),
+            "rsag" => Ok(Algo::Rsag),
             _ => Err(format!(
-                "unknown allreduce algorithm {s:?} (expected star, ring or tree)"
+                "unknown allreduce algorithm {s:?} (expected star, ring, tree, mesh or rsag)"
             )),
         }
     }
@@ -148,6 +161,8 @@ mod tests {
         for a in Algo::ALL {
             assert_eq!(a.to_string().parse::<Algo>().unwrap(), a);
         }
-        assert!("mesh".parse::<Algo>().is_err());
+        assert!("hypercube".parse::<Algo>().is_err());
+        assert_eq!(Algo::Mesh.peers(1, 4), vec![0, 2, 3]);
+        assert_eq!(Algo::Rsag.peers(0, 3), vec![1, 2]);
     }
 }

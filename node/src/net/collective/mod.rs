@@ -1,8 +1,10 @@
-//! Allreduce over per-peer data links: star (default), ring and tree.
+//! Allreduce over per-peer data links: star (default), ring, tree, mesh and rsag.
 //!
 //! Guarantee: after [`Group::allreduce`] every rank holds a *bitwise identical* vector.
 //! Star and tree results are deterministic functions of the inputs (sums are taken in
 //! rank order, never in arrival order): see [`star_reference`] and [`tree_reference`].
+//! Mesh and rsag take the star hub's sum (every rank, or each chunk's owner, adds the
+//! partials in rank order), so their results equal the star's bit for bit.
 //! The ring computes each chunk's final value once, at the chunk's owner, and
 //! propagates those bits.
 //!
@@ -31,7 +33,7 @@ pub use handshake::{
 };
 pub use link::DataLink;
 pub use reduce::{star_reference, sum_rank_order, tree_reference, WireDType};
-pub use schedule::{schedule, Op, Step};
+pub use schedule::{schedule, Land, Op, Step};
 pub use tpi_algo::{ring_chunk, tree_children, tree_parent, Algo};
 
 use crate::net::error::NetError;
@@ -65,7 +67,18 @@ pub struct Group {
     steps: Vec<Step>,
     steps_len: Option<usize>,
     h16: Vec<f16>,
+    /// Per peer: what a [`Step::Many`] set aside, and that receive's f16 scratch.
+    aside: BTreeMap<usize, Aside>,
+    /// This rank's own values during a [`Step::SumInOrder`].
+    mine: Vec<f32>,
     poisoned: bool,
+}
+
+/// One peer's received elements, kept for a [`Step::SumInOrder`].
+#[derive(Default)]
+struct Aside {
+    vals: Vec<f32>,
+    h16: Vec<f16>,
 }
 
 impl fmt::Debug for Group {
@@ -108,6 +121,7 @@ impl Group {
                 l.peer()
             )));
         }
+        let aside = links.keys().map(|&p| (p, Aside::default())).collect();
         Ok(Group {
             rank,
             world,
@@ -117,6 +131,8 @@ impl Group {
             steps: Vec::new(),
             steps_len: None,
             h16: Vec::new(),
+            aside,
+            mine: Vec::new(),
             poisoned: false,
         })
     }
@@ -188,8 +204,15 @@ impl Group {
         st: &mut AllreduceStats,
     ) -> Result<(), NetError> {
         let Group {
-            dtype, links, h16, ..
+            rank,
+            dtype,
+            links,
+            h16,
+            aside,
+            mine,
+            ..
         } = self;
+        let rank = *rank;
         let (dtype, eb) = (*dtype, dtype.bytes());
         // Applies an element-aligned run `b` of received wire bytes to `x` at element `i`.
         let apply = |op: Op, x: &mut [f32], i: usize, b: &[u8], h16: &mut Vec<f16>| {
@@ -228,6 +251,23 @@ impl Group {
                     st.wait += t.elapsed();
                     st.bytes_recv += (range.len() * eb) as u64;
                 }
+                Step::Many { sends, recvs, land } => {
+                    let t = Instant::now();
+                    many(dtype, links, aside, x, sends, recvs, h16).await?;
+                    st.wait += t.elapsed();
+                    st.bytes_sent +=
+                        (sends.iter().map(|(_, r)| r.len()).sum::<usize>() * eb) as u64;
+                    st.bytes_recv +=
+                        (recvs.iter().map(|(_, r)| r.len()).sum::<usize>() * eb) as u64;
+                    if *land == Land::Copy {
+                        for (p, r) in recvs {
+                            x[r.clone()].copy_from_slice(&aside[p].vals);
+                        }
+                    }
+                }
+                Step::SumInOrder { range, ranks } => {
+                    sum_in_order(rank, ranks, aside, &mut x[range.clone()], mine);
+                }
                 Step::Exchange {
                     to,
                     send,
@@ -250,6 +290,96 @@ impl Group {
             }
         }
         Ok(())
+    }
+}
+
+/// Executes a [`Step::Many`]: every send and every receive at once, each link's send
+/// and receive concurrently too. Received elements land in `aside` (decoded to f32).
+async fn many(
+    dtype: WireDType,
+    links: &mut BTreeMap<usize, DataLink>,
+    aside: &mut BTreeMap<usize, Aside>,
+    x: &[f32],
+    sends: &[(usize, std::ops::Range<usize>)],
+    recvs: &[(usize, std::ops::Range<usize>)],
+    h16: &mut Vec<f16>,
+) -> Result<(), NetError> {
+    let eb = dtype.bytes();
+    // One frame per distinct range (a mesh sends the same one to everybody).
+    let mut frames: Vec<(std::ops::Range<usize>, bytes::Bytes)> = Vec::new();
+    for (_, r) in sends {
+        if !frames.iter().any(|(f, _)| f == r) {
+            frames.push((r.clone(), encode_frame(dtype, &x[r.clone()], h16)?));
+        }
+    }
+    for (p, _) in sends.iter().chain(recvs) {
+        if !links.contains_key(p) {
+            return Err(NetError::Protocol(format!("no data link to rank {p}")));
+        }
+    }
+    let work = links
+        .iter_mut()
+        .zip(aside.iter_mut())
+        .filter_map(|((p, l), (q, a))| {
+            debug_assert_eq!(p, q);
+            let send = sends.iter().find(|(t, _)| t == p).map(|(_, r)| {
+                frames
+                    .iter()
+                    .find(|(f, _)| f == r)
+                    .map(|(_, b)| b.clone())
+                    .expect("every sent range was encoded")
+            });
+            let recv = recvs.iter().find(|(f, _)| f == p).map(|(_, r)| r.len());
+            if send.is_none() && recv.is_none() {
+                return None;
+            }
+            let DataLink { tx, rx, .. } = l;
+            Some(async move {
+                let s = async {
+                    match send {
+                        Some(f) => tx.send(f).await,
+                        None => Ok(()),
+                    }
+                };
+                let r = async {
+                    let Some(len) = recv else { return Ok(()) };
+                    let Aside { vals, h16 } = a;
+                    vals.clear();
+                    vals.resize(len, 0.0);
+                    rx.recv_each(len * eb, eb, |i, b| {
+                        decode_into(dtype, b, &mut vals[i..i + b.len() / eb], h16)
+                    })
+                    .await
+                };
+                futures::try_join!(s, r).map(drop)
+            })
+        });
+    try_join_all(work).await.map(drop)
+}
+
+/// `out` (this rank's own values on entry) becomes the sum over `ranks`, in that order, of
+/// this rank's values and the others' set-aside ones: the same additions in the same
+/// order on every rank. `mine` is scratch for the own values when this rank is not first.
+fn sum_in_order(
+    rank: usize,
+    ranks: &[usize],
+    aside: &BTreeMap<usize, Aside>,
+    out: &mut [f32],
+    mine: &mut Vec<f32>,
+) {
+    let Some((&first, rest)) = ranks.split_first() else {
+        return;
+    };
+    if first != rank {
+        mine.clear();
+        mine.extend_from_slice(out);
+        out.copy_from_slice(&aside[&first].vals);
+    }
+    for &k in rest {
+        let v: &[f32] = if k == rank { mine } else { &aside[&k].vals };
+        for (o, a) in out.iter_mut().zip(v) {
+            *o += a;
+        }
     }
 }
 
@@ -315,6 +445,10 @@ mod tests {
                             }
                             Algo::Tree => {
                                 assert_eq!(bits(&res[0]), bits(&tree_reference(&parts, dtype)))
+                            }
+                            // Both take the star hub's sum, so they equal it bit for bit.
+                            Algo::Mesh | Algo::Rsag => {
+                                assert_eq!(bits(&res[0]), bits(&star_reference(&parts, dtype)))
                             }
                             Algo::Ring => {
                                 let reference = star_reference(&parts, WireDType::F32);

@@ -16,6 +16,15 @@ pub enum Op {
     Copy,
 }
 
+/// Where the elements a [`Step::Many`] receives go.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Land {
+    /// Set aside, one buffer per sender, for a later [`Step::SumInOrder`].
+    Aside,
+    /// Overwrite the same range of `x` (final values).
+    Copy,
+}
+
 /// One step of a rank's allreduce over its vector `x`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Step {
@@ -51,6 +60,25 @@ pub enum Step {
         /// Add or overwrite the received elements.
         op: Op,
     },
+    /// Send `x[range]` to each listed receiver and receive the listed elements from each
+    /// listed sender, all concurrently: one hop, whatever the number of peers.
+    Many {
+        /// (receiver, elements sent to it).
+        sends: Vec<(usize, Range<usize>)>,
+        /// (sender, elements received from it).
+        recvs: Vec<(usize, Range<usize>)>,
+        /// Where the received elements go.
+        land: Land,
+    },
+    /// `x[range]` becomes the sum, taken in ascending rank order over `ranks`, of this
+    /// rank's own `x[range]` and what the last [`Step::Many`] set aside from the others:
+    /// `((p0 + p1) + p2) + …`, the star hub's sum, so every rank gets the same bits.
+    SumInOrder {
+        /// The elements.
+        range: Range<usize>,
+        /// The ranks whose values are summed, ascending (this rank among them).
+        ranks: Vec<usize>,
+    },
 }
 
 /// The steps `rank` of `world` takes to allreduce `n` elements under `algo`. Empty for
@@ -62,6 +90,9 @@ pub enum Step {
 ///   allgather of each chunk's final bits, fixed once at its owner.
 /// - Tree: children's subtree sums are added in rank order and passed up; the root's sum
 ///   comes back down.
+/// - Mesh: every rank sends its partial to all others at once and sums all N in rank order.
+/// - Rsag: every rank sends chunk k of its partial to rank k, sums its own chunk of all
+///   N partials in rank order, and sends that chunk's sum to all.
 pub fn schedule(algo: Algo, rank: usize, world: usize, n: usize) -> Vec<Step> {
     if world <= 1 || rank >= world {
         return Vec::new();
@@ -135,6 +166,46 @@ pub fn schedule(algo: Algo, rank: usize, world: usize, n: usize) -> Vec<Step> {
             }
             s
         }
+        Algo::Mesh => {
+            let others: Vec<usize> = (0..world).filter(|&p| p != rank).collect();
+            let to_all = |r: &Range<usize>| others.iter().map(|&p| (p, r.clone())).collect();
+            vec![
+                round.clone(),
+                Step::Many {
+                    sends: to_all(&all),
+                    recvs: to_all(&all),
+                    land: Land::Aside,
+                },
+                Step::SumInOrder {
+                    range: all,
+                    ranks: (0..world).collect(),
+                },
+                round,
+            ]
+        }
+        Algo::Rsag => {
+            let others: Vec<usize> = (0..world).filter(|&p| p != rank).collect();
+            let chunk = |c: usize| ring_chunk(n, world, c);
+            let own = chunk(rank);
+            vec![
+                round,
+                Step::Many {
+                    sends: others.iter().map(|&p| (p, chunk(p))).collect(),
+                    recvs: others.iter().map(|&p| (p, own.clone())).collect(),
+                    land: Land::Aside,
+                },
+                Step::SumInOrder {
+                    range: own.clone(),
+                    ranks: (0..world).collect(),
+                },
+                Step::Round(own.clone()),
+                Step::Many {
+                    sends: others.iter().map(|&p| (p, own.clone())).collect(),
+                    recvs: others.iter().map(|&p| (p, chunk(p))).collect(),
+                    land: Land::Copy,
+                },
+            ]
+        }
         Algo::Tree => {
             let children = tree_children(rank, world);
             let mut s = vec![round.clone()];
@@ -196,6 +267,8 @@ mod tests {
         let mut pc = vec![0usize; world];
         // An exchange whose send is done but whose receive waits.
         let mut half_done = vec![false; world];
+        // What each rank's last `Many` set aside, by sender.
+        let mut aside: Vec<HashMap<usize, Vec<Counts>>> = vec![HashMap::new(); world];
         let mut talked: Vec<BTreeSet<usize>> = vec![BTreeSet::new(); world];
         let mut rounds = 0;
         loop {
@@ -238,6 +311,49 @@ mod tests {
                                 break;
                             }
                             received = true;
+                        }
+                        Step::Many { sends, recvs, land } => {
+                            if !half_done[r] {
+                                for (t, range) in sends {
+                                    talked[r].insert(*t);
+                                    sent.push(((r, *t), x[r][range.clone()].to_vec()));
+                                }
+                                half_done[r] = true;
+                            }
+                            let ready = recvs
+                                .iter()
+                                .all(|(f, _)| queues.get(&(*f, r)).is_some_and(|q| !q.is_empty()));
+                            if !ready {
+                                break;
+                            }
+                            for (f, range) in recvs {
+                                talked[r].insert(*f);
+                                let v = queues.get_mut(&(*f, r)).unwrap().pop_front().unwrap();
+                                assert_eq!(v.len(), range.len(), "{algo} w={world}: sizes");
+                                match land {
+                                    Land::Aside => {
+                                        aside[r].insert(*f, v);
+                                    }
+                                    Land::Copy => x[r][range.clone()].clone_from_slice(&v),
+                                }
+                            }
+                            half_done[r] = false;
+                            received = !recvs.is_empty() || received;
+                        }
+                        Step::SumInOrder { range, ranks } => {
+                            for i in range.clone() {
+                                let own = x[r][i].clone();
+                                let mut acc = vec![0u32; world];
+                                for &k in ranks {
+                                    let v = if k == r {
+                                        &own
+                                    } else {
+                                        &aside[r][&k][i - range.start]
+                                    };
+                                    acc.iter_mut().zip(v).for_each(|(a, b)| *a += b);
+                                }
+                                x[r][i] = acc;
+                            }
                         }
                         Step::Exchange {
                             to,
@@ -318,6 +434,8 @@ mod tests {
             let star = if world == 2 { 1 } else { 2 };
             assert_eq!(depth(Algo::Star), star, "star w={world}");
             assert_eq!(depth(Algo::Ring), 2 * (world - 1), "ring w={world}");
+            assert_eq!(depth(Algo::Mesh), 1, "mesh w={world}");
+            assert_eq!(depth(Algo::Rsag), 2, "rsag w={world}");
             let levels = (usize::BITS - 1 - world.leading_zeros()) as usize; // ⌊log2 N⌋
             assert!(
                 depth(Algo::Tree) <= 2 * levels + 1,
@@ -367,6 +485,57 @@ mod tests {
                 })
                 .sum();
             assert_eq!(sent, 2 * (world - 1) * 10);
+        }
+    }
+
+    /// Bytes (in elements) one rank sends and receives under `algo`.
+    fn volume(algo: Algo, rank: usize, world: usize, n: usize) -> (usize, usize) {
+        let (mut out, mut inn) = (0, 0);
+        for s in schedule(algo, rank, world, n) {
+            match s {
+                Step::Send { to, range } => out += to.len() * range.len(),
+                Step::Recv { range, .. } => inn += range.len(),
+                Step::Exchange { send, recv, .. } => {
+                    out += send.len();
+                    inn += recv.len();
+                }
+                Step::Many { sends, recvs, .. } => {
+                    out += sends.iter().map(|(_, r)| r.len()).sum::<usize>();
+                    inn += recvs.iter().map(|(_, r)| r.len()).sum::<usize>();
+                }
+                Step::Round(_) | Step::SumInOrder { .. } => {}
+            }
+        }
+        (out, inn)
+    }
+
+    #[test]
+    fn mesh_and_rsag_move_the_bytes_their_cost_says() {
+        for world in 2..=9 {
+            let n = 12 * world + 5;
+            for r in 0..world {
+                assert_eq!(
+                    volume(Algo::Mesh, r, world, n),
+                    ((world - 1) * n, (world - 1) * n)
+                );
+                let own = ring_chunk(n, world, r).len();
+                let (out, inn) = volume(Algo::Rsag, r, world, n);
+                // Reduce-scatter: everything but the own chunk out, (N-1) own chunks in;
+                // all-gather the reverse.
+                assert_eq!(out, (n - own) + (world - 1) * own, "rsag w={world} r={r}");
+                assert_eq!(inn, (world - 1) * own + (n - own), "rsag w={world} r={r}");
+            }
+        }
+    }
+
+    #[test]
+    fn mesh_and_rsag_sum_every_rank_in_order() {
+        for algo in [Algo::Mesh, Algo::Rsag] {
+            for s in schedule(algo, 2, 5, 17) {
+                if let Step::SumInOrder { ranks, .. } = s {
+                    assert_eq!(ranks, vec![0, 1, 2, 3, 4], "{algo}");
+                }
+            }
         }
     }
 }
