@@ -17,7 +17,7 @@ use tokio::{
 };
 
 use crate::{
-    delay::{DelayLine, Sink},
+    delay::{DelayLine, Sink, Verdict},
     link::LinkSpec,
     socket::UdpSink,
 };
@@ -136,6 +136,19 @@ impl Sink for ChanSink {
     }
 }
 
+/// How long until a link with `backlog` still to serialise has room for `len` more bytes
+/// in its queue (at least 50 µs, so a retry never spins).
+fn room_wait(backlog: Duration, len: usize, link: &LinkSpec) -> Duration {
+    let floor = Duration::from_micros(50);
+    let Some(bps) = link.bandwidth_bps else {
+        return floor;
+    };
+    let room = link.queue_bytes.saturating_sub(len) as f64 * 8.0 / bps as f64;
+    backlog
+        .saturating_sub(Duration::from_secs_f64(room))
+        .max(floor)
+}
+
 async fn pump(
     mut from: OwnedReadHalf,
     mut to: OwnedWriteHalf,
@@ -157,25 +170,27 @@ async fn pump(
         }
         let _ = to.shutdown().await;
     });
-    // The queue, expressed as time on the wire, bounds how far reading runs ahead.
-    let max_backlog = match link.bandwidth_bps {
-        Some(bps) => Duration::from_secs_f64(link.queue_bytes as f64 * 8.0 / bps as f64),
-        None => Duration::MAX,
-    };
-    let mut buf = vec![0u8; 16 * 1024];
+    // Reads never exceed the queue, so every chunk fits once the link has drained enough.
+    let mut buf = vec![0u8; link.queue_bytes.clamp(1, 16 * 1024)];
     loop {
         let n = match from.read(&mut buf).await {
             Ok(0) | Err(_) => 0,
             Ok(n) => n,
         };
-        // Submitting the empty end-of-stream marker through the line keeps it in order.
-        line.submit(key, &link, key, buf[..n].to_vec(), &sink);
+        // A full queue is back-pressure: wait for the link to drain and submit again, so
+        // no byte is ever lost. The empty end-of-stream marker crosses the line too, in order.
+        loop {
+            match line.submit(key, &link, key, buf[..n].to_vec(), &sink) {
+                Verdict::Scheduled(_) => break,
+                // Loss is off for TCP, so only a full queue refuses a chunk.
+                Verdict::QueueFull | Verdict::Lost => {
+                    let wait = room_wait(line.backlog(key), n, &link);
+                    tokio::time::sleep(wait).await;
+                }
+            }
+        }
         if n == 0 {
             break;
-        }
-        let backlog = line.backlog(key);
-        if backlog > max_backlog {
-            tokio::time::sleep(backlog - max_backlog).await;
         }
     }
     let _ = writer.await;
