@@ -19,6 +19,24 @@ pub fn cache_root() -> PathBuf {
         .unwrap_or_else(|| std::env::temp_dir().join("tpi-cache"))
 }
 
+/// The weight type of the shards in a `tpi shard --out` directory, as rank 0's manifest
+/// records it (`keep`: the model's own types).
+pub fn shards_quant(out: &Path) -> Result<Quant> {
+    let dir = rank_dir(out, 0);
+    let m = load_manifest(&dir).map_err(|e| {
+        Error::Input(format!(
+            "cannot read the shard manifest in {}: {e}",
+            dir.display()
+        ))
+    })?;
+    m.quant.parse().map_err(|e| {
+        Error::Input(format!(
+            "the shard manifest in {} has an unknown weight type: {e}",
+            dir.display()
+        ))
+    })
+}
+
 /// Directory of rank `r`'s shard inside a `tpi shard --out` directory.
 pub fn rank_dir(out: &Path, r: usize) -> PathBuf {
     out.join(format!("rank-{r}"))

@@ -940,3 +940,36 @@ fn each_rank_shard_is_laid_out_for_the_kernels_its_node_reports() {
         }
     }
 }
+
+/// `tpi plan --shards DIR` sizes the plan by the shards' weight type, not the model's:
+/// SmolLM2 (Q4_1, 0.625 bytes a weight) sharded to Q8_0 (34 bytes per 32 weights).
+#[test]
+fn plan_reads_the_weight_type_of_the_given_shards() {
+    let _g = serial();
+    let model = smollm2_gguf();
+    let cache = TempDir::new("plan-shards-cache");
+    let tmp = TempDir::new("plan-shards");
+    let out = tmp.join("q8");
+    let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+    let m = model.display().to_string();
+    let o = out.display().to_string();
+    let shard = s(&[
+        "shard", "--model", &m, "--nodes", "2", "--quant", "q8_0", "--out", &o,
+    ]);
+    let what = format!("`{}`", cmdline(&shard));
+    let (st, so, se) = run_limited(tpi_cmd(&shard, cache.path()), &what);
+    assert!(st.success(), "{what} failed ({st}):\n{so}\n{se}");
+    let plan = s(&["plan", "--model", &m, "--shards", &o, "--ratios", "1,1"]);
+    let what = format!("`{}`", cmdline(&plan));
+    let (st, so, se) = run_limited(tpi_cmd(&plan, cache.path()), &what);
+    assert!(st.success(), "{what} failed ({st}):\n{so}\n{se}");
+    assert!(
+        so.contains("1.06") && so.contains("bytes/weight"),
+        "{what} should size Q8_0 shards at 1.0625 bytes a weight:\n{so}"
+    );
+    // Without --shards the same command sizes the model file's own Q4_1.
+    let plain = s(&["plan", "--model", &m, "--ratios", "1,1"]);
+    let (st, so, se) = run_limited(tpi_cmd(&plain, cache.path()), "`tpi plan`");
+    assert!(st.success(), "tpi plan failed ({st}):\n{so}\n{se}");
+    assert!(so.contains("0.625 bytes/weight"), "{so}");
+}

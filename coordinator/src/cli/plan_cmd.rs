@@ -40,7 +40,12 @@ pub fn plan(a: PlanArgs) -> anyhow::Result<()> {
     let files = ModelFiles::open(&m.model)
         .with_context(|| format!("cannot load model {}", m.model.display()))?;
     let cfg = &files.config;
-    let bpw = bytes_per_weight(&files, c.quant)?;
+    // With --shards the run uses those shards' weight type, whatever --quant says.
+    let quant = match &c.shards {
+        Some(dir) => tpi_coordinator::shards::shards_quant(dir)?,
+        None => c.quant,
+    };
+    let bpw = bytes_per_weight(&files, quant)?;
     let cores = std::thread::available_parallelism()
         .map(|x| x.get())
         .unwrap_or(1);
