@@ -18,7 +18,7 @@ use tpi_node::net::driven::Driven;
 use tpi_node::net::frame::{write_frame, FrameKind};
 use tpi_node::net::wire::{f32_to_le_bytes, MAX_CONTROL, PROTOCOL_VERSION};
 use tpi_node::net::{
-    Algo, Connection, Credential, Endpoint, Group, Stream, TransportOptions, WireDType,
+    Connection, Credential, Endpoint, Group, Policy, Stream, TransportOptions, WireDType,
 };
 use tpi_node::proto::{FromNode, Setup, ToNode, CONTROL_STREAM_TAG};
 use tpi_node::store::{default_layout, layout_for_isa, Quant, Shard, Window};
@@ -32,8 +32,9 @@ use crate::error::{Error, Result};
 pub struct ClusterOptions {
     /// Node addresses; node i becomes rank i+1.
     pub nodes: Vec<SocketAddr>,
-    /// Allreduce algorithm.
-    pub algo: Algo,
+    /// Allreduce policy: one algorithm, or `auto` (the cost model's choice per payload
+    /// over links measured at session start).
+    pub algo: Policy,
     /// Allreduce payload type.
     pub dtype: WireDType,
     /// Capability weight of every rank, rank 0 first (None: rank 0 `coordinator_share`, nodes 1).
@@ -68,10 +69,16 @@ pub struct SetupReport {
     pub windows: Vec<u32>,
     /// The plan's identity.
     pub plan_id: String,
+    /// The links measured at session start and the allreduce algorithm per payload.
+    pub links: Option<crate::links::LinkReport>,
 }
 
 /// Chunk size of shard transfers.
 const CHUNK: usize = 4 << 20;
+
+/// Time allowed for the link measurement at session start (a fraction of a second on
+/// 5 ms links with 8 ranks).
+const PROBE_TIMEOUT: Duration = Duration::from_secs(30);
 
 struct Node {
     addr: SocketAddr,
@@ -375,7 +382,15 @@ impl ClusterBackend {
                     }
                 }))
                 .await?;
-            let group = Group::new(0, world, opts.algo, opts.dtype, links)?;
+            let mut group = Group::new(0, world, opts.algo, opts.dtype, links)?;
+            // The nodes measure their links right after Ready; so does rank 0.
+            tokio::time::timeout(PROBE_TIMEOUT, group.probe())
+                .await
+                .map_err(|_| {
+                    Error::Cluster(format!(
+                        "the nodes did not finish measuring their links within {PROBE_TIMEOUT:?}"
+                    ))
+                })??;
             Ok::<_, Error>((group, sent, windows))
         })?;
         let setup = SetupReport {
@@ -388,6 +403,15 @@ impl ClusterBackend {
             .chain(windows)
             .collect(),
             plan_id: plan.id(),
+            links: group.costs().map(|c| {
+                crate::links::LinkReport::new(
+                    "measured at session start",
+                    c,
+                    group.policy(),
+                    group.dtype(),
+                    cfg.hidden_size,
+                )
+            }),
         };
         Ok(ClusterBackend {
             net,
@@ -586,6 +610,10 @@ impl Backend for ClusterBackend {
 
     fn info(&self) -> serde_json::Value {
         serde_json::to_value(&self.setup).unwrap_or_default()
+    }
+
+    fn links(&self) -> Option<&crate::links::LinkReport> {
+        self.setup.links.as_ref()
     }
 }
 

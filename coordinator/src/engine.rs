@@ -43,6 +43,11 @@ pub trait Backend: Send {
     fn info(&self) -> serde_json::Value {
         serde_json::Value::Null
     }
+    /// The links measured at session start and the allreduce choices made from them
+    /// (None: one rank, nothing to measure).
+    fn links(&self) -> Option<&crate::links::LinkReport> {
+        None
+    }
 }
 
 /// All layers on this device.

@@ -6,6 +6,7 @@ pub mod discovery;
 pub mod engine;
 pub mod error;
 pub mod generate;
+pub mod links;
 pub mod loader;
 pub mod local;
 pub mod logprobs;

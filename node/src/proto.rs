@@ -12,7 +12,7 @@ use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
 
-use crate::net::{Algo, WireDType};
+use crate::net::{Policy, WireDType};
 use crate::store::{BlockNeed, Manifest};
 
 /// Stream tag of a session's control stream.
@@ -67,8 +67,8 @@ pub struct Setup {
     pub plan_id: String,
     /// The manifest of this rank's shard (plan and config inside).
     pub manifest: Manifest,
-    /// Allreduce algorithm.
-    pub algo: Algo,
+    /// Allreduce policy: one algorithm, or `auto`.
+    pub algo: Policy,
     /// Allreduce payload type.
     pub dtype: WireDType,
     /// Listen addresses of every rank (rank 0's unused), for worker-to-worker links.

@@ -58,6 +58,8 @@ pub use crate::store::shard::{choose_window, FIXED_OVERHEAD};
 pub const MAX_CHUNK: usize = 16 << 20;
 /// Time allowed to set up worker-to-worker links.
 const LINK_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time allowed for the link measurement at session start.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(30);
 
 type Inbox = Arc<Mutex<Option<mpsc::Sender<(Connection, Stream)>>>>;
 
@@ -463,7 +465,7 @@ async fn prepare(
     let cache = model.new_cache(setup.capacity as usize);
     let window = shard.window(opts.window, opts.mem_budget, cache.bytes() as u64);
     let links = build_links(ep, conn, setup, &mut rx).await?;
-    let group = Group::new(rank, setup.world as usize, setup.algo, setup.dtype, links)?;
+    let mut group = Group::new(rank, setup.world as usize, setup.algo, setup.dtype, links)?;
     ctl.send_msg(&FromNode::Ready {
         window: if window.is_streaming() {
             window.size() as u32
@@ -472,6 +474,14 @@ async fn prepare(
         },
     })
     .await?;
+    // Rank 0 measures the links once every rank is Ready; so do we.
+    tokio::time::timeout(PROBE_TIMEOUT, group.probe())
+        .await
+        .map_err(|_| {
+            SessionError::Protocol(format!(
+                "rank {rank}: link measurement not done within {PROBE_TIMEOUT:?}"
+            ))
+        })??;
     Ok(Live {
         hidden: shard.manifest.config.hidden_size,
         model,

@@ -175,7 +175,7 @@ fn setup_for(m: &Manifest, plan_id: String) -> Setup {
         model_id: m.model_id.clone(),
         plan_id,
         manifest: m.clone(),
-        algo: Algo::Star,
+        algo: Algo::Star.into(),
         dtype: WireDType::F32,
         addrs: vec![None, Some("127.0.0.1:9".parse().unwrap())],
         capacity: 16,

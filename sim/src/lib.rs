@@ -20,8 +20,8 @@ pub use delay::{DelayLine, LinkStats, StatsSnapshot};
 pub use link::LinkSpec;
 pub use model::{quant_bytes_per_weight, Calibration, Device, ModelShape, Workload, PRESETS};
 pub use predict::{
-    allreduce_time, predict, tree_children, tree_parent, Algo, Breakdown, Cluster, DeviceReport,
-    Prediction,
+    allreduce_time, auto_choice, link_costs, predict, tree_children, tree_parent, Algo, Breakdown,
+    Cluster, Costs, DeviceReport, LinkCost, Policy, Prediction,
 };
 pub use relay::{spawn_relay, Relay, Transport};
 pub use socket::{

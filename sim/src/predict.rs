@@ -8,7 +8,8 @@
 
 use std::time::Duration;
 
-pub use tpi_algo::{tree_children, tree_parent, Algo};
+pub use tpi_algo::cost::{Costs, LinkCost};
+pub use tpi_algo::{tree_children, tree_parent, Algo, Policy};
 
 use crate::{
     model::{Calibration, Device, ModelShape, Workload},
@@ -69,11 +70,15 @@ pub struct DeviceReport {
     pub peak_bytes: f64,
 }
 
-/// The prediction for one algorithm.
+/// The prediction for one allreduce policy.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Prediction {
-    /// The allreduce algorithm.
-    pub algo: Algo,
+    /// The allreduce policy: one algorithm, or `auto`.
+    pub algo: Policy,
+    /// The algorithm a decode step's allreduces run (the policy's choice for one token).
+    pub decode_algo: Algo,
+    /// The algorithm the prompt's prefill allreduces run.
+    pub prefill_algo: Algo,
     /// Time to first token (prefill of the prompt plus the first sample).
     pub ttft: Duration,
     /// Steady-state time per generated token.
@@ -90,31 +95,22 @@ fn secs(s: f64) -> Duration {
     Duration::from_secs_f64(s.max(0.0))
 }
 
-/// One message from `from` to `to` carrying `bytes`.
-fn message(topo: &Topology, cal: &Calibration, from: usize, to: usize, bytes: f64) -> f64 {
-    let l = topo.link(from, to);
-    let ser = match l.bandwidth_bps {
-        Some(bps) => bytes * 8.0 / bps as f64,
-        None => 0.0,
-    };
-    l.latency.as_secs_f64()
-        + ser
-        + cal.per_message_overhead.as_secs_f64()
-        + bytes * cal.per_byte_ns * 1e-9
+/// The cost model's view of `topo`'s links among ranks `0..n`: each link's latency and
+/// bandwidth, and the calibration's per-message and per-byte software costs.
+pub fn link_costs(topo: &Topology, cal: &Calibration, n: usize) -> Costs {
+    Costs::from_fn(n, cal.per_byte_ns * 1e-9, |from, to| {
+        let l = topo.link(from, to);
+        LinkCost {
+            latency_s: l.latency.as_secs_f64(),
+            bytes_per_s: l.bandwidth_bps.map(|bps| bps as f64 / 8.0),
+            per_message_s: cal.per_message_overhead.as_secs_f64(),
+        }
+    })
 }
 
-/// One round in which every rank of `0..n` sends `bytes` to every other at once: the
-/// slowest pair's message, plus the per-message work a sender spends on its other N-2.
-fn all_to_all(topo: &Topology, cal: &Calibration, n: usize, bytes: f64) -> f64 {
-    let slowest = (0..n)
-        .flat_map(|i| (0..n).filter(move |&j| j != i).map(move |j| (i, j)))
-        .map(|(i, j)| message(topo, cal, i, j, bytes))
-        .fold(0.0f64, f64::max);
-    let per_send = cal.per_message_overhead.as_secs_f64() + bytes * cal.per_byte_ns * 1e-9;
-    slowest + n.saturating_sub(2) as f64 * per_send
-}
-
-/// Time of one allreduce of `bytes` over ranks `0..n` with `algo`.
+/// Time of one allreduce of `bytes` over ranks `0..n` with `algo`: the schedules
+/// `tpi-node` runs, priced by the cost model its `--allreduce auto` chooses with
+/// ([`Costs::price`]).
 pub fn allreduce_time(
     algo: Algo,
     topo: &Topology,
@@ -122,54 +118,16 @@ pub fn allreduce_time(
     n: usize,
     bytes: f64,
 ) -> Duration {
-    if n < 2 {
-        return Duration::ZERO;
-    }
-    let max = |it: &mut dyn Iterator<Item = f64>| it.fold(0.0f64, f64::max);
-    let t = match algo {
-        // Two ranks exchange partials directly: one hop each way, at the same time.
-        Algo::Star if n == 2 => {
-            message(topo, cal, 1, 0, bytes).max(message(topo, cal, 0, 1, bytes))
-        }
-        Algo::Star => {
-            let gather = max(&mut (1..n).map(|w| message(topo, cal, w, 0, bytes)));
-            let scatter = max(&mut (1..n).map(|w| message(topo, cal, 0, w, bytes)));
-            gather + scatter
-        }
-        Algo::Ring => {
-            let chunk = bytes / n as f64;
-            let step = max(&mut (0..n).map(|i| message(topo, cal, i, (i + 1) % n, chunk)));
-            2.0 * (n - 1) as f64 * step
-        }
-        // Every rank sends to all others at once: one hop over the slowest pair's link,
-        // plus the sender's own work on its other N-2 messages.
-        Algo::Mesh => all_to_all(topo, cal, n, bytes),
-        // Two such rounds of 1/N of the payload: chunks to their owners, sums back out.
-        Algo::Rsag => 2.0 * all_to_all(topo, cal, n, bytes / n as f64),
-        Algo::Tree => {
-            // The binary tree tpi-node uses ([`tree_parent`]), so depth ⌊log2 N⌋. Each
-            // level's children send at once; the sum goes up level by
-            // level, then comes back down.
-            let depth = |r: usize| (usize::BITS - 1 - (r + 1).leading_zeros()) as usize;
-            let levels = depth(n - 1);
-            let mut total = 0.0;
-            for level in 1..=levels {
-                let (up, down) =
-                    (1..n)
-                        .filter(|&c| depth(c) == level)
-                        .fold((0.0f64, 0.0f64), |(u, d), c| {
-                            let p = tree_parent(c).expect("rank > 0 has a parent");
-                            (
-                                u.max(message(topo, cal, c, p, bytes)),
-                                d.max(message(topo, cal, p, c, bytes)),
-                            )
-                        });
-                total += up + down;
-            }
-            total
-        }
-    };
-    secs(t)
+    let elems = (bytes / cal.activation_bytes).round() as usize;
+    secs(link_costs(topo, cal, n).price(algo, elems, cal.activation_bytes))
+}
+
+/// The algorithm `--allreduce auto` picks for `bytes` over ranks `0..n` of `topo`.
+pub fn auto_choice(topo: &Topology, cal: &Calibration, n: usize, bytes: f64) -> Algo {
+    let elems = (bytes / cal.activation_bytes).round() as usize;
+    link_costs(topo, cal, n)
+        .choose(elems, cal.activation_bytes)
+        .0
 }
 
 /// Per-rank shares and memory, independent of the algorithm.
@@ -212,13 +170,21 @@ fn device_reports(c: &Cluster) -> Vec<DeviceReport> {
         .collect()
 }
 
-/// One pass over all layers for `tokens` tokens: (compute, disk wait, allreduce).
-fn pass(c: &Cluster, reports: &[DeviceReport], algo: Algo, tokens: usize) -> (f64, f64, f64) {
+/// One pass over all layers for `tokens` tokens: (algorithm, compute, disk wait,
+/// allreduce).
+fn pass(
+    c: &Cluster,
+    costs: &Costs,
+    reports: &[DeviceReport],
+    policy: Policy,
+    tokens: usize,
+) -> (Algo, f64, f64, f64) {
     let s = &c.shape;
-    let n = c.devices.len();
     let t = tokens as f64;
-    let payload = t * s.hidden as f64 * c.calibration.activation_bytes;
-    let ar = allreduce_time(algo, &c.topology, &c.calibration, n, payload).as_secs_f64();
+    let act = c.calibration.activation_bytes;
+    let elems = tokens * s.hidden;
+    let algo = policy.algo_for(Some(costs), elems, act);
+    let ar = costs.price(algo, elems, act);
     let blocks = 2.0 * s.layers as f64;
     // Causal attention scores and weighted sum: ~2·T²·heads·head_dim FLOPs per layer.
     let attn_flops = 2.0 * t * t * (s.heads * s.head_dim) as f64;
@@ -237,23 +203,29 @@ fn pass(c: &Cluster, reports: &[DeviceReport], algo: Algo, tokens: usize) -> (f6
         compute += crit * s.layers as f64;
         disk_wait += (local - crit) * s.layers as f64;
     }
-    (compute, disk_wait, ar * blocks)
+    (algo, compute, disk_wait, ar * blocks)
 }
 
-/// Predict TTFT, token latency, time split and memory for `algo`.
-pub fn predict(c: &Cluster, algo: Algo) -> Prediction {
+/// Predict TTFT, token latency, time split and memory for an algorithm or `auto`.
+pub fn predict(c: &Cluster, policy: impl Into<Policy>) -> Prediction {
+    let policy = policy.into();
     assert!(!c.devices.is_empty(), "a cluster needs at least one device");
     let reports = device_reports(c);
     let s = &c.shape;
     let n = c.devices.len();
+    let costs = link_costs(&c.topology, &c.calibration, n);
     let d0 = &c.devices[0];
     let head = s.head_bytes() / (d0.compute_gbs * 1e9);
+    // Rank 0 sends the step to each rank in turn.
     let step = |bytes: f64| {
         (1..n)
-            .map(|w| message(&c.topology, &c.calibration, 0, w, bytes))
+            .map(|w| {
+                let l = costs.link(0, w);
+                w as f64 * l.per_message_s + l.wire_s(bytes) + l.latency_s
+            })
             .fold(0.0, f64::max)
     };
-    let (compute, disk_wait, allreduce) = pass(c, &reports, algo, 1);
+    let (decode_algo, compute, disk_wait, allreduce) = pass(c, &costs, &reports, policy, 1);
     let breakdown = Breakdown {
         compute: secs(compute + head),
         disk_wait: secs(disk_wait),
@@ -261,20 +233,16 @@ pub fn predict(c: &Cluster, algo: Algo) -> Prediction {
         overhead: secs(step(16.0)),
     };
     let prompt = c.workload.prompt_len.max(1);
-    let (pc, pd, pa) = pass(c, &reports, algo, prompt);
+    let (prefill_algo, pc, pd, pa) = pass(c, &costs, &reports, policy, prompt);
     let ttft = secs(pc + pd + pa + head + step(8.0 * prompt as f64));
     Prediction {
-        algo,
+        algo: policy,
+        decode_algo,
+        prefill_algo,
         ttft,
         token: breakdown.total(),
         breakdown,
-        allreduce_once: allreduce_time(
-            algo,
-            &c.topology,
-            &c.calibration,
-            n,
-            s.hidden as f64 * c.calibration.activation_bytes,
-        ),
+        allreduce_once: secs(costs.price(decode_algo, s.hidden, c.calibration.activation_bytes)),
         devices: reports,
     }
 }
@@ -331,7 +299,8 @@ mod tests {
             allreduce_time(Algo::Star, &t, &c, 2, 4.0),
             Duration::from_millis(1)
         );
-        // With the default 50 µs per message: star = 2 × (1 ms + 50 µs).
+        // With the default 50 µs per message: a worker's send (50 µs), 1 ms, the hub's 7
+        // sends one after another (350 µs), 1 ms.
         let star = ms(allreduce_time(
             Algo::Star,
             &t,
@@ -339,7 +308,13 @@ mod tests {
             8,
             4.0,
         ));
-        assert!((star - 2.1).abs() < 1e-3, "{star}");
+        assert!((star - 2.4).abs() < 1e-3, "{star}");
+        let mesh = ms(allreduce_time(Algo::Mesh, &t, &c, 8, 4.0));
+        let rsag = ms(allreduce_time(Algo::Rsag, &t, &c, 8, 4.0));
+        assert!(
+            (mesh - 1.0).abs() < 1e-9 && (rsag - 2.0).abs() < 1e-9,
+            "{mesh} {rsag}"
+        );
     }
 
     #[test]
@@ -375,6 +350,41 @@ mod tests {
         // At 10 ms the ring spends 160 allreduces × 14 hops ≈ 22 s per token.
         let c = cluster("llama2-70b", 8, "10ms,300mbit");
         assert!(predict(&c, Algo::Ring).breakdown.allreduce > Duration::from_secs(22));
+    }
+
+    #[test]
+    fn auto_is_never_worse_than_any_one_algorithm() {
+        for (preset, n, link) in [
+            ("llama2-70b", 8, "1ms,300mbit"),
+            ("llama2-70b", 8, "5ms,100mbit"),
+            ("llama3-8b", 4, "0.2ms,1gbit"),
+            ("llama3-8b", 2, "5ms,100mbit"),
+        ] {
+            let mut c = cluster(preset, n, link);
+            c.workload.prompt_len = 64;
+            let auto = predict(&c, Policy::Auto);
+            for a in Algo::ALL {
+                let p = predict(&c, a);
+                assert!(
+                    auto.token <= p.token && auto.ttft <= p.ttft,
+                    "{preset} {n} {link} {a}"
+                );
+            }
+            assert_eq!(auto.algo, Policy::Auto);
+            assert_eq!(
+                auto.decode_algo,
+                auto_choice(&c.topology, &c.calibration, n, c.shape.hidden as f64 * 4.0)
+            );
+        }
+        // A 70B-class decode step on 1 ms links: one hop. Its 64-token prefill on slow
+        // links: a quarter of the bytes per link, twice.
+        let mut c = cluster("llama2-70b", 8, "5ms,100mbit");
+        c.workload.prompt_len = 64;
+        let auto = predict(&c, Policy::Auto);
+        assert_eq!(
+            (auto.decode_algo, auto.prefill_algo),
+            (Algo::Mesh, Algo::Rsag)
+        );
     }
 
     #[test]

@@ -18,7 +18,7 @@ use std::path::PathBuf;
 
 use tpi_kernels::Layout;
 use tpi_node::model::{ModelConfig, SplitPlan};
-use tpi_node::net::{Algo, WireDType};
+use tpi_node::net::{Policy, WireDType};
 use tpi_node::store::Quant;
 
 use crate::{Error, Result};
@@ -55,8 +55,8 @@ pub struct BackendSpec {
     pub coordinator_share: f64,
     /// Cluster credential directory (None: [`Facts::default_credential`]).
     pub credential: Option<PathBuf>,
-    /// Allreduce algorithm.
-    pub algo: Algo,
+    /// Allreduce policy: one algorithm, or `auto`.
+    pub algo: Policy,
     /// Allreduce payload type.
     pub dtype: WireDType,
     /// Weight type of shards made on demand.

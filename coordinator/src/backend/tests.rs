@@ -17,7 +17,7 @@ fn spec(ranks: Ranks) -> BackendSpec {
         ratios: None,
         coordinator_share: 1.0,
         credential: None,
-        algo: Algo::Star,
+        algo: Policy::Auto,
         dtype: WireDType::F32,
         quant: Quant::Keep,
         layout: None,

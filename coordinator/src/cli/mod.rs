@@ -18,7 +18,7 @@ use tpi_coordinator::engine::{Backend, StepReport};
 use tpi_coordinator::loader::LoadedModel;
 use tpi_coordinator::sampler::SamplerConfig;
 use tpi_kernels::Layout;
-use tpi_node::net::{Algo, WireDType};
+use tpi_node::net::{Policy, WireDType};
 use tpi_node::store::Quant;
 
 /// tpi: run large language models tensor-parallel across small devices.
@@ -102,12 +102,13 @@ pub struct ClusterArgs {
     /// Spawn N-1 local tpi-node processes on 127.0.0.1 (rank 0 is this process).
     #[arg(long, value_name = "N")]
     pub local_cluster: Option<usize>,
-    /// Allreduce algorithm: star (2 hops via rank 0; 1 with two ranks), mesh (1 hop: every
-    /// rank sends to all), rsag (2 hops, 2(N-1)/N of the payload per rank), ring, tree.
-    /// All give the same bits on every rank; star, mesh and rsag give the same bits as
-    /// each other.
-    #[arg(long, default_value = "star")]
-    pub allreduce: Algo,
+    /// Allreduce algorithm: auto (the cheapest of star, mesh and rsag for each payload
+    /// size, from the links measured at session start; --profile prints them), star
+    /// (2 hops via rank 0; 1 with two ranks), mesh (1 hop: every rank sends to all), rsag
+    /// (2 hops, 2(N-1)/N of the payload per rank), ring, tree. All give the same bits on
+    /// every rank; auto, star, mesh and rsag give the same bits as each other.
+    #[arg(long, default_value = "auto")]
+    pub allreduce: Policy,
     /// Allreduce payload type (f16 halves the bytes).
     #[arg(long, default_value = "f32")]
     pub allreduce_dtype: WireDType,

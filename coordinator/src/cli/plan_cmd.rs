@@ -200,11 +200,14 @@ pub fn plan(a: PlanArgs) -> anyhow::Result<()> {
         }
     };
     // The simulator's prediction for this split.
-    let pred = predict(cfg, bpw, &ranks, &caps, &planned, topology, c, a.prompt_len);
+    let (pred, cluster) = predict(cfg, bpw, &ranks, &caps, &planned, topology, c, a.prompt_len);
     println!(
-        "predicted ({} allreduce, {}): TTFT {:.1} ms for a {}-token prompt, {:.2} ms/token \
-         (compute {:.2}, allreduce {:.2}, disk wait {:.2}, overhead {:.2})",
+        "predicted ({} allreduce: {} for decode, {} for the prompt; {}): TTFT {:.1} ms for a \
+         {}-token prompt, {:.2} ms/token (compute {:.2}, allreduce {:.2}, disk wait {:.2}, \
+         overhead {:.2})",
         pred.algo,
+        pred.decode_algo,
+        pred.prefill_algo,
         link_desc,
         ms(pred.ttft),
         a.prompt_len,
@@ -214,6 +217,19 @@ pub fn plan(a: PlanArgs) -> anyhow::Result<()> {
         ms(pred.breakdown.disk_wait),
         ms(pred.breakdown.overhead)
     );
+    if ranks.len() > 1 {
+        // The cost model the cluster's `auto` uses, over these links (a session measures
+        // its own at start: run with --profile).
+        let costs = tpi_sim::link_costs(&cluster.topology, &cluster.calibration, ranks.len());
+        let report = tpi_coordinator::links::LinkReport::new(
+            format!("as the simulator prices them ({link_desc})"),
+            &costs,
+            c.allreduce,
+            c.allreduce_dtype,
+            cfg.hidden_size,
+        );
+        print!("{report}");
+    }
     Ok(())
 }
 
@@ -289,7 +305,7 @@ fn predict(
     topology: tpi_sim::Topology,
     c: &ClusterArgs,
     prompt_len: usize,
-) -> tpi_sim::Prediction {
+) -> (tpi_sim::Prediction, tpi_sim::Cluster) {
     let shape = tpi_sim::ModelShape {
         hidden: cfg.hidden_size,
         layers: cfg.n_layers,
@@ -334,5 +350,5 @@ fn predict(
             gen_tokens: 128,
         },
     };
-    tpi_sim::predict(&cluster, algo)
+    (tpi_sim::predict(&cluster, algo), cluster)
 }

@@ -112,6 +112,10 @@ pub fn run(a: RunArgs) -> anyhow::Result<()> {
         None => String::new(),
     };
     if a.cluster.profile {
+        eprintln!();
+        if let Some(l) = session.backend().links() {
+            eprint!("{l}");
+        }
         eprint!("{}", super::profile_summary(&out.steps));
     }
     if a.json {

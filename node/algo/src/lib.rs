@@ -1,9 +1,14 @@
-//! The allreduce algorithms and their shapes: which ranks link with which, the binary
-//! tree and the ring's chunks. A wire type (it travels in the session protocol), kept in
-//! a crate of its own so that the simulator can price exactly what `tpi-node` runs
+//! The allreduce algorithms and their shapes (which ranks link with which, the binary
+//! tree and the ring's chunks), each algorithm's [`schedule`], and the [`cost`] model
+//! that prices schedules and picks one per payload ([`Policy::Auto`]).
+//!
+//! Kept in a crate of its own so that the simulator prices exactly what `tpi-node` runs
 //! without depending on the node, whose link emulation depends on the simulator.
 
 use std::{fmt, ops::Range, str::FromStr};
+
+pub mod cost;
+pub mod schedule;
 
 /// An allreduce algorithm: what `tpi-node` runs and what the simulator prices (one type, so
 /// the two cannot drift apart).
@@ -31,6 +36,10 @@ pub enum Algo {
 impl Algo {
     /// All algorithms, in display order.
     pub const ALL: [Algo; 5] = [Algo::Star, Algo::Ring, Algo::Tree, Algo::Mesh, Algo::Rsag];
+
+    /// The algorithms `auto` chooses among: those whose results equal the star's bit for
+    /// bit, so what a cluster computes never depends on what its links measured.
+    pub const AUTO: [Algo; 3] = [Algo::Star, Algo::Mesh, Algo::Rsag];
 
     /// The ranks `rank` needs a data link with, ascending: star: 0 ↔ every worker;
     /// ring: rank ± 1 mod N; tree: parent and children in the binary tree rooted at 0;
@@ -94,6 +103,71 @@ impl FromStr for Algo {
                 "unknown allreduce algorithm {s:?} (expected star, ring, tree, mesh or rsag)"
             )),
         }
+    }
+}
+
+/// How a group picks the algorithm of each allreduce: one algorithm always, or the
+/// cheapest for the payload under the cost model ([`cost::Costs::choose`]) over the links
+/// measured at session start. A wire type: the coordinator tells every rank.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize,
+)]
+pub enum Policy {
+    /// The cost model's choice per payload size (`auto`).
+    #[default]
+    Auto,
+    /// Always this algorithm.
+    Fixed(Algo),
+}
+
+impl Policy {
+    /// The ranks `rank` needs a data link with: every other rank for `auto`, since any
+    /// algorithm may be chosen.
+    pub fn peers(self, rank: usize, world: usize) -> Vec<usize> {
+        match self {
+            Policy::Auto => Algo::Mesh.peers(rank, world),
+            Policy::Fixed(a) => a.peers(rank, world),
+        }
+    }
+
+    /// The algorithm for `n` elements of `elem_bytes` each: the fixed one, or the cost
+    /// model's choice over `costs`. Without costs (not measured yet), `auto` runs the
+    /// star.
+    pub fn algo_for(self, costs: Option<&cost::Costs>, n: usize, elem_bytes: f64) -> Algo {
+        match (self, costs) {
+            (Policy::Fixed(a), _) => a,
+            (Policy::Auto, Some(c)) => c.choose(n, elem_bytes).0,
+            (Policy::Auto, None) => Algo::Star,
+        }
+    }
+}
+
+impl From<Algo> for Policy {
+    fn from(a: Algo) -> Policy {
+        Policy::Fixed(a)
+    }
+}
+
+impl fmt::Display for Policy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Policy::Auto => f.write_str("auto"),
+            Policy::Fixed(a) => a.fmt(f),
+        }
+    }
+}
+
+impl FromStr for Policy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s.eq_ignore_ascii_case("auto") {
+            return Ok(Policy::Auto);
+        }
+        s.parse::<Algo>().map(Policy::Fixed).map_err(|_| {
+            format!(
+                "unknown allreduce algorithm {s:?} (expected auto, star, ring, tree, mesh or rsag)"
+            )
+        })
     }
 }
 
@@ -162,6 +236,13 @@ mod tests {
             assert_eq!(a.to_string().parse::<Algo>().unwrap(), a);
         }
         assert!("hypercube".parse::<Algo>().is_err());
+        assert_eq!("auto".parse::<Policy>().unwrap(), Policy::Auto);
+        assert_eq!("Mesh".parse::<Policy>().unwrap(), Policy::Fixed(Algo::Mesh));
+        assert_eq!(Policy::Auto.to_string(), "auto");
+        assert!("hypercube".parse::<Policy>().unwrap_err().contains("auto"));
+        assert_eq!(Policy::Auto.peers(2, 4), vec![0, 1, 3]);
+        assert_eq!(Policy::Fixed(Algo::Star).peers(2, 4), vec![0]);
+        assert_eq!(Policy::Auto.algo_for(None, 8, 4.0), Algo::Star);
         assert_eq!(Algo::Mesh.peers(1, 4), vec![0, 2, 3]);
         assert_eq!(Algo::Rsag.peers(0, 3), vec![1, 2]);
     }

@@ -28,7 +28,7 @@ pub mod tls;
 pub mod transport;
 pub mod wire;
 
-pub use collective::{Algo, AllreduceStats, DataLink, Group, WireDType};
+pub use collective::{Algo, AllreduceStats, Costs, DataLink, Group, LinkCost, Policy, WireDType};
 pub use error::NetError;
 pub use options::TransportOptions;
 pub use tls::{certificate_role, CaBundle, Credential, Role};

@@ -1,4 +1,4 @@
-//! Link setup: the data-stream hello (protocol version, rank, world, algorithm) and
+//! Link setup: the data-stream hello (protocol version, rank, world, allreduce policy) and
 //! [`establish_links`], which dials lower ranks and accepts higher ones.
 
 use std::collections::BTreeMap;
@@ -8,7 +8,7 @@ use std::time::Duration;
 use futures::future::try_join_all;
 
 use super::link::DataLink;
-use super::Algo;
+use super::Policy;
 use crate::net::error::NetError;
 use crate::net::transport::{Connection, Endpoint, Stream};
 use crate::net::wire::PROTOCOL_VERSION;
@@ -21,12 +21,12 @@ struct LinkHello {
     version: u32,
     rank: u32,
     world: u32,
-    algo: Algo,
+    algo: Policy,
 }
 
 impl LinkHello {
     /// The hello this rank sends.
-    fn ours(rank: usize, world: usize, algo: Algo) -> LinkHello {
+    fn ours(rank: usize, world: usize, algo: Policy) -> LinkHello {
         LinkHello {
             version: PROTOCOL_VERSION,
             rank: rank as u32,
@@ -38,7 +38,7 @@ impl LinkHello {
 
 const HELLO_MAX: usize = 1024;
 
-fn check_hello(h: &LinkHello, world: usize, algo: Algo) -> Result<(), NetError> {
+fn check_hello(h: &LinkHello, world: usize, algo: Policy) -> Result<(), NetError> {
     if h.version != PROTOCOL_VERSION {
         return Err(NetError::Protocol(format!(
             "protocol version {} (we speak {PROTOCOL_VERSION})",
@@ -60,9 +60,10 @@ pub async fn open_data_link(
     conn: &Connection,
     rank: usize,
     world: usize,
-    algo: Algo,
+    algo: impl Into<Policy>,
     peer: usize,
 ) -> Result<DataLink, NetError> {
+    let algo: Policy = algo.into();
     let conn = conn
         .clone()
         .with_peer_name(&format!("rank {peer} ({})", conn.remote_addr()));
@@ -86,8 +87,9 @@ pub async fn accept_data_link(
     conn: &Connection,
     rank: usize,
     world: usize,
-    algo: Algo,
+    algo: impl Into<Policy>,
 ) -> Result<DataLink, NetError> {
+    let algo: Policy = algo.into();
     let s = conn.accept_stream().await?;
     accept_data_stream(conn, s, rank, world, algo).await
 }
@@ -99,8 +101,9 @@ pub async fn accept_data_stream(
     mut s: Stream,
     rank: usize,
     world: usize,
-    algo: Algo,
+    algo: impl Into<Policy>,
 ) -> Result<DataLink, NetError> {
+    let algo: Policy = algo.into();
     if s.tag != DATA_STREAM_TAG {
         return Err(NetError::Protocol(format!(
             "expected a data stream, got stream tag {:#x}",
@@ -118,7 +121,7 @@ pub async fn accept_data_stream(
     Ok(DataLink::quic(peer, s, Some(conn)))
 }
 
-/// Builds all of `rank`'s data links for `algo`: dials every lower-ranked peer at
+/// Builds all of `rank`'s data links for `algo` (every other rank under `auto`): dials every lower-ranked peer at
 /// `addrs[peer]` and accepts one connection from every higher-ranked peer on `ep`
 /// (which must be a server endpoint if any higher-ranked peer exists). Consumes the
 /// incoming connections it accepts; a connection from an unexpected rank is an error.
@@ -127,10 +130,11 @@ pub async fn establish_links(
     ep: &Endpoint,
     rank: usize,
     world: usize,
-    algo: Algo,
+    algo: impl Into<Policy>,
     addrs: &[SocketAddr],
     timeout: Duration,
 ) -> Result<BTreeMap<usize, DataLink>, NetError> {
+    let algo: Policy = algo.into();
     if addrs.len() < world {
         return Err(NetError::Protocol(format!(
             "{} addresses for a world of {world}",

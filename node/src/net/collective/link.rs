@@ -15,7 +15,7 @@ use bytes::Bytes;
 use tokio::sync::mpsc;
 
 use super::reassemble::{Elements, Header};
-use super::Algo;
+use super::Policy;
 use crate::net::error::{map_read_error, map_write_error, NetError};
 use crate::net::frame::{decode_header, FrameKind};
 use crate::net::transport::{Connection, Stream};
@@ -214,12 +214,13 @@ impl DataLink {
         (mk(b, tx_ab, rx_ba, 1), mk(a, tx_ba, rx_ab, 2))
     }
 
-    /// A full in-memory mesh for `world` ranks under `algo`: element `r` holds rank `r`'s
-    /// links, ready for [`super::Group::new`].
-    pub fn memory_mesh(world: usize, algo: Algo) -> Vec<BTreeMap<usize, DataLink>> {
+    /// In-memory links for `world` ranks under `policy` (an algorithm or `auto`): element
+    /// `r` holds rank `r`'s links, ready for [`super::Group::new`].
+    pub fn memory_mesh(world: usize, policy: impl Into<Policy>) -> Vec<BTreeMap<usize, DataLink>> {
+        let policy = policy.into();
         let mut out: Vec<BTreeMap<usize, DataLink>> = (0..world).map(|_| BTreeMap::new()).collect();
         for a in 0..world {
-            for b in algo.peers(a, world) {
+            for b in policy.peers(a, world) {
                 if a < b {
                     let (la, lb) = DataLink::memory_pair(a, b, (a * world + b) as u64);
                     out[a].insert(b, la);

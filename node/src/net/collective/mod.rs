@@ -1,4 +1,5 @@
-//! Allreduce over per-peer data links: star (default), ring, tree, mesh and rsag.
+//! Allreduce over per-peer data links: star, ring, tree, mesh and rsag, or `auto` (the
+//! default): the cost model's choice per payload over links measured at session start.
 //!
 //! Guarantee: after [`Group::allreduce`] every rank holds a *bitwise identical* vector.
 //! Star and tree results are deterministic functions of the inputs (sums are taken in
@@ -13,13 +14,14 @@
 //! - [`reassemble`]: a frame's pieces into header and whole elements;
 //! - [`link`]: per-peer links (QUIC or in-memory, both carrying whole frames);
 //! - [`handshake`]: link setup;
+//! - [`probe`]: link measurement at session start, for `auto`;
 //! - this file: [`Group`], which executes a schedule over the links.
 
 pub mod handshake;
 pub mod link;
+pub mod probe;
 pub mod reassemble;
 pub mod reduce;
-pub mod schedule;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -33,8 +35,9 @@ pub use handshake::{
 };
 pub use link::DataLink;
 pub use reduce::{star_reference, sum_rank_order, tree_reference, WireDType};
-pub use schedule::{schedule, Land, Op, Step};
-pub use tpi_algo::{ring_chunk, tree_children, tree_parent, Algo};
+pub use tpi_algo::cost::{Costs, LinkCost};
+pub use tpi_algo::schedule::{self, schedule, Land, Op, Step};
+pub use tpi_algo::{ring_chunk, tree_children, tree_parent, Algo, Policy};
 
 use crate::net::error::NetError;
 use crate::net::wire::round_to_f16;
@@ -56,11 +59,16 @@ pub struct AllreduceStats {
     pub bytes_recv: u64,
 }
 
-/// A rank's membership in a collective group: its links, the schedule of the last
-/// length reduced, and scratch space.
+/// A rank's membership in a collective group: its links, its allreduce policy and the
+/// link costs `auto` chooses by, the schedule of the last length reduced, and scratch
+/// space.
 pub struct Group {
     rank: usize,
     world: usize,
+    policy: Policy,
+    /// The measured link costs ([`Group::probe`]); `auto` runs the star until then.
+    costs: Option<Costs>,
+    /// The algorithm of the cached schedule.
     algo: Algo,
     dtype: WireDType,
     links: BTreeMap<usize, DataLink>,
@@ -86,7 +94,7 @@ impl fmt::Debug for Group {
         f.debug_struct("Group")
             .field("rank", &self.rank)
             .field("world", &self.world)
-            .field("algo", &self.algo)
+            .field("policy", &self.policy)
             .field("dtype", &self.dtype)
             .field("links", &self.links.keys().collect::<Vec<_>>())
             .finish()
@@ -95,24 +103,26 @@ impl fmt::Debug for Group {
 
 impl Group {
     /// Creates the group. `links` must hold exactly one link per rank in
-    /// `algo.peers(rank, world)`, each with the matching [`DataLink::peer`].
+    /// `policy.peers(rank, world)` (every other rank under `auto`), each with the
+    /// matching [`DataLink::peer`].
     pub fn new(
         rank: usize,
         world: usize,
-        algo: Algo,
+        policy: impl Into<Policy>,
         dtype: WireDType,
         links: BTreeMap<usize, DataLink>,
     ) -> Result<Group, NetError> {
+        let policy = policy.into();
         if world == 0 || rank >= world {
             return Err(NetError::Protocol(format!(
                 "rank {rank} outside a world of {world}"
             )));
         }
-        let want = algo.peers(rank, world);
+        let want = policy.peers(rank, world);
         let have: Vec<usize> = links.keys().copied().collect();
         if want != have {
             return Err(NetError::Protocol(format!(
-                "rank {rank} of {world} under {algo} needs links to {want:?}, got {have:?}"
+                "rank {rank} of {world} under {policy} needs links to {want:?}, got {have:?}"
             )));
         }
         if let Some((k, l)) = links.iter().find(|(k, l)| **k != l.peer()) {
@@ -125,7 +135,9 @@ impl Group {
         Ok(Group {
             rank,
             world,
-            algo,
+            policy,
+            costs: None,
+            algo: policy.algo_for(None, 0, dtype.bytes() as f64),
             dtype,
             links,
             steps: Vec::new(),
@@ -147,9 +159,19 @@ impl Group {
         self.world
     }
 
-    /// The algorithm.
+    /// The allreduce policy.
+    pub fn policy(&self) -> Policy {
+        self.policy
+    }
+
+    /// The algorithm the last allreduce ran (the policy's choice for its length).
     pub fn algo(&self) -> Algo {
         self.algo
+    }
+
+    /// The link costs measured by [`Group::probe`], if it ran.
+    pub fn costs(&self) -> Option<&Costs> {
+        self.costs.as_ref()
     }
 
     /// The wire element type.
@@ -161,6 +183,7 @@ impl Group {
     /// same two allreduces.
     pub fn set_dtype(&mut self, dtype: WireDType) {
         self.dtype = dtype;
+        self.steps_len = None;
     }
 
     /// The links, by peer rank.
@@ -182,6 +205,8 @@ impl Group {
         let start = Instant::now();
         let mut st = AllreduceStats::default();
         if self.steps_len != Some(x.len()) {
+            let eb = self.dtype.bytes() as f64;
+            self.algo = self.policy.algo_for(self.costs.as_ref(), x.len(), eb);
             self.steps = schedule(self.algo, self.rank, self.world, x.len());
             self.steps_len = Some(x.len());
         }

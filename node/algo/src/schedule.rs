@@ -1,11 +1,11 @@
 //! Each algorithm's allreduce as pure data: the steps one rank takes, in order (who
 //! sends which elements to whom, what is received and whether it is added or copied,
-//! where values are rounded to the wire type). [`super::Group`] executes these steps
+//! where values are rounded to the wire type). `tpi_node::net::collective::Group` executes these steps
 //! and nothing else, so what the tests below check is what runs.
 
 use std::ops::Range;
 
-use super::{ring_chunk, tree_children, tree_parent, Algo};
+use crate::{ring_chunk, tree_children, tree_parent, Algo};
 
 /// What to do with received values.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
