@@ -384,13 +384,7 @@ impl ClusterBackend {
                 .await?;
             let mut group = Group::new(0, world, opts.algo, opts.dtype, links)?;
             // The nodes measure their links right after Ready; so does rank 0.
-            tokio::time::timeout(PROBE_TIMEOUT, group.probe())
-                .await
-                .map_err(|_| {
-                    Error::Cluster(format!(
-                        "the nodes did not finish measuring their links within {PROBE_TIMEOUT:?}"
-                    ))
-                })??;
+            group.probe_within(PROBE_TIMEOUT).await?;
             Ok::<_, Error>((group, sent, windows))
         })?;
         let setup = SetupReport {

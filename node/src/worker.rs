@@ -475,13 +475,7 @@ async fn prepare(
     })
     .await?;
     // Rank 0 measures the links once every rank is Ready; so do we.
-    tokio::time::timeout(PROBE_TIMEOUT, group.probe())
-        .await
-        .map_err(|_| {
-            SessionError::Protocol(format!(
-                "rank {rank}: link measurement not done within {PROBE_TIMEOUT:?}"
-            ))
-        })??;
+    group.probe_within(PROBE_TIMEOUT).await?;
     Ok(Live {
         hidden: shard.manifest.config.hidden_size,
         model,

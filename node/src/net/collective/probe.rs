@@ -159,6 +159,17 @@ impl Group {
         Ok(costs)
     }
 
+    /// [`Group::probe`], failing with [`NetError::Timeout`] after `timeout`.
+    pub async fn probe_within(&mut self, timeout: std::time::Duration) -> Result<Costs, NetError> {
+        let rank = self.rank;
+        tokio::time::timeout(timeout, self.probe())
+            .await
+            .map_err(|_| NetError::Timeout {
+                what: format!("rank {rank} measuring its links"),
+                after: timeout,
+            })?
+    }
+
     /// Whether ranks `a` and `b` have a data link under this group's policy.
     fn links_between(&self, a: usize, b: usize) -> bool {
         self.policy.peers(a, self.world).contains(&b)
