@@ -51,8 +51,8 @@ pub struct LinkReport {
 const TOKENS: [usize; 3] = [1, 16, 128];
 
 impl LinkReport {
-    /// The report (numbers from `source`) for a group of `costs.world()` ranks under `policy` whose allreduces
-    /// carry `hidden` elements per token as `dtype`.
+    /// The report (numbers from `source`) for a group of `costs.world()` ranks under
+    /// `policy` whose allreduces carry `hidden` elements per token as `dtype`.
     pub fn new(
         source: impl Into<String>,
         costs: &Costs,

@@ -144,7 +144,8 @@ impl Default for Device {
 /// Costs the link model does not capture, measured on the real stack.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Calibration {
-    /// Fixed software cost per message (send + receive path).
+    /// The sender's software cost per message: messages to several peers leave one after
+    /// another (the cost model's `LinkCost::per_message_s`).
     pub per_message_overhead: Duration,
     /// Software cost per payload byte (copy, sum), in nanoseconds.
     pub per_byte_ns: f64,

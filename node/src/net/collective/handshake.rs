@@ -121,11 +121,11 @@ pub async fn accept_data_stream(
     Ok(DataLink::quic(peer, s, Some(conn)))
 }
 
-/// Builds all of `rank`'s data links for `algo` (every other rank under `auto`): dials every lower-ranked peer at
-/// `addrs[peer]` and accepts one connection from every higher-ranked peer on `ep`
-/// (which must be a server endpoint if any higher-ranked peer exists). Consumes the
-/// incoming connections it accepts; a connection from an unexpected rank is an error.
-/// Everything must complete within `timeout`.
+/// Builds all of `rank`'s data links for `algo` (every other rank under `auto`): dials
+/// every lower-ranked peer at `addrs[peer]` and accepts one connection from every
+/// higher-ranked peer on `ep` (which must be a server endpoint if any higher-ranked peer
+/// exists). Consumes the incoming connections it accepts; a connection from an unexpected
+/// rank is an error. Everything must complete within `timeout`.
 pub async fn establish_links(
     ep: &Endpoint,
     rank: usize,

@@ -149,9 +149,9 @@ impl Group {
         }
         // Each entry is non-zero at one rank only, so the f32 sum is exact.
         let dtype = self.dtype;
-        self.dtype = WireDType::F32;
+        self.set_dtype(WireDType::F32);
         let shared = self.allreduce(&mut table).await;
-        self.dtype = dtype;
+        self.set_dtype(dtype);
         shared?;
         let costs = costs_from_table(w, &table, |a, b| self.links_between(a, b));
         self.costs = Some(costs.clone());
