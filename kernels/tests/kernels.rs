@@ -143,9 +143,13 @@ fn ref_matvec(w: &MatRef, x: &[f32]) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
     (y, mag, act)
 }
 
-/// The activation-quantisation allowance: only the VNNI path quantises x (for Q4/Q8 weights).
+/// ISAs whose Q4/Q8 GEMV quantises x to 15-bit integers per block.
+const INT_ACT_ISAS: [Isa; 2] = [Isa::Avx512Vnni, Isa::Avx2];
+
+/// The activation-quantisation allowance: only the VNNI and AVX2 paths quantise x (for
+/// Q4/Q8 weights).
 fn act_allowance(isa: Isa, dtype: DType, act: f64) -> f64 {
-    if isa == Isa::Avx512Vnni && matches!(dtype, DType::Q4_0 | DType::Q4_1 | DType::Q8_0) {
+    if INT_ACT_ISAS.contains(&isa) && matches!(dtype, DType::Q4_0 | DType::Q4_1 | DType::Q8_0) {
         act
     } else {
         0.0
@@ -494,14 +498,19 @@ fn gemv_offset_weights() {
 }
 
 #[test]
-fn vnni_gemv_exact_when_x_is_representable() {
+fn int_activation_gemv_exact_when_x_is_representable() {
     // x = s * X with integer |X| <= 32512 and one |X| = 32512 per block is exactly what the
-    // VNNI path's 15-bit activations hold, so it must match the f64 reference with no
-    // quantisation allowance: this pins every lane mapping (Q4_0 octets followed by each
-    // mix of group, pair and lone block; Q4_1 groups and pairs; 1-row tails).
-    if !available_isas().contains(&Isa::Avx512Vnni) {
-        return;
-    }
+    // VNNI and AVX2 paths' 15-bit activations hold, so they must match the f64 reference
+    // with no quantisation allowance: this pins every lane mapping (VNNI: Q4_0 octets
+    // followed by each mix of group, pair and lone block; Q4_1 groups and pairs; 1-row
+    // tails; AVX2: nibble and byte order, Q4_1's m term).
+    let isas: Vec<Isa> = INT_ACT_ISAS
+        .into_iter()
+        .filter(|i| available_isas().contains(i))
+        .collect();
+    #[cfg(target_arch = "x86_64")]
+    assert!(!isas.is_empty(), "an x86_64 test machine has at least AVX2");
+    let _ = &isas;
     let mut rng = Rng::new(21);
     let pool = ThreadPool::new(1);
     for dtype in [DType::Q4_0, DType::Q4_1, DType::Q8_0] {
@@ -540,7 +549,7 @@ fn vnni_gemv_exact_when_x_is_representable() {
             }
             let (want, mag, _) = ref_matvec(&w, &x);
             for_each_isa(|isa| {
-                if isa != Isa::Avx512Vnni {
+                if !isas.contains(&isa) {
                     return;
                 }
                 for w in &views {
@@ -548,7 +557,7 @@ fn vnni_gemv_exact_when_x_is_representable() {
                     let mut y = vec![f32::NAN; rows];
                     gemv(&pool, *w, &x, &mut y).unwrap();
                     for r in 0..rows {
-                        let ctx = format!("vnni exact {dtype:?} {l:?} {rows}x{cols} row {r}");
+                        let ctx = format!("{isa:?} exact {dtype:?} {l:?} {rows}x{cols} row {r}");
                         assert_close(y[r], want[r], mag[r], 1e-6, &ctx);
                     }
                     // A NaN in x reaches every output, as with f32 activations.

@@ -29,45 +29,109 @@ unsafe fn prefetch_ahead(p: *const u8, pf: usize) {
     _mm_prefetch::<_MM_HINT_T1>(p.wrapping_add(pf) as *const i8);
 }
 
-/// GEMV over rows `r0..r1` (4 rows at a time to reuse x loads); `aux` is `gemv_aux` output.
+/// GEMV over rows `r0..r1` (4 rows at a time to reuse x loads); `aux` is `gemv_aux`
+/// output: for Q4_0, Q4_1 and Q8_0 the integer activations of [`prepare`].
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(crate) unsafe fn gemv_rows(
     w: &MatRef,
     r0: usize,
     r1: usize,
     x: &[f32],
-    aux: &[f32],
+    aux: &super::Aux,
     y: &mut [f32],
 ) {
-    let (xp, ap) = (x.as_ptr(), aux.as_ptr());
+    let q = matches!(w.dtype, DType::Q4_0 | DType::Q4_1 | DType::Q8_0);
+    assert!(
+        !q || (aux.i.len() >= 64 * (w.cols / 32) && aux.f.len() >= 2 * (w.cols / 32)),
+        "AVX2 quantised GEMV without its prepared activations"
+    );
+    let xp = x.as_ptr();
+    let (ip, fp) = (aux.i.as_ptr() as *const i16, aux.f.as_ptr());
     super::for_row_blocks(
         w,
         r0,
         r1,
         y,
-        |p, pf, out| rows_kernel::<4>(w.dtype, p, w.cols, pf, xp, ap, out),
-        |p, pf, out| rows_kernel::<1>(w.dtype, p, w.cols, pf, xp, ap, out),
+        |p, pf, out| rows_kernel::<4>(w.dtype, p, w.cols, pf, xp, ip, fp, out),
+        |p, pf, out| rows_kernel::<1>(w.dtype, p, w.cols, pf, xp, ip, fp, out),
     );
+}
+
+/// Fills the AVX2 [`super::Aux`] for `x` (Q4_0, Q4_1 and Q8_0 weights): per 32-block the
+/// integers `X = round(x / s_b)` (nearest-even) with `s_b = max|x_b| / ACT_MAX`, as i16 in
+/// `i` (64 bytes a block), and `[s_b, sum(x_b)]` in `f` (the sum for Q4_1's `m` term).
+/// The same 15-bit activations as the VNNI path: an error of at most `max|x_b| / 65024`
+/// per element. A block holding NaN or ±inf gets a NaN scale, so NaN reaches the output.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn prepare(x: &[f32], aux: &mut super::Aux) {
+    let nb = x.len() / 32;
+    aux.f.clear();
+    aux.f.resize(2 * nb, 0.0);
+    aux.i.clear();
+    aux.i.resize(64 * nb, 0);
+    let absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFF_FFFF));
+    let lim = _mm256_set1_ps(super::ACT_MAX);
+    for b in 0..nb {
+        let xp = x.as_ptr().add(32 * b);
+        let v = [0, 8, 16, 24].map(|k| _mm256_loadu_ps(xp.add(k)));
+        let a = v.map(|v| _mm256_and_ps(v, absmask));
+        let m = _mm256_max_ps(_mm256_max_ps(a[0], a[1]), _mm256_max_ps(a[2], a[3]));
+        let mut amax = 0f32;
+        let mut finite = true;
+        for &e in std::slice::from_raw_parts(xp, 32) {
+            finite &= e.is_finite();
+        }
+        let mut lanes = [0f32; 8];
+        _mm256_storeu_ps(lanes.as_mut_ptr(), m);
+        for l in lanes {
+            amax = amax.max(l);
+        }
+        let sum = _mm256_add_ps(_mm256_add_ps(v[0], v[1]), _mm256_add_ps(v[2], v[3]));
+        let (scale, q) = if !finite {
+            (f32::NAN, [_mm256_setzero_si256(); 4])
+        } else if amax == 0.0 {
+            (0.0, [_mm256_setzero_si256(); 4])
+        } else {
+            let inv = _mm256_set1_ps(super::ACT_MAX / amax);
+            // |x * inv| <= ACT_MAX up to the rounding of inv: clamp before converting.
+            let r = |v| {
+                let t = _mm256_mul_ps(v, inv);
+                let t = _mm256_max_ps(_mm256_min_ps(t, lim), _mm256_sub_ps(_mm256_setzero_ps(), lim));
+                _mm256_cvtps_epi32(t)
+            };
+            (amax / super::ACT_MAX, v.map(r))
+        };
+        // i32 -> i16 in element order (packs interleave 128-bit lanes; permute them back).
+        let p01 = _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_packs_epi32(q[0], q[1]));
+        let p23 = _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_packs_epi32(q[2], q[3]));
+        let ip = aux.i.as_mut_ptr().add(64 * b) as *mut __m256i;
+        _mm256_storeu_si256(ip, p01);
+        _mm256_storeu_si256(ip.add(1), p23);
+        aux.f[2 * b] = scale;
+        aux.f[2 * b + 1] = hsum256(sum);
+    }
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
+#[allow(clippy::too_many_arguments)]
 unsafe fn rows_kernel<const R: usize>(
     dtype: DType,
     p: [*const u8; R],
     cols: usize,
     pf: usize,
     x: *const f32,
-    aux: *const f32,
+    xi: *const i16,
+    xf: *const f32,
     out: &mut [f32; R],
 ) {
     match dtype {
         DType::F32 => rows_float::<R, 0>(p, cols, pf, x, out),
         DType::F16 => rows_float::<R, 1>(p, cols, pf, x, out),
         DType::BF16 => rows_float::<R, 2>(p, cols, pf, x, out),
-        DType::Q8_0 => rows_q8_0::<R>(p, cols / 32, pf, x, out),
-        DType::Q4_0 => rows_q4::<R, false>(p, cols / 32, pf, x, aux, out),
-        DType::Q4_1 => rows_q4::<R, true>(p, cols / 32, pf, x, aux, out),
+        DType::Q8_0 => rows_int::<R, 0>(p, cols / 32, pf, xi, xf, out),
+        DType::Q4_0 => rows_int::<R, 1>(p, cols / 32, pf, xi, xf, out),
+        DType::Q4_1 => rows_int::<R, 2>(p, cols / 32, pf, xi, xf, out),
     }
 }
 
@@ -135,112 +199,107 @@ unsafe fn rows_float<const R: usize, const K: u8>(
     }
 }
 
+/// Q8_0 (K = 0), Q4_0 (1) and Q4_1 (2) rows against [`prepare`]'s integer activations:
+/// per block the exact integer dot `sum q X` (weights widened to i16, `madd` pairs into
+/// i32: |q X| <= 128 * 32512, so a block's sum stays below 2^24 and converts exactly), then
+/// one FMA with `d s_b`. The R rows' f16 scales are converted together, once per block;
+/// Q4_1's `m sum(x_b)` terms collect in the odd lanes of one shared accumulator.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn rows_int<const R: usize, const K: u8>(
+    p: [*const u8; R],
+    nb: usize,
+    pf: usize,
+    xi: *const i16,
+    xf: *const f32,
+    out: &mut [f32; R],
+) {
+    let bb = [34, 18, 20][K as usize];
+    let m0f = _mm_set1_epi8(0x0f);
+    let eight = _mm_set1_epi8(8);
+    // Lane r (d s_b of row r) or 2r (Q4_1's interleaved [d, m] pairs) to every lane.
+    let lane: [__m256i; R] = std::array::from_fn(|r| {
+        _mm256_set1_epi32(if K == 2 { 2 * r as i32 } else { r as i32 })
+    });
+    let mut acc = [_mm256_setzero_ps(); R];
+    let mut accm = _mm256_setzero_ps();
+    for b in 0..nb {
+        let xb = xi.add(32 * b) as *const __m256i;
+        let x0 = _mm256_loadu_si256(xb);
+        let x1 = _mm256_loadu_si256(xb.add(1));
+        let q: [*const u8; R] = std::array::from_fn(|r| p[r].add(b * bb));
+        // The R rows' scales times the block's [s_b, sum(x_b)].
+        let ds = if K == 2 {
+            let mut dm = _mm_setzero_si128();
+            for (r, q) in q.iter().enumerate() {
+                let v = (*q as *const i32).read_unaligned();
+                dm = match r {
+                    0 => _mm_insert_epi32::<0>(dm, v),
+                    1 => _mm_insert_epi32::<1>(dm, v),
+                    2 => _mm_insert_epi32::<2>(dm, v),
+                    _ => _mm_insert_epi32::<3>(dm, v),
+                };
+            }
+            let sx = _mm256_castpd_ps(_mm256_broadcast_sd(&*(xf.add(2 * b) as *const f64)));
+            let ds = _mm256_mul_ps(_mm256_cvtph_ps(dm), sx);
+            accm = _mm256_add_ps(accm, ds);
+            ds
+        } else {
+            let mut d = _mm_setzero_si128();
+            for (r, q) in q.iter().enumerate() {
+                let v = (*q as *const u16).read_unaligned() as i32;
+                d = match r {
+                    0 => _mm_insert_epi16::<0>(d, v),
+                    1 => _mm_insert_epi16::<1>(d, v),
+                    2 => _mm_insert_epi16::<2>(d, v),
+                    _ => _mm_insert_epi16::<3>(d, v),
+                };
+            }
+            let s = _mm_set1_ps(*xf.add(2 * b));
+            _mm256_castps128_ps256(_mm_mul_ps(_mm_cvtph_ps(d), s))
+        };
+        for r in 0..R {
+            let q = q[r];
+            prefetch_ahead(q, pf);
+            let (w0, w1) = if K == 0 {
+                (
+                    _mm256_cvtepi8_epi16(_mm_loadu_si128(q.add(2) as *const __m128i)),
+                    _mm256_cvtepi8_epi16(_mm_loadu_si128(q.add(18) as *const __m128i)),
+                )
+            } else {
+                let raw = _mm_loadu_si128(q.add(if K == 2 { 4 } else { 2 }) as *const __m128i);
+                let lo = _mm_and_si128(raw, m0f);
+                let hi = _mm_and_si128(_mm_srli_epi16::<4>(raw), m0f);
+                if K == 1 {
+                    (
+                        _mm256_cvtepi8_epi16(_mm_sub_epi8(lo, eight)),
+                        _mm256_cvtepi8_epi16(_mm_sub_epi8(hi, eight)),
+                    )
+                } else {
+                    (_mm256_cvtepu8_epi16(lo), _mm256_cvtepu8_epi16(hi))
+                }
+            };
+            let t = _mm256_add_epi32(_mm256_madd_epi16(w0, x0), _mm256_madd_epi16(w1, x1));
+            let dsr = _mm256_permutevar8x32_ps(ds, lane[r]);
+            acc[r] = _mm256_fmadd_ps(dsr, _mm256_cvtepi32_ps(t), acc[r]);
+        }
+    }
+    let mut m = [0f32; 8];
+    _mm256_storeu_ps(m.as_mut_ptr(), accm);
+    for r in 0..R {
+        let mut s = hsum256(acc[r]);
+        if K == 2 {
+            s += m[2 * r + 1];
+        }
+        out[r] = s;
+    }
+}
+
+/// 8 i8 at `p` widened to f32.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
 unsafe fn i8x8(p: *const u8) -> __m256 {
     _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(p as *const __m128i)))
-}
-
-#[target_feature(enable = "avx2,fma,f16c")]
-#[inline]
-unsafe fn rows_q8_0<const R: usize>(
-    p: [*const u8; R],
-    nb: usize,
-    pf: usize,
-    x: *const f32,
-    out: &mut [f32; R],
-) {
-    let mut acc = [_mm256_setzero_ps(); R];
-    for b in 0..nb {
-        let xb = x.add(b * 32);
-        let x0 = _mm256_loadu_ps(xb);
-        let x1 = _mm256_loadu_ps(xb.add(8));
-        let x2 = _mm256_loadu_ps(xb.add(16));
-        let x3 = _mm256_loadu_ps(xb.add(24));
-        for r in 0..R {
-            let q = p[r].add(b * 34);
-            prefetch_ahead(q, pf);
-            let d = _mm256_set1_ps(h2f(q));
-            let t = _mm256_mul_ps(i8x8(q.add(2)), x0);
-            let t = _mm256_fmadd_ps(i8x8(q.add(10)), x1, t);
-            let t = _mm256_fmadd_ps(i8x8(q.add(18)), x2, t);
-            let t = _mm256_fmadd_ps(i8x8(q.add(26)), x3, t);
-            acc[r] = _mm256_fmadd_ps(d, t, acc[r]);
-        }
-    }
-    for r in 0..R {
-        out[r] = hsum256(acc[r]);
-    }
-}
-
-/// Q4_0 / Q4_1 rows; Q4_1's `m` term is `m * sum(x_block)` accumulated in a 128-bit lane.
-#[target_feature(enable = "avx2,fma,f16c")]
-#[inline]
-unsafe fn rows_q4<const R: usize, const Q41: bool>(
-    p: [*const u8; R],
-    nb: usize,
-    pf: usize,
-    x: *const f32,
-    aux: *const f32,
-    out: &mut [f32; R],
-) {
-    let bb = if Q41 { 20 } else { 18 };
-    let qoff = if Q41 { 4 } else { 2 };
-    let m0f = _mm_set1_epi8(0x0f);
-    let eight = _mm_set1_epi8(8);
-    let mut acc = [_mm256_setzero_ps(); R];
-    let mut accm = [_mm_setzero_ps(); R];
-    for b in 0..nb {
-        let xb = x.add(b * 32);
-        let x0 = _mm256_loadu_ps(xb);
-        let x1 = _mm256_loadu_ps(xb.add(8));
-        let x2 = _mm256_loadu_ps(xb.add(16));
-        let x3 = _mm256_loadu_ps(xb.add(24));
-        let xs = if Q41 {
-            _mm_castpd_ps(_mm_load_sd(aux.add(2 * b) as *const f64))
-        } else {
-            _mm_setzero_ps()
-        };
-        for r in 0..R {
-            let q = p[r].add(b * bb);
-            prefetch_ahead(q, pf);
-            let raw = _mm_loadu_si128(q.add(qoff) as *const __m128i);
-            let mut lo = _mm_and_si128(raw, m0f);
-            let mut hi = _mm_and_si128(_mm_srli_epi16::<4>(raw), m0f);
-            let (q0, q1, q2, q3);
-            if Q41 {
-                q0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
-                q1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_unpackhi_epi64(lo, lo)));
-                q2 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
-                q3 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_unpackhi_epi64(hi, hi)));
-            } else {
-                lo = _mm_sub_epi8(lo, eight);
-                hi = _mm_sub_epi8(hi, eight);
-                q0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo));
-                q1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_unpackhi_epi64(lo, lo)));
-                q2 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi));
-                q3 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_unpackhi_epi64(hi, hi)));
-            }
-            let t = _mm256_mul_ps(q0, x0);
-            let t = _mm256_fmadd_ps(q1, x1, t);
-            let t = _mm256_fmadd_ps(q2, x2, t);
-            let t = _mm256_fmadd_ps(q3, x3, t);
-            if Q41 {
-                let dm = _mm_cvtph_ps(_mm_cvtsi32_si128((q as *const i32).read_unaligned()));
-                acc[r] = _mm256_fmadd_ps(_mm256_broadcastss_ps(dm), t, acc[r]);
-                accm[r] = _mm_fmadd_ps(dm, xs, accm[r]);
-            } else {
-                acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(h2f(q)), t, acc[r]);
-            }
-        }
-    }
-    for r in 0..R {
-        let mut s = hsum256(acc[r]);
-        if Q41 {
-            s += _mm_cvtss_f32(_mm_movehdup_ps(accm[r]));
-        }
-        out[r] = s;
-    }
 }
 
 /// Dequantise a row (bit-identical to the scalar reference: multiply, then add, no FMA).

@@ -97,23 +97,24 @@ pub(crate) struct Aux {
 /// `X = 256 H + L` keeps `H` in i8 (and `L` in i8 or u8, as each kernel needs).
 pub(crate) const ACT_MAX: f32 = 32512.0;
 
-/// Builds the [`Aux`] a row kernel needs. For the f32-activation kernels, one pair of floats
-/// per 32-block padded to a multiple of 16 floats:
-/// - AVX2/other Q4_1: `[0, sum(x_b)]` (the `m * sum(x_b)` term);
-/// - AVX-512 Q4_1: `[-16 sum(x_b), sum(x_b)]`, Q4_0: `[-24 sum(x_b), 0]` (see `avx512::rows_q4`),
-///   followed by x permuted within each block into that kernel's lane order.
-///
-/// VNNI Q4_0/Q4_1/Q8_0 (see [`vnni::prepare`]): each block of x becomes integers
-/// `X = round(x / s_b)` with `s_b = max|x_b| / ACT_MAX` (an error of at most
-/// `max|x_b| / 65024` per element, 256 times finer than llama.cpp's 8-bit activations), as
-/// byte planes in `i` with per-lane scales and offset terms.
+/// Builds the [`Aux`] a row kernel needs:
+/// - AVX-512 (no VNNI) Q4: one pair of floats per 32-block padded to a multiple of 16 floats,
+///   Q4_1 `[-16 sum(x_b), sum(x_b)]`, Q4_0 `[-24 sum(x_b), 0]` (see `avx512::rows_q4`),
+///   followed by x permuted within each block into that kernel's lane order;
+/// - VNNI and AVX2 Q4_0/Q4_1/Q8_0 (see [`vnni::prepare`], [`avx2::prepare`]): each block of x
+///   becomes integers `X = round(x / s_b)` with `s_b = max|x_b| / ACT_MAX` (an error of at
+///   most `max|x_b| / 65024` per element, 256 times finer than llama.cpp's 8-bit
+///   activations), as byte planes (VNNI) or i16 (AVX2) in `i`, with the scales in `f`;
+/// - otherwise nothing.
 pub(crate) fn gemv_aux(isa: Isa, dtype: DType, x: &[f32]) -> Aux {
     let q4 = matches!(dtype, DType::Q4_0 | DType::Q4_1);
     if isa == Isa::Avx512Vnni && (q4 || dtype == DType::Q8_0) {
         return vnni_aux(dtype, x);
     }
-    let avx512 = isa == Isa::Avx512 && q4;
-    if dtype != DType::Q4_1 && !avx512 {
+    if isa == Isa::Avx2 && (q4 || dtype == DType::Q8_0) {
+        return avx2_aux(x);
+    }
+    if !(isa == Isa::Avx512 && q4) {
         return Aux::default();
     }
     let nb = x.len() / 32;
@@ -124,20 +125,17 @@ pub(crate) fn gemv_aux(isa: Isa, dtype: DType, x: &[f32]) -> Aux {
         for v in xb {
             s += v;
         }
-        let pair = match (avx512, dtype) {
-            (true, DType::Q4_1) => [-16.0 * s, s],
-            (true, _) => [-24.0 * s, 0.0],
-            _ => [0.0, s],
+        let pair = match dtype {
+            DType::Q4_1 => [-16.0 * s, s],
+            _ => [-24.0 * s, 0.0],
         };
         aux[2 * b..2 * b + 2].copy_from_slice(&pair);
     }
-    if avx512 {
-        aux.reserve(x.len());
-        for xb in x.chunks_exact(32) {
-            for half in 0..2 {
-                for j in 0..16 {
-                    aux.push(xb[16 * half + 4 * (j % 4) + j / 4]);
-                }
+    aux.reserve(x.len());
+    for xb in x.chunks_exact(32) {
+        for half in 0..2 {
+            for j in 0..16 {
+                aux.push(xb[16 * half + 4 * (j % 4) + j / 4]);
             }
         }
     }
@@ -157,6 +155,19 @@ fn vnni_aux(dtype: DType, x: &[f32]) -> Aux {
 
 #[cfg(not(target_arch = "x86_64"))]
 fn vnni_aux(_: DType, _: &[f32]) -> Aux {
+    Aux::default()
+}
+
+#[cfg(target_arch = "x86_64")]
+fn avx2_aux(x: &[f32]) -> Aux {
+    let mut aux = Aux::default();
+    // SAFETY: only reached for `Isa::Avx2`, which `set_isa`/detection guarantee.
+    unsafe { avx2::prepare(x, &mut aux) };
+    aux
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn avx2_aux(_: &[f32]) -> Aux {
     Aux::default()
 }
 
@@ -183,7 +194,7 @@ pub(crate) fn gemv_rows_isa(
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512 | Isa::Avx512Vnni => unsafe { avx512::gemv_rows(w, r0, r1, x, &aux.f, y) },
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => unsafe { avx2::gemv_rows(w, r0, r1, x, &aux.f, y) },
+        Isa::Avx2 => unsafe { avx2::gemv_rows(w, r0, r1, x, aux, y) },
         #[cfg(target_arch = "aarch64")]
         Isa::Neon => unsafe { neon::gemv_rows(w, r0, r1, x, y) },
         _ => scalar::gemv_rows(w, r0, r1, x, y),
