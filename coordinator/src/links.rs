@@ -74,7 +74,7 @@ impl LinkReport {
                 }
             })
             .collect();
-        let eb = dtype.bytes() as f64;
+        let eb = dtype.elem_bytes();
         let choices = TOKENS
             .iter()
             .map(|&tokens| {
@@ -82,7 +82,7 @@ impl LinkReport {
                 let (_, prices) = costs.choose(n, eb);
                 PayloadChoice {
                     tokens,
-                    bytes: n * dtype.bytes(),
+                    bytes: dtype.wire_len(n),
                     algo: policy.algo_for(Some(costs), n, eb),
                     predicted_ms: Algo::ALL
                         .iter()

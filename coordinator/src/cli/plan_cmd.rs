@@ -333,10 +333,7 @@ fn predict(
         })
         .collect();
     let calibration = tpi_sim::Calibration {
-        activation_bytes: match c.allreduce_dtype {
-            tpi_node::net::WireDType::F16 => 2.0,
-            _ => 4.0,
-        },
+        activation_bytes: c.allreduce_dtype.elem_bytes(),
         ..tpi_sim::Calibration::default()
     };
     let algo = c.allreduce;

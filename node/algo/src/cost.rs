@@ -266,12 +266,12 @@ mod tests {
 
     #[test]
     fn bandwidth_and_message_costs() {
-        // 1 MB at 8 Mbit/s is 1 s on the wire.
-        let c = Costs::uniform(4, link(0.0, Some(8.0), 0.0), 0.0);
-        let star = c.price(Algo::Star, 250_000, 4.0);
-        let ring = c.price(Algo::Ring, 250_000, 4.0);
-        let rsag = c.price(Algo::Rsag, 250_000, 4.0);
-        let mesh = c.price(Algo::Mesh, 250_000, 4.0);
+        // 1.024 MB at 8.192 Mbit/s is 1 s on the wire (8000 blocks: whole chunks).
+        let c = Costs::uniform(4, link(0.0, Some(8.192), 0.0), 0.0);
+        let star = c.price(Algo::Star, 256_000, 4.0);
+        let ring = c.price(Algo::Ring, 256_000, 4.0);
+        let rsag = c.price(Algo::Rsag, 256_000, 4.0);
+        let mesh = c.price(Algo::Mesh, 256_000, 4.0);
         assert!((star - 2.0).abs() < 1e-9, "{star}");
         assert!((ring - 1.5).abs() < 1e-9, "{ring}");
         // Rsag: a quarter of the payload to each owner, then a quarter back: 2 × 0.25 s.

@@ -171,11 +171,21 @@ impl FromStr for Policy {
     }
 }
 
-/// The element range of chunk `c` when `n` elements are split into `world` chunks for the
-/// ring: `[c·n/world, (c+1)·n/world)`. Chunks differ in size by at most one and may be
-/// empty when `n < world`.
+/// Chunk boundaries of [`ring_chunk`] fall on multiples of this many elements: the
+/// block of a block-quantised payload (q8), so that a chunk's blocks are the same
+/// blocks as the whole vector's and every algorithm rounds a value with the same scale.
+pub const CHUNK_ALIGN: usize = 32;
+
+/// The element range of chunk `c` when `n` elements are split into `world` chunks (the
+/// ring's and rsag's): whole [`CHUNK_ALIGN`]-element blocks, `[c·B/world, (c+1)·B/world)`
+/// of the `B = ⌈n/32⌉` blocks, the last one cut at `n`. Chunks differ by at most one
+/// block and may be empty when there are fewer blocks than ranks.
 pub fn ring_chunk(n: usize, world: usize, c: usize) -> Range<usize> {
-    let at = |i: usize| ((i as u128 * n as u128) / world as u128) as usize;
+    let blocks = n.div_ceil(CHUNK_ALIGN);
+    let at = |i: usize| {
+        let b = ((i as u128 * blocks as u128) / world as u128) as usize;
+        (b * CHUNK_ALIGN).min(n)
+    };
     at(c)..at(c + 1)
 }
 
@@ -185,13 +195,21 @@ mod tests {
 
     #[test]
     fn chunks_cover_exactly() {
-        for n in 0..40 {
+        for n in (0..200).chain([576, 2048, 8192 + 5]) {
             for w in 1..9 {
                 let mut next = 0;
                 for c in 0..w {
                     let r = ring_chunk(n, w, c);
                     assert_eq!(r.start, next);
-                    assert!(r.len() <= n / w + 1 && r.len() >= n / w);
+                    assert!(r.start.is_multiple_of(CHUNK_ALIGN));
+                    let blocks = n.div_ceil(CHUNK_ALIGN);
+                    let (lo, hi) = (blocks / w, blocks.div_ceil(w));
+                    if r.end < n {
+                        assert!(r.len().is_multiple_of(CHUNK_ALIGN), "n {n} w {w} c {c}");
+                        assert!((lo..=hi).contains(&(r.len() / CHUNK_ALIGN)));
+                    } else {
+                        assert!(r.len() <= hi * CHUNK_ALIGN, "n {n} w {w} c {c}: {r:?}");
+                    }
                     next = r.end;
                 }
                 assert_eq!(next, n);

@@ -473,10 +473,42 @@ mod tests {
         assert_eq!(froms, vec![1, 2, 3], "partials are added in rank order");
     }
 
+    /// Block-quantised payloads (q8) quantise each message from its first element, so
+    /// every message and every rounding must start on a block boundary: then a chunk's
+    /// blocks are the whole vector's, and all algorithms round with the same scales.
+    #[test]
+    fn messages_and_roundings_start_on_block_boundaries() {
+        for world in 2..=8 {
+            for n in [1, 31, 33, 100, 576, 1000, 2048 + 5] {
+                for algo in Algo::ALL {
+                    for rank in 0..world {
+                        for step in schedule(algo, rank, world, n) {
+                            let starts: Vec<usize> = match &step {
+                                Step::Round(r) | Step::Send { range: r, .. } => vec![r.start],
+                                Step::Recv { range, .. } => vec![range.start],
+                                Step::Exchange { send, recv, .. } => vec![send.start, recv.start],
+                                Step::Many { sends, recvs, .. } => {
+                                    sends.iter().chain(recvs).map(|(_, r)| r.start).collect()
+                                }
+                                Step::SumInOrder { .. } => vec![],
+                            };
+                            for at in starts {
+                                assert!(
+                                    at.is_multiple_of(crate::CHUNK_ALIGN) || at == n,
+                                    "{algo} w={world} n={n} rank {rank}: {step:?}"
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn ring_sends_each_element_2_times_n_minus_1_over_n() {
         for world in 2..=9 {
-            let n = 10 * world;
+            let n = 10 * world * crate::CHUNK_ALIGN;
             let sent: usize = schedule(Algo::Ring, 0, world, n)
                 .iter()
                 .map(|s| match s {
@@ -484,7 +516,7 @@ mod tests {
                     _ => 0,
                 })
                 .sum();
-            assert_eq!(sent, 2 * (world - 1) * 10);
+            assert_eq!(sent, 2 * (world - 1) * 10 * crate::CHUNK_ALIGN);
         }
     }
 
