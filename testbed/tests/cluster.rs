@@ -28,6 +28,8 @@ const N_TOKENS: usize = 8;
 const TOL_F32: f32 = 1e-4;
 /// Max |Δ logit| allowed with `--allreduce-dtype f16`.
 const TOL_F16: f32 = 2e-2;
+const TOL_BF16: f32 = 0.2;
+const TOL_Q8: f32 = 0.4;
 
 fn serial() -> MutexGuard<'static, ()> {
     static LOCK: Mutex<()> = Mutex::new(());
@@ -46,14 +48,31 @@ struct Gen {
 /// Runs `tpi` with a wall-clock limit; returns (status, stdout, stderr). Kills it on
 /// timeout and panics.
 fn run_limited(args: &[String], limit: Duration) -> (ExitStatus, String, String) {
+    run_limited_env(args, &[], limit)
+}
+
+/// [`run_limited`] with extra environment (inherited by the local nodes `tpi` spawns).
+fn run_limited_env(
+    args: &[String],
+    env: &[(&str, &str)],
+    limit: Duration,
+) -> (ExitStatus, String, String) {
     let mut cmd = Command::new(tpi_bin());
-    cmd.args(args).env_remove("RUST_LOG");
-    run_with_limit(cmd, limit, &format!("`{}`", cmdline(args)))
+    cmd.args(args)
+        .env_remove("RUST_LOG")
+        .envs(env.iter().copied());
+    let envs: String = env.iter().map(|(k, v)| format!("{k}={v} ")).collect();
+    run_with_limit(cmd, limit, &format!("`{envs}{}`", cmdline(args)))
 }
 
 /// `tpi run` on `model` with prompt `prompt` (ids or text), greedy, `n` tokens,
 /// `--ignore-eos --json --logits-out`, one thread per rank, plus `extra` flags.
 fn gen(model: &Path, prompt: &Prompt, n: usize, extra: &[&str]) -> Gen {
+    gen_env(model, prompt, n, extra, &[])
+}
+
+/// [`gen`] with extra environment for `tpi` and the local nodes it spawns.
+fn gen_env(model: &Path, prompt: &Prompt, n: usize, extra: &[&str], env: &[(&str, &str)]) -> Gen {
     let tmp = TempDir::new("cluster-logits");
     let npy = tmp.join("logits.npy");
     let mut args: Vec<String> = vec!["run".into(), "--model".into(), model.display().to_string()];
@@ -79,7 +98,7 @@ fn gen(model: &Path, prompt: &Prompt, n: usize, extra: &[&str]) -> Gen {
     args.push(npy.display().to_string());
     args.extend(extra.iter().map(|s| s.to_string()));
     let t0 = Instant::now();
-    let (status, stdout, stderr) = run_limited(&args, RUN_TIMEOUT);
+    let (status, stdout, stderr) = run_limited_env(&args, env, RUN_TIMEOUT);
     let secs = t0.elapsed().as_secs_f64();
     assert!(
         status.success(),
@@ -276,44 +295,66 @@ fn all_allreduce_algorithms_match_one_rank() {
     finish("allreduce algorithms", fails);
 }
 
-/// `--allreduce-dtype f16` at N=2 keeps the greedy tokens where the reference margins
-/// are comfortable, and the logits close.
+/// Lossy payloads (`--allreduce-dtype f16|bf16|q8`) at N=2 and 4 on every algorithm that
+/// splits the vector differently (star, ring, mesh, rsag). Each type has a logit bound
+/// (measured: f16 6e-3..7.5e-3, bf16 7.6e-2..9.7e-2, q8 0.15..0.27, the most on the ring,
+/// which rounds at every step; logits up to 10). The greedy
+/// ids must match one rank's up to the first step whose reference margin is under twice the
+/// bound (a token there may rightly flip), and every logit row whose context matches must be
+/// within the bound.
 #[test]
-fn f16_allreduce_keeps_tokens_with_comfortable_margins() {
+fn lossy_allreduce_payloads_stay_within_their_bounds() {
     let _g = serial();
     let mut fails = Vec::new();
     let name = "gqa12_f32";
     let dir = fixture(name);
     let (prompt, margins) = first_prompt(&dir);
-    let min_margin = margins.iter().cloned().fold(f64::INFINITY, f64::min);
-    assert!(
-        min_margin > 0.05,
-        "{name}'s reference margins ({margins:?}) are too thin for an f16 payload test"
-    );
     let base = gen(&dir, &Prompt::Ids(prompt.clone()), N_TOKENS, &[]);
-    for algo in ["star", "ring", "mesh"] {
-        let got = gen(
-            &dir,
-            &Prompt::Ids(prompt.clone()),
-            N_TOKENS,
-            &[
-                "--local-cluster",
-                "2",
-                "--allreduce-dtype",
-                "f16",
-                "--allreduce",
-                algo,
-            ],
-        );
-        compare(
-            &format!("{name} N=2 f16 {algo} (min ref margin {min_margin:.3})"),
-            &base,
-            &got,
-            Some(TOL_F16),
-            &mut fails,
-        );
+    let vocab = base.shape.1;
+    for (dtype, tol) in [("f16", TOL_F16), ("bf16", TOL_BF16), ("q8", TOL_Q8)] {
+        let sure = margins
+            .iter()
+            .position(|&m| m < 2.0 * tol as f64)
+            .unwrap_or(N_TOKENS);
+        for n in ["2", "4"] {
+            for algo in ["star", "ring", "mesh", "rsag"] {
+                let got = gen(
+                    &dir,
+                    &Prompt::Ids(prompt.clone()),
+                    N_TOKENS,
+                    &[
+                        "--local-cluster",
+                        n,
+                        "--allreduce-dtype",
+                        dtype,
+                        "--allreduce",
+                        algo,
+                    ],
+                );
+                let label = format!("{name} N={n} {dtype} {algo}");
+                let agree = got
+                    .ids
+                    .iter()
+                    .zip(&base.ids)
+                    .take_while(|(a, b)| a == b)
+                    .count();
+                if agree < sure {
+                    fails.push(format!(
+                        "{label}: ids {:?} leave one rank's {:?} at step {agree}, where the \
+                         reference margin {:.3} is over twice the bound {tol}",
+                        got.ids, base.ids, margins[agree]
+                    ));
+                }
+                let rows = (agree + 1).min(N_TOKENS);
+                let d = max_abs_diff(&got.logits[..rows * vocab], &base.logits[..rows * vocab]);
+                eprintln!("{label}: {agree}/{N_TOKENS} ids agree, max |Δlogit| = {d:.3e}");
+                if d > tol {
+                    fails.push(format!("{label}: logits off by {d:e} (> {tol:e})"));
+                }
+            }
+        }
     }
-    finish("f16 allreduce", fails);
+    finish("lossy allreduce payloads", fails);
 }
 
 /// Uneven shares: ratios 3:1, and rank 0 only coordinating.
@@ -345,9 +386,14 @@ fn uneven_ratios_and_coordinator_share_zero_match_one_rank() {
     finish("uneven shares", fails);
 }
 
-/// SmolLM2 (Q4_1 GGUF) gives the same 24-token continuations on 2 and 3 ranks as on one.
+/// SmolLM2 (Q4_1 GGUF) on 2, 3 and 4 ranks with `auto`: the same 24-token continuations
+/// as on one, and with f32 activations (`TPI_ISA=scalar`) logits within 1e-4 of one rank's.
+/// The default path quantises activations to 15-bit integers per block (VNNI, AVX2): a
+/// split's f32 reassociation then flips a few roundings, which a 30-layer model grows to the
+/// size of the quantisation itself (|Δlogit| 3e-3..1.2e-2 of 33, measured on AVX2), so
+/// there only the tokens are compared; the logit distance is reported.
 #[test]
-fn smollm2_same_continuation_on_2_and_3_ranks() {
+fn smollm2_same_continuation_on_2_to_4_ranks() {
     let _g = serial();
     let model = smollm2_gguf();
     let mut fails = Vec::new();
@@ -357,13 +403,19 @@ fn smollm2_same_continuation_on_2_and_3_ranks() {
     ] {
         let p = Prompt::Text(text.to_string());
         let base = gen(&model, &p, 24, &[]);
+        let base_f32 = gen_env(&model, &p, 24, &[], &[("TPI_ISA", "scalar")]);
         eprintln!(
             "SmolLM2 {text:?} N=1 ({:.1}s): {:?}",
             base.secs, base.json["text"]
         );
-        for n in ["2", "3"] {
+        if base_f32.ids != base.ids {
+            fails.push(format!(
+                "SmolLM2 {text:?}: f32 activations give ids {:?}, the default path {:?}",
+                base_f32.ids, base.ids
+            ));
+        }
+        for n in ["2", "3", "4"] {
             let got = gen(&model, &p, 24, &["--local-cluster", n]);
-            // Quantised weights: report the logit distance, require identical tokens.
             let d = max_abs_diff(&got.logits, &base.logits);
             eprintln!("  N={n}: max |Δlogit| = {d:.3e}");
             compare(
@@ -379,9 +431,23 @@ fn smollm2_same_continuation_on_2_and_3_ranks() {
                     got.json["text"], base.json["text"]
                 ));
             }
+            let got_f32 = gen_env(
+                &model,
+                &p,
+                24,
+                &["--local-cluster", n],
+                &[("TPI_ISA", "scalar")],
+            );
+            compare(
+                &format!("SmolLM2 {text:?} N={n} f32 activations"),
+                &base_f32,
+                &got_f32,
+                Some(TOL_F32),
+                &mut fails,
+            );
         }
     }
-    finish("SmolLM2 on 2 and 3 ranks", fails);
+    finish("SmolLM2 on 2 to 4 ranks", fails);
 }
 
 /// A spawned process killed and reaped on drop.
