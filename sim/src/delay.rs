@@ -171,6 +171,8 @@ struct State {
     seq: u64,
     rng: u64,
     shutdown: bool,
+    /// Packets the timing thread has taken off the heap and not yet delivered.
+    delivering: usize,
 }
 
 struct Shared {
@@ -224,6 +226,7 @@ impl DelayLine {
                 seq: 0,
                 rng: seed(),
                 shutdown: false,
+                delivering: 0,
             }),
             cv: Condvar::new(),
             counters: LinkStats::default(),
@@ -250,8 +253,8 @@ impl DelayLine {
         sink: &Arc<dyn Sink>,
     ) -> Verdict {
         let now = Instant::now();
-        let mut st = lock(&self.shared.state);
-        let st = &mut *st;
+        let mut guard = lock(&self.shared.state);
+        let st = &mut *guard;
         let clock = st.links.entry(key).or_insert(LinkClock::new(now));
         let rng = &mut st.rng;
         let verdict = clock.schedule(now, spec, data.len(), &mut || uniform(rng));
@@ -274,6 +277,14 @@ impl DelayLine {
                 return verdict;
             }
         };
+        if delivery <= now && st.heap.is_empty() && st.delivering == 0 {
+            // Due now with nothing ahead of it (an ideal link, or an idle unlimited one):
+            // deliver from this thread rather than waking the timing thread, which costs
+            // a thread hand-off per datagram; nothing queued can be overtaken.
+            drop(guard);
+            self.shared.count(sink.deliver(dest, &data), data.len());
+            return verdict;
+        }
         st.seq += 1;
         let was_earliest = st.heap.peek().map_or(true, |p| delivery < p.due);
         st.heap.push(Packet {
@@ -344,18 +355,26 @@ fn timing_thread(shared: &Shared) {
         while st.heap.peek().is_some_and(|p| p.due <= now) {
             due_now.push(st.heap.pop().expect("peeked"));
         }
+        st.delivering = due_now.len();
         drop(st);
-        let c = &shared.counters.0;
         for p in due_now.drain(..) {
-            if p.sink.deliver(p.dest, &p.data) {
-                c.packets_sent.fetch_add(1, Ordering::Relaxed);
-                c.bytes_sent
-                    .fetch_add(p.data.len() as u64, Ordering::Relaxed);
-            } else {
-                c.send_errors.fetch_add(1, Ordering::Relaxed);
-            }
+            shared.count(p.sink.deliver(p.dest, &p.data), p.data.len());
         }
         st = lock(&shared.state);
+        st.delivering = 0;
+    }
+}
+
+impl Shared {
+    /// Counts one delivery attempt of `len` bytes.
+    fn count(&self, delivered: bool, len: usize) {
+        let c = &self.counters.0;
+        if delivered {
+            c.packets_sent.fetch_add(1, Ordering::Relaxed);
+            c.bytes_sent.fetch_add(len as u64, Ordering::Relaxed);
+        } else {
+            c.send_errors.fetch_add(1, Ordering::Relaxed);
+        }
     }
 }
 

@@ -1,5 +1,6 @@
 //! Figures: token latency against link latency, device count and bandwidth,
-//! one line per allreduce algorithm. PNG and SVG, text in an embedded DejaVu font.
+//! one line per allreduce algorithm, and a wide grey band under the line `--allreduce auto`
+//! follows (its choice per payload). PNG and SVG, text in an embedded DejaVu font.
 
 use std::{path::Path, sync::Once, time::Duration};
 
@@ -11,7 +12,7 @@ use plotters::{
 
 use crate::{
     link::LinkSpec,
-    predict::{predict, Algo, Cluster},
+    predict::{predict, Algo, Cluster, Policy},
     topology::Topology,
 };
 
@@ -47,15 +48,24 @@ fn logspace(lo: f64, hi: f64, n: usize) -> Vec<f64> {
         .collect()
 }
 
-fn token_ms(c: &Cluster, a: Algo) -> f64 {
-    predict(c, a).token.as_secs_f64() * 1e3
+fn token_ms(c: &Cluster, p: Policy) -> f64 {
+    predict(c, p).token.as_secs_f64() * 1e3
 }
 
+/// Legend of the `auto` series (drawn as a band under the others).
+const AUTO_LABEL: &str = "auto (its choice)";
+
+/// One series per algorithm in [`Algo::ALL`] order, then `auto`.
 fn sweep(base: &Cluster, xs: &[f64], vary: impl Fn(&mut Cluster, f64)) -> Vec<Series> {
-    Algo::ALL
+    let policies = Algo::ALL.map(Policy::Fixed);
+    policies
         .iter()
+        .chain(&[Policy::Auto])
         .map(|&a| Series {
-            label: a.to_string(),
+            label: match a {
+                Policy::Auto => AUTO_LABEL.to_string(),
+                Policy::Fixed(a) => a.to_string(),
+            },
             points: xs
                 .iter()
                 .map(|&x| {
@@ -201,7 +211,23 @@ where
         .axis_desc_style((FONT, 17))
         .draw()
         .map_err(e)?;
-    for (s, color) in fig.series.iter().zip(COLORS.iter().cycle()) {
+    // The auto band first, so the algorithms' lines run over it.
+    let (auto, algos): (Vec<&Series>, Vec<&Series>) =
+        fig.series.iter().partition(|s| s.label == AUTO_LABEL);
+    for s in auto {
+        let band = RGBColor(90, 90, 90).mix(0.35);
+        chart
+            .draw_series(LineSeries::new(
+                s.points.iter().map(|&(x, y)| (tx(x), y)),
+                band.stroke_width(9),
+            ))
+            .map_err(e)?
+            .label(&s.label)
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 24, y)], band.stroke_width(9))
+            });
+    }
+    for (s, color) in algos.into_iter().zip(COLORS.iter().cycle()) {
         let color = *color;
         chart
             .draw_series(LineSeries::new(
@@ -253,7 +279,26 @@ mod tests {
         };
         let figs = standard_figures(&c, "1ms,300mbit".parse().unwrap(), "smollm2-135m");
         assert_eq!(figs.len(), 3);
-        assert!(figs.iter().all(|f| f.series.len() == Algo::ALL.len()));
+        assert!(figs.iter().all(|f| f.series.len() == Algo::ALL.len() + 1));
+        // The auto line is never above the best of its candidates (the algorithms that
+        // give the star's bits) at any point.
+        let candidates = [Algo::Star, Algo::Mesh, Algo::Rsag].map(|a| a.to_string());
+        for f in &figs {
+            let auto = f.series.iter().find(|s| s.label == AUTO_LABEL).unwrap();
+            for (i, &(_, y)) in auto.points.iter().enumerate() {
+                let best = f
+                    .series
+                    .iter()
+                    .filter(|s| candidates.contains(&s.label))
+                    .map(|s| s.points[i].1)
+                    .fold(f64::INFINITY, f64::min);
+                assert!(
+                    y <= best * (1.0 + 1e-9),
+                    "{}: auto {y} > best {best}",
+                    f.stem
+                );
+            }
+        }
         let dir = std::env::temp_dir().join(format!("tpi-sim-plot-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         for ext in ["png", "svg"] {

@@ -319,11 +319,12 @@ mod tests {
 
     #[test]
     fn bandwidth_term() {
-        // 1 MB over 8 Mbit/s = 1 s per hop; ring moves 1/N per step.
-        let t = Topology::uniform("0ms,8mbit".parse().unwrap());
+        // 1.024 MB over 8.192 Mbit/s = 1 s per hop; ring moves 1/N per step (256000 f32
+        // split in 4 chunks of whole 32-element blocks).
+        let t = Topology::uniform("0ms,8192kbit".parse().unwrap());
         let c = cal0();
-        let star = allreduce_time(Algo::Star, &t, &c, 4, 1e6).as_secs_f64();
-        let ring = allreduce_time(Algo::Ring, &t, &c, 4, 1e6).as_secs_f64();
+        let star = allreduce_time(Algo::Star, &t, &c, 4, 1.024e6).as_secs_f64();
+        let ring = allreduce_time(Algo::Ring, &t, &c, 4, 1.024e6).as_secs_f64();
         assert!(
             (star - 2.0).abs() < 1e-9 && (ring - 1.5).abs() < 1e-9,
             "{star} {ring}"

@@ -47,9 +47,9 @@ fn bind_udp(bind: SocketAddr, opts: &TransportOptions) -> Result<std::net::UdpSo
 #[derive(Clone, Debug)]
 pub struct Endpoint {
     inner: quinn::Endpoint,
-    /// Client config for loopback peers (large datagrams); `None` over emulated links.
+    /// Client config for loopback peers (large datagrams).
     loopback_client: Option<quinn::ClientConfig>,
-    /// Server config for loopback peers; `None` for dial-only or emulated endpoints.
+    /// Server config for loopback peers; `None` for dial-only endpoints.
     loopback_server: Option<Arc<quinn::ServerConfig>>,
 }
 
@@ -149,22 +149,30 @@ impl Endpoint {
         cred: &Credential,
         opts: &TransportOptions,
     ) -> Result<Self, NetError> {
+        // The same per-peer tuning as a real socket's endpoint: loopback peers (all of an
+        // emulated cluster's, bar network namespaces) get the large datagrams and sparse
+        // ACKs, so `--link 0ms` costs what loopback does and the emulator adds only its links.
         let server_cfg = if server {
             Some(server_config_with(cred, opts)?)
         } else {
             None
         };
+        let loopback_server = server_cfg.clone().map(|mut c| {
+            c.transport_config(Arc::new(opts.loopback_transport_config()));
+            Arc::new(c)
+        });
         let mut ep = quinn::Endpoint::new_with_abstract_socket(
-            quinn::EndpointConfig::default(),
+            opts.endpoint_config(),
             server_cfg,
             socket,
             Arc::new(quinn::TokioRuntime),
         )?;
-        ep.set_default_client_config(client_config_with(cred, opts)?);
+        let (client, loopback_client) = client_configs(cred, opts)?;
+        ep.set_default_client_config(client);
         Ok(Endpoint {
             inner: ep,
-            loopback_client: None,
-            loopback_server: None,
+            loopback_client: Some(loopback_client),
+            loopback_server,
         })
     }
 

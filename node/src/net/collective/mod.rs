@@ -115,10 +115,8 @@ async fn recv_apply(
     let Scratch { h16, bytes } = sc;
     match dtype.unit() {
         Some(eb) => {
-            rx.recv_each(len, eb, |i, b| {
-                apply(&mut dst[i..i + b.len() / eb], b, h16)
-            })
-            .await
+            rx.recv_each(len, eb, |i, b| apply(&mut dst[i..i + b.len() / eb], b, h16))
+                .await
         }
         None => {
             bytes.clear();
@@ -332,10 +330,7 @@ impl Group {
                     let (tx, rx) = split_link(links, *to, *from)?;
                     let xr = &mut x[recv.clone()];
                     let t = Instant::now();
-                    futures::try_join!(
-                        tx.send(framed),
-                        recv_apply(rx, dtype, *op, xr, scratch)
-                    )?;
+                    futures::try_join!(tx.send(framed), recv_apply(rx, dtype, *op, xr, scratch))?;
                     st.wait += t.elapsed();
                     st.bytes_sent += wire(send);
                     st.bytes_recv += wire(recv);

@@ -125,7 +125,10 @@ fn bf16_each(src: &[u8], n: usize, mut f: impl FnMut(usize, f32)) -> Result<(), 
         )));
     }
     for (i, c) in src.chunks_exact(2).enumerate() {
-        f(i, bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32());
+        f(
+            i,
+            bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32(),
+        );
     }
     Ok(())
 }

@@ -36,7 +36,12 @@ pub enum WireDType {
 
 impl WireDType {
     /// Every type, in the order `--help` lists them.
-    pub const ALL: [WireDType; 4] = [WireDType::F32, WireDType::F16, WireDType::Bf16, WireDType::Q8];
+    pub const ALL: [WireDType; 4] = [
+        WireDType::F32,
+        WireDType::F16,
+        WireDType::Bf16,
+        WireDType::Q8,
+    ];
 
     /// Bytes on the wire of a message of `n` elements.
     pub fn wire_len(self, n: usize) -> usize {
