@@ -96,7 +96,10 @@ pub(crate) unsafe fn prepare(x: &[f32], aux: &mut super::Aux) {
             // |x * inv| <= ACT_MAX up to the rounding of inv: clamp before converting.
             let r = |v| {
                 let t = _mm256_mul_ps(v, inv);
-                let t = _mm256_max_ps(_mm256_min_ps(t, lim), _mm256_sub_ps(_mm256_setzero_ps(), lim));
+                let t = _mm256_max_ps(
+                    _mm256_min_ps(t, lim),
+                    _mm256_sub_ps(_mm256_setzero_ps(), lim),
+                );
                 _mm256_cvtps_epi32(t)
             };
             (amax / super::ACT_MAX, v.map(r))
@@ -218,9 +221,8 @@ unsafe fn rows_int<const R: usize, const K: u8>(
     let m0f = _mm_set1_epi8(0x0f);
     let eight = _mm_set1_epi8(8);
     // Lane r (d s_b of row r) or 2r (Q4_1's interleaved [d, m] pairs) to every lane.
-    let lane: [__m256i; R] = std::array::from_fn(|r| {
-        _mm256_set1_epi32(if K == 2 { 2 * r as i32 } else { r as i32 })
-    });
+    let lane: [__m256i; R] =
+        std::array::from_fn(|r| _mm256_set1_epi32(if K == 2 { 2 * r as i32 } else { r as i32 }));
     let mut acc = [_mm256_setzero_ps(); R];
     let mut accm = _mm256_setzero_ps();
     for b in 0..nb {
