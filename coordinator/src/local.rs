@@ -151,8 +151,15 @@ pub fn wait_for_listen(child: &mut Child, timeout: Duration) -> Result<SocketAdd
     }))
 }
 
-fn spawn_node(bin: &Path, cred_dir: &Path, threads: usize, extra: &[String]) -> Result<Child> {
+fn spawn_node(
+    bin: &Path,
+    cred_dir: &Path,
+    threads: usize,
+    extra: &[String],
+    env: &[(String, String)],
+) -> Result<Child> {
     let mut cmd = Command::new(bin);
+    cmd.envs(env.iter().map(|(k, v)| (k, v)));
     cmd.arg("serve")
         .arg("--listen")
         .arg("127.0.0.1:0")
@@ -177,8 +184,14 @@ fn spawn_node(bin: &Path, cred_dir: &Path, threads: usize, extra: &[String]) -> 
 }
 
 impl LocalCluster {
-    /// Starts `nodes` node processes with `threads` threads each and waits for each to listen.
-    pub fn spawn(nodes: usize, threads: usize, extra_args: &[String]) -> Result<Self> {
+    /// Starts `nodes` node processes with `threads` threads each (and `env` added to their
+    /// environment) and waits for each to listen.
+    pub fn spawn(
+        nodes: usize,
+        threads: usize,
+        extra_args: &[String],
+        env: &[(String, String)],
+    ) -> Result<Self> {
         let dir = unique_dir();
         let io = |e: std::io::Error| Error::Io(format!("local cluster: {e}"));
         std::fs::create_dir_all(&dir).map_err(io)?;
@@ -194,7 +207,7 @@ impl LocalCluster {
         node_cred.save(&cred_dir)?;
         let bin = node_binary();
         for _ in 0..nodes {
-            let mut child = spawn_node(&bin, &cred_dir, threads, extra_args)?;
+            let mut child = spawn_node(&bin, &cred_dir, threads, extra_args, env)?;
             let addr = wait_for_listen(&mut child, Duration::from_secs(20));
             me.children.push(child);
             let addr = addr?;

@@ -117,6 +117,10 @@ pub enum Choice {
         ratios: Vec<f64>,
         /// Arguments every spawned node gets after `serve`.
         node_args: Vec<String>,
+        /// More threads than cores: every rank parks at once while it waits for an
+        /// allreduce instead of busy-polling, which would take the core from a rank still
+        /// computing (`TPI_SPIN_US`, when set, still wins).
+        park_waiting: bool,
     },
     /// Connect to nodes elsewhere, authenticated with the credential in `credential`.
     Remote {
@@ -232,12 +236,15 @@ pub fn choose(spec: &BackendSpec, cfg: &ModelConfig, facts: &Facts) -> Result<Ch
             }
             // Local nodes are private to this run: do not announce them.
             node_args.push("--no-mdns".to_string());
+            let node_threads = spec.node_threads.unwrap_or(per_rank);
+            let threads = spec.threads.unwrap_or(per_rank);
             Ok(Choice::LocalCluster {
                 nodes: n - 1,
-                node_threads: spec.node_threads.unwrap_or(per_rank),
-                threads: spec.threads.unwrap_or(per_rank),
+                node_threads,
+                threads,
                 ratios,
                 node_args,
+                park_waiting: threads + (n - 1) * node_threads > facts.cores,
             })
         }
         Ranks::Nodes(list) => {

@@ -74,9 +74,16 @@ pub fn open(spec: &BackendSpec, files: &ModelFiles, capacity: usize) -> Result<B
             node_threads,
             ratios,
             node_args,
+            park_waiting,
             ..
         } => {
-            let lc = LocalCluster::spawn(nodes, node_threads, &node_args)?;
+            let mut env = Vec::new();
+            if park_waiting && std::env::var_os("TPI_SPIN_US").is_none() {
+                tracing::info!("more threads than cores: waiting ranks park at once");
+                tpi_node::net::driven::set_default_spin(std::time::Duration::ZERO);
+                env.push(("TPI_SPIN_US".to_string(), "0".to_string()));
+            }
+            let lc = LocalCluster::spawn(nodes, node_threads, &node_args, &env)?;
             (
                 lc.addrs.clone(),
                 lc.credential.clone(),

@@ -120,11 +120,13 @@ fn a_local_cluster_splits_the_cores_and_passes_the_flags_on() {
         threads,
         ratios,
         node_args,
+        park_waiting,
     } = choose(&s, &cfg(), &facts()).unwrap()
     else {
         panic!("not a local cluster")
     };
     assert_eq!((nodes, node_threads, threads), (3, 2, 2));
+    assert!(!park_waiting, "8 threads on 8 cores may spin");
     assert_eq!(ratios, vec![1.0; 4]);
     assert_eq!(&node_args[..2], ["--data-dir", "/cache"]);
     assert!(node_args.windows(2).any(|w| w == ["--window", "3"]));
@@ -139,6 +141,24 @@ fn a_local_cluster_splits_the_cores_and_passes_the_flags_on() {
         Choice::LocalCluster {
             node_threads: 5,
             threads: 1,
+            park_waiting: true,
+            ..
+        }
+    ));
+    // More ranks than cores (4 on 2): one thread each, and waiting ranks park.
+    s.ranks = Ranks::LocalCluster(4);
+    s.node_threads = None;
+    let two_cores = Facts {
+        cores: 2,
+        ..facts()
+    };
+    let c = choose(&s, &cfg(), &two_cores).unwrap();
+    assert!(matches!(
+        c,
+        Choice::LocalCluster {
+            node_threads: 1,
+            threads: 1,
+            park_waiting: true,
             ..
         }
     ));

@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 use tokio::runtime::{Handle, Runtime};
 use tokio::sync::Notify;
 
-pub use super::spin::{spin_time, DEFAULT_SPIN};
+pub use super::spin::{set_default_spin, spin_time, DEFAULT_SPIN};
 
 /// After this long without a waiting thread, the keeper drives the runtime.
 const QUIET: Duration = Duration::from_millis(2);

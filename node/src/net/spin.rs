@@ -13,7 +13,7 @@
 
 use std::future::Future;
 use std::pin::pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll, Wake, Waker};
 use std::thread::{self, Thread};
@@ -22,10 +22,26 @@ use std::time::{Duration, Instant};
 /// How long the caller polls in a yield loop before parking.
 pub const DEFAULT_SPIN: Duration = Duration::from_micros(300);
 
-/// The spin budget: `TPI_SPIN_US` if set (0 parks at once), else [`DEFAULT_SPIN`].
+/// The default budget when `TPI_SPIN_US` is unset, in µs; `u64::MAX` = [`DEFAULT_SPIN`].
+static DEFAULT_US: AtomicU64 = AtomicU64::new(u64::MAX);
+
+/// Sets this process's spin budget for when `TPI_SPIN_US` is unset (a coordinator whose
+/// local ranks outnumber the cores parks at once: see `park_waiting` in its backend choice).
+pub fn set_default_spin(d: Duration) {
+    DEFAULT_US.store(
+        d.as_micros().min(u64::MAX as u128 - 1) as u64,
+        Ordering::Relaxed,
+    );
+}
+
+/// The spin budget: `TPI_SPIN_US` if set (0 parks at once), else the one
+/// [`set_default_spin`] set, else [`DEFAULT_SPIN`].
 pub fn spin_time() -> Duration {
     match std::env::var("TPI_SPIN_US") {
-        Err(_) => DEFAULT_SPIN,
+        Err(_) => match DEFAULT_US.load(Ordering::Relaxed) {
+            u64::MAX => DEFAULT_SPIN,
+            us => Duration::from_micros(us),
+        },
         Ok(v) => match v.trim().parse() {
             Ok(us) => Duration::from_micros(us),
             Err(_) => {
