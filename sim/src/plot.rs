@@ -211,34 +211,28 @@ where
         .axis_desc_style((FONT, 17))
         .draw()
         .map_err(e)?;
-    // The auto band first, so the algorithms' lines run over it.
+    // The auto band first, so the algorithms' lines run over it; (series, line, legend).
     let (auto, algos): (Vec<&Series>, Vec<&Series>) =
         fig.series.iter().partition(|s| s.label == AUTO_LABEL);
-    for s in auto {
-        let band = RGBColor(90, 90, 90).mix(0.35);
+    let band = RGBColor(90, 90, 90).mix(0.35);
+    let styled = auto
+        .into_iter()
+        .map(|s| (s, band.stroke_width(9), band.stroke_width(9)))
+        .chain(
+            algos
+                .into_iter()
+                .zip(COLORS.iter().cycle())
+                .map(|(s, c)| (s, c.stroke_width(2), c.stroke_width(3))),
+        );
+    for (s, line, legend) in styled {
         chart
             .draw_series(LineSeries::new(
                 s.points.iter().map(|&(x, y)| (tx(x), y)),
-                band.stroke_width(9),
+                line,
             ))
             .map_err(e)?
             .label(&s.label)
-            .legend(move |(x, y)| {
-                PathElement::new(vec![(x, y), (x + 24, y)], band.stroke_width(9))
-            });
-    }
-    for (s, color) in algos.into_iter().zip(COLORS.iter().cycle()) {
-        let color = *color;
-        chart
-            .draw_series(LineSeries::new(
-                s.points.iter().map(|&(x, y)| (tx(x), y)),
-                color.stroke_width(2),
-            ))
-            .map_err(e)?
-            .label(&s.label)
-            .legend(move |(x, y)| {
-                PathElement::new(vec![(x, y), (x + 24, y)], color.stroke_width(3))
-            });
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 24, y)], legend));
     }
     chart
         .configure_series_labels()
