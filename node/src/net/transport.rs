@@ -65,6 +65,16 @@ fn client_configs(
     Ok((cfg, lo))
 }
 
+/// A copy of `server` with the loopback transport tuning, for incoming loopback peers.
+fn loopback_server_config(
+    server: &quinn::ServerConfig,
+    opts: &TransportOptions,
+) -> Arc<quinn::ServerConfig> {
+    let mut lo = server.clone();
+    lo.transport_config(Arc::new(opts.loopback_transport_config()));
+    Arc::new(lo)
+}
+
 impl Endpoint {
     /// A server endpoint bound to `bind` (use port 0 for an ephemeral port). It can also
     /// dial out (worker-to-worker links) with the same credential.
@@ -80,8 +90,7 @@ impl Endpoint {
     ) -> Result<Self, NetError> {
         let socket = bind_udp(bind, opts)?;
         let server = server_config_with(cred, opts)?;
-        let mut loopback_server = server.clone();
-        loopback_server.transport_config(Arc::new(opts.loopback_transport_config()));
+        let loopback_server = loopback_server_config(&server, opts);
         let mut ep = quinn::Endpoint::new(
             opts.endpoint_config(),
             Some(server),
@@ -94,7 +103,7 @@ impl Endpoint {
         Ok(Endpoint {
             inner: ep,
             loopback_client: Some(loopback_client),
-            loopback_server: Some(Arc::new(loopback_server)),
+            loopback_server: Some(loopback_server),
         })
     }
 
@@ -157,10 +166,7 @@ impl Endpoint {
         } else {
             None
         };
-        let loopback_server = server_cfg.clone().map(|mut c| {
-            c.transport_config(Arc::new(opts.loopback_transport_config()));
-            Arc::new(c)
-        });
+        let loopback_server = server_cfg.as_ref().map(|c| loopback_server_config(c, opts));
         let mut ep = quinn::Endpoint::new_with_abstract_socket(
             opts.endpoint_config(),
             server_cfg,
