@@ -20,24 +20,61 @@ pub enum DType {
     Q4_0,
     /// GGML Q4_1: blocks of 32 `{f16 d; f16 m; u8 qs[16]}`, value = nibble*d + m.
     Q4_1,
+    /// GGML Q5_0: blocks of 32 `{f16 d; u32 qh; u8 qs[16]}`, value = (q5-16)*d.
+    Q5_0,
+    /// GGML Q5_1: blocks of 32 `{f16 d; f16 m; u32 qh; u8 qs[16]}`, value = q5*d + m.
+    Q5_1,
+    /// GGML IQ4_NL: blocks of 32 `{f16 d; u8 qs[16]}`, value = d * KVALUES[nibble] (non-linear).
+    IQ4NL,
+    /// GGML Q2_K: super-blocks of 256 `{u8 scales[16]; u8 qs[64]; f16 d, dmin}`, 16 sub-blocks
+    /// of 16 with 4-bit scale and min, value = d*sc*q2 - dmin*m.
+    Q2K,
+    /// GGML Q3_K: super-blocks of 256 `{u8 hmask[32]; u8 qs[64]; u8 scales[12]; f16 d}`,
+    /// 16 sub-blocks of 16 with 6-bit signed scales, value = d*(sc-32)*(q3-4).
+    Q3K,
+    /// GGML Q4_K: super-blocks of 256 `{f16 d, dmin; u8 scales[12]; u8 qs[128]}`, 8 sub-blocks
+    /// of 32 with 6-bit scale and min, value = d*sc*q4 - dmin*m.
+    Q4K,
+    /// GGML Q5_K: super-blocks of 256 `{f16 d, dmin; u8 scales[12]; u8 qh[32]; u8 qs[128]}`,
+    /// as Q4_K with a fifth bit.
+    Q5K,
+    /// GGML Q6_K: super-blocks of 256 `{u8 ql[128]; u8 qh[64]; i8 scales[16]; f16 d}`,
+    /// 16 sub-blocks of 16, value = d*sc*(q6-32).
+    Q6K,
+    /// GGML IQ4_XS: super-blocks of 256 `{f16 d; u16 scales_h; u8 scales_l[4]; u8 qs[128]}`,
+    /// 8 sub-blocks of 32 with 6-bit scales, value = d*(sc-32)*KVALUES[nibble].
+    IQ4XS,
 }
 
 impl DType {
     /// Every storage type, floats first (for sweeps in tests and benchmarks).
-    pub const ALL: [DType; 6] = [
+    pub const ALL: [DType; 15] = [
         DType::F32,
         DType::F16,
         DType::BF16,
         DType::Q8_0,
         DType::Q4_0,
         DType::Q4_1,
+        DType::Q5_0,
+        DType::Q5_1,
+        DType::IQ4NL,
+        DType::Q2K,
+        DType::Q3K,
+        DType::Q4K,
+        DType::Q5K,
+        DType::Q6K,
+        DType::IQ4XS,
     ];
 
-    /// Elements per storage block: 1 for float types, 32 for the quantised ones.
+    /// Elements per storage block: 1 for float types, 32 for the small-block quantised
+    /// types, 256 for the K-quants' and IQ4_XS's super-blocks.
     pub const fn block_len(self) -> usize {
         match self {
             DType::F32 | DType::F16 | DType::BF16 => 1,
-            DType::Q8_0 | DType::Q4_0 | DType::Q4_1 => 32,
+            DType::Q8_0 | DType::Q4_0 | DType::Q4_1 | DType::Q5_0 | DType::Q5_1 | DType::IQ4NL => {
+                32
+            }
+            DType::Q2K | DType::Q3K | DType::Q4K | DType::Q5K | DType::Q6K | DType::IQ4XS => 256,
         }
     }
 
@@ -49,7 +86,115 @@ impl DType {
             DType::Q8_0 => 34,
             DType::Q4_0 => 18,
             DType::Q4_1 => 20,
+            DType::Q5_0 => 22,
+            DType::Q5_1 => 24,
+            DType::IQ4NL => 18,
+            DType::Q2K => 84,
+            DType::Q3K => 110,
+            DType::Q4K => 144,
+            DType::Q5K => 176,
+            DType::Q6K => 210,
+            DType::IQ4XS => 136,
         }
+    }
+
+    /// Bytes per weight in storage: `block_bytes / block_len` (4.5 for Q4_K, 6.5625 for Q6_K).
+    /// The one definition the planner, the simulator and the benchmarks use.
+    pub fn bytes_per_weight(self) -> f64 {
+        self.block_bytes() as f64 / self.block_len() as f64
+    }
+
+    /// Byte offsets of the f16 scale fields inside one block (for tests and fuzzers that
+    /// build valid random blocks: every other byte of a block is free-form bits).
+    pub const fn f16_fields(self) -> &'static [usize] {
+        match self {
+            DType::F32 | DType::F16 | DType::BF16 => &[],
+            DType::Q8_0 | DType::Q4_0 | DType::Q5_0 | DType::IQ4NL | DType::IQ4XS => &[0],
+            DType::Q4_1 | DType::Q5_1 | DType::Q4K | DType::Q5K => &[0, 2],
+            DType::Q2K => &[80, 82],
+            DType::Q3K => &[108],
+            DType::Q6K => &[208],
+        }
+    }
+
+    /// Whether [`crate::quantize_row`] can write this type (the float types and ggml's
+    /// simple 32-blocks; the K-quants and IQ4 are read, not written).
+    pub const fn can_quantize(self) -> bool {
+        matches!(
+            self,
+            DType::F32
+                | DType::F16
+                | DType::BF16
+                | DType::Q8_0
+                | DType::Q4_0
+                | DType::Q4_1
+                | DType::Q5_0
+                | DType::Q5_1
+        )
+    }
+
+    /// GGML's type id for this type (`ggml_type`, as GGUF files store it).
+    pub const fn ggml_type_id(self) -> u32 {
+        match self {
+            DType::F32 => 0,
+            DType::F16 => 1,
+            DType::Q4_0 => 2,
+            DType::Q4_1 => 3,
+            DType::Q5_0 => 6,
+            DType::Q5_1 => 7,
+            DType::Q8_0 => 8,
+            DType::Q2K => 10,
+            DType::Q3K => 11,
+            DType::Q4K => 12,
+            DType::Q5K => 13,
+            DType::Q6K => 14,
+            DType::IQ4NL => 20,
+            DType::IQ4XS => 23,
+            DType::BF16 => 30,
+        }
+    }
+
+    /// The type with GGML type id `id`, or `Err` with GGML's name for a type tpi does not
+    /// read (`"iq2_xxs"`, `"mxfp4"`, ...; `"ggml type N"` for an id GGML does not define).
+    pub fn from_ggml_type_id(id: u32) -> Result<DType, String> {
+        if let Some(d) = DType::ALL.into_iter().find(|d| d.ggml_type_id() == id) {
+            return Ok(d);
+        }
+        const OTHERS: [(u32, &str); 14] = [
+            (9, "q8_1"),
+            (15, "q8_k"),
+            (16, "iq2_xxs"),
+            (17, "iq2_xs"),
+            (18, "iq3_xxs"),
+            (19, "iq1_s"),
+            (21, "iq3_s"),
+            (22, "iq2_s"),
+            (24, "i8"),
+            (25, "i16"),
+            (26, "i32"),
+            (27, "i64"),
+            (28, "f64"),
+            (29, "iq1_m"),
+        ];
+        const LATER: [(u32, &str); 4] =
+            [(34, "tq1_0"), (35, "tq2_0"), (39, "mxfp4"), (40, "nvfp4")];
+        Err(OTHERS
+            .iter()
+            .chain(LATER.iter())
+            .find(|(i, _)| *i == id)
+            .map_or_else(|| format!("ggml type {id}"), |(_, n)| (*n).to_string()))
+    }
+
+    /// Names of every type tpi reads, for error messages ("f32, f16, ..., iq4_xs").
+    pub fn supported_names() -> String {
+        DType::ALL.map(DType::name).join(", ")
+    }
+
+    /// The type named `s` (as [`DType::name`] spells it; upper case and GGML's own
+    /// spellings such as `Q4_K` and `IQ4_XS` are accepted).
+    pub fn from_name(s: &str) -> Option<DType> {
+        let l = s.to_ascii_lowercase();
+        DType::ALL.into_iter().find(|d| d.name() == l)
     }
 
     /// Bytes of one row of `cols` elements, or `None` when `cols` is not a multiple of the block length.
@@ -69,6 +214,15 @@ impl DType {
             DType::Q8_0 => "q8_0",
             DType::Q4_0 => "q4_0",
             DType::Q4_1 => "q4_1",
+            DType::Q5_0 => "q5_0",
+            DType::Q5_1 => "q5_1",
+            DType::IQ4NL => "iq4_nl",
+            DType::Q2K => "q2_k",
+            DType::Q3K => "q3_k",
+            DType::Q4K => "q4_k",
+            DType::Q5K => "q5_k",
+            DType::Q6K => "q6_k",
+            DType::IQ4XS => "iq4_xs",
         }
     }
 }

@@ -100,8 +100,27 @@ fn ref_dequant(dtype: DType, data: &[u8], n: usize) -> Vec<f32> {
                 out[i] = nib as f32 * h(b) + h(&b[2..]);
             }
         }
+        // The 5-bit, IQ4 and K-quant decoders are checked against gguf-py bit for bit on
+        // every path (tests/ggml_blocks.rs), so they serve as their own reference here.
+        _ => dequantize_row(dtype, &data[..dtype.row_bytes(n).unwrap()], &mut out),
     }
     out
+}
+
+/// One row of random blocks of `dtype` (for types `quantize_row` does not write): uniform
+/// quant bits, and every f16 field a random value of magnitude 2^-6..2^-3 and random sign,
+/// so that rows hold values of order 1 with sign and scale varying block to block.
+fn rand_blocks(rng: &mut Rng, dtype: DType, out: &mut [u8]) {
+    for b in out.chunks_exact_mut(dtype.block_bytes()) {
+        for v in b.iter_mut() {
+            *v = rng.u64() as u8;
+        }
+        for &off in dtype.f16_fields() {
+            let mag = (0.5 + 0.5 * rng.f32().abs()) / (8 << (rng.u64() % 4)) as f32;
+            let v = if rng.u64() % 2 == 0 { mag } else { -mag };
+            b[off..off + 2].copy_from_slice(&f16::from_f32(v).to_bits().to_le_bytes());
+        }
+    }
 }
 
 /// Random matrix bytes (rows x cols) quantised from uniform data, with an optional stride padding.
@@ -116,8 +135,12 @@ fn rand_matrix(
     let stride = rb + pad;
     let mut data = vec![0xAAu8; rows * stride];
     for r in 0..rows {
-        let v = rng.vec(cols);
-        quantize_row(dtype, &v, &mut data[r * stride..r * stride + rb]);
+        let row = &mut data[r * stride..r * stride + rb];
+        if dtype.can_quantize() {
+            quantize_row(dtype, &rng.vec(cols), row);
+        } else {
+            rand_blocks(rng, dtype, row);
+        }
     }
     (data, stride)
 }
@@ -178,13 +201,31 @@ fn dtype_properties() {
         (32, 34, "q8_0"),
         (32, 18, "q4_0"),
         (32, 20, "q4_1"),
+        (32, 22, "q5_0"),
+        (32, 24, "q5_1"),
+        (32, 18, "iq4_nl"),
+        (256, 84, "q2_k"),
+        (256, 110, "q3_k"),
+        (256, 144, "q4_k"),
+        (256, 176, "q5_k"),
+        (256, 210, "q6_k"),
+        (256, 136, "iq4_xs"),
     ];
+    assert_eq!(expect.len(), DType::ALL.len());
     for (d, (bl, bb, name)) in DType::ALL.iter().zip(expect) {
         assert_eq!(d.block_len(), bl);
         assert_eq!(d.block_bytes(), bb);
         assert_eq!(d.name(), name);
-        assert_eq!(d.row_bytes(64), Some(64 / bl * bb));
+        assert_eq!(d.row_bytes(512), Some(512 / bl * bb));
+        assert_eq!(DType::from_name(name), Some(*d));
+        assert_eq!(DType::from_name(&name.to_uppercase()), Some(*d));
+        assert_eq!(DType::from_ggml_type_id(d.ggml_type_id()), Ok(*d));
+        assert_eq!(d.bytes_per_weight(), bb as f64 / bl as f64);
     }
+    assert_eq!(DType::Q4K.row_bytes(128), None);
+    assert_eq!(DType::from_ggml_type_id(16).unwrap_err(), "iq2_xxs");
+    assert_eq!(DType::from_ggml_type_id(39).unwrap_err(), "mxfp4");
+    assert_eq!(DType::from_ggml_type_id(99).unwrap_err(), "ggml type 99");
     assert_eq!(DType::Q4_1.row_bytes(33), None);
     assert_eq!(DType::F16.row_bytes(33), Some(66));
 }
@@ -233,7 +274,7 @@ fn matref_validation() {
 #[test]
 fn quant_layouts_and_roundtrip() {
     let mut rng = Rng::new(1);
-    for dtype in DType::ALL {
+    for dtype in DType::ALL.into_iter().filter(|d| d.can_quantize()) {
         let n = if dtype.block_len() == 32 { 32 * 7 } else { 37 };
         let mut x = rng.vec(n);
         x[3] = 0.0;
@@ -266,6 +307,10 @@ fn quant_layouts_and_roundtrip() {
                 // The value opposite the extreme maps to +8 and is clamped to 7: up to one full step.
                 DType::Q4_0 => amax / 8.0 + amax * 1e-3,
                 DType::Q4_1 => (max - min) / 15.0 * 0.5 + (max - min) * 2e-3 + min.abs() * 1e-3,
+                // As Q4_0/Q4_1 with 5-bit steps.
+                DType::Q5_0 => amax / 16.0 + amax * 1e-3,
+                DType::Q5_1 => (max - min) / 31.0 * 0.5 + (max - min) * 2e-3 + min.abs() * 1e-3,
+                _ => unreachable!("{dtype} is not quantised here"),
             };
             for (i, v) in xb.iter().enumerate() {
                 let err = (want[b * 32 + i] - v).abs();
@@ -436,10 +481,10 @@ fn check_gemv_view(
 fn gemv_matches_reference() {
     let mut rng = Rng::new(2);
     for dtype in DType::ALL {
-        let cols_list: &[usize] = if dtype.block_len() == 32 {
-            &[32, 96, 576]
-        } else {
-            &[1, 7, 33, 67, 577]
+        let cols_list: &[usize] = match dtype.block_len() {
+            1 => &[1, 7, 33, 67, 577],
+            32 => &[32, 96, 576],
+            _ => &[256, 768, 1280],
         };
         for &rows in &[1usize, 3, 17, 33] {
             for &cols in cols_list {
@@ -453,7 +498,11 @@ fn gemv_matches_reference() {
 fn gemv_strided_and_sliced() {
     let mut rng = Rng::new(3);
     for dtype in DType::ALL {
-        let cols = if dtype.block_len() == 32 { 128 } else { 45 };
+        let cols = match dtype.block_len() {
+            1 => 45,
+            32 => 128,
+            _ => 512,
+        };
         check_gemv_case(&mut rng, dtype, 17, cols, 6, false);
         check_gemv_case(&mut rng, dtype, 33, cols, 0, true);
         check_gemv_case(&mut rng, dtype, 5, cols, 3, true);
@@ -657,17 +706,18 @@ fn gemm_matches_reference() {
     let mut rng = Rng::new(5);
     let pools = [ThreadPool::new(1), ThreadPool::new(2)];
     for dtype in DType::ALL {
-        let cols_list: &[usize] = if dtype.block_len() == 32 {
-            &[64, 320]
-        } else {
-            &[5, 67, 300]
+        let cols_list: &[usize] = match dtype.block_len() {
+            1 => &[5, 67, 300],
+            32 => &[64, 320],
+            _ => &[256, 512],
         };
+        let off = dtype.block_len().max(32);
         for &rows in &[1usize, 3, 33, 70] {
             for &cols in cols_list {
                 for &n in &[1usize, 2, 5, 7, 13] {
-                    let (data, stride) = rand_matrix(&mut rng, dtype, rows, cols + 32, 4);
-                    let w = MatRef::with_stride(dtype, rows, cols + 32, stride, &data).unwrap();
-                    let w = w.cols_range(32, 32 + cols).unwrap();
+                    let (data, stride) = rand_matrix(&mut rng, dtype, rows, cols + off, 4);
+                    let w = MatRef::with_stride(dtype, rows, cols + off, stride, &data).unwrap();
+                    let w = w.cols_range(off, off + cols).unwrap();
                     let x = rng.vec(n * cols);
                     let mut want = vec![(0.0f64, 0.0f64, 0.0f64); n * rows];
                     for t in 0..n {

@@ -134,7 +134,8 @@ unsafe fn rows_kernel<const R: usize>(
         DType::BF16 => rows_float::<R, 2>(p, cols, pf, x, out),
         DType::Q8_0 => rows_int::<R, 0>(p, cols / 32, pf, xi, xf, out),
         DType::Q4_0 => rows_int::<R, 1>(p, cols / 32, pf, xi, xf, out),
-        DType::Q4_1 => rows_int::<R, 2>(p, cols / 32, pf, xi, xf, out),
+        DType::Q4_1 => rows_int::<R, 2>(p, cols / 32, pf, xi, xf, out), // Other types are routed to `gemv_rows_decoded` before any row kernel.
+        _ => unreachable!("no {dtype} row kernel on this path"),
     }
 }
 
@@ -372,6 +373,7 @@ pub(crate) unsafe fn dequant_row(dtype: DType, data: &[u8], out: &mut [f32]) {
                 }
             }
         }
+        _ => crate::quant::dequantize_row_scalar(dtype, data, out),
     }
 }
 

@@ -76,7 +76,8 @@ unsafe fn rows_kernel<const R: usize>(
         DType::BF16 => rows_float::<R, 2>(p, cols, pf, x, out),
         DType::Q8_0 => rows_q8_0::<R>(p, cols / 32, pf, x, out),
         DType::Q4_0 => rows_q4::<R, false>(p, cols / 32, pf, aux, out),
-        DType::Q4_1 => rows_q4::<R, true>(p, cols / 32, pf, aux, out),
+        DType::Q4_1 => rows_q4::<R, true>(p, cols / 32, pf, aux, out), // Other types are routed to `gemv_rows_decoded` before any row kernel.
+        _ => unreachable!("no {dtype} row kernel on this path"),
     }
 }
 
@@ -341,6 +342,7 @@ pub(crate) unsafe fn dequant_row(dtype: DType, data: &[u8], out: &mut [f32]) {
                 _mm512_storeu_ps(dst.add(b * 32 + 16), hi);
             }
         }
+        _ => crate::quant::dequantize_row_scalar(dtype, data, out),
     }
 }
 

@@ -184,6 +184,9 @@ pub(crate) fn gemv_rows_isa(
     debug_assert_eq!(y.len(), r1 - r0);
     #[cfg(not(target_arch = "x86_64"))]
     let _ = aux;
+    if !has_row_kernel(w.dtype) {
+        return gemv_rows_decoded(isa, w, r0, r1, x, y);
+    }
     let vnni = isa == Isa::Avx512Vnni && !aux.i.is_empty();
     if w.layout == Layout::Packed && !vnni {
         return gemv_rows_unpacking(isa, w, r0, r1, x, aux, y);
@@ -198,6 +201,41 @@ pub(crate) fn gemv_rows_isa(
         #[cfg(target_arch = "aarch64")]
         Isa::Neon => unsafe { neon::gemv_rows(w, r0, r1, x, y) },
         _ => scalar::gemv_rows(w, r0, r1, x, y),
+    }
+}
+
+/// Whether `dtype` has row kernels of its own on every path (else rows are decoded a chunk
+/// at a time and dotted with x, see [`gemv_rows_decoded`]).
+fn has_row_kernel(dtype: DType) -> bool {
+    matches!(
+        dtype,
+        DType::F32 | DType::F16 | DType::BF16 | DType::Q8_0 | DType::Q4_0 | DType::Q4_1
+    )
+}
+
+/// Columns decoded at a time by [`gemv_rows_decoded`]: one super-block, a multiple of every
+/// block length.
+const DECODE_COLS: usize = 256;
+
+/// GEMV rows of a type without a row kernel on this path: each row is decoded
+/// `DECODE_COLS` columns at a time (the path's own decoder, bit-identical to the scalar
+/// one) and dotted with x. Correct on every path, and the reference the fast kernels are
+/// measured against; about as fast as the decoder.
+fn gemv_rows_decoded(isa: Isa, w: &MatRef, r0: usize, r1: usize, x: &[f32], y: &mut [f32]) {
+    let (bl, bb) = (w.dtype.block_len(), w.dtype.block_bytes());
+    let mut buf = [0.0f32; DECODE_COLS];
+    for (r, yv) in (r0..r1).zip(y.iter_mut()) {
+        let row = w.row(r);
+        let mut acc = 0.0f32;
+        let mut c = 0;
+        while c < w.cols {
+            let n = DECODE_COLS.min(w.cols - c);
+            let bytes = &row[c / bl * bb..(c + n) / bl * bb];
+            crate::quant::dequantize_row_isa(isa, w.dtype, bytes, &mut buf[..n]);
+            acc += dot(isa, &buf[..n], &x[c..c + n]);
+            c += n;
+        }
+        *yv = acc;
     }
 }
 

@@ -27,7 +27,10 @@ pub enum ModelError {
     )]
     UnsupportedArch(String),
     /// A tensor uses a dtype tpi has no kernel for.
-    #[error("tensor `{tensor}` has unsupported dtype {dtype} (supported: f32, f16, bf16, q8_0, q4_0, q4_1)")]
+    #[error(
+        "tensor `{tensor}` has unsupported dtype {dtype} (supported: {})",
+        tpi_kernels::DType::supported_names()
+    )]
     UnsupportedDType {
         /// Tensor name.
         tensor: String,

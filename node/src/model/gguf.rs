@@ -208,36 +208,12 @@ impl<'a> Cursor<'a> {
 
 /// Maps a GGML type id to our kernel dtype, or names the unsupported type.
 pub fn ggml_dtype(id: u32) -> Result<DType, String> {
-    Ok(match id {
-        0 => DType::F32,
-        1 => DType::F16,
-        2 => DType::Q4_0,
-        3 => DType::Q4_1,
-        8 => DType::Q8_0,
-        30 => DType::BF16,
-        6 => return Err("q5_0".into()),
-        7 => return Err("q5_1".into()),
-        9 => return Err("q8_1".into()),
-        10 => return Err("q2_k".into()),
-        11 => return Err("q3_k".into()),
-        12 => return Err("q4_k".into()),
-        13 => return Err("q5_k".into()),
-        14 => return Err("q6_k".into()),
-        15 => return Err("q8_k".into()),
-        other => return Err(format!("ggml type {other}")),
-    })
+    DType::from_ggml_type_id(id)
 }
 
 /// The GGML type id GGUF uses for one of our dtypes.
 pub fn ggml_type_id(d: DType) -> u32 {
-    match d {
-        DType::F32 => 0,
-        DType::F16 => 1,
-        DType::Q4_0 => 2,
-        DType::Q4_1 => 3,
-        DType::Q8_0 => 8,
-        DType::BF16 => 30,
-    }
+    d.ggml_type_id()
 }
 
 /// Checks that the tensors tile the data section as GGUF writers lay it out: in offset

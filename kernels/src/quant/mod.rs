@@ -1,5 +1,7 @@
 //! GGML reference quantisation / dequantisation of rows (bit-compatible with ggml's `*_ref`).
 
+mod blocks;
+
 use half::f16;
 
 use crate::isa::{active_isa, Isa};
@@ -54,6 +56,15 @@ pub(crate) fn dequantize_row_isa(isa: Isa, dtype: DType, data: &[u8], out: &mut 
 /// Portable reference dequantisation.
 pub(crate) fn dequantize_row_scalar(dtype: DType, data: &[u8], out: &mut [f32]) {
     match dtype {
+        DType::Q5_0 => blocks::q5_0(data, out),
+        DType::Q5_1 => blocks::q5_1(data, out),
+        DType::IQ4NL => blocks::iq4_nl(data, out),
+        DType::Q2K => blocks::q2_k(data, out),
+        DType::Q3K => blocks::q3_k(data, out),
+        DType::Q4K => blocks::q4_k(data, out),
+        DType::Q5K => blocks::q5_k(data, out),
+        DType::Q6K => blocks::q6_k(data, out),
+        DType::IQ4XS => blocks::iq4_xs(data, out),
         DType::F32 => {
             for (o, c) in out.iter_mut().zip(data.chunks_exact(4)) {
                 *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
@@ -103,9 +114,20 @@ pub(crate) fn dequantize_row_scalar(dtype: DType, data: &[u8], out: &mut [f32]) 
 
 /// Quantise one row `x` (length a multiple of the block length) into `out` with ggml's
 /// reference rounding (`quantize_row_*_ref`).
+///
+/// # Panics
+/// When `dtype` is not one [`DType::can_quantize`] accepts, or the lengths do not fit.
 pub fn quantize_row(dtype: DType, x: &[f32], out: &mut [u8]) {
     check_lengths(dtype, x.len(), out.len(), "quantize_row");
     match dtype {
+        DType::Q5_0 | DType::Q5_1 => quantize_q5(dtype == DType::Q5_1, x, out),
+        DType::IQ4NL
+        | DType::Q2K
+        | DType::Q3K
+        | DType::Q4K
+        | DType::Q5K
+        | DType::Q6K
+        | DType::IQ4XS => panic!("quantize_row: tpi reads {dtype} but does not write it"),
         DType::F32 => {
             for (v, o) in x.iter().zip(out.chunks_exact_mut(4)) {
                 o.copy_from_slice(&v.to_le_bytes());
@@ -179,5 +201,50 @@ pub fn quantize_row(dtype: DType, x: &[f32], out: &mut [u8]) {
                 }
             }
         }
+    }
+}
+
+/// ggml's `quantize_row_q5_0_ref` (`!with_min`: `d = max / -16`, the signed extreme) and
+/// `quantize_row_q5_1_ref` (`with_min`: `d = (max - min) / 31`, `m = min`).
+fn quantize_q5(with_min: bool, x: &[f32], out: &mut [u8]) {
+    let bb = if with_min { 24 } else { 22 };
+    for (xb, b) in x.chunks_exact(32).zip(out.chunks_exact_mut(bb)) {
+        let (d, m) = if with_min {
+            let min = xb.iter().fold(f32::MAX, |a, &v| if v < a { v } else { a });
+            let max = xb.iter().fold(-f32::MAX, |a, &v| if v > a { v } else { a });
+            ((max - min) / 31.0, min)
+        } else {
+            let (mut amax, mut max) = (0.0f32, 0.0f32);
+            for &v in xb {
+                if amax < v.abs() {
+                    amax = v.abs();
+                    max = v;
+                }
+            }
+            (max / -16.0, 0.0)
+        };
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        b[..2].copy_from_slice(&f16::from_f32(d).to_bits().to_le_bytes());
+        let q_at = if with_min {
+            b[2..4].copy_from_slice(&f16::from_f32(m).to_bits().to_le_bytes());
+            4
+        } else {
+            2
+        };
+        let mut qh = 0u32;
+        for j in 0..16 {
+            let q = |v: f32| -> u8 {
+                if with_min {
+                    (((v - m) * id + 0.5) as u8).min(31)
+                } else {
+                    ((v * id + 16.5) as i8).min(31) as u8
+                }
+            };
+            let (q0, q1) = (q(xb[j]), q(xb[16 + j]));
+            b[q_at + 4 + j] = (q0 & 0x0f) | ((q1 & 0x0f) << 4);
+            qh |= (((q0 & 0x10) >> 4) as u32) << j;
+            qh |= (((q1 & 0x10) >> 4) as u32) << (j + 16);
+        }
+        b[q_at..q_at + 4].copy_from_slice(&qh.to_le_bytes());
     }
 }
