@@ -249,6 +249,7 @@ pub(crate) mod tests {
             rope_layout: RopePairing::HalfSplit,
             bos_token_id: None,
             eos_token_ids: vec![],
+            slice_align: Default::default(),
         }
     }
 

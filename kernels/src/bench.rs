@@ -7,14 +7,20 @@ use crate::isa::active_isa;
 use crate::{gemv, pack_row, quantize_row, DType, Layout, MatRef, ThreadPool};
 
 /// Tiny deterministic xorshift RNG for benchmark data.
-struct XorShift(u64);
+pub struct XorShift(pub u64);
 
 impl XorShift {
-    fn next_f32(&mut self) -> f32 {
+    /// Next raw value.
+    pub fn next_u64(&mut self) -> u64 {
         self.0 ^= self.0 << 13;
         self.0 ^= self.0 >> 7;
         self.0 ^= self.0 << 17;
-        ((self.0 >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        self.0
+    }
+
+    /// Uniform in [-1, 1).
+    pub fn next_f32(&mut self) -> f32 {
+        ((self.next_u64() >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
     }
 }
 
@@ -140,7 +146,11 @@ impl GemvProbe {
         for r in 0..rows {
             rowf.iter_mut().for_each(|v| *v = rng.next_f32());
             let row = &mut proto[r * row_bytes..(r + 1) * row_bytes];
-            quantize_row(dtype, &rowf, row);
+            if dtype.can_quantize() {
+                quantize_row(dtype, &rowf, row);
+            } else {
+                random_blocks(&mut rng, dtype, row);
+            }
             if layout == Layout::Packed {
                 let ggml = row.to_vec();
                 pack_row(dtype, &ggml, row).expect("whole Q4 blocks");
@@ -173,6 +183,22 @@ impl GemvProbe {
         }
         let bytes: usize = self.mats.iter().map(Vec::len).sum();
         bytes as f64 / best / 1e9
+    }
+}
+
+/// Fills `out` with random whole blocks of `dtype`: uniform bits, with every f16 scale
+/// field set to a finite value in ±[1/64, 1/8], so the decoded values are of order 1.
+/// (For the types [`quantize_row`] does not write.)
+pub fn random_blocks(rng: &mut XorShift, dtype: DType, out: &mut [u8]) {
+    for b in out.chunks_exact_mut(dtype.block_bytes()) {
+        for v in b.iter_mut() {
+            *v = rng.next_u64() as u8;
+        }
+        for &off in dtype.f16_fields() {
+            let mag = (1.5 + 0.5 * rng.next_f32()) / (16 << (rng.next_u64() % 3)) as f32;
+            let v = if rng.next_u64().is_multiple_of(2) { mag } else { -mag };
+            b[off..off + 2].copy_from_slice(&half::f16::from_f32(v).to_bits().to_le_bytes());
+        }
     }
 }
 

@@ -5,6 +5,7 @@
 use std::sync::{Mutex, MutexGuard};
 
 use half::f16;
+use tpi_kernels::bench::XorShift;
 use tpi_kernels::*;
 
 /// ISA switching is process-global; tests that depend on it hold this lock.
@@ -107,22 +108,6 @@ fn ref_dequant(dtype: DType, data: &[u8], n: usize) -> Vec<f32> {
     out
 }
 
-/// One row of random blocks of `dtype` (for types `quantize_row` does not write): uniform
-/// quant bits, and every f16 field a random value of magnitude 2^-6..2^-3 and random sign,
-/// so that rows hold values of order 1 with sign and scale varying block to block.
-fn rand_blocks(rng: &mut Rng, dtype: DType, out: &mut [u8]) {
-    for b in out.chunks_exact_mut(dtype.block_bytes()) {
-        for v in b.iter_mut() {
-            *v = rng.u64() as u8;
-        }
-        for &off in dtype.f16_fields() {
-            let mag = (0.5 + 0.5 * rng.f32().abs()) / (8 << (rng.u64() % 4)) as f32;
-            let v = if rng.u64() % 2 == 0 { mag } else { -mag };
-            b[off..off + 2].copy_from_slice(&f16::from_f32(v).to_bits().to_le_bytes());
-        }
-    }
-}
-
 /// Random matrix bytes (rows x cols) quantised from uniform data, with an optional stride padding.
 fn rand_matrix(
     rng: &mut Rng,
@@ -139,7 +124,7 @@ fn rand_matrix(
         if dtype.can_quantize() {
             quantize_row(dtype, &rng.vec(cols), row);
         } else {
-            rand_blocks(rng, dtype, row);
+            tpi_kernels::bench::random_blocks(&mut XorShift(rng.u64() | 1), dtype, row);
         }
     }
     (data, stride)

@@ -76,7 +76,7 @@ struct ClusterArgs {
     /// JSON topology file (see sim/topologies/).
     #[arg(long)]
     topology: Option<PathBuf>,
-    /// Weight quantisation: f32, f16, bf16, q8_0, q4_0, q4_1.
+    /// Weight storage type: f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, iq4_nl, q2_k..q6_k, iq4_xs.
     #[arg(long, default_value = "q4_0")]
     quant: String,
     /// GEMV weight-streaming rate per device, GB/s.
@@ -114,8 +114,13 @@ impl ClusterArgs {
                 PRESETS.join(", ")
             )
         })?;
-        shape.bytes_per_weight = quant_bytes_per_weight(&self.quant)
-            .with_context(|| format!("unknown quantisation {:?}", self.quant))?;
+        shape.bytes_per_weight = quant_bytes_per_weight(&self.quant).with_context(|| {
+            format!(
+                "unknown quantisation {:?} (known: {})",
+                self.quant,
+                tpi_kernels::DType::supported_names()
+            )
+        })?;
         if self.devices == 0 {
             bail!("--devices must be at least 1");
         }

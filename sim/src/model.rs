@@ -35,23 +35,21 @@ pub const PRESETS: &[&str] = &[
     "smollm2-135m",
 ];
 
-/// Bytes per weight of a GGML-style quantisation: `f32` 4, `f16`/`bf16` 2,
-/// `q8_0` 34/32, `q4_0` 18/32, `q4_1` 20/32.
+/// Bytes per weight of a storage type named as tpi names it (`f32`, `q4_k`, `iq4_xs`, ...;
+/// also `q8` for `q8_0`), from [`tpi_kernels::DType`], the one place that defines them.
 pub fn quant_bytes_per_weight(name: &str) -> Option<f64> {
-    Some(match name.to_ascii_lowercase().as_str() {
-        "f32" => 4.0,
-        "f16" | "bf16" => 2.0,
-        "q8_0" | "q8" => 34.0 / 32.0,
-        "q4_0" => 18.0 / 32.0,
-        "q4_1" => 20.0 / 32.0,
-        _ => return None,
-    })
+    let name = if name.eq_ignore_ascii_case("q8") {
+        "q8_0"
+    } else {
+        name
+    };
+    tpi_kernels::DType::from_name(name).map(tpi_kernels::DType::bytes_per_weight)
 }
 
 impl ModelShape {
     /// A published shape by name (see [`PRESETS`]), at `q4_0` (override `bytes_per_weight`).
     pub fn preset(name: &str) -> Option<Self> {
-        let q4 = 18.0 / 32.0;
+        let q4 = tpi_kernels::DType::Q4_0.bytes_per_weight();
         let s = |hidden, layers, heads, kv_heads, ffn, vocab| ModelShape {
             hidden,
             layers,
@@ -210,5 +208,7 @@ mod tests {
         assert_eq!(quant_bytes_per_weight("q4_1"), Some(0.625));
         assert_eq!(quant_bytes_per_weight("Q8_0"), Some(1.0625));
         assert_eq!(quant_bytes_per_weight("q3"), None);
+        assert_eq!(quant_bytes_per_weight("q4_k"), Some(4.5 / 8.0));
+        assert_eq!(quant_bytes_per_weight("Q6_K"), Some(210.0 / 256.0));
     }
 }

@@ -76,6 +76,30 @@ pub fn smollm2_gguf() -> PathBuf {
     p
 }
 
+/// The directory of the K-quant/IQ4/Q5 test models (`TPI_KQUANT_MODELS`, else
+/// `${TPI_CACHE:-$HOME/.cache/tpi}/kquant-models`), which `scripts/make-kquant-models.sh`
+/// builds; panics with that command when it is missing.
+pub fn kquant_models() -> PathBuf {
+    let p = match std::env::var_os("TPI_KQUANT_MODELS").filter(|s| !s.is_empty()) {
+        Some(p) => PathBuf::from(p),
+        None => match std::env::var_os("TPI_CACHE").filter(|s| !s.is_empty()) {
+            Some(c) => PathBuf::from(c).join("kquant-models"),
+            None => PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
+                .join(".cache/tpi/kquant-models"),
+        },
+    };
+    if !p.join("manifest.json").is_file() {
+        panic!(
+            "K-quant test models not found in {}.\n\
+             Run `scripts/make-kquant-models.sh` (it builds llama.cpp's llama-quantize and writes \
+             them into ${{TPI_CACHE:-$HOME/.cache/tpi}}/kquant-models), or set \
+             TPI_KQUANT_MODELS=$(scripts/make-kquant-models.sh).",
+            p.display()
+        );
+    }
+    p
+}
+
 /// The profile directory of the running test executable, e.g. `<target>/release`
 /// (from `<target>/release/deps/engine-0123abcd`).
 fn profile_dir() -> PathBuf {

@@ -45,6 +45,49 @@ pub struct ModelConfig {
     pub bos_token_id: Option<u32>,
     /// EOS token ids, if the config names them.
     pub eos_token_ids: Vec<u32>,
+    /// Column multiples the tensor types impose on row-parallel slices (filled in from the
+    /// tensors when the model is opened; see [`SliceAlign`]).
+    #[serde(default)]
+    pub slice_align: SliceAlign,
+}
+
+/// Where row-parallel slices may cut, from the block lengths of the matrices they cut by
+/// columns: the MLP down projection (cut along the intermediate dimension) and the
+/// attention output (cut at head boundaries). A Q4_K down projection, for example, can
+/// only be cut at multiples of 256 columns.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SliceAlign {
+    /// MLP slices must start and end at multiples of this many intermediate columns.
+    pub ffn: usize,
+    /// Query-head ranges must start and end at multiples of this many heads.
+    pub heads: usize,
+}
+
+impl Default for SliceAlign {
+    /// No constraint: f32/f16/bf16 matrices cut anywhere.
+    fn default() -> Self {
+        SliceAlign { ffn: 1, heads: 1 }
+    }
+}
+
+impl SliceAlign {
+    /// The alignment for a model whose down projections have blocks of `down_block`
+    /// columns and whose attention outputs have blocks of `o_block` columns (the largest
+    /// over the layers; all GGML block lengths are powers of two, so the largest is their
+    /// least common multiple).
+    pub fn from_blocks(down_block: usize, o_block: usize, head_dim: usize) -> SliceAlign {
+        let gcd = |mut a: usize, mut b: usize| {
+            while b != 0 {
+                (a, b) = (b, a % b);
+            }
+            a
+        };
+        let o = o_block.max(1);
+        SliceAlign {
+            ffn: down_block.max(1),
+            heads: o / gcd(o, head_dim.max(1)),
+        }
+    }
 }
 
 /// Which elements RoPE rotates together (serializable mirror of the kernels' [`RopeLayout`];
@@ -256,6 +299,7 @@ impl ModelConfig {
             rope_layout: RopePairing::HalfSplit,
             bos_token_id: token_ids(v.get("bos_token_id")).first().copied(),
             eos_token_ids: token_ids(v.get("eos_token_id")),
+            slice_align: SliceAlign::default(),
         };
         cfg.validate()?;
         Ok(cfg)
@@ -327,6 +371,7 @@ impl ModelConfig {
                 .get_u32("tokenizer.ggml.eos_token_id")
                 .into_iter()
                 .collect(),
+            slice_align: SliceAlign::default(),
             arch,
         };
         cfg.validate()?;

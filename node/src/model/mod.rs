@@ -176,6 +176,8 @@ impl ModelFiles {
         store: TensorStore,
         gguf: Option<GgufFile>,
     ) -> Self {
+        let mut config = config;
+        config.slice_align = slice_align(&store, &config);
         ModelFiles {
             path,
             config,
@@ -184,6 +186,20 @@ impl ModelFiles {
             identity: std::sync::OnceLock::new(),
         }
     }
+}
+
+/// The slice alignment `store`'s tensor types impose: the largest block length of any
+/// layer's down projection and attention output (a tensor that is missing or misshapen is
+/// left to [`ModelFiles::validate`] to report).
+fn slice_align(store: &TensorStore, cfg: &ModelConfig) -> config::SliceAlign {
+    let block = |role: Role| {
+        (0..cfg.n_layers)
+            .filter_map(|l| store.role(cfg, role, l).ok())
+            .map(|w| w.dtype.block_len())
+            .max()
+            .unwrap_or(1)
+    };
+    config::SliceAlign::from_blocks(block(Role::Down), block(Role::Wo), cfg.head_dim)
 }
 
 /// Where file digests are remembered: `$TPI_CACHE/identity`, else

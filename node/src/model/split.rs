@@ -59,6 +59,17 @@ pub struct SplitPlan {
     pub n_kv_heads: usize,
     /// MLP intermediate size.
     pub intermediate_size: usize,
+    /// Head ranges start and end at multiples of this ([`super::config::SliceAlign::heads`]).
+    pub head_align: usize,
+    /// MLP slices start and end at multiples of this ([`super::config::SliceAlign::ffn`]).
+    pub ffn_align: usize,
+}
+
+fn gcd(mut a: usize, mut b: usize) -> usize {
+    while b != 0 {
+        (a, b) = (b, a % b);
+    }
+    a
 }
 
 /// Splits `total` units into contiguous pieces proportional to `weights` by rounding
@@ -133,40 +144,66 @@ impl SplitPlan {
             )));
         }
         let g = nh / nkv;
+        let ha = cfg.slice_align.heads.max(1);
+        // Whole KV groups go out in units of `gu` groups, so that every boundary is a
+        // multiple of `ha` heads; a group's query heads can be shared out only in runs of
+        // `ha` heads, so only when `ha` divides the group.
+        let gu = ha / gcd(ha, g);
+        let whole_units = if nkv.is_multiple_of(gu) { nkv / gu } else { 0 };
+        let shared_max = if g.is_multiple_of(ha) {
+            nkv * (g / ha)
+        } else {
+            0
+        };
+        let max_ranks = whole_units.max(shared_max);
+        let a = active.len();
+        if a > max_ranks {
+            return Err(ModelError::Plan(format!(
+                "no valid split over {a} computing ranks: the attention output's blocks need \
+                 query heads in runs of {ha} ({nh} heads, {nkv} KV heads, head_dim {}), which \
+                 allows at most {max_ranks} rank(s); use at most {max_ranks}",
+                cfg.head_dim
+            )));
+        }
         let mut heads = vec![0..0; n];
         let mut kv = vec![0..0; n];
-        if active.len() <= nkv {
-            // Whole KV groups per rank.
+        if a <= whole_units {
+            // Whole KV groups per rank, `gu` at a time.
             let aw: Vec<f64> = active.iter().map(|&i| weights[i]).collect();
-            for (k, r) in proportional(nkv, &aw, true).into_iter().enumerate() {
+            for (k, r) in proportional(whole_units, &aw, true).into_iter().enumerate() {
                 let i = active[k];
-                heads[i] = r.start * g..r.end * g;
-                kv[i] = r;
+                heads[i] = r.start * gu * g..r.end * gu * g;
+                kv[i] = r.start * gu..r.end * gu;
             }
         } else {
             // More ranks than KV groups: each group is shared by a run of ranks, which
-            // split its query heads and replicate its KV head.
-            let a = active.len();
+            // split its query heads (in runs of `ha`) and replicate its KV head.
+            let units = g / ha;
             let mut next = 0;
             for grp in 0..nkv {
-                let k = (a / nkv + usize::from(grp < a % nkv)).min(g);
+                let k = (a / nkv + usize::from(grp < a % nkv)).min(units);
                 let members = &active[next..next + k];
                 next += k;
                 let mw: Vec<f64> = members.iter().map(|&i| weights[i]).collect();
-                for (m, r) in proportional(g, &mw, true).into_iter().enumerate() {
+                for (m, r) in proportional(units, &mw, true).into_iter().enumerate() {
                     let i = members[m];
-                    heads[i] = grp * g + r.start..grp * g + r.end;
+                    heads[i] = grp * g + r.start * ha..grp * g + r.end * ha;
                     kv[i] = grp..grp + 1;
                 }
             }
             debug_assert_eq!(next, a);
         }
         let f = cfg.intermediate_size;
-        let align = if f.is_multiple_of(FFN_ALIGN) {
-            FFN_ALIGN
-        } else {
-            1
-        };
+        let need = cfg.slice_align.ffn.max(1);
+        if !f.is_multiple_of(need) {
+            return Err(ModelError::Plan(format!(
+                "the MLP's {f} columns are not a whole number of the down projection's \
+                 {need}-column blocks"
+            )));
+        }
+        // 32-column slices keep the allreduce chunks and the 32-blocks whole when they fit.
+        let pref = need * (FFN_ALIGN / gcd(FFN_ALIGN, need));
+        let align = if f.is_multiple_of(pref) { pref } else { need };
         let ffn_blocks = proportional(f / align, weights, false);
         let ranks = (0..n)
             .map(|i| RankSlice {
@@ -180,6 +217,8 @@ impl SplitPlan {
             n_heads: nh,
             n_kv_heads: nkv,
             intermediate_size: f,
+            head_align: ha,
+            ffn_align: need,
         };
         plan.check()?;
         Ok(plan)
@@ -208,8 +247,28 @@ impl SplitPlan {
             ));
         }
         let g = self.n_heads / self.n_kv_heads;
+        let (ha, fa) = (self.head_align, self.ffn_align);
+        if ha == 0 || fa == 0 {
+            return bad(format!(
+                "alignments must be positive, got heads {ha}, ffn {fa}"
+            ));
+        }
         let (mut h, mut f) = (0, 0);
         for (i, r) in self.ranks.iter().enumerate() {
+            if !r.heads.start.is_multiple_of(ha) || !r.heads.end.is_multiple_of(ha) {
+                return bad(format!(
+                    "rank {i}: heads {:?} cut the attention output inside a block (heads go \
+                     in runs of {ha})",
+                    r.heads
+                ));
+            }
+            if !r.ffn.start.is_multiple_of(fa) || !r.ffn.end.is_multiple_of(fa) {
+                return bad(format!(
+                    "rank {i}: MLP columns {:?} cut the down projection inside a {fa}-column \
+                     block",
+                    r.ffn
+                ));
+            }
             if r.heads.start != h || r.heads.end < r.heads.start {
                 return bad(format!(
                     "rank {i}: heads {:?} leave a gap or overlap",
@@ -287,6 +346,7 @@ mod tests {
             rope_layout: crate::model::config::RopePairing::HalfSplit,
             bos_token_id: None,
             eos_token_ids: vec![],
+            slice_align: Default::default(),
         };
         let mut p = SplitPlan::even(&cfg, 2).unwrap();
         p.check().unwrap();
@@ -317,6 +377,7 @@ mod tests {
             rope_layout: RopePairing::HalfSplit,
             bos_token_id: None,
             eos_token_ids: vec![],
+            slice_align: Default::default(),
         }
     }
 
@@ -389,5 +450,41 @@ mod tests {
         let mut p = SplitPlan::even(&cfg(9, 3, 1536), 4).unwrap();
         p.ranks[1].kv_heads = 1..2;
         assert!(p.check().is_err());
+    }
+
+    #[test]
+    fn block_alignment_shapes_every_cut() {
+        use crate::model::config::SliceAlign;
+        // Llama-3-70B-like groups (8 q heads per KV head, head_dim 128) with Q4_K O and
+        // down: heads in runs of 2, MLP cuts at multiples of 256.
+        let mut c = cfg(64, 8, 28672);
+        c.head_dim = 128;
+        c.slice_align = SliceAlign::from_blocks(256, 256, 128);
+        assert_eq!(c.slice_align, SliceAlign { ffn: 256, heads: 2 });
+        for n in 1..=32 {
+            let p = SplitPlan::even(&c, n).unwrap_or_else(|e| panic!("n={n}: {e}"));
+            for r in &p.ranks {
+                assert_eq!(r.heads.start % 2, 0, "n={n}: {:?}", r.heads);
+                assert_eq!(r.ffn.start % 256, 0, "n={n}: {:?}", r.ffn);
+            }
+        }
+        let e = SplitPlan::even(&c, 33).unwrap_err().to_string();
+        assert!(e.contains("at most 32"), "{e}");
+        // A received plan that cuts inside a block is refused.
+        let mut p = SplitPlan::even(&cfg(64, 8, 28672), 3).unwrap();
+        p.head_align = 2;
+        p.ffn_align = 256;
+        assert!(p.check().is_err());
+        // MHA with head_dim 64 and 256-blocks: whole groups of 4 heads, at most nh/4 ranks.
+        let mut c = cfg(8, 8, 1024);
+        c.slice_align = SliceAlign::from_blocks(256, 256, 64);
+        assert_eq!(c.slice_align.heads, 4);
+        assert_eq!(SplitPlan::even(&c, 2).unwrap().ranks[1].heads, 4..8);
+        let e = SplitPlan::even(&c, 3).unwrap_err().to_string();
+        assert!(e.contains("at most 2"), "{e}");
+        // An MLP that is not whole blocks cannot be cut at all.
+        let mut c = cfg(8, 8, 1000);
+        c.slice_align.ffn = 256;
+        assert!(SplitPlan::even(&c, 1).is_err());
     }
 }
