@@ -196,7 +196,11 @@ pub fn random_blocks(rng: &mut XorShift, dtype: DType, out: &mut [u8]) {
         }
         for &off in dtype.f16_fields() {
             let mag = (1.5 + 0.5 * rng.next_f32()) / (16 << (rng.next_u64() % 3)) as f32;
-            let v = if rng.next_u64().is_multiple_of(2) { mag } else { -mag };
+            let v = if rng.next_u64().is_multiple_of(2) {
+                mag
+            } else {
+                -mag
+            };
             b[off..off + 2].copy_from_slice(&half::f16::from_f32(v).to_bits().to_le_bytes());
         }
     }

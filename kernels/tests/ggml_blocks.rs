@@ -134,10 +134,12 @@ fn gemv_and_gemm_on_gguf_py_values() {
                                     .map(|(a, b)| (*a as f64 * *b as f64).abs())
                                     .sum();
                                 // The VNNI and AVX2 paths may quantise x to 15-bit integers
-                                // per 32-block: an error of max|x_b| / 65024 per element.
+                                // per 32-block (per 256 for the K-quants): an error of
+                                // max|x_b| / 65024 per element.
+                                let chunk = if bl == 256 { 256 } else { 32 };
                                 let act: f64 = if matches!(isa, Isa::Avx512Vnni | Isa::Avx2) {
-                                    vals.chunks(32)
-                                        .zip(xs.chunks(32))
+                                    vals.chunks(chunk)
+                                        .zip(xs.chunks(chunk))
                                         .map(|(wb, xb)| {
                                             let amax = xb
                                                 .iter()

@@ -143,7 +143,9 @@ fn ref_matvec(w: &MatRef, x: &[f32]) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
             y[r] += p;
             mag[r] += p.abs();
         }
-        for (wb, xb) in wr.chunks(32).zip(x.chunks(32)) {
+        // The integer paths scale x per 32-block, or per 256-block for the K-quants.
+        let chunk = if w.dtype.block_len() == 256 { 256 } else { 32 };
+        for (wb, xb) in wr.chunks(chunk).zip(x.chunks(chunk)) {
             let amax = xb.iter().fold(0.0f64, |m, v| m.max(v.abs() as f64));
             act[r] += amax / 65024.0 * wb.iter().map(|v| v.abs() as f64).sum::<f64>();
         }
@@ -157,7 +159,9 @@ const INT_ACT_ISAS: [Isa; 2] = [Isa::Avx512Vnni, Isa::Avx2];
 /// The activation-quantisation allowance: only the VNNI and AVX2 paths quantise x (for
 /// Q4/Q8 weights).
 fn act_allowance(isa: Isa, dtype: DType, act: f64) -> f64 {
-    if INT_ACT_ISAS.contains(&isa) && matches!(dtype, DType::Q4_0 | DType::Q4_1 | DType::Q8_0) {
+    let k = isa == Isa::Avx512Vnni && matches!(dtype, DType::Q4K | DType::Q6K);
+    if k || INT_ACT_ISAS.contains(&isa) && matches!(dtype, DType::Q4_0 | DType::Q4_1 | DType::Q8_0)
+    {
         act
     } else {
         0.0

@@ -10,6 +10,8 @@ pub(crate) mod avx512;
 pub(crate) mod neon;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod vnni;
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod vnni_k;
 
 use crate::isa::{active_isa, Isa};
 use crate::{DType, KernelError, Layout, MatRef, ThreadPool};
@@ -107,6 +109,9 @@ pub(crate) const ACT_MAX: f32 = 32512.0;
 ///   activations), as byte planes (VNNI) or i16 (AVX2) in `i`, with the scales in `f`;
 /// - otherwise nothing.
 pub(crate) fn gemv_aux(isa: Isa, dtype: DType, x: &[f32]) -> Aux {
+    if has_k_kernel(isa, dtype) {
+        return vnni_k_aux(dtype, x);
+    }
     let q4 = matches!(dtype, DType::Q4_0 | DType::Q4_1);
     if isa == Isa::Avx512Vnni && (q4 || dtype == DType::Q8_0) {
         return vnni_aux(dtype, x);
@@ -159,6 +164,19 @@ fn vnni_aux(_: DType, _: &[f32]) -> Aux {
 }
 
 #[cfg(target_arch = "x86_64")]
+fn vnni_k_aux(dtype: DType, x: &[f32]) -> Aux {
+    let mut aux = Aux::default();
+    // SAFETY: only reached for `Isa::Avx512Vnni` (see `has_k_kernel`).
+    unsafe { vnni_k::prepare(dtype, x, &mut aux) };
+    aux
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn vnni_k_aux(_: DType, _: &[f32]) -> Aux {
+    Aux::default()
+}
+
+#[cfg(target_arch = "x86_64")]
 fn avx2_aux(x: &[f32]) -> Aux {
     let mut aux = Aux::default();
     // SAFETY: only reached for `Isa::Avx2`, which `set_isa`/detection guarantee.
@@ -184,6 +202,13 @@ pub(crate) fn gemv_rows_isa(
     debug_assert_eq!(y.len(), r1 - r0);
     #[cfg(not(target_arch = "x86_64"))]
     let _ = aux;
+    if has_k_kernel(isa, w.dtype) {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `has_k_kernel` holds only on the VNNI path; `aux` comes from `gemv_aux`.
+        unsafe {
+            return vnni_k::gemv_rows(w, r0, r1, aux, y);
+        }
+    }
     if !has_row_kernel(w.dtype) {
         return gemv_rows_decoded(isa, w, r0, r1, x, y);
     }
@@ -211,6 +236,13 @@ fn has_row_kernel(dtype: DType) -> bool {
         dtype,
         DType::F32 | DType::F16 | DType::BF16 | DType::Q8_0 | DType::Q4_0 | DType::Q4_1
     )
+}
+
+/// Whether `isa` runs `dtype` on a K-quant integer kernel ([`vnni_k`]).
+fn has_k_kernel(isa: Isa, dtype: DType) -> bool {
+    cfg!(target_arch = "x86_64")
+        && isa == Isa::Avx512Vnni
+        && matches!(dtype, DType::Q4K | DType::Q6K)
 }
 
 /// Columns decoded at a time by [`gemv_rows_decoded`]: one super-block, a multiple of every

@@ -1,0 +1,295 @@
+//! AVX-512 VNNI GEMV rows for Q4_K and Q6_K: integer dot products of the weights' 4- and
+//! 6-bit quants against 15-bit integer activations with one scale per 256-element
+//! super-block, made by [`prepare`].
+//!
+//! As on the Q4_0/Q8_0 paths, `X = 256 H + L` (H, L signed bytes) meets the unsigned quant
+//! bytes in two `vpdpbusd` per 64 weights. The super-block's activation scale is shared by
+//! its sub-blocks, so a Q4_K super-block's eight sub-block sums are scaled by their 6-bit
+//! scales in integers and converted once; Q6_K's signed 8-bit scales could overflow i32,
+//! so its sums are scaled in f32. The min (Q4_K) and offset-32 (Q6_K) terms use sums of the
+//! same quantised x, so a row is exactly `dot(w, x̂)`: the only error is x's rounding to
+//! 15 bits per super-block, at most `max|x_sb| / 65024` per element.
+
+use std::arch::x86_64::*;
+
+use super::avx512::{hsum256, hsum512, prefetch_ahead};
+use crate::{DType, MatRef};
+
+/// Floats per super-block in [`super::Aux::f`]: `[0]` the scale `s`; `[8..16]` `s·ΣX` of
+/// each 32-element sub-block (Q4_K's min term); `[16..32]` `32·ΣX` of each 16-element
+/// sub-block (Q6_K's offset).
+const SB_F: usize = 32;
+
+/// Bytes per super-block in [`super::Aux::i`]: the H plane, then the L plane, each in the
+/// order the type's kernel reads its quants.
+const SB_I: usize = 512;
+
+/// Where element `e` (0..256) of a super-block sits in its planes. Q4_K's 64-byte quant
+/// loads hold elements `128g + [0..32, 64..96]` (low nibbles) and `128g + [32..64,
+/// 96..128]` (high nibbles), so the middle 32-element chunks of each 128 swap; Q6_K reads
+/// elements in order.
+fn plane_pos(dtype: DType, e: usize) -> usize {
+    if dtype != DType::Q4K {
+        return e;
+    }
+    let chunk = [0, 2, 1, 3][(e % 128) / 32];
+    128 * (e / 128) + 32 * chunk + e % 32
+}
+
+/// Fills the Q4_K/Q6_K [`super::Aux`] for `x` (a multiple of 256 long): per super-block,
+/// `X = round(x / s)` (nearest-even) with `s = max|x_sb| / ACT_MAX`, as H and L byte
+/// planes, and the sums [`SB_F`] describes. A super-block holding NaN or ±inf gets a NaN
+/// scale, so NaN reaches the output.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+pub(crate) unsafe fn prepare(dtype: DType, x: &[f32], aux: &mut super::Aux) {
+    let nsb = x.len() / 256;
+    aux.f.clear();
+    aux.f.resize(nsb * SB_F, 0.0);
+    aux.i.clear();
+    aux.i.resize(nsb * SB_I, 0);
+    let lim = _mm512_set1_ps(super::ACT_MAX);
+    for b in 0..nsb {
+        let xb = &x[256 * b..256 * b + 256];
+        let finite = xb.iter().all(|v| v.is_finite());
+        let amax = xb.iter().fold(0.0f32, |a, v| a.max(v.abs()));
+        let inv = if finite && amax > 0.0 {
+            super::ACT_MAX / amax
+        } else {
+            0.0
+        };
+        let f = &mut aux.f[SB_F * b..SB_F * (b + 1)];
+        f[0] = if finite {
+            amax / super::ACT_MAX
+        } else {
+            f32::NAN
+        };
+        let planes = aux.i.as_mut_ptr().add(SB_I * b);
+        let invv = _mm512_set1_ps(inv);
+        for j in 0..16 {
+            let v = _mm512_mul_ps(_mm512_loadu_ps(xb.as_ptr().add(16 * j)), invv);
+            let v = _mm512_max_ps(
+                _mm512_min_ps(v, lim),
+                _mm512_sub_ps(_mm512_setzero_ps(), lim),
+            );
+            let xi = _mm512_cvtps_epi32(v);
+            let hi = _mm512_srai_epi32::<8>(_mm512_add_epi32(xi, _mm512_set1_epi32(128)));
+            let lo = _mm512_sub_epi32(xi, _mm512_slli_epi32::<8>(hi));
+            let pos = plane_pos(dtype, 16 * j);
+            _mm_storeu_si128(planes.add(pos) as *mut _, _mm512_cvtepi32_epi8(hi));
+            _mm_storeu_si128(planes.add(256 + pos) as *mut _, _mm512_cvtepi32_epi8(lo));
+            let sum = _mm512_reduce_add_epi32(xi) as f32;
+            f[16 + j] = 32.0 * sum;
+            f[8 + j / 2] += sum;
+        }
+        let s = f[0];
+        for v in &mut f[8..16] {
+            *v *= s;
+        }
+    }
+}
+
+/// GEMV over rows `r0..r1` of a Q4_K or Q6_K matrix, 4 rows at a time.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+pub(crate) unsafe fn gemv_rows(w: &MatRef, r0: usize, r1: usize, aux: &super::Aux, y: &mut [f32]) {
+    let nsb = w.cols / 256;
+    assert!(
+        aux.i.len() >= SB_I * nsb && aux.f.len() >= SB_F * nsb,
+        "K-quant VNNI GEMV without its prepared activations"
+    );
+    let (xi, xf) = (aux.i.as_ptr(), aux.f.as_ptr());
+    let q6 = w.dtype == DType::Q6K;
+    super::for_row_blocks(
+        w,
+        r0,
+        r1,
+        y,
+        |p, pf, out| {
+            if q6 {
+                rows_q6_k::<4>(p, nsb, pf, xi, xf, out)
+            } else {
+                rows_q4_k::<4>(p, nsb, pf, xi, xf, out)
+            }
+        },
+        |p, pf, out| {
+            if q6 {
+                rows_q6_k::<1>(p, nsb, pf, xi, xf, out)
+            } else {
+                rows_q4_k::<1>(p, nsb, pf, xi, xf, out)
+            }
+        },
+    );
+}
+
+/// f16 at `p` as f32.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+#[inline]
+unsafe fn f16_at(p: *const u8) -> f32 {
+    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(
+        (p as *const u16).read_unaligned() as i32,
+    )))
+}
+
+/// Q4_K's eight 6-bit scales and eight 6-bit mins from their 12 bytes at `q`, as bytes
+/// of two u64 (`get_scale_min_k4` for all eight sub-blocks at once).
+#[inline(always)]
+unsafe fn scales_mins_q4_k(q: *const u8) -> (u64, u64) {
+    let word = |i: usize| (q.add(4 * i) as *const u32).read_unaligned();
+    let (a, b, c) = (word(0), word(1), word(2));
+    let (m6, m4, m2) = (0x3f3f_3f3fu32, 0x0f0f_0f0fu32, 0x0303_0303u32);
+    let sc_lo = a & m6;
+    let mn_lo = b & m6;
+    let sc_hi = (c & m4) | (((a >> 6) & m2) << 4);
+    let mn_hi = ((c >> 4) & m4) | (((b >> 6) & m2) << 4);
+    (
+        sc_lo as u64 | (sc_hi as u64) << 32,
+        mn_lo as u64 | (mn_hi as u64) << 32,
+    )
+}
+
+/// Byte-shuffle patterns spreading Q4_K's scales over the i32 lanes of its four quant
+/// vectors: vector k's lanes 0-7 are sub-block `a`, lanes 8-15 sub-block `b`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+#[inline]
+unsafe fn q4_k_scale_patterns() -> [__m128i; 4] {
+    [(0, 2), (1, 3), (4, 6), (5, 7)].map(|(a, b): (u8, u8)| {
+        let bytes: [u8; 16] = std::array::from_fn(|i| if i < 8 { a } else { b });
+        _mm_loadu_si128(bytes.as_ptr() as *const _)
+    })
+}
+
+/// Q4_K rows: 144-byte super-blocks `{d, dmin, scales[12], qs[128]}`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+#[inline]
+unsafe fn rows_q4_k<const R: usize>(
+    p: [*const u8; R],
+    nsb: usize,
+    pf: usize,
+    xi: *const u8,
+    xf: *const f32,
+    out: &mut [f32; R],
+) {
+    let nib = _mm512_set1_epi8(0x0f);
+    let zero = _mm512_setzero_si512();
+    let pat = q4_k_scale_patterns();
+    let mut acc = [_mm512_setzero_ps(); R];
+    let mut macc = [_mm256_setzero_ps(); R];
+    for sb in 0..nsb {
+        let hp = xi.add(SB_I * sb);
+        let h: [__m512i; 4] =
+            std::array::from_fn(|k| _mm512_loadu_si512(hp.add(64 * k) as *const _));
+        let l: [__m512i; 4] =
+            std::array::from_fn(|k| _mm512_loadu_si512(hp.add(256 + 64 * k) as *const _));
+        let s = *xf.add(SB_F * sb);
+        let xs = _mm256_loadu_ps(xf.add(SB_F * sb + 8));
+        for r in 0..R {
+            let bp = p[r].add(144 * sb);
+            for o in [0, 64, 128, 143] {
+                prefetch_ahead(bp.add(o), pf);
+            }
+            let (d, dmin) = (f16_at(bp), f16_at(bp.add(2)));
+            let (sc, mn) = scales_mins_q4_k(bp.add(4));
+            let q0 = _mm512_loadu_si512(bp.add(16) as *const _);
+            let q1 = _mm512_loadu_si512(bp.add(80) as *const _);
+            let v = [
+                _mm512_and_si512(q0, nib),
+                _mm512_and_si512(_mm512_srli_epi16::<4>(q0), nib),
+                _mm512_and_si512(q1, nib),
+                _mm512_and_si512(_mm512_srli_epi16::<4>(q1), nib),
+            ];
+            let sc128 = _mm_cvtsi64_si128(sc as i64);
+            let mut t = zero;
+            for k in 0..4 {
+                let th = _mm512_dpbusd_epi32(zero, v[k], h[k]);
+                let tl = _mm512_dpbusd_epi32(zero, v[k], l[k]);
+                let tk = _mm512_add_epi32(_mm512_slli_epi32::<8>(th), tl);
+                let scv = _mm512_cvtepu8_epi32(_mm_shuffle_epi8(sc128, pat[k]));
+                t = _mm512_add_epi32(t, _mm512_mullo_epi32(tk, scv));
+            }
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), _mm512_set1_ps(d * s), acc[r]);
+            let m = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(mn as i64)));
+            macc[r] = _mm256_fmadd_ps(_mm256_mul_ps(m, xs), _mm256_set1_ps(dmin), macc[r]);
+        }
+    }
+    for r in 0..R {
+        out[r] = hsum512(acc[r]) - hsum256(macc[r]);
+    }
+}
+
+/// Q6_K rows: 210-byte super-blocks `{ql[128], qh[64], scales[16], d}`; the quants go in
+/// as `q + 32` (unsigned) and `32·ΣX` per 16-element sub-block comes off.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+#[inline]
+unsafe fn rows_q6_k<const R: usize>(
+    p: [*const u8; R],
+    nsb: usize,
+    pf: usize,
+    xi: *const u8,
+    xf: *const f32,
+    out: &mut [f32; R],
+) {
+    let nib = _mm512_set1_epi8(0x0f);
+    let two = _mm512_set1_epi8(0x03);
+    let zero = _mm512_setzero_si512();
+    // qh bits 2k, 2k+1 feed the k-th 32-element group of a 128-element half: the low
+    // quant vector's two 32-byte halves take shifts 0 and 2, the high one's 4 and 6.
+    let shifts = |a: i16, b: i16| {
+        _mm512_inserti64x4::<1>(
+            _mm512_castsi256_si512(_mm256_set1_epi16(a)),
+            _mm256_set1_epi16(b),
+        )
+    };
+    let (sh_lo, sh_hi) = (shifts(0, 2), shifts(4, 6));
+    // Lane i of quant vector k (k = 0..4: half k/2, low or high) covers sub-block
+    // 4k + i/4 of the super-block's 16.
+    let idx: [__m512i; 4] = std::array::from_fn(|k| {
+        let v: [i32; 16] = std::array::from_fn(|i| (4 * k + i / 4) as i32);
+        _mm512_loadu_si512(v.as_ptr() as *const _)
+    });
+    let mut acc = [_mm512_setzero_ps(); R];
+    let mut oacc = [_mm512_setzero_ps(); R];
+    for sb in 0..nsb {
+        let hp = xi.add(SB_I * sb);
+        let h: [__m512i; 4] =
+            std::array::from_fn(|k| _mm512_loadu_si512(hp.add(64 * k) as *const _));
+        let l: [__m512i; 4] =
+            std::array::from_fn(|k| _mm512_loadu_si512(hp.add(256 + 64 * k) as *const _));
+        let s = *xf.add(SB_F * sb);
+        let xo = _mm512_loadu_ps(xf.add(SB_F * sb + 16));
+        for r in 0..R {
+            let bp = p[r].add(210 * sb);
+            for o in [0, 64, 128, 192, 209] {
+                prefetch_ahead(bp.add(o), pf);
+            }
+            let ds = _mm512_set1_ps(f16_at(bp.add(208)) * s);
+            let scf = _mm512_mul_ps(
+                _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
+                    bp.add(192) as *const _
+                ))),
+                ds,
+            );
+            oacc[r] = _mm512_fmadd_ps(scf, xo, oacc[r]);
+            for n in 0..2 {
+                let ql = _mm512_loadu_si512(bp.add(64 * n) as *const _);
+                let qh =
+                    _mm512_broadcast_i64x4(_mm256_loadu_si256(bp.add(128 + 32 * n) as *const _));
+                let hb =
+                    |sh| _mm512_slli_epi16::<4>(_mm512_and_si512(_mm512_srlv_epi16(qh, sh), two));
+                let v = [
+                    _mm512_or_si512(_mm512_and_si512(ql, nib), hb(sh_lo)),
+                    _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16::<4>(ql), nib), hb(sh_hi)),
+                ];
+                for (j, vj) in v.into_iter().enumerate() {
+                    let k = 2 * n + j;
+                    let th = _mm512_dpbusd_epi32(zero, vj, h[k]);
+                    let tl = _mm512_dpbusd_epi32(zero, vj, l[k]);
+                    let t = _mm512_add_epi32(_mm512_slli_epi32::<8>(th), tl);
+                    let scv = _mm512_permutexvar_ps(idx[k], scf);
+                    acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), scv, acc[r]);
+                }
+            }
+        }
+    }
+    for r in 0..R {
+        out[r] = hsum512(acc[r]) - hsum512(oacc[r]);
+    }
+}
