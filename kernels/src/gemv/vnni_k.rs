@@ -1,4 +1,4 @@
-//! AVX-512 VNNI GEMV rows for Q4_K and Q6_K: integer dot products of the weights' 4- and
+//! AVX-512 VNNI GEMV rows for Q4_K, Q5_K and Q6_K: integer dot products of the weights' 4- and
 //! 6-bit quants against 15-bit integer activations with one scale per 256-element
 //! super-block, made by [`prepare`].
 //!
@@ -29,14 +29,14 @@ const SB_I: usize = 512;
 /// 96..128]` (high nibbles), so the middle 32-element chunks of each 128 swap; Q6_K reads
 /// elements in order.
 fn plane_pos(dtype: DType, e: usize) -> usize {
-    if dtype != DType::Q4K {
+    if !matches!(dtype, DType::Q4K | DType::Q5K) {
         return e;
     }
     let chunk = [0, 2, 1, 3][(e % 128) / 32];
     128 * (e / 128) + 32 * chunk + e % 32
 }
 
-/// Fills the Q4_K/Q6_K [`super::Aux`] for `x` (a multiple of 256 long): per super-block,
+/// Fills the Q4_K/Q5_K/Q6_K [`super::Aux`] for `x` (a multiple of 256 long): per super-block,
 /// `X = round(x / s)` (nearest-even) with `s = max|x_sb| / ACT_MAX`, as H and L byte
 /// planes, and the sums [`SB_F`] describes. A super-block holding NaN or ±inf gets a NaN
 /// scale, so NaN reaches the output.
@@ -88,7 +88,7 @@ pub(crate) unsafe fn prepare(dtype: DType, x: &[f32], aux: &mut super::Aux) {
     }
 }
 
-/// GEMV over rows `r0..r1` of a Q4_K or Q6_K matrix, 4 rows at a time.
+/// GEMV over rows `r0..r1` of a Q4_K, Q5_K or Q6_K matrix, 4 rows at a time.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 pub(crate) unsafe fn gemv_rows(w: &MatRef, r0: usize, r1: usize, aux: &super::Aux, y: &mut [f32]) {
     let nsb = w.cols / 256;
@@ -97,24 +97,24 @@ pub(crate) unsafe fn gemv_rows(w: &MatRef, r0: usize, r1: usize, aux: &super::Au
         "K-quant VNNI GEMV without its prepared activations"
     );
     let (xi, xf) = (aux.i.as_ptr(), aux.f.as_ptr());
-    let q6 = w.dtype == DType::Q6K;
+    let dtype = w.dtype;
     super::for_row_blocks(
         w,
         r0,
         r1,
         y,
         |p, pf, out| {
-            if q6 {
-                rows_q6_k::<4>(p, nsb, pf, xi, xf, out)
-            } else {
-                rows_q4_k::<4>(p, nsb, pf, xi, xf, out)
+            match dtype {
+                DType::Q6K => rows_q6_k::<4>(p, nsb, pf, xi, xf, out),
+                DType::Q5K => rows_q45_k::<4, true>(p, nsb, pf, xi, xf, out),
+                _ => rows_q45_k::<4, false>(p, nsb, pf, xi, xf, out),
             }
         },
         |p, pf, out| {
-            if q6 {
-                rows_q6_k::<1>(p, nsb, pf, xi, xf, out)
-            } else {
-                rows_q4_k::<1>(p, nsb, pf, xi, xf, out)
+            match dtype {
+                DType::Q6K => rows_q6_k::<1>(p, nsb, pf, xi, xf, out),
+                DType::Q5K => rows_q45_k::<1, true>(p, nsb, pf, xi, xf, out),
+                _ => rows_q45_k::<1, false>(p, nsb, pf, xi, xf, out),
             }
         },
     );
@@ -129,7 +129,7 @@ unsafe fn f16_at(p: *const u8) -> f32 {
     )))
 }
 
-/// Q4_K's eight 6-bit scales and eight 6-bit mins from their 12 bytes at `q`, as bytes
+/// Q4_K's (and Q5_K's) eight 6-bit scales and eight 6-bit mins from their 12 bytes at `q`, as bytes
 /// of two u64 (`get_scale_min_k4` for all eight sub-blocks at once).
 #[inline(always)]
 unsafe fn scales_mins_q4_k(q: *const u8) -> (u64, u64) {
@@ -157,10 +157,12 @@ unsafe fn q4_k_scale_patterns() -> [__m128i; 4] {
     })
 }
 
-/// Q4_K rows: 144-byte super-blocks `{d, dmin, scales[12], qs[128]}`.
+/// Q4_K rows (144-byte super-blocks `{d, dmin, scales[12], qs[128]}`), or with `Q5` Q5_K
+/// rows (176 bytes, `qh[32]` before `qs`: bit `2c + h` of `qh[l]` is the fifth bit of
+/// element `64c + 32h + l`).
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 #[inline]
-unsafe fn rows_q4_k<const R: usize>(
+unsafe fn rows_q45_k<const R: usize, const Q5: bool>(
     p: [*const u8; R],
     nsb: usize,
     pf: usize,
@@ -171,6 +173,12 @@ unsafe fn rows_q4_k<const R: usize>(
     let nib = _mm512_set1_epi8(0x0f);
     let zero = _mm512_setzero_si512();
     let pat = q4_k_scale_patterns();
+    let (bytes, qs) = if Q5 { (176, 48) } else { (144, 16) };
+    // Quant vector k's two 32-byte halves take their fifth bits from qh bits (a, b).
+    let one = _mm512_set1_epi8(1);
+    let hshift: [__m512i; 4] = [(0, 2), (1, 3), (4, 6), (5, 7)].map(|(a, b): (i16, i16)| {
+        _mm512_inserti64x4::<1>(_mm512_castsi256_si512(_mm256_set1_epi16(a)), _mm256_set1_epi16(b))
+    });
     let mut acc = [_mm512_setzero_ps(); R];
     let mut macc = [_mm256_setzero_ps(); R];
     for sb in 0..nsb {
@@ -182,20 +190,27 @@ unsafe fn rows_q4_k<const R: usize>(
         let s = *xf.add(SB_F * sb);
         let xs = _mm256_loadu_ps(xf.add(SB_F * sb + 8));
         for r in 0..R {
-            let bp = p[r].add(144 * sb);
-            for o in [0, 64, 128, 143] {
+            let bp = p[r].add(bytes * sb);
+            for o in [0, 64, 128, bytes - 1] {
                 prefetch_ahead(bp.add(o), pf);
             }
             let (d, dmin) = (f16_at(bp), f16_at(bp.add(2)));
             let (sc, mn) = scales_mins_q4_k(bp.add(4));
-            let q0 = _mm512_loadu_si512(bp.add(16) as *const _);
-            let q1 = _mm512_loadu_si512(bp.add(80) as *const _);
-            let v = [
+            let q0 = _mm512_loadu_si512(bp.add(qs) as *const _);
+            let q1 = _mm512_loadu_si512(bp.add(qs + 64) as *const _);
+            let mut v = [
                 _mm512_and_si512(q0, nib),
                 _mm512_and_si512(_mm512_srli_epi16::<4>(q0), nib),
                 _mm512_and_si512(q1, nib),
                 _mm512_and_si512(_mm512_srli_epi16::<4>(q1), nib),
             ];
+            if Q5 {
+                let qh = _mm512_broadcast_i64x4(_mm256_loadu_si256(bp.add(16) as *const _));
+                for k in 0..4 {
+                    let hb = _mm512_and_si512(_mm512_srlv_epi16(qh, hshift[k]), one);
+                    v[k] = _mm512_or_si512(v[k], _mm512_slli_epi16::<4>(hb));
+                }
+            }
             let sc128 = _mm_cvtsi64_si128(sc as i64);
             let mut t = zero;
             for k in 0..4 {
