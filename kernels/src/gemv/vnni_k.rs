@@ -1,4 +1,4 @@
-//! AVX-512 VNNI GEMV rows for Q4_K, Q5_K and Q6_K: integer dot products of the weights' 4- and
+//! AVX-512 VNNI GEMV rows for Q4_K, Q5_K, Q6_K and IQ4_XS: integer dot products of the weights' 4- and
 //! 6-bit quants against 15-bit integer activations with one scale per 256-element
 //! super-block, made by [`prepare`].
 //!
@@ -15,9 +15,9 @@ use std::arch::x86_64::*;
 use super::avx512::{hsum256, hsum512, prefetch_ahead};
 use crate::{DType, MatRef};
 
-/// Floats per super-block in [`super::Aux::f`]: `[0]` the scale `s`; `[8..16]` `s·ΣX` of
-/// each 32-element sub-block (Q4_K's min term); `[16..32]` `32·ΣX` of each 16-element
-/// sub-block (Q6_K's offset).
+/// Floats per super-block in [`super::Aux::f`]: `[0]` the scale `s`; `[8..16]` `ΣX` of
+/// each 32-element sub-block (Q4_K/Q5_K's min term, IQ4_XS's offset); `[16..32]` `32·ΣX`
+/// of each 16-element sub-block (Q6_K's offset).
 const SB_F: usize = 32;
 
 /// Bytes per super-block in [`super::Aux::i`]: the H plane, then the L plane, each in the
@@ -29,11 +29,19 @@ const SB_I: usize = 512;
 /// 96..128]` (high nibbles), so the middle 32-element chunks of each 128 swap; Q6_K reads
 /// elements in order.
 fn plane_pos(dtype: DType, e: usize) -> usize {
-    if !matches!(dtype, DType::Q4K | DType::Q5K) {
-        return e;
+    match dtype {
+        DType::Q4K | DType::Q5K => {
+            let chunk = [0, 2, 1, 3][(e % 128) / 32];
+            128 * (e / 128) + 32 * chunk + e % 32
+        }
+        // IQ4_XS: a 64-byte load holds sub-blocks 4k..4k+4 as 16 bytes each; its low
+        // nibbles are their first 16 elements, its high nibbles their last 16.
+        DType::IQ4XS => {
+            let (sb, within) = (e / 32, e % 32);
+            128 * (sb / 4) + 64 * (within / 16) + 16 * (sb % 4) + within % 16
+        }
+        _ => e,
     }
-    let chunk = [0, 2, 1, 3][(e % 128) / 32];
-    128 * (e / 128) + 32 * chunk + e % 32
 }
 
 /// Fills the Q4_K/Q5_K/Q6_K [`super::Aux`] for `x` (a multiple of 256 long): per super-block,
@@ -81,10 +89,6 @@ pub(crate) unsafe fn prepare(dtype: DType, x: &[f32], aux: &mut super::Aux) {
             f[16 + j] = 32.0 * sum;
             f[8 + j / 2] += sum;
         }
-        let s = f[0];
-        for v in &mut f[8..16] {
-            *v *= s;
-        }
     }
 }
 
@@ -103,19 +107,17 @@ pub(crate) unsafe fn gemv_rows(w: &MatRef, r0: usize, r1: usize, aux: &super::Au
         r0,
         r1,
         y,
-        |p, pf, out| {
-            match dtype {
-                DType::Q6K => rows_q6_k::<4>(p, nsb, pf, xi, xf, out),
-                DType::Q5K => rows_q45_k::<4, true>(p, nsb, pf, xi, xf, out),
-                _ => rows_q45_k::<4, false>(p, nsb, pf, xi, xf, out),
-            }
+        |p, pf, out| match dtype {
+            DType::Q6K => rows_q6_k::<4>(p, nsb, pf, xi, xf, out),
+            DType::IQ4XS => rows_iq4_xs::<4>(p, nsb, pf, xi, xf, out),
+            DType::Q5K => rows_q45_k::<4, true>(p, nsb, pf, xi, xf, out),
+            _ => rows_q45_k::<4, false>(p, nsb, pf, xi, xf, out),
         },
-        |p, pf, out| {
-            match dtype {
-                DType::Q6K => rows_q6_k::<1>(p, nsb, pf, xi, xf, out),
-                DType::Q5K => rows_q45_k::<1, true>(p, nsb, pf, xi, xf, out),
-                _ => rows_q45_k::<1, false>(p, nsb, pf, xi, xf, out),
-            }
+        |p, pf, out| match dtype {
+            DType::Q6K => rows_q6_k::<1>(p, nsb, pf, xi, xf, out),
+            DType::IQ4XS => rows_iq4_xs::<1>(p, nsb, pf, xi, xf, out),
+            DType::Q5K => rows_q45_k::<1, true>(p, nsb, pf, xi, xf, out),
+            _ => rows_q45_k::<1, false>(p, nsb, pf, xi, xf, out),
         },
     );
 }
@@ -177,7 +179,10 @@ unsafe fn rows_q45_k<const R: usize, const Q5: bool>(
     // Quant vector k's two 32-byte halves take their fifth bits from qh bits (a, b).
     let one = _mm512_set1_epi8(1);
     let hshift: [__m512i; 4] = [(0, 2), (1, 3), (4, 6), (5, 7)].map(|(a, b): (i16, i16)| {
-        _mm512_inserti64x4::<1>(_mm512_castsi256_si512(_mm256_set1_epi16(a)), _mm256_set1_epi16(b))
+        _mm512_inserti64x4::<1>(
+            _mm512_castsi256_si512(_mm256_set1_epi16(a)),
+            _mm256_set1_epi16(b),
+        )
     });
     let mut acc = [_mm512_setzero_ps(); R];
     let mut macc = [_mm256_setzero_ps(); R];
@@ -222,7 +227,7 @@ unsafe fn rows_q45_k<const R: usize, const Q5: bool>(
             }
             acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), _mm512_set1_ps(d * s), acc[r]);
             let m = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(mn as i64)));
-            macc[r] = _mm256_fmadd_ps(_mm256_mul_ps(m, xs), _mm256_set1_ps(dmin), macc[r]);
+            macc[r] = _mm256_fmadd_ps(_mm256_mul_ps(m, xs), _mm256_set1_ps(dmin * s), macc[r]);
         }
     }
     for r in 0..R {
@@ -306,5 +311,84 @@ unsafe fn rows_q6_k<const R: usize>(
     }
     for r in 0..R {
         out[r] = hsum512(acc[r]) - hsum512(oacc[r]);
+    }
+}
+
+/// IQ4_XS rows: 136-byte super-blocks `{d, scales_h, scales_l[4], qs[128]}`. The code
+/// book's values go in as `KVALUES + 128` (unsigned, by a byte shuffle) and `128·ΣX` per
+/// sub-block comes off; the signed 6-bit scales are applied in f32, as for Q6_K.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+#[inline]
+unsafe fn rows_iq4_xs<const R: usize>(
+    p: [*const u8; R],
+    nsb: usize,
+    pf: usize,
+    xi: *const u8,
+    xf: *const f32,
+    out: &mut [f32; R],
+) {
+    let nib = _mm512_set1_epi8(0x0f);
+    let zero = _mm512_setzero_si512();
+    let book = {
+        let b: [u8; 16] =
+            std::array::from_fn(|i| (crate::quant::KVALUES_IQ4[i] as i16 + 128) as u8);
+        _mm512_broadcast_i32x4(_mm_loadu_si128(b.as_ptr() as *const _))
+    };
+    let lo_shift = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
+    let hi_shift = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
+    // Lane i of the two quant vectors of load k covers sub-block 4k + i/4.
+    let idx: [__m512i; 2] = std::array::from_fn(|k| {
+        let v: [i32; 16] = std::array::from_fn(|i| (4 * k + i / 4) as i32);
+        _mm512_loadu_si512(v.as_ptr() as *const _)
+    });
+    let mut acc = [_mm512_setzero_ps(); R];
+    let mut oacc = [_mm256_setzero_ps(); R];
+    for sb in 0..nsb {
+        let hp = xi.add(SB_I * sb);
+        let h: [__m512i; 4] =
+            std::array::from_fn(|k| _mm512_loadu_si512(hp.add(64 * k) as *const _));
+        let l: [__m512i; 4] =
+            std::array::from_fn(|k| _mm512_loadu_si512(hp.add(256 + 64 * k) as *const _));
+        let s = *xf.add(SB_F * sb);
+        let xs = _mm256_loadu_ps(xf.add(SB_F * sb + 8));
+        for r in 0..R {
+            let bp = p[r].add(136 * sb);
+            for o in [0, 64, 128, 135] {
+                prefetch_ahead(bp.add(o), pf);
+            }
+            let ds = _mm256_set1_ps(f16_at(bp) * s);
+            let sh = _mm256_set1_epi32((bp.add(2) as *const u16).read_unaligned() as i32);
+            let sl = _mm256_set1_epi32((bp.add(4) as *const u32).read_unaligned() as i32);
+            let ls = _mm256_or_si256(
+                _mm256_and_si256(_mm256_srlv_epi32(sl, lo_shift), _mm256_set1_epi32(0x0f)),
+                _mm256_slli_epi32::<4>(_mm256_and_si256(
+                    _mm256_srlv_epi32(sh, hi_shift),
+                    _mm256_set1_epi32(3),
+                )),
+            );
+            let scf = _mm256_mul_ps(
+                _mm256_cvtepi32_ps(_mm256_sub_epi32(ls, _mm256_set1_epi32(32))),
+                ds,
+            );
+            oacc[r] = _mm256_fmadd_ps(scf, xs, oacc[r]);
+            let scf = _mm512_castps256_ps512(scf);
+            for k in 0..2 {
+                let q = _mm512_loadu_si512(bp.add(8 + 64 * k) as *const _);
+                let v = [
+                    _mm512_shuffle_epi8(book, _mm512_and_si512(q, nib)),
+                    _mm512_shuffle_epi8(book, _mm512_and_si512(_mm512_srli_epi16::<4>(q), nib)),
+                ];
+                let scv = _mm512_permutexvar_ps(idx[k], scf);
+                for (j, vj) in v.into_iter().enumerate() {
+                    let th = _mm512_dpbusd_epi32(zero, vj, h[2 * k + j]);
+                    let tl = _mm512_dpbusd_epi32(zero, vj, l[2 * k + j]);
+                    let t = _mm512_add_epi32(_mm512_slli_epi32::<8>(th), tl);
+                    acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), scv, acc[r]);
+                }
+            }
+        }
+    }
+    for r in 0..R {
+        out[r] = hsum512(acc[r]) - 128.0 * hsum256(oacc[r]);
     }
 }

@@ -2,6 +2,8 @@
 
 mod blocks;
 
+pub(crate) use blocks::KVALUES_IQ4;
+
 use half::f16;
 
 use crate::isa::{active_isa, Isa};
