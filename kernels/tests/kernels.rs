@@ -160,7 +160,10 @@ const INT_ACT_ISAS: [Isa; 2] = [Isa::Avx512Vnni, Isa::Avx2];
 /// Q4/Q8 weights).
 fn act_allowance(isa: Isa, dtype: DType, act: f64) -> f64 {
     let k = isa == Isa::Avx512Vnni
-        && matches!(dtype, DType::Q4K | DType::Q5K | DType::Q6K | DType::IQ4XS);
+        && matches!(
+            dtype,
+            DType::Q2K | DType::Q3K | DType::Q4K | DType::Q5K | DType::Q6K | DType::IQ4XS
+        );
     if k || INT_ACT_ISAS.contains(&isa) && matches!(dtype, DType::Q4_0 | DType::Q4_1 | DType::Q8_0)
     {
         act

@@ -242,7 +242,10 @@ fn has_row_kernel(dtype: DType) -> bool {
 fn has_k_kernel(isa: Isa, dtype: DType) -> bool {
     cfg!(target_arch = "x86_64")
         && isa == Isa::Avx512Vnni
-        && matches!(dtype, DType::Q4K | DType::Q5K | DType::Q6K | DType::IQ4XS)
+        && matches!(
+            dtype,
+            DType::Q2K | DType::Q3K | DType::Q4K | DType::Q5K | DType::Q6K | DType::IQ4XS
+        )
 }
 
 /// Columns decoded at a time by [`gemv_rows_decoded`]: one super-block, a multiple of every

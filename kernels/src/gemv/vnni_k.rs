@@ -1,4 +1,4 @@
-//! AVX-512 VNNI GEMV rows for Q4_K, Q5_K, Q6_K and IQ4_XS: integer dot products of the weights' 4- and
+//! AVX-512 VNNI GEMV rows for Q2_K, Q3_K, Q4_K, Q5_K, Q6_K and IQ4_XS: integer dot products of the weights' 4- and
 //! 6-bit quants against 15-bit integer activations with one scale per 256-element
 //! super-block, made by [`prepare`].
 //!
@@ -16,8 +16,8 @@ use super::avx512::{hsum256, hsum512, prefetch_ahead};
 use crate::{DType, MatRef};
 
 /// Floats per super-block in [`super::Aux::f`]: `[0]` the scale `s`; `[8..16]` `ΣX` of
-/// each 32-element sub-block (Q4_K/Q5_K's min term, IQ4_XS's offset); `[16..32]` `32·ΣX`
-/// of each 16-element sub-block (Q6_K's offset).
+/// each 32-element sub-block (Q4_K/Q5_K's min term, IQ4_XS's offset); `[16..32]` `ΣX`
+/// of each 16-element sub-block (Q6_K's and Q3_K's offsets, Q2_K's min term).
 const SB_F: usize = 32;
 
 /// Bytes per super-block in [`super::Aux::i`]: the H plane, then the L plane, each in the
@@ -34,6 +34,9 @@ fn plane_pos(dtype: DType, e: usize) -> usize {
             let chunk = [0, 2, 1, 3][(e % 128) / 32];
             128 * (e / 128) + 32 * chunk + e % 32
         }
+        // Q2_K/Q3_K: the 2-bit field j of byte l of half n is element 128n + 32j + l, and
+        // the 64 quant bytes hold both halves: field j of all of them is one vector.
+        DType::Q2K | DType::Q3K => 64 * ((e % 128) / 32) + 32 * (e / 128) + e % 32,
         // IQ4_XS: a 64-byte load holds sub-blocks 4k..4k+4 as 16 bytes each; its low
         // nibbles are their first 16 elements, its high nibbles their last 16.
         DType::IQ4XS => {
@@ -86,13 +89,13 @@ pub(crate) unsafe fn prepare(dtype: DType, x: &[f32], aux: &mut super::Aux) {
             _mm_storeu_si128(planes.add(pos) as *mut _, _mm512_cvtepi32_epi8(hi));
             _mm_storeu_si128(planes.add(256 + pos) as *mut _, _mm512_cvtepi32_epi8(lo));
             let sum = _mm512_reduce_add_epi32(xi) as f32;
-            f[16 + j] = 32.0 * sum;
+            f[16 + j] = sum;
             f[8 + j / 2] += sum;
         }
     }
 }
 
-/// GEMV over rows `r0..r1` of a Q4_K, Q5_K or Q6_K matrix, 4 rows at a time.
+/// GEMV over rows `r0..r1` of a K-quant or IQ4_XS matrix, 4 rows at a time.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 pub(crate) unsafe fn gemv_rows(w: &MatRef, r0: usize, r1: usize, aux: &super::Aux, y: &mut [f32]) {
     let nsb = w.cols / 256;
@@ -109,12 +112,16 @@ pub(crate) unsafe fn gemv_rows(w: &MatRef, r0: usize, r1: usize, aux: &super::Au
         y,
         |p, pf, out| match dtype {
             DType::Q6K => rows_q6_k::<4>(p, nsb, pf, xi, xf, out),
+            DType::Q2K => rows_q23_k::<4, false>(p, nsb, pf, xi, xf, out),
+            DType::Q3K => rows_q23_k::<4, true>(p, nsb, pf, xi, xf, out),
             DType::IQ4XS => rows_iq4_xs::<4>(p, nsb, pf, xi, xf, out),
             DType::Q5K => rows_q45_k::<4, true>(p, nsb, pf, xi, xf, out),
             _ => rows_q45_k::<4, false>(p, nsb, pf, xi, xf, out),
         },
         |p, pf, out| match dtype {
             DType::Q6K => rows_q6_k::<1>(p, nsb, pf, xi, xf, out),
+            DType::Q2K => rows_q23_k::<1, false>(p, nsb, pf, xi, xf, out),
+            DType::Q3K => rows_q23_k::<1, true>(p, nsb, pf, xi, xf, out),
             DType::IQ4XS => rows_iq4_xs::<1>(p, nsb, pf, xi, xf, out),
             DType::Q5K => rows_q45_k::<1, true>(p, nsb, pf, xi, xf, out),
             _ => rows_q45_k::<1, false>(p, nsb, pf, xi, xf, out),
@@ -310,7 +317,7 @@ unsafe fn rows_q6_k<const R: usize>(
         }
     }
     for r in 0..R {
-        out[r] = hsum512(acc[r]) - hsum512(oacc[r]);
+        out[r] = hsum512(acc[r]) - 32.0 * hsum512(oacc[r]);
     }
 }
 
@@ -390,5 +397,127 @@ unsafe fn rows_iq4_xs<const R: usize>(
     }
     for r in 0..R {
         out[r] = hsum512(acc[r]) - 128.0 * hsum256(oacc[r]);
+    }
+}
+
+/// Q3_K's 16 six-bit scales from their 12 bytes at `q`, minus 32, as signed bytes (see
+/// `quant::blocks::scales_q3_k` for the layout).
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+#[inline]
+unsafe fn scales_q3_k(q: *const u8) -> __m128i {
+    let word = |i: usize| (q.add(4 * i) as *const u32).read_unaligned();
+    let (a0, a1, t) = (word(0), word(1), word(2));
+    let (m4, m2) = (0x0f0f_0f0fu32, 0x0303_0303u32);
+    let r = [
+        (a0 & m4) | ((t & m2) << 4),
+        (a1 & m4) | (((t >> 2) & m2) << 4),
+        ((a0 >> 4) & m4) | (((t >> 4) & m2) << 4),
+        ((a1 >> 4) & m4) | (((t >> 6) & m2) << 4),
+    ];
+    _mm_sub_epi8(
+        _mm_setr_epi32(r[0] as i32, r[1] as i32, r[2] as i32, r[3] as i32),
+        _mm_set1_epi8(32),
+    )
+}
+
+/// Q2_K rows (84-byte super-blocks `{scales[16], qs[64], d, dmin}`: 4-bit scale and min
+/// per 16 elements), or with `Q3` Q3_K rows (110 bytes `{hmask[32], qs[64], scales[12],
+/// d}`: signed 6-bit scales, and a high bit that, when clear, takes 4 off). Both hold 2-bit
+/// fields `j` of 64 bytes; the 16 sub-block sums are scaled in integers (at most
+/// 4·7·32512·32·4 < 2³¹).
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+#[inline]
+unsafe fn rows_q23_k<const R: usize, const Q3: bool>(
+    p: [*const u8; R],
+    nsb: usize,
+    pf: usize,
+    xi: *const u8,
+    xf: *const f32,
+    out: &mut [f32; R],
+) {
+    let zero = _mm512_setzero_si512();
+    let three = _mm512_set1_epi8(3);
+    let one = _mm512_set1_epi8(1);
+    let (bytes, qs) = if Q3 { (110, 32) } else { (84, 16) };
+    // Lane i of field vector j covers sub-block 2j + i/4 (i < 8) or 8 + 2j + (i-8)/4.
+    let pat: [__m128i; 4] = std::array::from_fn(|j| {
+        let b: [u8; 16] = std::array::from_fn(|i| {
+            (if i < 8 {
+                2 * j + i / 4
+            } else {
+                8 + 2 * j + (i - 8) / 4
+            }) as u8
+        });
+        _mm_loadu_si128(b.as_ptr() as *const _)
+    });
+    // The 2-bit field j: shift 2j; Q3_K's high bit of field j: bit j of hmask byte l for
+    // the first half, bit 4 + j for the second.
+    let fshift: [__m512i; 4] = std::array::from_fn(|j| _mm512_set1_epi16(2 * j as i16));
+    let hshift: [__m512i; 4] = std::array::from_fn(|j| {
+        _mm512_inserti64x4::<1>(
+            _mm512_castsi256_si512(_mm256_set1_epi16(j as i16)),
+            _mm256_set1_epi16(4 + j as i16),
+        )
+    });
+    let mut acc = [_mm512_setzero_ps(); R];
+    let mut oacc = [_mm512_setzero_ps(); R];
+    for sb in 0..nsb {
+        let hp = xi.add(SB_I * sb);
+        let h: [__m512i; 4] =
+            std::array::from_fn(|k| _mm512_loadu_si512(hp.add(64 * k) as *const _));
+        let l: [__m512i; 4] =
+            std::array::from_fn(|k| _mm512_loadu_si512(hp.add(256 + 64 * k) as *const _));
+        let s = *xf.add(SB_F * sb);
+        let x16 = _mm512_loadu_ps(xf.add(SB_F * sb + 16));
+        for r in 0..R {
+            let bp = p[r].add(bytes * sb);
+            for o in [0, 64, bytes - 1] {
+                prefetch_ahead(bp.add(o), pf);
+            }
+            let q = _mm512_loadu_si512(bp.add(qs) as *const _);
+            let (sc, d, off) = if Q3 {
+                // q - 4 (1 - hbit) = (q + 4 hbit) - 4: the -4 comes off with ΣX.
+                let sc = scales_q3_k(bp.add(96));
+                let d = f16_at(bp.add(108)) * s;
+                let scf = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(sc));
+                (sc, d, _mm512_mul_ps(_mm512_set1_ps(4.0 * d), scf))
+            } else {
+                let raw = _mm_loadu_si128(bp as *const _);
+                let sc = _mm_and_si128(raw, _mm_set1_epi8(0x0f));
+                let mn = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(
+                    _mm_srli_epi16::<4>(raw),
+                    _mm_set1_epi8(0x0f),
+                )));
+                let dmin = f16_at(bp.add(82)) * s;
+                (
+                    sc,
+                    f16_at(bp.add(80)) * s,
+                    _mm512_mul_ps(_mm512_set1_ps(dmin), mn),
+                )
+            };
+            oacc[r] = _mm512_fmadd_ps(off, x16, oacc[r]);
+            let hm = if Q3 {
+                _mm512_broadcast_i64x4(_mm256_loadu_si256(bp as *const _))
+            } else {
+                zero
+            };
+            let mut t = zero;
+            for j in 0..4 {
+                let mut v = _mm512_and_si512(_mm512_srlv_epi16(q, fshift[j]), three);
+                if Q3 {
+                    let hb = _mm512_and_si512(_mm512_srlv_epi16(hm, hshift[j]), one);
+                    v = _mm512_or_si512(v, _mm512_slli_epi16::<2>(hb));
+                }
+                let th = _mm512_dpbusd_epi32(zero, v, h[j]);
+                let tl = _mm512_dpbusd_epi32(zero, v, l[j]);
+                let tk = _mm512_add_epi32(_mm512_slli_epi32::<8>(th), tl);
+                let scv = _mm512_cvtepi8_epi32(_mm_shuffle_epi8(sc, pat[j]));
+                t = _mm512_add_epi32(t, _mm512_mullo_epi32(tk, scv));
+            }
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), _mm512_set1_ps(d), acc[r]);
+        }
+    }
+    for r in 0..R {
+        out[r] = hsum512(acc[r]) - hsum512(oacc[r]);
     }
 }
