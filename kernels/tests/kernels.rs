@@ -159,11 +159,14 @@ const INT_ACT_ISAS: [Isa; 2] = [Isa::Avx512Vnni, Isa::Avx2];
 /// The activation-quantisation allowance: only the VNNI and AVX2 paths quantise x (for
 /// Q4/Q8 weights).
 fn act_allowance(isa: Isa, dtype: DType, act: f64) -> f64 {
-    let k = isa == Isa::Avx512Vnni
-        && matches!(
+    let k = match isa {
+        Isa::Avx512Vnni => matches!(
             dtype,
             DType::Q2K | DType::Q3K | DType::Q4K | DType::Q5K | DType::Q6K | DType::IQ4XS
-        );
+        ),
+        Isa::Avx2 => matches!(dtype, DType::Q4K | DType::Q5K | DType::Q6K),
+        _ => false,
+    };
     if k || INT_ACT_ISAS.contains(&isa) && matches!(dtype, DType::Q4_0 | DType::Q4_1 | DType::Q8_0)
     {
         act

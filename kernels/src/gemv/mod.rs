@@ -5,6 +5,8 @@ pub(crate) mod scalar;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod avx2;
 #[cfg(target_arch = "x86_64")]
+pub(crate) mod avx2_k;
+#[cfg(target_arch = "x86_64")]
 pub(crate) mod avx512;
 #[cfg(target_arch = "aarch64")]
 pub(crate) mod neon;
@@ -110,7 +112,7 @@ pub(crate) const ACT_MAX: f32 = 32512.0;
 /// - otherwise nothing.
 pub(crate) fn gemv_aux(isa: Isa, dtype: DType, x: &[f32]) -> Aux {
     if has_k_kernel(isa, dtype) {
-        return vnni_k_aux(dtype, x);
+        return k_aux(isa, dtype, x);
     }
     let q4 = matches!(dtype, DType::Q4_0 | DType::Q4_1);
     if isa == Isa::Avx512Vnni && (q4 || dtype == DType::Q8_0) {
@@ -164,15 +166,22 @@ fn vnni_aux(_: DType, _: &[f32]) -> Aux {
 }
 
 #[cfg(target_arch = "x86_64")]
-fn vnni_k_aux(dtype: DType, x: &[f32]) -> Aux {
+fn k_aux(isa: Isa, dtype: DType, x: &[f32]) -> Aux {
     let mut aux = Aux::default();
-    // SAFETY: only reached for `Isa::Avx512Vnni` (see `has_k_kernel`).
-    unsafe { vnni_k::prepare(dtype, x, &mut aux) };
+    // SAFETY: only reached for the ISA `has_k_kernel` names, which `set_isa`/detection
+    // guarantee this CPU has.
+    unsafe {
+        if isa == Isa::Avx2 {
+            avx2_k::prepare(x, &mut aux)
+        } else {
+            vnni_k::prepare(dtype, x, &mut aux)
+        }
+    };
     aux
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-fn vnni_k_aux(_: DType, _: &[f32]) -> Aux {
+fn k_aux(_: Isa, _: DType, _: &[f32]) -> Aux {
     Aux::default()
 }
 
@@ -204,9 +213,13 @@ pub(crate) fn gemv_rows_isa(
     let _ = aux;
     if has_k_kernel(isa, w.dtype) {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: `has_k_kernel` holds only on the VNNI path; `aux` comes from `gemv_aux`.
+        // SAFETY: `has_k_kernel` names an ISA this CPU has; `aux` comes from `gemv_aux`.
         unsafe {
-            return vnni_k::gemv_rows(w, r0, r1, aux, y);
+            return if isa == Isa::Avx2 {
+                avx2_k::gemv_rows(w, r0, r1, aux, y)
+            } else {
+                vnni_k::gemv_rows(w, r0, r1, aux, y)
+            };
         }
     }
     if !has_row_kernel(w.dtype) {
@@ -238,14 +251,15 @@ fn has_row_kernel(dtype: DType) -> bool {
     )
 }
 
-/// Whether `isa` runs `dtype` on a K-quant integer kernel ([`vnni_k`]).
+/// Whether `isa` runs `dtype` on a K-quant integer kernel ([`vnni_k`], [`avx2_k`]).
 fn has_k_kernel(isa: Isa, dtype: DType) -> bool {
+    use DType::*;
     cfg!(target_arch = "x86_64")
-        && isa == Isa::Avx512Vnni
-        && matches!(
-            dtype,
-            DType::Q2K | DType::Q3K | DType::Q4K | DType::Q5K | DType::Q6K | DType::IQ4XS
-        )
+        && match isa {
+            Isa::Avx512Vnni => matches!(dtype, Q2K | Q3K | Q4K | Q5K | Q6K | IQ4XS),
+            Isa::Avx2 => matches!(dtype, Q4K | Q5K | Q6K),
+            _ => false,
+        }
 }
 
 /// Columns decoded at a time by [`gemv_rows_decoded`]: one super-block, a multiple of every

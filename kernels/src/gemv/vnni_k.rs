@@ -141,7 +141,7 @@ unsafe fn f16_at(p: *const u8) -> f32 {
 /// Q4_K's (and Q5_K's) eight 6-bit scales and eight 6-bit mins from their 12 bytes at `q`, as bytes
 /// of two u64 (`get_scale_min_k4` for all eight sub-blocks at once).
 #[inline(always)]
-unsafe fn scales_mins_q4_k(q: *const u8) -> (u64, u64) {
+pub(crate) unsafe fn scales_mins_q4_k(q: *const u8) -> (u64, u64) {
     let word = |i: usize| (q.add(4 * i) as *const u32).read_unaligned();
     let (a, b, c) = (word(0), word(1), word(2));
     let (m6, m4, m2) = (0x3f3f_3f3fu32, 0x0f0f_0f0fu32, 0x0303_0303u32);

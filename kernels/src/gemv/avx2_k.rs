@@ -1,0 +1,294 @@
+//! AVX2 GEMV rows for Q4_K, Q5_K and Q6_K: the AVX-512 VNNI kernels' integer scheme
+//! ([`super::vnni_k`]) on 256-bit registers without `vpdpbusd`.
+//!
+//! Each 32-quant register meets the 15-bit activations `X = 256 H + L` (one scale per
+//! 256-element super-block, from [`prepare`]) in `vpmaddubsw` (u8 × i8 pairs to i16,
+//! which cannot saturate: at most 2·63·127) and `vpmaddwd` against the sub-blocks' scales
+//! as i16, so the H and L sums of a whole super-block collect in two i32 registers (at
+//! most 8·2·3810·63 for Q4_K, 8·2·16002·128 for Q6_K) and are converted once. The min and
+//! offset terms use sums of the same quantised x, so a row is exactly `dot(w, x̂)`.
+
+use std::arch::x86_64::*;
+
+use super::avx2::hsum256;
+use crate::{DType, MatRef};
+
+/// Floats per super-block in [`super::Aux::f`]: `[0]` the scale `s`; `[8..16]` `ΣX` of
+/// each 32-element sub-block; `[16..32]` `ΣX` of each 16-element sub-block.
+const SB_F: usize = 32;
+
+/// Bytes per super-block in [`super::Aux::i`]: the H plane, then the L plane, in element
+/// order.
+const SB_I: usize = 512;
+
+/// Fills the AVX2 K-quant [`super::Aux`] for `x` (a multiple of 256 long): per super-block
+/// `X = round(x / s)` (nearest-even) with `s = max|x_sb| / ACT_MAX`, as H and L byte
+/// planes, and the sums [`SB_F`] describes. A super-block holding NaN or ±inf gets a NaN
+/// scale, so NaN reaches the output.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn prepare(x: &[f32], aux: &mut super::Aux) {
+    let nsb = x.len() / 256;
+    aux.f.clear();
+    aux.f.resize(nsb * SB_F, 0.0);
+    aux.i.clear();
+    aux.i.resize(nsb * SB_I, 0);
+    let lim = _mm256_set1_ps(super::ACT_MAX);
+    let nlim = _mm256_set1_ps(-super::ACT_MAX);
+    for b in 0..nsb {
+        let xb = &x[256 * b..256 * b + 256];
+        let finite = xb.iter().all(|v| v.is_finite());
+        let amax = xb.iter().fold(0.0f32, |a, v| a.max(v.abs()));
+        let inv = if finite && amax > 0.0 {
+            super::ACT_MAX / amax
+        } else {
+            0.0
+        };
+        let f = &mut aux.f[SB_F * b..SB_F * (b + 1)];
+        f[0] = if finite {
+            amax / super::ACT_MAX
+        } else {
+            f32::NAN
+        };
+        let (hp, lp) = aux.i[SB_I * b..SB_I * (b + 1)].split_at_mut(256);
+        let invv = _mm256_set1_ps(inv);
+        for j in 0..32 {
+            let v = _mm256_mul_ps(_mm256_loadu_ps(xb.as_ptr().add(8 * j)), invv);
+            let xi = _mm256_cvtps_epi32(_mm256_max_ps(_mm256_min_ps(v, lim), nlim));
+            let mut q = [0i32; 8];
+            _mm256_storeu_si256(q.as_mut_ptr() as *mut _, xi);
+            let mut sum = 0i32;
+            for (k, &v) in q.iter().enumerate() {
+                let h = (v + 128) >> 8;
+                hp[8 * j + k] = h as i8 as u8;
+                lp[8 * j + k] = (v - 256 * h) as i8 as u8;
+                sum += v;
+            }
+            f[16 + j / 2] += sum as f32;
+            f[8 + j / 4] += sum as f32;
+        }
+    }
+}
+
+/// GEMV over rows `r0..r1` of a Q4_K, Q5_K or Q6_K matrix, 4 rows at a time.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn gemv_rows(w: &MatRef, r0: usize, r1: usize, aux: &super::Aux, y: &mut [f32]) {
+    let nsb = w.cols / 256;
+    assert!(
+        aux.i.len() >= SB_I * nsb && aux.f.len() >= SB_F * nsb,
+        "K-quant AVX2 GEMV without its prepared activations"
+    );
+    let (xi, xf) = (aux.i.as_ptr(), aux.f.as_ptr());
+    let dtype = w.dtype;
+    super::for_row_blocks(
+        w,
+        r0,
+        r1,
+        y,
+        |p, pf, out| match dtype {
+            DType::Q6K => rows_q6_k::<4>(p, nsb, pf, xi, xf, out),
+            DType::Q5K => rows_q45_k::<4, true>(p, nsb, pf, xi, xf, out),
+            _ => rows_q45_k::<4, false>(p, nsb, pf, xi, xf, out),
+        },
+        |p, pf, out| match dtype {
+            DType::Q6K => rows_q6_k::<1>(p, nsb, pf, xi, xf, out),
+            DType::Q5K => rows_q45_k::<1, true>(p, nsb, pf, xi, xf, out),
+            _ => rows_q45_k::<1, false>(p, nsb, pf, xi, xf, out),
+        },
+    );
+}
+
+/// Prefetches `p + pf` into L2 (as the other AVX2 row kernels do).
+#[inline(always)]
+unsafe fn prefetch_ahead(p: *const u8, pf: usize) {
+    _mm_prefetch::<_MM_HINT_T1>(p.wrapping_add(pf) as *const i8);
+}
+
+/// f16 at `p` as f32.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn f16_at(p: *const u8) -> f32 {
+    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(
+        (p as *const u16).read_unaligned() as i32,
+    )))
+}
+
+/// Adds one 32-quant register's products with activation planes `h`/`l`, scaled by the
+/// i16 words `sc`, to the super-block's i32 sums.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn dot32(
+    q: __m256i,
+    h: *const u8,
+    l: *const u8,
+    sc: __m256i,
+    (ih, il): (&mut __m256i, &mut __m256i),
+) {
+    let ph = _mm256_maddubs_epi16(q, _mm256_loadu_si256(h as *const _));
+    let pl = _mm256_maddubs_epi16(q, _mm256_loadu_si256(l as *const _));
+    *ih = _mm256_add_epi32(*ih, _mm256_madd_epi16(ph, sc));
+    *il = _mm256_add_epi32(*il, _mm256_madd_epi16(pl, sc));
+}
+
+/// Q4_K rows, or with `Q5` Q5_K rows (see [`super::vnni_k`] for the layouts).
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn rows_q45_k<const R: usize, const Q5: bool>(
+    p: [*const u8; R],
+    nsb: usize,
+    pf: usize,
+    xi: *const u8,
+    xf: *const f32,
+    out: &mut [f32; R],
+) {
+    let nib = _mm256_set1_epi8(0x0f);
+    let b16 = _mm256_set1_epi8(0x10);
+    let (bytes, qs) = if Q5 { (176, 48) } else { (144, 16) };
+    let mut acc = [_mm256_setzero_ps(); R];
+    let mut macc = [_mm256_setzero_ps(); R];
+    for sb in 0..nsb {
+        let (hp, lp) = (xi.add(SB_I * sb), xi.add(SB_I * sb + 256));
+        let s = *xf.add(SB_F * sb);
+        let xs = _mm256_loadu_ps(xf.add(SB_F * sb + 8));
+        for r in 0..R {
+            let bp = p[r].add(bytes * sb);
+            for o in [0, 64, 128, bytes - 1] {
+                prefetch_ahead(bp.add(o), pf);
+            }
+            let (d, dmin) = (f16_at(bp), f16_at(bp.add(2)));
+            let (sc, mn) = super::vnni_k::scales_mins_q4_k(bp.add(4));
+            let (sc, mn) = (sc.to_le_bytes(), mn.to_le_bytes());
+            let qh = if Q5 {
+                _mm256_loadu_si256(bp.add(16) as *const _)
+            } else {
+                _mm256_setzero_si256()
+            };
+            let (mut ih, mut il) = (_mm256_setzero_si256(), _mm256_setzero_si256());
+            for c in 0..4 {
+                let raw = _mm256_loadu_si256(bp.add(qs + 32 * c) as *const _);
+                let mut lo = _mm256_and_si256(raw, nib);
+                let mut hi = _mm256_and_si256(_mm256_srli_epi16::<4>(raw), nib);
+                if Q5 {
+                    // Fifth bits 2c (low nibbles) and 2c+1 (high) of each qh byte, moved to bit 4.
+                    let sh = _mm_cvtsi32_si128(4 - 2 * c as i32);
+                    let t = if c < 2 {
+                        _mm256_sll_epi16(qh, sh)
+                    } else {
+                        _mm256_srl_epi16(qh, _mm_cvtsi32_si128(2 * c as i32 - 4))
+                    };
+                    lo = _mm256_or_si256(lo, _mm256_and_si256(t, b16));
+                    hi = _mm256_or_si256(hi, _mm256_and_si256(_mm256_srli_epi16::<1>(t), b16));
+                }
+                let e = 64 * c;
+                dot32(
+                    lo,
+                    hp.add(e),
+                    lp.add(e),
+                    _mm256_set1_epi16(sc[2 * c] as i16),
+                    (&mut ih, &mut il),
+                );
+                dot32(
+                    hi,
+                    hp.add(e + 32),
+                    lp.add(e + 32),
+                    _mm256_set1_epi16(sc[2 * c + 1] as i16),
+                    (&mut ih, &mut il),
+                );
+            }
+            let t = _mm256_fmadd_ps(
+                _mm256_cvtepi32_ps(ih),
+                _mm256_set1_ps(256.0),
+                _mm256_cvtepi32_ps(il),
+            );
+            acc[r] = _mm256_fmadd_ps(t, _mm256_set1_ps(d * s), acc[r]);
+            let m = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(
+                mn.as_ptr() as *const _
+            )));
+            macc[r] = _mm256_fmadd_ps(_mm256_mul_ps(m, xs), _mm256_set1_ps(dmin * s), macc[r]);
+        }
+    }
+    for r in 0..R {
+        out[r] = hsum256(acc[r]) - hsum256(macc[r]);
+    }
+}
+
+/// Q6_K rows: quants go in as `q + 32` and `32·Σ sc ΣX` per 16-element sub-block comes off.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn rows_q6_k<const R: usize>(
+    p: [*const u8; R],
+    nsb: usize,
+    pf: usize,
+    xi: *const u8,
+    xf: *const f32,
+    out: &mut [f32; R],
+) {
+    let nib = _mm256_set1_epi8(0x0f);
+    let two = _mm256_set1_epi8(0x30);
+    // Byte patterns spreading sub-blocks (a, b) over the 16 words of a madd scale vector.
+    let pat: [__m128i; 8] = std::array::from_fn(|k| {
+        let b: [u8; 16] = std::array::from_fn(|i| (2 * k + i / 8) as u8);
+        _mm_loadu_si128(b.as_ptr() as *const _)
+    });
+    let mut acc = [_mm256_setzero_ps(); R];
+    let mut oacc = [_mm256_setzero_ps(); R];
+    for sb in 0..nsb {
+        let (hp, lp) = (xi.add(SB_I * sb), xi.add(SB_I * sb + 256));
+        let s = *xf.add(SB_F * sb);
+        let x16 = [
+            _mm256_loadu_ps(xf.add(SB_F * sb + 16)),
+            _mm256_loadu_ps(xf.add(SB_F * sb + 24)),
+        ];
+        for r in 0..R {
+            let bp = p[r].add(210 * sb);
+            for o in [0, 64, 128, 192, 209] {
+                prefetch_ahead(bp.add(o), pf);
+            }
+            let ds = f16_at(bp.add(208)) * s;
+            let sc8 = _mm_loadu_si128(bp.add(192) as *const _);
+            for (half, x) in x16.iter().enumerate() {
+                let scf = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(
+                    bp.add(192 + 8 * half) as *const _,
+                )));
+                oacc[r] = _mm256_fmadd_ps(_mm256_mul_ps(scf, _mm256_set1_ps(ds)), *x, oacc[r]);
+            }
+            let (mut ih, mut il) = (_mm256_setzero_si256(), _mm256_setzero_si256());
+            for n in 0..2 {
+                let qa = _mm256_loadu_si256(bp.add(64 * n) as *const _);
+                let qb = _mm256_loadu_si256(bp.add(64 * n + 32) as *const _);
+                let qh = _mm256_loadu_si256(bp.add(128 + 32 * n) as *const _);
+                let q = [
+                    _mm256_or_si256(
+                        _mm256_and_si256(qa, nib),
+                        _mm256_and_si256(_mm256_slli_epi16::<4>(qh), two),
+                    ),
+                    _mm256_or_si256(
+                        _mm256_and_si256(qb, nib),
+                        _mm256_and_si256(_mm256_slli_epi16::<2>(qh), two),
+                    ),
+                    _mm256_or_si256(
+                        _mm256_and_si256(_mm256_srli_epi16::<4>(qa), nib),
+                        _mm256_and_si256(qh, two),
+                    ),
+                    _mm256_or_si256(
+                        _mm256_and_si256(_mm256_srli_epi16::<4>(qb), nib),
+                        _mm256_and_si256(_mm256_srli_epi16::<2>(qh), two),
+                    ),
+                ];
+                for (k, qk) in q.into_iter().enumerate() {
+                    let g = 4 * n + k;
+                    let scw = _mm256_cvtepi8_epi16(_mm_shuffle_epi8(sc8, pat[g]));
+                    dot32(qk, hp.add(32 * g), lp.add(32 * g), scw, (&mut ih, &mut il));
+                }
+            }
+            let t = _mm256_fmadd_ps(
+                _mm256_cvtepi32_ps(ih),
+                _mm256_set1_ps(256.0),
+                _mm256_cvtepi32_ps(il),
+            );
+            acc[r] = _mm256_fmadd_ps(t, _mm256_set1_ps(ds), acc[r]);
+        }
+    }
+    for r in 0..R {
+        out[r] = hsum256(acc[r]) - 32.0 * hsum256(oacc[r]);
+    }
+}
