@@ -162,7 +162,15 @@ fn act_allowance(isa: Isa, dtype: DType, act: f64) -> f64 {
     let k = match isa {
         Isa::Avx512Vnni => matches!(
             dtype,
-            DType::Q2K | DType::Q3K | DType::Q4K | DType::Q5K | DType::Q6K | DType::IQ4XS
+            DType::Q2K
+                | DType::Q3K
+                | DType::Q4K
+                | DType::Q5K
+                | DType::Q6K
+                | DType::IQ4XS
+                | DType::Q5_0
+                | DType::Q5_1
+                | DType::IQ4NL
         ),
         Isa::Avx2 => matches!(dtype, DType::Q4K | DType::Q5K | DType::Q6K),
         _ => false,

@@ -13,6 +13,8 @@ pub(crate) mod neon;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod vnni;
 #[cfg(target_arch = "x86_64")]
+pub(crate) mod vnni_b32;
+#[cfg(target_arch = "x86_64")]
 pub(crate) mod vnni_k;
 
 use crate::isa::{active_isa, Isa};
@@ -114,6 +116,9 @@ pub(crate) fn gemv_aux(isa: Isa, dtype: DType, x: &[f32]) -> Aux {
     if has_k_kernel(isa, dtype) {
         return k_aux(isa, dtype, x);
     }
+    if has_b32_kernel(isa, dtype) {
+        return b32_aux(x);
+    }
     let q4 = matches!(dtype, DType::Q4_0 | DType::Q4_1);
     if isa == Isa::Avx512Vnni && (q4 || dtype == DType::Q8_0) {
         return vnni_aux(dtype, x);
@@ -186,6 +191,19 @@ fn k_aux(_: Isa, _: DType, _: &[f32]) -> Aux {
 }
 
 #[cfg(target_arch = "x86_64")]
+fn b32_aux(x: &[f32]) -> Aux {
+    let mut aux = Aux::default();
+    // SAFETY: only reached on the VNNI path (see `has_b32_kernel`).
+    unsafe { vnni_b32::prepare(x, &mut aux) };
+    aux
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn b32_aux(_: &[f32]) -> Aux {
+    Aux::default()
+}
+
+#[cfg(target_arch = "x86_64")]
 fn avx2_aux(x: &[f32]) -> Aux {
     let mut aux = Aux::default();
     // SAFETY: only reached for `Isa::Avx2`, which `set_isa`/detection guarantee.
@@ -220,6 +238,13 @@ pub(crate) fn gemv_rows_isa(
             } else {
                 vnni_k::gemv_rows(w, r0, r1, aux, y)
             };
+        }
+    }
+    if has_b32_kernel(isa, w.dtype) {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `has_b32_kernel` holds only on the VNNI path; `aux` comes from `gemv_aux`.
+        unsafe {
+            return vnni_b32::gemv_rows(w, r0, r1, aux, y);
         }
     }
     if !has_row_kernel(w.dtype) {
@@ -260,6 +285,13 @@ fn has_k_kernel(isa: Isa, dtype: DType) -> bool {
             Isa::Avx2 => matches!(dtype, Q4K | Q5K | Q6K),
             _ => false,
         }
+}
+
+/// Whether `isa` runs `dtype` on the 32-block integer kernel ([`vnni_b32`]).
+fn has_b32_kernel(isa: Isa, dtype: DType) -> bool {
+    cfg!(target_arch = "x86_64")
+        && isa == Isa::Avx512Vnni
+        && matches!(dtype, DType::Q5_0 | DType::Q5_1 | DType::IQ4NL)
 }
 
 /// Columns decoded at a time by [`gemv_rows_decoded`]: one super-block, a multiple of every
