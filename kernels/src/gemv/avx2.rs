@@ -373,6 +373,7 @@ pub(crate) unsafe fn dequant_row(dtype: DType, data: &[u8], out: &mut [f32]) {
                 }
             }
         }
+        DType::Q4K | DType::Q5K | DType::Q6K => super::avx2_kdec::decode(dtype, data, out),
         _ => crate::quant::dequantize_row_scalar(dtype, data, out),
     }
 }

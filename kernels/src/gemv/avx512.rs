@@ -342,6 +342,7 @@ pub(crate) unsafe fn dequant_row(dtype: DType, data: &[u8], out: &mut [f32]) {
                 _mm512_storeu_ps(dst.add(b * 32 + 16), hi);
             }
         }
+        DType::Q4K | DType::Q5K | DType::Q6K => super::avx2_kdec::decode(dtype, data, out),
         _ => crate::quant::dequantize_row_scalar(dtype, data, out),
     }
 }

@@ -2,7 +2,7 @@
 
 mod blocks;
 
-pub(crate) use blocks::KVALUES_IQ4;
+pub(crate) use blocks::{scale_min_k4, KVALUES_IQ4};
 
 use half::f16;
 
