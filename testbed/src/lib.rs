@@ -100,6 +100,21 @@ pub fn kquant_models() -> PathBuf {
     p
 }
 
+/// Offsets of the fields of tensor `name`'s entry in a GGUF file's tensor directory:
+/// (its dimension count, its type, its data offset). Panics when the name is absent.
+pub fn gguf_tensor_fields(bytes: &[u8], name: &str) -> (usize, usize, usize) {
+    let mut needle = (name.len() as u64).to_le_bytes().to_vec();
+    needle.extend_from_slice(name.as_bytes());
+    let at = bytes
+        .windows(needle.len())
+        .position(|w| w == needle.as_slice())
+        .unwrap_or_else(|| panic!("tensor {name} not found"));
+    let nd_at = at + needle.len();
+    let nd = u32::from_le_bytes(bytes[nd_at..nd_at + 4].try_into().unwrap()) as usize;
+    let ty = nd_at + 4 + 8 * nd;
+    (nd_at, ty, ty + 4)
+}
+
 /// The profile directory of the running test executable, e.g. `<target>/release`
 /// (from `<target>/release/deps/engine-0123abcd`).
 fn profile_dir() -> PathBuf {

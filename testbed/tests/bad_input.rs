@@ -530,15 +530,7 @@ fn meta_value_offset(bytes: &[u8], key: &str) -> usize {
 
 /// Offset of the `offset` field of tensor `name`'s directory entry.
 fn tensor_offset_field(bytes: &[u8], name: &str) -> usize {
-    let mut needle = (name.len() as u64).to_le_bytes().to_vec();
-    needle.extend_from_slice(name.as_bytes());
-    let at = bytes
-        .windows(needle.len())
-        .position(|w| w == needle.as_slice())
-        .unwrap_or_else(|| panic!("tensor {name} not found"));
-    let nd_at = at + needle.len();
-    let nd = u32::from_le_bytes(bytes[nd_at..nd_at + 4].try_into().unwrap()) as usize;
-    nd_at + 4 + 8 * nd + 4
+    tpi_testbed::gguf_tensor_fields(bytes, name).2
 }
 
 fn edited_gguf(tmp: &TempDir, edit: impl FnOnce(&mut Vec<u8>)) -> PathBuf {

@@ -235,15 +235,7 @@ fn model(shape: &str, ty: &str) -> PathBuf {
 
 /// Offset of the type field of tensor `name`'s GGUF directory entry.
 fn tensor_type_field(bytes: &[u8], name: &str) -> usize {
-    let mut needle = (name.len() as u64).to_le_bytes().to_vec();
-    needle.extend_from_slice(name.as_bytes());
-    let at = bytes
-        .windows(needle.len())
-        .position(|w| w == needle.as_slice())
-        .unwrap_or_else(|| panic!("tensor {name} not found"));
-    let nd_at = at + needle.len();
-    let nd = u32::from_le_bytes(bytes[nd_at..nd_at + 4].try_into().unwrap()) as usize;
-    nd_at + 4 + 8 * nd
+    tpi_testbed::gguf_tensor_fields(bytes, name).1
 }
 
 /// Runs `tpi run` on `model` with `extra` flags; requires a clean failure whose stderr

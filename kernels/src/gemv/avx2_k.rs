@@ -36,19 +36,9 @@ pub(crate) unsafe fn prepare(x: &[f32], aux: &mut super::Aux) {
     let nlim = _mm256_set1_ps(-super::ACT_MAX);
     for b in 0..nsb {
         let xb = &x[256 * b..256 * b + 256];
-        let finite = xb.iter().all(|v| v.is_finite());
-        let amax = xb.iter().fold(0.0f32, |a, v| a.max(v.abs()));
-        let inv = if finite && amax > 0.0 {
-            super::ACT_MAX / amax
-        } else {
-            0.0
-        };
+        let (s, inv) = super::act_scale(xb);
         let f = &mut aux.f[SB_F * b..SB_F * (b + 1)];
-        f[0] = if finite {
-            amax / super::ACT_MAX
-        } else {
-            f32::NAN
-        };
+        f[0] = s;
         let (hp, lp) = aux.i[SB_I * b..SB_I * (b + 1)].split_at_mut(256);
         let invv = _mm256_set1_ps(inv);
         for j in 0..32 {

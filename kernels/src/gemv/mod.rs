@@ -105,6 +105,20 @@ pub(crate) struct Aux {
 /// `X = 256 H + L` keeps `H` in i8 (and `L` in i8 or u8, as each kernel needs).
 pub(crate) const ACT_MAX: f32 = 32512.0;
 
+/// The 15-bit activation scale of block `xb` and its inverse: `s = max|x| / ACT_MAX`, so
+/// that `round(x / s)` fills ±ACT_MAX; `(NaN, 0)` when the block holds NaN or ±inf (so
+/// NaN reaches the output), `(0, 0)` for an all-zero block.
+pub(crate) fn act_scale(xb: &[f32]) -> (f32, f32) {
+    if !xb.iter().all(|v| v.is_finite()) {
+        return (f32::NAN, 0.0);
+    }
+    let amax = xb.iter().fold(0.0f32, |a, v| a.max(v.abs()));
+    if amax == 0.0 {
+        return (0.0, 0.0);
+    }
+    (amax / ACT_MAX, ACT_MAX / amax)
+}
+
 /// Builds the [`Aux`] a row kernel needs:
 /// - AVX-512 (no VNNI) Q4: one pair of floats per 32-block padded to a multiple of 16 floats,
 ///   Q4_1 `[-16 sum(x_b), sum(x_b)]`, Q4_0 `[-24 sum(x_b), 0]` (see `avx512::rows_q4`),

@@ -35,18 +35,7 @@ pub(crate) unsafe fn prepare(x: &[f32], aux: &mut super::Aux) {
     let nlim = _mm512_set1_ps(-super::ACT_MAX);
     for b in 0..nb {
         let xb = &x[32 * b..32 * b + 32];
-        let finite = xb.iter().all(|v| v.is_finite());
-        let amax = xb.iter().fold(0.0f32, |a, v| a.max(v.abs()));
-        let inv = if finite && amax > 0.0 {
-            super::ACT_MAX / amax
-        } else {
-            0.0
-        };
-        let s = if finite {
-            amax / super::ACT_MAX
-        } else {
-            f32::NAN
-        };
+        let (s, inv) = super::act_scale(xb);
         let at = aux.i.as_mut_ptr().add(PAIR_I * (b / 2) + 32 * (b % 2));
         let mut sum = 0;
         for j in 0..2 {

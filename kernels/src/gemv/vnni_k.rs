@@ -61,19 +61,9 @@ pub(crate) unsafe fn prepare(dtype: DType, x: &[f32], aux: &mut super::Aux) {
     let lim = _mm512_set1_ps(super::ACT_MAX);
     for b in 0..nsb {
         let xb = &x[256 * b..256 * b + 256];
-        let finite = xb.iter().all(|v| v.is_finite());
-        let amax = xb.iter().fold(0.0f32, |a, v| a.max(v.abs()));
-        let inv = if finite && amax > 0.0 {
-            super::ACT_MAX / amax
-        } else {
-            0.0
-        };
+        let (s, inv) = super::act_scale(xb);
         let f = &mut aux.f[SB_F * b..SB_F * (b + 1)];
-        f[0] = if finite {
-            amax / super::ACT_MAX
-        } else {
-            f32::NAN
-        };
+        f[0] = s;
         let planes = aux.i.as_mut_ptr().add(SB_I * b);
         let invv = _mm512_set1_ps(inv);
         for j in 0..16 {
@@ -127,6 +117,17 @@ pub(crate) unsafe fn gemv_rows(w: &MatRef, r0: usize, r1: usize, aux: &super::Au
             _ => rows_q45_k::<1, false>(p, nsb, pf, xi, xf, out),
         },
     );
+}
+
+/// Super-block `sb`'s H and L planes from [`prepare`], four zmm each.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+#[inline]
+unsafe fn planes(xi: *const u8, sb: usize) -> ([__m512i; 4], [__m512i; 4]) {
+    let hp = xi.add(SB_I * sb);
+    (
+        std::array::from_fn(|k| _mm512_loadu_si512(hp.add(64 * k) as *const _)),
+        std::array::from_fn(|k| _mm512_loadu_si512(hp.add(256 + 64 * k) as *const _)),
+    )
 }
 
 /// f16 at `p` as f32.
@@ -194,11 +195,7 @@ unsafe fn rows_q45_k<const R: usize, const Q5: bool>(
     let mut acc = [_mm512_setzero_ps(); R];
     let mut macc = [_mm256_setzero_ps(); R];
     for sb in 0..nsb {
-        let hp = xi.add(SB_I * sb);
-        let h: [__m512i; 4] =
-            std::array::from_fn(|k| _mm512_loadu_si512(hp.add(64 * k) as *const _));
-        let l: [__m512i; 4] =
-            std::array::from_fn(|k| _mm512_loadu_si512(hp.add(256 + 64 * k) as *const _));
+        let (h, l) = planes(xi, sb);
         let s = *xf.add(SB_F * sb);
         let xs = _mm256_loadu_ps(xf.add(SB_F * sb + 8));
         for r in 0..R {
@@ -275,11 +272,7 @@ unsafe fn rows_q6_k<const R: usize>(
     let mut acc = [_mm512_setzero_ps(); R];
     let mut oacc = [_mm512_setzero_ps(); R];
     for sb in 0..nsb {
-        let hp = xi.add(SB_I * sb);
-        let h: [__m512i; 4] =
-            std::array::from_fn(|k| _mm512_loadu_si512(hp.add(64 * k) as *const _));
-        let l: [__m512i; 4] =
-            std::array::from_fn(|k| _mm512_loadu_si512(hp.add(256 + 64 * k) as *const _));
+        let (h, l) = planes(xi, sb);
         let s = *xf.add(SB_F * sb);
         let xo = _mm512_loadu_ps(xf.add(SB_F * sb + 16));
         for r in 0..R {
@@ -351,11 +344,7 @@ unsafe fn rows_iq4_xs<const R: usize>(
     let mut acc = [_mm512_setzero_ps(); R];
     let mut oacc = [_mm256_setzero_ps(); R];
     for sb in 0..nsb {
-        let hp = xi.add(SB_I * sb);
-        let h: [__m512i; 4] =
-            std::array::from_fn(|k| _mm512_loadu_si512(hp.add(64 * k) as *const _));
-        let l: [__m512i; 4] =
-            std::array::from_fn(|k| _mm512_loadu_si512(hp.add(256 + 64 * k) as *const _));
+        let (h, l) = planes(xi, sb);
         let s = *xf.add(SB_F * sb);
         let xs = _mm256_loadu_ps(xf.add(SB_F * sb + 8));
         for r in 0..R {
@@ -462,11 +451,7 @@ unsafe fn rows_q23_k<const R: usize, const Q3: bool>(
     let mut acc = [_mm512_setzero_ps(); R];
     let mut oacc = [_mm512_setzero_ps(); R];
     for sb in 0..nsb {
-        let hp = xi.add(SB_I * sb);
-        let h: [__m512i; 4] =
-            std::array::from_fn(|k| _mm512_loadu_si512(hp.add(64 * k) as *const _));
-        let l: [__m512i; 4] =
-            std::array::from_fn(|k| _mm512_loadu_si512(hp.add(256 + 64 * k) as *const _));
+        let (h, l) = planes(xi, sb);
         let s = *xf.add(SB_F * sb);
         let x16 = _mm512_loadu_ps(xf.add(SB_F * sb + 16));
         for r in 0..R {
