@@ -439,6 +439,19 @@ unsafe fn rows_q23_k<const R: usize, const Q3: bool>(
         });
         _mm_loadu_si128(b.as_ptr() as *const _)
     });
+    // Q2_K's scales per word of field vector j (word w is in lane w/2), for scaling the
+    // quants in place: q·sc <= 3·15 still fits the unsigned byte operand.
+    let wpat: [__m256i; 4] = std::array::from_fn(|j| {
+        let b: [u8; 32] = std::array::from_fn(|w| {
+            let i = w / 2;
+            (if i < 8 {
+                2 * j + i / 4
+            } else {
+                8 + 2 * j + (i - 8) / 4
+            }) as u8
+        });
+        _mm256_loadu_si256(b.as_ptr() as *const _)
+    });
     // The 2-bit field j: shift 2j; Q3_K's high bit of field j: bit j of hmask byte l for
     // the first half, bit 4 + j for the second.
     let fshift: [__m512i; 4] = std::array::from_fn(|j| _mm512_set1_epi16(2 * j as i16));
@@ -486,6 +499,22 @@ unsafe fn rows_q23_k<const R: usize, const Q3: bool>(
             } else {
                 zero
             };
+            if !Q3 {
+                // Q2_K: scale the quants in place, so the H and L sums of all four fields
+                // collect in two registers (at most 16·45·127 a lane).
+                let sc2 = _mm256_broadcastsi128_si256(sc);
+                let (mut th, mut tl) = (zero, zero);
+                for j in 0..4 {
+                    let v = _mm512_and_si512(_mm512_srlv_epi16(q, fshift[j]), three);
+                    let scw = _mm512_cvtepu8_epi16(_mm256_shuffle_epi8(sc2, wpat[j]));
+                    let v = _mm512_mullo_epi16(v, scw);
+                    th = _mm512_dpbusd_epi32(th, v, h[j]);
+                    tl = _mm512_dpbusd_epi32(tl, v, l[j]);
+                }
+                let t = _mm512_add_epi32(_mm512_slli_epi32::<8>(th), tl);
+                acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), _mm512_set1_ps(d), acc[r]);
+                continue;
+            }
             let mut t = zero;
             for j in 0..4 {
                 let mut v = _mm512_and_si512(_mm512_srlv_epi16(q, fshift[j]), three);
