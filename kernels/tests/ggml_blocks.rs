@@ -133,11 +133,11 @@ fn gemv_and_gemm_on_gguf_py_values() {
                                     .zip(xs)
                                     .map(|(a, b)| (*a as f64 * *b as f64).abs())
                                     .sum();
-                                // The VNNI and AVX2 paths may quantise x to 15-bit integers
-                                // per 32-block (per 256 for the K-quants): an error of
-                                // max|x_b| / 65024 per element.
+                                // The VNNI and AVX2 paths (and AVX-512's K-quants) may
+                                // quantise x to 15-bit integers per 32-block (per 256 for
+                                // the K-quants): an error of max|x_b| / 65024 per element.
                                 let chunk = if bl == 256 { 256 } else { 32 };
-                                let act: f64 = if matches!(isa, Isa::Avx512Vnni | Isa::Avx2) {
+                                let act: f64 = if matches!(isa, Isa::Avx512Vnni | Isa::Avx2 | Isa::Avx512) {
                                     vals.chunks(chunk)
                                         .zip(xs.chunks(chunk))
                                         .map(|(wb, xb)| {

@@ -192,7 +192,7 @@ fn k_aux(isa: Isa, dtype: DType, x: &[f32]) -> Aux {
     // SAFETY: only reached for the ISA `has_k_kernel` names, which `set_isa`/detection
     // guarantee this CPU has.
     unsafe {
-        if isa == Isa::Avx2 {
+        if isa != Isa::Avx512Vnni {
             avx2_k::prepare(x, &mut aux)
         } else {
             vnni_k::prepare(dtype, x, &mut aux)
@@ -249,7 +249,7 @@ pub(crate) fn gemv_rows_isa(
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `has_k_kernel` names an ISA this CPU has; `aux` comes from `gemv_aux`.
         unsafe {
-            return if isa == Isa::Avx2 {
+            return if isa != Isa::Avx512Vnni {
                 avx2_k::gemv_rows(w, r0, r1, aux, y)
             } else {
                 vnni_k::gemv_rows(w, r0, r1, aux, y)
@@ -292,13 +292,15 @@ fn has_row_kernel(dtype: DType) -> bool {
     )
 }
 
-/// Whether `isa` runs `dtype` on a K-quant integer kernel ([`vnni_k`], [`avx2_k`]).
+/// Whether `isa` runs `dtype` on a K-quant integer kernel ([`vnni_k`], or [`avx2_k`] on
+/// AVX2 and on AVX-512 without VNNI).
 fn has_k_kernel(isa: Isa, dtype: DType) -> bool {
     use DType::*;
     cfg!(target_arch = "x86_64")
         && match isa {
             Isa::Avx512Vnni => matches!(dtype, Q2K | Q3K | Q4K | Q5K | Q6K | IQ4XS),
-            Isa::Avx2 => matches!(dtype, Q4K | Q5K | Q6K),
+            // AVX-512 without VNNI runs the AVX2 kernels (its CPUs have AVX2).
+            Isa::Avx2 | Isa::Avx512 => matches!(dtype, Q4K | Q5K | Q6K),
             _ => false,
         }
 }
