@@ -137,20 +137,21 @@ fn gemv_and_gemm_on_gguf_py_values() {
                                 // quantise x to 15-bit integers per 32-block (per 256 for
                                 // the K-quants): an error of max|x_b| / 65024 per element.
                                 let chunk = if bl == 256 { 256 } else { 32 };
-                                let act: f64 = if matches!(isa, Isa::Avx512Vnni | Isa::Avx2 | Isa::Avx512) {
-                                    vals.chunks(chunk)
-                                        .zip(xs.chunks(chunk))
-                                        .map(|(wb, xb)| {
-                                            let amax = xb
-                                                .iter()
-                                                .fold(0.0f64, |m, v| m.max(v.abs() as f64));
-                                            amax / 65024.0
-                                                * wb.iter().map(|v| v.abs() as f64).sum::<f64>()
-                                        })
-                                        .sum()
-                                } else {
-                                    0.0
-                                };
+                                let act: f64 =
+                                    if matches!(isa, Isa::Avx512Vnni | Isa::Avx2 | Isa::Avx512) {
+                                        vals.chunks(chunk)
+                                            .zip(xs.chunks(chunk))
+                                            .map(|(wb, xb)| {
+                                                let amax = xb
+                                                    .iter()
+                                                    .fold(0.0f64, |m, v| m.max(v.abs() as f64));
+                                                amax / 65024.0
+                                                    * wb.iter().map(|v| v.abs() as f64).sum::<f64>()
+                                            })
+                                            .sum()
+                                    } else {
+                                        0.0
+                                    };
                                 let got = yn[t * w.rows + r];
                                 let ctx =
                                     format!("{} {isa:?} {}x{} t{t} r{r}", e.dtype, w.rows, w.cols);

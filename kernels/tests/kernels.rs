@@ -172,7 +172,9 @@ fn act_allowance(isa: Isa, dtype: DType, act: f64) -> f64 {
                 | DType::Q5_1
                 | DType::IQ4NL
         ),
-        Isa::Avx2 | Isa::Avx512 => matches!(dtype, DType::Q4K | DType::Q5K | DType::Q6K),
+        Isa::Avx2 | Isa::Avx512 => {
+            matches!(dtype, DType::Q4K | DType::Q5K | DType::Q6K | DType::IQ4XS)
+        }
         _ => false,
     };
     if k || INT_ACT_ISAS.contains(&isa) && matches!(dtype, DType::Q4_0 | DType::Q4_1 | DType::Q8_0)

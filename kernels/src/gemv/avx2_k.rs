@@ -1,4 +1,4 @@
-//! AVX2 GEMV rows for Q4_K, Q5_K and Q6_K: the AVX-512 VNNI kernels' integer scheme
+//! AVX2 GEMV rows for Q4_K, Q5_K, Q6_K and IQ4_XS: the AVX-512 VNNI kernels' integer scheme
 //! ([`super::vnni_k`]) on 256-bit registers without `vpdpbusd`.
 //!
 //! Each 32-quant register meets the 15-bit activations `X = 256 H + L` (one scale per
@@ -18,7 +18,7 @@ use crate::{DType, MatRef};
 const SB_F: usize = 32;
 
 /// Bytes per super-block in [`super::Aux::i`]: the H plane, then the L plane, in element
-/// order.
+/// order (for IQ4_XS, X itself as 256 i16).
 const SB_I: usize = 512;
 
 /// Fills the AVX2 K-quant [`super::Aux`] for `x` (a multiple of 256 long): per super-block
@@ -26,7 +26,7 @@ const SB_I: usize = 512;
 /// planes, and the sums [`SB_F`] describes. A super-block holding NaN or ±inf gets a NaN
 /// scale, so NaN reaches the output.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(crate) unsafe fn prepare(x: &[f32], aux: &mut super::Aux) {
+pub(crate) unsafe fn prepare(dtype: DType, x: &[f32], aux: &mut super::Aux) {
     let nsb = x.len() / 256;
     aux.f.clear();
     aux.f.resize(nsb * SB_F, 0.0);
@@ -39,7 +39,7 @@ pub(crate) unsafe fn prepare(x: &[f32], aux: &mut super::Aux) {
         let (s, inv) = super::act_scale(xb);
         let f = &mut aux.f[SB_F * b..SB_F * (b + 1)];
         f[0] = s;
-        let (hp, lp) = aux.i[SB_I * b..SB_I * (b + 1)].split_at_mut(256);
+        let planes = &mut aux.i[SB_I * b..SB_I * (b + 1)];
         let invv = _mm256_set1_ps(inv);
         for j in 0..32 {
             let v = _mm256_mul_ps(_mm256_loadu_ps(xb.as_ptr().add(8 * j)), invv);
@@ -48,9 +48,15 @@ pub(crate) unsafe fn prepare(x: &[f32], aux: &mut super::Aux) {
             _mm256_storeu_si256(q.as_mut_ptr() as *mut _, xi);
             let mut sum = 0i32;
             for (k, &v) in q.iter().enumerate() {
-                let h = (v + 128) >> 8;
-                hp[8 * j + k] = h as i8 as u8;
-                lp[8 * j + k] = (v - 256 * h) as i8 as u8;
+                let e = 8 * j + k;
+                if dtype == DType::IQ4XS {
+                    // IQ4_XS takes X whole, as i16 (see `rows_iq4_xs`).
+                    planes[2 * e..2 * e + 2].copy_from_slice(&(v as i16).to_le_bytes());
+                } else {
+                    let h = (v + 128) >> 8;
+                    planes[e] = h as i8 as u8;
+                    planes[256 + e] = (v - 256 * h) as i8 as u8;
+                }
                 sum += v;
             }
             f[16 + j / 2] += sum as f32;
@@ -59,7 +65,7 @@ pub(crate) unsafe fn prepare(x: &[f32], aux: &mut super::Aux) {
     }
 }
 
-/// GEMV over rows `r0..r1` of a Q4_K, Q5_K or Q6_K matrix, 4 rows at a time.
+/// GEMV over rows `r0..r1` of a Q4_K, Q5_K, Q6_K or IQ4_XS matrix, 4 rows at a time.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(crate) unsafe fn gemv_rows(w: &MatRef, r0: usize, r1: usize, aux: &super::Aux, y: &mut [f32]) {
     let nsb = w.cols / 256;
@@ -76,11 +82,13 @@ pub(crate) unsafe fn gemv_rows(w: &MatRef, r0: usize, r1: usize, aux: &super::Au
         y,
         |p, pf, out| match dtype {
             DType::Q6K => rows_q6_k::<4>(p, nsb, pf, xi, xf, out),
+            DType::IQ4XS => rows_iq4_xs::<4>(p, nsb, pf, xi, xf, out),
             DType::Q5K => rows_q45_k::<4, true>(p, nsb, pf, xi, xf, out),
             _ => rows_q45_k::<4, false>(p, nsb, pf, xi, xf, out),
         },
         |p, pf, out| match dtype {
             DType::Q6K => rows_q6_k::<1>(p, nsb, pf, xi, xf, out),
+            DType::IQ4XS => rows_iq4_xs::<1>(p, nsb, pf, xi, xf, out),
             DType::Q5K => rows_q45_k::<1, true>(p, nsb, pf, xi, xf, out),
             _ => rows_q45_k::<1, false>(p, nsb, pf, xi, xf, out),
         },
@@ -280,5 +288,58 @@ unsafe fn rows_q6_k<const R: usize>(
     }
     for r in 0..R {
         out[r] = hsum256(acc[r]) - 32.0 * hsum256(oacc[r]);
+    }
+}
+
+/// IQ4_XS rows (136-byte super-blocks `{d, scales_h, scales_l[4], qs[128]}`): the code
+/// book's signed values, widened to i16, meet the whole 15-bit X (i16, which [`prepare`]
+/// stores for IQ4_XS in place of the H and L planes) in `vpmaddwd`; each 32-element
+/// sub-block's sum is scaled by its signed 6-bit scale in f32. (The `vpmaddubsw` route of
+/// the other kernels needs an unsigned operand, and neither IQ4's signed values nor
+/// `sign(v)·L`, with L = −128 possible, can be one.)
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn rows_iq4_xs<const R: usize>(
+    p: [*const u8; R],
+    nsb: usize,
+    pf: usize,
+    xi: *const u8,
+    xf: *const f32,
+    out: &mut [f32; R],
+) {
+    let nib = _mm_set1_epi8(0x0f);
+    let book = _mm_loadu_si128(crate::quant::KVALUES_IQ4.as_ptr() as *const _);
+    let mut acc = [_mm256_setzero_ps(); R];
+    for sb in 0..nsb {
+        let xp = xi.add(SB_I * sb) as *const i16;
+        let s = *xf.add(SB_F * sb);
+        for r in 0..R {
+            let bp = p[r].add(136 * sb);
+            for o in [0, 64, 128, 135] {
+                prefetch_ahead(bp.add(o), pf);
+            }
+            let d = f16_at(bp) * s;
+            let sh = (bp.add(2) as *const u16).read_unaligned() as u32;
+            let sl = (bp.add(4) as *const u32).read_unaligned();
+            let mut a = _mm256_setzero_ps();
+            for ib in 0..8 {
+                let ls = ((sl >> (4 * ib)) & 0x0f) | (((sh >> (2 * ib)) & 3) << 4);
+                let raw = _mm_loadu_si128(bp.add(8 + 16 * ib) as *const _);
+                let lo = _mm_shuffle_epi8(book, _mm_and_si128(raw, nib));
+                let hi = _mm_shuffle_epi8(book, _mm_and_si128(_mm_srli_epi16::<4>(raw), nib));
+                let x0 = _mm256_loadu_si256(xp.add(32 * ib) as *const _);
+                let x1 = _mm256_loadu_si256(xp.add(32 * ib + 16) as *const _);
+                let t = _mm256_add_epi32(
+                    _mm256_madd_epi16(_mm256_cvtepi8_epi16(lo), x0),
+                    _mm256_madd_epi16(_mm256_cvtepi8_epi16(hi), x1),
+                );
+                let sc = _mm256_set1_ps(d * (ls as i32 - 32) as f32);
+                a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t), sc, a);
+            }
+            acc[r] = _mm256_add_ps(acc[r], a);
+        }
+    }
+    for r in 0..R {
+        out[r] = hsum256(acc[r]);
     }
 }

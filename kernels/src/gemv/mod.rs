@@ -193,7 +193,7 @@ fn k_aux(isa: Isa, dtype: DType, x: &[f32]) -> Aux {
     // guarantee this CPU has.
     unsafe {
         if isa != Isa::Avx512Vnni {
-            avx2_k::prepare(x, &mut aux)
+            avx2_k::prepare(dtype, x, &mut aux)
         } else {
             vnni_k::prepare(dtype, x, &mut aux)
         }
@@ -300,7 +300,7 @@ fn has_k_kernel(isa: Isa, dtype: DType) -> bool {
         && match isa {
             Isa::Avx512Vnni => matches!(dtype, Q2K | Q3K | Q4K | Q5K | Q6K | IQ4XS),
             // AVX-512 without VNNI runs the AVX2 kernels (its CPUs have AVX2).
-            Isa::Avx2 | Isa::Avx512 => matches!(dtype, Q4K | Q5K | Q6K),
+            Isa::Avx2 | Isa::Avx512 => matches!(dtype, Q4K | Q5K | Q6K | IQ4XS),
             _ => false,
         }
 }
