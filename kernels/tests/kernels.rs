@@ -177,7 +177,10 @@ fn act_allowance(isa: Isa, dtype: DType, act: f64) -> f64 {
         }
         _ => false,
     };
-    if k || INT_ACT_ISAS.contains(&isa) && matches!(dtype, DType::Q4_0 | DType::Q4_1 | DType::Q8_0)
+    let b32 = matches!(isa, Isa::Avx2 | Isa::Avx512)
+        && matches!(dtype, DType::Q5_0 | DType::Q5_1 | DType::IQ4NL);
+    if k || b32
+        || INT_ACT_ISAS.contains(&isa) && matches!(dtype, DType::Q4_0 | DType::Q4_1 | DType::Q8_0)
     {
         act
     } else {

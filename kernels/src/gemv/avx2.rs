@@ -40,7 +40,7 @@ pub(crate) unsafe fn gemv_rows(
     aux: &super::Aux,
     y: &mut [f32],
 ) {
-    let q = matches!(w.dtype, DType::Q4_0 | DType::Q4_1 | DType::Q8_0);
+    let q = super::has_avx2_int_kernel(w.dtype);
     assert!(
         !q || (aux.i.len() >= 64 * (w.cols / 32) && aux.f.len() >= 2 * (w.cols / 32)),
         "AVX2 quantised GEMV without its prepared activations"
@@ -134,7 +134,10 @@ unsafe fn rows_kernel<const R: usize>(
         DType::BF16 => rows_float::<R, 2>(p, cols, pf, x, out),
         DType::Q8_0 => rows_int::<R, 0>(p, cols / 32, pf, xi, xf, out),
         DType::Q4_0 => rows_int::<R, 1>(p, cols / 32, pf, xi, xf, out),
-        DType::Q4_1 => rows_int::<R, 2>(p, cols / 32, pf, xi, xf, out), // Other types are routed to `gemv_rows_decoded` before any row kernel.
+        DType::Q4_1 => rows_int::<R, 2>(p, cols / 32, pf, xi, xf, out),
+        DType::Q5_0 => rows_int::<R, 3>(p, cols / 32, pf, xi, xf, out),
+        DType::Q5_1 => rows_int::<R, 4>(p, cols / 32, pf, xi, xf, out),
+        DType::IQ4NL => rows_int::<R, 5>(p, cols / 32, pf, xi, xf, out), // Other types are routed to `gemv_rows_decoded` before any row kernel.
         _ => unreachable!("no {dtype} row kernel on this path"),
     }
 }
@@ -203,11 +206,14 @@ unsafe fn rows_float<const R: usize, const K: u8>(
     }
 }
 
-/// Q8_0 (K = 0), Q4_0 (1) and Q4_1 (2) rows against [`prepare`]'s integer activations:
+/// Q8_0 (K = 0), Q4_0 (1), Q4_1 (2), Q5_0 (3), Q5_1 (4) and IQ4_NL (5) rows against
+/// [`prepare`]'s integer activations:
 /// per block the exact integer dot `sum q X` (weights widened to i16, `madd` pairs into
 /// i32: |q X| <= 128 * 32512, so a block's sum stays below 2^24 and converts exactly), then
 /// one FMA with `d s_b`. The R rows' f16 scales are converted together, once per block;
-/// Q4_1's `m sum(x_b)` terms collect in the odd lanes of one shared accumulator.
+/// Q4_1's and Q5_1's `m sum(x_b)` terms collect in the odd lanes of one shared accumulator.
+/// Q5's fifth bits come from `qh` by a byte compare against bit masks; IQ4_NL's values from
+/// its code book by a byte shuffle.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
 unsafe fn rows_int<const R: usize, const K: u8>(
@@ -218,12 +224,22 @@ unsafe fn rows_int<const R: usize, const K: u8>(
     xf: *const f32,
     out: &mut [f32; R],
 ) {
-    let bb = [34, 18, 20][K as usize];
+    let bb = [34, 18, 20, 22, 24, 18][K as usize];
+    // Where the quant bytes start, and whether the block has a min `m` after `d`.
+    let qs = [2, 2, 4, 6, 8, 2][K as usize];
+    let with_m = K == 2 || K == 4;
     let m0f = _mm_set1_epi8(0x0f);
     let eight = _mm_set1_epi8(8);
-    // Lane r (d s_b of row r) or 2r (Q4_1's interleaved [d, m] pairs) to every lane.
+    let sixteen = _mm_set1_epi8(16);
+    let bits = _mm_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
+    let spread = [
+        _mm_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1),
+        _mm_setr_epi8(2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3),
+    ];
+    let book = _mm_loadu_si128(crate::quant::KVALUES_IQ4.as_ptr() as *const __m128i);
+    // Lane r (d s_b of row r) or 2r (interleaved [d, m] pairs) to every lane.
     let lane: [__m256i; R] =
-        std::array::from_fn(|r| _mm256_set1_epi32(if K == 2 { 2 * r as i32 } else { r as i32 }));
+        std::array::from_fn(|r| _mm256_set1_epi32(if with_m { 2 * r as i32 } else { r as i32 }));
     let mut acc = [_mm256_setzero_ps(); R];
     let mut accm = _mm256_setzero_ps();
     for b in 0..nb {
@@ -232,7 +248,7 @@ unsafe fn rows_int<const R: usize, const K: u8>(
         let x1 = _mm256_loadu_si256(xb.add(1));
         let q: [*const u8; R] = std::array::from_fn(|r| p[r].add(b * bb));
         // The R rows' scales times the block's [s_b, sum(x_b)].
-        let ds = if K == 2 {
+        let ds = if with_m {
             let mut dm = _mm_setzero_si128();
             for (r, q) in q.iter().enumerate() {
                 let v = (*q as *const i32).read_unaligned();
@@ -270,16 +286,33 @@ unsafe fn rows_int<const R: usize, const K: u8>(
                     _mm256_cvtepi8_epi16(_mm_loadu_si128(q.add(18) as *const __m128i)),
                 )
             } else {
-                let raw = _mm_loadu_si128(q.add(if K == 2 { 4 } else { 2 }) as *const __m128i);
-                let lo = _mm_and_si128(raw, m0f);
-                let hi = _mm_and_si128(_mm_srli_epi16::<4>(raw), m0f);
-                if K == 1 {
-                    (
+                let raw = _mm_loadu_si128(q.add(qs) as *const __m128i);
+                let mut lo = _mm_and_si128(raw, m0f);
+                let mut hi = _mm_and_si128(_mm_srli_epi16::<4>(raw), m0f);
+                if K == 3 || K == 4 {
+                    // Bit j of qh (j < 16: element j, else element j) as 16 in its byte.
+                    let qh = _mm_set1_epi32((q.add(qs - 4) as *const i32).read_unaligned());
+                    let five = |half: usize| {
+                        let b = _mm_and_si128(_mm_shuffle_epi8(qh, spread[half]), bits);
+                        _mm_and_si128(_mm_cmpeq_epi8(b, bits), sixteen)
+                    };
+                    lo = _mm_or_si128(lo, five(0));
+                    hi = _mm_or_si128(hi, five(1));
+                }
+                match K {
+                    1 => (
                         _mm256_cvtepi8_epi16(_mm_sub_epi8(lo, eight)),
                         _mm256_cvtepi8_epi16(_mm_sub_epi8(hi, eight)),
-                    )
-                } else {
-                    (_mm256_cvtepu8_epi16(lo), _mm256_cvtepu8_epi16(hi))
+                    ),
+                    3 => (
+                        _mm256_cvtepi8_epi16(_mm_sub_epi8(lo, sixteen)),
+                        _mm256_cvtepi8_epi16(_mm_sub_epi8(hi, sixteen)),
+                    ),
+                    5 => (
+                        _mm256_cvtepi8_epi16(_mm_shuffle_epi8(book, lo)),
+                        _mm256_cvtepi8_epi16(_mm_shuffle_epi8(book, hi)),
+                    ),
+                    _ => (_mm256_cvtepu8_epi16(lo), _mm256_cvtepu8_epi16(hi)),
                 }
             };
             let t = _mm256_add_epi32(_mm256_madd_epi16(w0, x0), _mm256_madd_epi16(w1, x1));
@@ -291,7 +324,7 @@ unsafe fn rows_int<const R: usize, const K: u8>(
     _mm256_storeu_ps(m.as_mut_ptr(), accm);
     for r in 0..R {
         let mut s = hsum256(acc[r]);
-        if K == 2 {
+        if with_m {
             s += m[2 * r + 1];
         }
         out[r] = s;

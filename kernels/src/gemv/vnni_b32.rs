@@ -1,13 +1,13 @@
-//! AVX-512 VNNI GEMV rows for the 32-element block types beside Q4/Q8: Q5_0, Q5_1 and
-//! IQ4_NL (llama.cpp's fallbacks where a row is not a multiple of 256), on 15-bit integer
-//! activations with one scale per 32-block ([`prepare`]).
+//! AVX-512 VNNI GEMV rows for the 32-element block types beside Q4/Q8: Q5_0 and Q5_1
+//! (llama.cpp's fallbacks where a row is not a multiple of 256), on 15-bit integer
+//! activations with one scale per 32-block ([`prepare`]). (IQ4_NL measured faster on the
+//! AVX2 kernel, see `gemv::avx2_b32`.)
 //!
-//! Two blocks' 32 unsigned quant bytes (Q5: the nibble plus the fifth bit from `qh` by a
-//! masked OR; IQ4_NL: the code book's values + 128 by a byte shuffle) fill one zmm, which
-//! meets `X = 256 H + L` in two `vpdpbusd`; lanes 0-7 are the first block's, 8-15 the
-//! second's, and each half is scaled by its block's `d · s_b`. The offset (Q5_0's −16,
-//! IQ4_NL's −128) and Q5_1's `m` term use `ΣX` of the same quantised x, so a row is exactly
-//! `dot(w, x̂)`.
+//! Two blocks' 32 unsigned quant bytes (the nibble plus the fifth bit from `qh` by a
+//! masked blend) fill one zmm, which meets `X = 256 H + L` in two `vpdpbusd`; lanes 0-7 are
+//! the first block's, 8-15 the second's, and each half is scaled by its block's `d · s_b`.
+//! Q5_0's offset −16 and Q5_1's `m` term use `ΣX` of the same quantised x, so a row is
+//! exactly `dot(w, x̂)`.
 
 use std::arch::x86_64::*;
 
@@ -55,7 +55,7 @@ pub(crate) unsafe fn prepare(x: &[f32], aux: &mut super::Aux) {
     }
 }
 
-/// GEMV over rows `r0..r1` of a Q5_0, Q5_1 or IQ4_NL matrix, 4 rows at a time.
+/// GEMV over rows `r0..r1` of a Q5_0 or Q5_1 matrix, 4 rows at a time.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 pub(crate) unsafe fn gemv_rows(w: &MatRef, r0: usize, r1: usize, aux: &super::Aux, y: &mut [f32]) {
     let nb = w.cols / 32;
@@ -71,14 +71,12 @@ pub(crate) unsafe fn gemv_rows(w: &MatRef, r0: usize, r1: usize, aux: &super::Au
         r1,
         y,
         |p, pf, out| match dtype {
-            DType::Q5_0 => rows::<4, 0>(p, nb, pf, xi, xf, out),
-            DType::Q5_1 => rows::<4, 1>(p, nb, pf, xi, xf, out),
-            _ => rows::<4, 2>(p, nb, pf, xi, xf, out),
+            DType::Q5_1 => rows::<4, true>(p, nb, pf, xi, xf, out),
+            _ => rows::<4, false>(p, nb, pf, xi, xf, out),
         },
         |p, pf, out| match dtype {
-            DType::Q5_0 => rows::<1, 0>(p, nb, pf, xi, xf, out),
-            DType::Q5_1 => rows::<1, 1>(p, nb, pf, xi, xf, out),
-            _ => rows::<1, 2>(p, nb, pf, xi, xf, out),
+            DType::Q5_1 => rows::<1, true>(p, nb, pf, xi, xf, out),
+            _ => rows::<1, false>(p, nb, pf, xi, xf, out),
         },
     );
 }
@@ -92,38 +90,28 @@ unsafe fn f16_at(p: *const u8) -> f32 {
     )))
 }
 
-/// One block's 32 unsigned quant bytes, in element order, and its `(d, m)` (`m` = the
-/// per-`ΣX̂` term: −16 d for Q5_0, the block's `m` for Q5_1, −128 d for IQ4_NL). `T`: 0
-/// Q5_0, 1 Q5_1, 2 IQ4_NL.
+/// One block's 32 unsigned quant bytes, in element order, its `d`, and its per-`ΣX̂`
+/// term: `m` for Q5_1 (`Q51`), −16 d for Q5_0.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 #[inline]
-unsafe fn block<const T: u8>(bp: *const u8, book: __m256i) -> (__m256i, f32, f32) {
+unsafe fn block<const Q51: bool>(bp: *const u8) -> (__m256i, f32, f32) {
     let nib = _mm_set1_epi8(0x0f);
     let d = f16_at(bp);
-    let qs = match T {
-        0 => 6,
-        1 => 8,
-        _ => 2,
-    };
+    let qs = if Q51 { 8 } else { 6 };
     let raw = _mm_loadu_si128(bp.add(qs) as *const _);
     let q = _mm256_set_m128i(
         _mm_and_si128(_mm_srli_epi16::<4>(raw), nib),
         _mm_and_si128(raw, nib),
     );
-    match T {
-        2 => (_mm256_shuffle_epi8(book, q), d, -128.0 * d),
-        _ => {
-            let qh = (bp.add(qs - 4) as *const u32).read_unaligned();
-            let q = _mm256_mask_blend_epi8(qh, q, _mm256_or_si256(q, _mm256_set1_epi8(0x10)));
-            let m = if T == 1 { f16_at(bp.add(2)) } else { -16.0 * d };
-            (q, d, m)
-        }
-    }
+    let qh = (bp.add(qs - 4) as *const u32).read_unaligned();
+    let q = _mm256_mask_blend_epi8(qh, q, _mm256_or_si256(q, _mm256_set1_epi8(0x10)));
+    let m = if Q51 { f16_at(bp.add(2)) } else { -16.0 * d };
+    (q, d, m)
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 #[inline]
-unsafe fn rows<const R: usize, const T: u8>(
+unsafe fn rows<const R: usize, const Q51: bool>(
     p: [*const u8; R],
     nb: usize,
     pf: usize,
@@ -131,17 +119,8 @@ unsafe fn rows<const R: usize, const T: u8>(
     xf: *const f32,
     out: &mut [f32; R],
 ) {
-    let bytes = match T {
-        0 => 22,
-        1 => 24,
-        _ => 18,
-    };
+    let bytes = if Q51 { 24 } else { 22 };
     let zero = _mm512_setzero_si512();
-    let book = {
-        let b: [u8; 16] =
-            std::array::from_fn(|i| (crate::quant::KVALUES_IQ4[i] as i16 + 128) as u8);
-        _mm256_broadcastsi128_si256(_mm_loadu_si128(b.as_ptr() as *const _))
-    };
     let mut acc = [_mm512_setzero_ps(); R];
     let mut oacc = [0.0f32; R];
     let mut b = 0;
@@ -161,9 +140,9 @@ unsafe fn rows<const R: usize, const T: u8>(
         for r in 0..R {
             let bp = p[r].add(bytes * b);
             prefetch_ahead(bp, pf);
-            let (qa, da, ma) = block::<T>(bp, book);
+            let (qa, da, ma) = block::<Q51>(bp);
             let (qb, db, mb) = if two {
-                block::<T>(bp.add(bytes), book)
+                block::<Q51>(bp.add(bytes))
             } else {
                 (_mm256_setzero_si256(), 0.0, 0.0)
             };
