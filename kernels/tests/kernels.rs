@@ -173,7 +173,10 @@ fn act_allowance(isa: Isa, dtype: DType, act: f64) -> f64 {
                 | DType::IQ4NL
         ),
         Isa::Avx2 | Isa::Avx512 => {
-            matches!(dtype, DType::Q4K | DType::Q5K | DType::Q6K | DType::IQ4XS)
+            matches!(
+                dtype,
+                DType::Q2K | DType::Q3K | DType::Q4K | DType::Q5K | DType::Q6K | DType::IQ4XS
+            )
         }
         _ => false,
     };

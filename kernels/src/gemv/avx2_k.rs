@@ -1,4 +1,4 @@
-//! AVX2 GEMV rows for Q4_K, Q5_K, Q6_K and IQ4_XS: the AVX-512 VNNI kernels' integer scheme
+//! AVX2 GEMV rows for the K-quants and IQ4_XS: the AVX-512 VNNI kernels' integer scheme
 //! ([`super::vnni_k`]) on 256-bit registers without `vpdpbusd`.
 //!
 //! Each 32-quant register meets the 15-bit activations `X = 256 H + L` (one scale per
@@ -65,7 +65,7 @@ pub(crate) unsafe fn prepare(dtype: DType, x: &[f32], aux: &mut super::Aux) {
     }
 }
 
-/// GEMV over rows `r0..r1` of a Q4_K, Q5_K, Q6_K or IQ4_XS matrix, 4 rows at a time.
+/// GEMV over rows `r0..r1` of a K-quant or IQ4_XS matrix, 4 rows at a time.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(crate) unsafe fn gemv_rows(w: &MatRef, r0: usize, r1: usize, aux: &super::Aux, y: &mut [f32]) {
     let nsb = w.cols / 256;
@@ -83,12 +83,16 @@ pub(crate) unsafe fn gemv_rows(w: &MatRef, r0: usize, r1: usize, aux: &super::Au
         |p, pf, out| match dtype {
             DType::Q6K => rows_q6_k::<4>(p, nsb, pf, xi, xf, out),
             DType::IQ4XS => rows_iq4_xs::<4>(p, nsb, pf, xi, xf, out),
+            DType::Q2K => rows_q23_k::<4, false>(p, nsb, pf, xi, xf, out),
+            DType::Q3K => rows_q23_k::<4, true>(p, nsb, pf, xi, xf, out),
             DType::Q5K => rows_q45_k::<4, true>(p, nsb, pf, xi, xf, out),
             _ => rows_q45_k::<4, false>(p, nsb, pf, xi, xf, out),
         },
         |p, pf, out| match dtype {
             DType::Q6K => rows_q6_k::<1>(p, nsb, pf, xi, xf, out),
             DType::IQ4XS => rows_iq4_xs::<1>(p, nsb, pf, xi, xf, out),
+            DType::Q2K => rows_q23_k::<1, false>(p, nsb, pf, xi, xf, out),
+            DType::Q3K => rows_q23_k::<1, true>(p, nsb, pf, xi, xf, out),
             DType::Q5K => rows_q45_k::<1, true>(p, nsb, pf, xi, xf, out),
             _ => rows_q45_k::<1, false>(p, nsb, pf, xi, xf, out),
         },
@@ -341,5 +345,114 @@ unsafe fn rows_iq4_xs<const R: usize>(
     }
     for r in 0..R {
         out[r] = hsum256(acc[r]);
+    }
+}
+
+/// Byte patterns spreading sub-blocks `(2g, 2g + 1)` of a super-block's 16 over the 16 words
+/// of a `vpmaddwd` scale vector (a 32-element group g covers two 16-element sub-blocks).
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn pair_patterns() -> [__m128i; 8] {
+    std::array::from_fn(|g| {
+        let b: [u8; 16] = std::array::from_fn(|i| (2 * g + i / 8) as u8);
+        _mm_loadu_si128(b.as_ptr() as *const _)
+    })
+}
+
+/// Q2_K rows, or with `Q3` Q3_K rows (see [`super::vnni_k`] for the layouts): 2-bit field
+/// j of `qs[32n..32n + 32]` is elements `128n + 32j..+32`; Q3_K's quants go in as
+/// `q + 4·hbit` (0..7) and `4·Σ sc·ΣX` per sub-block comes off, Q2_K's min term likewise.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn rows_q23_k<const R: usize, const Q3: bool>(
+    p: [*const u8; R],
+    nsb: usize,
+    pf: usize,
+    xi: *const u8,
+    xf: *const f32,
+    out: &mut [f32; R],
+) {
+    let three = _mm256_set1_epi8(3);
+    let four = _mm256_set1_epi8(4);
+    let pat = pair_patterns();
+    let (bytes, qs) = if Q3 { (110, 32) } else { (84, 16) };
+    let mut acc = [_mm256_setzero_ps(); R];
+    let mut oacc = [_mm256_setzero_ps(); R];
+    for sb in 0..nsb {
+        let (hp, lp) = (xi.add(SB_I * sb), xi.add(SB_I * sb + 256));
+        let s = *xf.add(SB_F * sb);
+        let x16 = [
+            _mm256_loadu_ps(xf.add(SB_F * sb + 16)),
+            _mm256_loadu_ps(xf.add(SB_F * sb + 24)),
+        ];
+        for r in 0..R {
+            let bp = p[r].add(bytes * sb);
+            for o in [0, 64, bytes - 1] {
+                prefetch_ahead(bp.add(o), pf);
+            }
+            // The 16 scales as signed bytes, d·s, and the per-ΣX factors of the 16
+            // sub-blocks (Q3_K: 4·d·s·sc, taken off; Q2_K: dmin·s·m, taken off).
+            let (sc, ds) = if Q3 {
+                (
+                    super::vnni_k::scales_q3_k_bytes(bp.add(96)),
+                    f16_at(bp.add(108)) * s,
+                )
+            } else {
+                let raw = _mm_loadu_si128(bp as *const _);
+                (
+                    _mm_and_si128(raw, _mm_set1_epi8(0x0f)),
+                    f16_at(bp.add(80)) * s,
+                )
+            };
+            let offs = if Q3 {
+                (sc, 4.0 * ds)
+            } else {
+                let raw = _mm_loadu_si128(bp as *const _);
+                let mn = _mm_and_si128(_mm_srli_epi16::<4>(raw), _mm_set1_epi8(0x0f));
+                (mn, f16_at(bp.add(82)) * s)
+            };
+            for (half, x) in x16.iter().enumerate() {
+                let eight = if half == 0 {
+                    offs.0
+                } else {
+                    _mm_unpackhi_epi64(offs.0, offs.0)
+                };
+                let f = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(eight));
+                oacc[r] = _mm256_fmadd_ps(_mm256_mul_ps(f, _mm256_set1_ps(offs.1)), *x, oacc[r]);
+            }
+            let (mut ih, mut il) = (_mm256_setzero_si256(), _mm256_setzero_si256());
+            for n in 0..2 {
+                let q = _mm256_loadu_si256(bp.add(qs + 32 * n) as *const _);
+                let hm = if Q3 {
+                    _mm256_loadu_si256(bp as *const _)
+                } else {
+                    _mm256_setzero_si256()
+                };
+                for j in 0..4 {
+                    let mut v = _mm256_and_si256(
+                        _mm256_srl_epi16(q, _mm_cvtsi32_si128(2 * j as i32)),
+                        three,
+                    );
+                    if Q3 {
+                        // High bit 4n + j of hmask byte l, as 4.
+                        let hb = _mm256_srl_epi16(hm, _mm_cvtsi32_si128((4 * n + j) as i32));
+                        let hb = _mm256_and_si256(_mm256_slli_epi16::<2>(hb), four);
+                        v = _mm256_or_si256(v, hb);
+                    }
+                    let g = 4 * n + j;
+                    let scw = _mm256_cvtepi8_epi16(_mm_shuffle_epi8(sc, pat[g]));
+                    dot32(v, hp.add(32 * g), lp.add(32 * g), scw, (&mut ih, &mut il));
+                }
+            }
+            let t = _mm256_fmadd_ps(
+                _mm256_cvtepi32_ps(ih),
+                _mm256_set1_ps(256.0),
+                _mm256_cvtepi32_ps(il),
+            );
+            acc[r] = _mm256_fmadd_ps(t, _mm256_set1_ps(ds), acc[r]);
+        }
+    }
+    for r in 0..R {
+        out[r] = hsum256(acc[r]) - hsum256(oacc[r]);
     }
 }

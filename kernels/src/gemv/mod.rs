@@ -307,7 +307,7 @@ fn has_k_kernel(isa: Isa, dtype: DType) -> bool {
         && match isa {
             Isa::Avx512Vnni => matches!(dtype, Q2K | Q3K | Q4K | Q5K | Q6K | IQ4XS),
             // AVX-512 without VNNI runs the AVX2 kernels (its CPUs have AVX2).
-            Isa::Avx2 | Isa::Avx512 => matches!(dtype, Q4K | Q5K | Q6K | IQ4XS),
+            Isa::Avx2 | Isa::Avx512 => matches!(dtype, Q2K | Q3K | Q4K | Q5K | Q6K | IQ4XS),
             _ => false,
         }
 }

@@ -390,10 +390,16 @@ unsafe fn rows_iq4_xs<const R: usize>(
 }
 
 /// Q3_K's 16 six-bit scales from their 12 bytes at `q`, minus 32, as signed bytes (see
-/// `quant::blocks::scales_q3_k` for the layout).
+/// `quant::blocks::scales_q3_k` for the layout). SSE2 only, for the AVX2 kernel too.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 #[inline]
 unsafe fn scales_q3_k(q: *const u8) -> __m128i {
+    scales_q3_k_bytes(q)
+}
+
+/// [`scales_q3_k`] without AVX-512 (SSE2 integer ops).
+#[inline(always)]
+pub(crate) unsafe fn scales_q3_k_bytes(q: *const u8) -> __m128i {
     let word = |i: usize| (q.add(4 * i) as *const u32).read_unaligned();
     let (a0, a1, t) = (word(0), word(1), word(2));
     let (m4, m2) = (0x0f0f_0f0fu32, 0x0303_0303u32);
