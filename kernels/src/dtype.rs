@@ -24,7 +24,7 @@ pub enum DType {
     Q5_0,
     /// GGML Q5_1: blocks of 32 `{f16 d; f16 m; u32 qh; u8 qs[16]}`, value = q5*d + m.
     Q5_1,
-    /// GGML IQ4_NL: blocks of 32 `{f16 d; u8 qs[16]}`, value = d * KVALUES[nibble] (non-linear).
+    /// GGML IQ4_NL: blocks of 32 `{f16 d; u8 qs[16]}`, value = `d * KVALUES[nibble]` (non-linear).
     IQ4NL,
     /// GGML Q2_K: super-blocks of 256 `{u8 scales[16]; u8 qs[64]; f16 d, dmin}`, 16 sub-blocks
     /// of 16 with 4-bit scale and min, value = d*sc*q2 - dmin*m.
@@ -42,7 +42,7 @@ pub enum DType {
     /// 16 sub-blocks of 16, value = d*sc*(q6-32).
     Q6K,
     /// GGML IQ4_XS: super-blocks of 256 `{f16 d; u16 scales_h; u8 scales_l[4]; u8 qs[128]}`,
-    /// 8 sub-blocks of 32 with 6-bit scales, value = d*(sc-32)*KVALUES[nibble].
+    /// 8 sub-blocks of 32 with 6-bit scales, value = `d*(sc-32)*KVALUES[nibble]`.
     IQ4XS,
 }
 

@@ -94,7 +94,7 @@ impl SyncPtr {
 }
 
 /// Per-GEMV auxiliary data derived from x and shared by all rows: float terms in `f`,
-/// integer activations in `i` (only for the VNNI path).
+/// integer activations in `i` (for the integer kernels, see [`gemv_aux`]).
 #[derive(Default)]
 pub(crate) struct Aux {
     pub(crate) f: Vec<f32>,
@@ -126,7 +126,11 @@ pub(crate) fn act_scale(xb: &[f32]) -> (f32, f32) {
 /// - VNNI and AVX2 Q4_0/Q4_1/Q8_0 (see [`vnni::prepare`], [`avx2::prepare`]): each block of x
 ///   becomes integers `X = round(x / s_b)` with `s_b = max|x_b| / ACT_MAX` (an error of at
 ///   most `max|x_b| / 65024` per element, 256 times finer than llama.cpp's 8-bit
-///   activations), as byte planes (VNNI) or i16 (AVX2) in `i`, with the scales in `f`;
+///   activations), as byte planes (VNNI) or i16 (AVX2) in `i`, with the scales in `f`; the
+///   same for Q5_0/Q5_1 on VNNI ([`vnni_b32::prepare`]) and for the other 32-block types
+///   on the AVX2 kernel ([`avx2_b32`]);
+/// - the K-quants and IQ4_XS on VNNI, AVX-512 and AVX2 ([`vnni_k::prepare`],
+///   [`avx2_k::prepare`]): the same integers with one scale per 256-block;
 /// - otherwise nothing.
 pub(crate) fn gemv_aux(isa: Isa, dtype: DType, x: &[f32]) -> Aux {
     if has_k_kernel(isa, dtype) {
@@ -303,13 +307,10 @@ fn has_row_kernel(dtype: DType) -> bool {
 /// AVX2 and on AVX-512 without VNNI).
 fn has_k_kernel(isa: Isa, dtype: DType) -> bool {
     use DType::*;
+    // AVX-512 without VNNI runs the AVX2 kernels (its CPUs have AVX2).
     cfg!(target_arch = "x86_64")
-        && match isa {
-            Isa::Avx512Vnni => matches!(dtype, Q2K | Q3K | Q4K | Q5K | Q6K | IQ4XS),
-            // AVX-512 without VNNI runs the AVX2 kernels (its CPUs have AVX2).
-            Isa::Avx2 | Isa::Avx512 => matches!(dtype, Q2K | Q3K | Q4K | Q5K | Q6K | IQ4XS),
-            _ => false,
-        }
+        && matches!(isa, Isa::Avx512Vnni | Isa::Avx512 | Isa::Avx2)
+        && matches!(dtype, Q2K | Q3K | Q4K | Q5K | Q6K | IQ4XS)
 }
 
 /// Whether the AVX2 32-block integer kernel (`avx2::rows_int`) runs `dtype`.
