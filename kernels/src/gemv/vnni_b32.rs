@@ -3,9 +3,10 @@
 //! activations with one scale per 32-block ([`prepare`]). (IQ4_NL measured faster on the
 //! AVX2 kernel, see `gemv::avx2_b32`.)
 //!
-//! Two blocks' 32 unsigned quant bytes (the nibble plus the fifth bit from `qh` by a
-//! masked blend) fill one zmm, which meets `X = 256 H + L` in two `vpdpbusd`; lanes 0-7 are
-//! the first block's, 8-15 the second's, and each half is scaled by its block's `d · s_b`.
+//! Two blocks' 32 unsigned quant bytes (the nibbles of both by one 256-bit split and a lane
+//! shuffle, the fifth bits of both by one 64-bit masked blend) fill one zmm, which meets
+//! `X = 256 H + L` in two `vpdpbusd`; lanes 0-7 are the first block's, 8-15 the second's,
+//! and each half is scaled by its block's `d · s_b` (both `d` converted together).
 //! Q5_0's offset −16 and Q5_1's `m` term use `ΣX` of the same quantised x, so a row is
 //! exactly `dot(w, x̂)`.
 
@@ -81,32 +82,58 @@ pub(crate) unsafe fn gemv_rows(w: &MatRef, r0: usize, r1: usize, aux: &super::Au
     );
 }
 
-/// f16 at `p` as f32.
+/// Two adjacent blocks at `bp` as one zmm of unsigned quant bytes (block A's 32 in
+/// element order, then block B's), and `[d_A, d_B, t_A, t_B]`, where `t` is the per-`ΣX̂`
+/// term: `m` for Q5_1 (`Q51`), `−16 d` for Q5_0.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 #[inline]
-unsafe fn f16_at(p: *const u8) -> f32 {
-    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(
-        (p as *const u16).read_unaligned() as i32,
-    )))
+unsafe fn pair<const Q51: bool>(bp: *const u8) -> (__m512i, __m128) {
+    let (bytes, qs) = if Q51 { (24, 8) } else { (22, 6) };
+    let nib = _mm256_set1_epi8(0x0f);
+    let y = _mm256_set_m128i(
+        _mm_loadu_si128(bp.add(bytes + qs) as *const _),
+        _mm_loadu_si128(bp.add(qs) as *const _),
+    );
+    let lo = _mm256_and_si256(y, nib);
+    let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(y), nib);
+    // 128-bit lanes [lo A, lo B, hi A, hi B] -> [lo A, hi A, lo B, hi B].
+    let z = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi);
+    let z = _mm512_shuffle_i64x2::<0b11_01_10_00>(z, z);
+    let qh = |at: usize| (bp.add(at + qs - 4) as *const u32).read_unaligned() as u64;
+    let bits = qh(0) | qh(bytes) << 32;
+    let z = _mm512_mask_blend_epi8(bits, z, _mm512_or_si512(z, _mm512_set1_epi8(0x10)));
+    let word = |at: usize| (bp.add(at) as *const u16).read_unaligned() as i16;
+    let dm = _mm_cvtph_ps(_mm_setr_epi16(
+        word(0),
+        word(bytes),
+        word(2),
+        word(bytes + 2),
+        0,
+        0,
+        0,
+        0,
+    ));
+    let t = if Q51 {
+        dm
+    } else {
+        // [d_A, d_B, -16 d_A, -16 d_B]
+        _mm_mul_ps(_mm_movelh_ps(dm, dm), _mm_setr_ps(1.0, 1.0, -16.0, -16.0))
+    };
+    (z, t)
 }
 
-/// One block's 32 unsigned quant bytes, in element order, its `d`, and its per-`ΣX̂`
-/// term: `m` for Q5_1 (`Q51`), −16 d for Q5_0.
+/// One block at `bp` (the last of an odd row) as [`pair`] gives it, with block B zero.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 #[inline]
-unsafe fn block<const Q51: bool>(bp: *const u8) -> (__m256i, f32, f32) {
-    let nib = _mm_set1_epi8(0x0f);
-    let d = f16_at(bp);
-    let qs = if Q51 { 8 } else { 6 };
-    let raw = _mm_loadu_si128(bp.add(qs) as *const _);
-    let q = _mm256_set_m128i(
-        _mm_and_si128(_mm_srli_epi16::<4>(raw), nib),
-        _mm_and_si128(raw, nib),
-    );
-    let qh = (bp.add(qs - 4) as *const u32).read_unaligned();
-    let q = _mm256_mask_blend_epi8(qh, q, _mm256_or_si256(q, _mm256_set1_epi8(0x10)));
-    let m = if Q51 { f16_at(bp.add(2)) } else { -16.0 * d };
-    (q, d, m)
+unsafe fn single<const Q51: bool>(bp: *const u8) -> (__m512i, __m128) {
+    let bytes = if Q51 { 24 } else { 22 };
+    let mut two = [0u8; 48];
+    std::ptr::copy_nonoverlapping(bp, two.as_mut_ptr(), bytes);
+    let (z, t) = pair::<Q51>(two.as_ptr());
+    (
+        z,
+        _mm_and_ps(t, _mm_castsi128_ps(_mm_setr_epi32(-1, 0, -1, 0))),
+    )
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
@@ -121,8 +148,10 @@ unsafe fn rows<const R: usize, const Q51: bool>(
 ) {
     let bytes = if Q51 { 24 } else { 22 };
     let zero = _mm512_setzero_si512();
+    // Lanes 0-7 take element 0 of a 4-float vector, lanes 8-15 element 1.
+    let spread = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
     let mut acc = [_mm512_setzero_ps(); R];
-    let mut oacc = [0.0f32; R];
+    let mut oacc = [_mm_setzero_ps(); R];
     let mut b = 0;
     while b < nb {
         let two = b + 1 < nb;
@@ -131,35 +160,31 @@ unsafe fn rows<const R: usize, const Q51: bool>(
             _mm512_loadu_si512(ip as *const _),
             _mm512_loadu_si512(ip.add(64) as *const _),
         );
-        let (sa, xa) = (*xf.add(B_F * b), *xf.add(B_F * b + 1));
-        let (sb, xb) = if two {
-            (*xf.add(B_F * b + 2), *xf.add(B_F * b + 3))
-        } else {
-            (0.0, 0.0)
-        };
+        // [s_A, s_A ΣX_A, s_B, s_B ΣX_B] (zeros past an odd row's end).
+        let sx = _mm_loadu_ps(xf.add(B_F * b));
+        let s2 = _mm_shuffle_ps::<0b10_00_10_00>(sx, sx);
+        let x2 = _mm_shuffle_ps::<0b11_01_11_01>(sx, sx);
         for r in 0..R {
             let bp = p[r].add(bytes * b);
             prefetch_ahead(bp, pf);
-            let (qa, da, ma) = block::<Q51>(bp);
-            let (qb, db, mb) = if two {
-                block::<Q51>(bp.add(bytes))
+            let (q, t) = if two {
+                pair::<Q51>(bp)
             } else {
-                (_mm256_setzero_si256(), 0.0, 0.0)
+                single::<Q51>(bp)
             };
-            let q = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(qa), qb);
             let th = _mm512_dpbusd_epi32(zero, q, h);
             let tl = _mm512_dpbusd_epi32(zero, q, l);
-            let t = _mm512_add_epi32(_mm512_slli_epi32::<8>(th), tl);
-            let scale = _mm512_castpd_ps(_mm512_insertf64x4::<1>(
-                _mm512_castps_pd(_mm512_set1_ps(da * sa)),
-                _mm256_castps_pd(_mm256_set1_ps(db * sb)),
-            ));
-            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), scale, acc[r]);
-            oacc[r] += ma * xa + mb * xb;
+            let tq = _mm512_add_epi32(_mm512_slli_epi32::<8>(th), tl);
+            let ds = _mm_mul_ps(t, s2);
+            let scale = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(ds));
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(tq), scale, acc[r]);
+            // [t_A, t_B] against [s_A ΣX_A, s_B ΣX_B], in the upper half of `t`.
+            oacc[r] = _mm_fmadd_ps(_mm_movehl_ps(t, t), x2, oacc[r]);
         }
         b += 2;
     }
     for r in 0..R {
-        out[r] = hsum512(acc[r]) + oacc[r];
+        let o = oacc[r];
+        out[r] = hsum512(acc[r]) + _mm_cvtss_f32(o) + _mm_cvtss_f32(_mm_shuffle_ps::<1>(o, o));
     }
 }
