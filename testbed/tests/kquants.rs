@@ -320,7 +320,21 @@ fn n_without_a_valid_split_names_the_largest_that_works() {
     let e = fails_with(
         &model("k256", "Q4_K_M"),
         &["--local-cluster", "5"],
-        &["at most 4"],
+        &["at most 4", "--quant f32"],
     );
     assert!(e.lines().count() <= 6, "a short error, not a trace:\n{e}");
+}
+
+#[test]
+fn lossless_f32_shards_split_where_the_file_cannot() {
+    let _g = serial();
+    // The alternative the error offers: f32 shards hold the decoded weights exactly and
+    // cut at any head, so 5 ranks run, with the one-rank result.
+    let q = model("k256", "Q4_K_M");
+    let env = [("TPI_ISA", "scalar")];
+    let one = gen(&q, &[], &env);
+    let five = gen(&q, &["--local-cluster", "5", "--quant", "f32"], &env);
+    if let Some(e) = differs(&five, &one, TOL_F32) {
+        panic!("--quant f32 on 5 ranks: {e}");
+    }
 }

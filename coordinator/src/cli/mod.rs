@@ -251,8 +251,11 @@ pub fn open_backend(
     capacity: usize,
 ) -> anyhow::Result<(LoadedModel, Box<dyn Backend>)> {
     let spec = c.spec(m)?;
-    let loaded = LoadedModel::open(&m.model)
+    let mut loaded = LoadedModel::open(&m.model)
         .with_context(|| format!("cannot load model {}", m.model.display()))?;
+    if let (tpi_node::store::shard::Quant::To(dt), None) = (spec.quant, &spec.shards) {
+        loaded.files.requantise_to(dt);
+    }
     if let Some(ctx) = m.ctx {
         tpi_coordinator::generate::check_context(ctx, &loaded.files.config)
             .map_err(|e| anyhow::anyhow!("--ctx {ctx}: {e}"))?;

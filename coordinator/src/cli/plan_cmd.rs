@@ -37,14 +37,17 @@ struct Rank {
 /// Runs `tpi plan`.
 pub fn plan(a: PlanArgs) -> anyhow::Result<()> {
     let (m, c) = (&a.model, &a.cluster);
-    let files = ModelFiles::open(&m.model)
+    let mut files = ModelFiles::open(&m.model)
         .with_context(|| format!("cannot load model {}", m.model.display()))?;
-    let cfg = &files.config;
     // With --shards the run uses those shards' weight type, whatever --quant says.
     let quant = match &c.shards {
         Some(dir) => tpi_coordinator::shards::shards_quant(dir)?,
         None => c.quant,
     };
+    if let tpi_node::store::shard::Quant::To(dt) = quant {
+        files.requantise_to(dt);
+    }
+    let cfg = &files.config;
     let bpw = bytes_per_weight(&files, quant)?;
     let cores = std::thread::available_parallelism()
         .map(|x| x.get())

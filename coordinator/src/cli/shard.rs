@@ -36,9 +36,12 @@ pub struct ShardArgs {
 
 /// Runs `tpi shard`.
 pub fn shard(a: ShardArgs) -> anyhow::Result<()> {
-    let files = ModelFiles::open(&a.model)
+    let mut files = ModelFiles::open(&a.model)
         .with_context(|| format!("cannot load model {}", a.model.display()))?;
     files.validate()?;
+    if let tpi_node::store::shard::Quant::To(dt) = a.quant {
+        files.requantise_to(dt);
+    }
     let weights = match (&a.nodes, &a.ratios) {
         (Some(0), _) => bail!("--nodes must be at least 1"),
         (Some(n), _) => vec![1.0; *n],

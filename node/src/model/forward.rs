@@ -86,6 +86,21 @@ impl SliceSource for StoreSlicer<'_> {
     }
 }
 
+/// The input columns a rank takes of a row-parallel matrix (O: its heads' columns, down:
+/// its MLP columns); `None` for the other roles.
+pub fn row_parallel_cols(
+    cfg: &ModelConfig,
+    s: &RankSlice,
+    role: Role,
+) -> Option<std::ops::Range<usize>> {
+    let hd = cfg.head_dim;
+    match role {
+        Role::Wo => Some(s.heads.start * hd..s.heads.end * hd),
+        Role::Down => Some(s.ffn.clone()),
+        _ => None,
+    }
+}
+
 /// Cuts a full tensor down to a rank's slice (zero-copy view).
 pub fn slice_weight(
     cfg: &ModelConfig,
@@ -96,12 +111,14 @@ pub fn slice_weight(
     let hd = cfg.head_dim;
     let q = s.heads.start * hd..s.heads.end * hd;
     let kv = s.kv_heads.start * hd..s.kv_heads.end * hd;
+    if let Some(c) = row_parallel_cols(cfg, s, role) {
+        return w.cols_range(c.start, c.end);
+    }
     match role {
         Role::Wq | Role::Bq => slice_rows_or_vec(w, q),
         Role::Wk | Role::Wv | Role::Bk | Role::Bv => slice_rows_or_vec(w, kv),
-        Role::Wo => w.cols_range(q.start, q.end),
+        Role::Wo | Role::Down => unreachable!("row-parallel roles are cut above"),
         Role::Gate | Role::Up => w.rows_range(s.ffn.start, s.ffn.end),
-        Role::Down => w.cols_range(s.ffn.start, s.ffn.end),
         Role::AttnNorm | Role::MlpNorm | Role::Embed | Role::FinalNorm | Role::LmHead => {
             Ok(w.clone())
         }

@@ -115,6 +115,14 @@ impl ModelFiles {
         Ok(())
     }
 
+    /// Marks the model as run from shards that re-quantise every matrix to `dtype`
+    /// (`--quant`): the split may then cut wherever `dtype`'s blocks allow, not where the
+    /// file's own types do (f32 shards of a Q4_K file cut at any head, losslessly).
+    pub fn requantise_to(&mut self, dtype: tpi_kernels::DType) {
+        let b = dtype.block_len();
+        self.config.slice_align = config::SliceAlign::from_blocks(b, b, self.config.head_dim);
+    }
+
     /// Rank 0's head (embedding, final norm, LM head).
     pub fn head(&self) -> Result<Head, ModelError> {
         Head::from_store(&self.store, &self.config)

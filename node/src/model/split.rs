@@ -161,7 +161,8 @@ impl SplitPlan {
             return Err(ModelError::Plan(format!(
                 "no valid split over {a} computing ranks: the attention output's blocks need \
                  query heads in runs of {ha} ({nh} heads, {nkv} KV heads, head_dim {}), which \
-                 allows at most {max_ranks} rank(s); use at most {max_ranks}",
+                 allows at most {max_ranks} rank(s); use at most {max_ranks}, or shards with \
+                 smaller blocks: `--quant f32` (lossless, 4 bytes a weight) or `--quant q8_0`",
                 cfg.head_dim
             )));
         }

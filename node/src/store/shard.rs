@@ -13,7 +13,7 @@ use tpi_kernels::{DType, Layout};
 use super::manifest::*;
 use super::window::{window_for_budget, Window};
 use super::StoreError;
-use crate::model::forward::{slice_weight, SliceSource};
+use crate::model::forward::{row_parallel_cols, slice_weight, SliceSource};
 use crate::model::gguf::{ggml_dtype, ggml_type_id};
 use crate::model::weights::Blob;
 use crate::model::{Head, ModelConfig, ModelFiles, RankModel, Role, SplitPlan, Weight};
@@ -85,12 +85,14 @@ pub fn layout_for_isa(isa: &str) -> Layout {
 
 /// Streams one tensor into the shard file row by row (converting to `target` if
 /// asked, packing Q4 rows if `layout` says so), feeding the block's hash; returns the
-/// stored dtype, layout and byte length. Memory: one row, never the tensor.
+/// stored dtype, layout and byte length. With `cols`, only those columns of each row are
+/// stored: a re-quantised row-parallel slice that the file's own blocks cannot cut (each
+/// row is decoded whole, then cut). Memory: one row, never the tensor.
 fn write_tensor(
     out: &mut impl Write,
     hash: &mut Sha256,
     w: &Weight,
-    target: Option<DType>,
+    (target, cols): (Option<DType>, Option<std::ops::Range<usize>>),
     layout: Layout,
     what: &str,
 ) -> Result<(DType, Layout, u64), std::io::Error> {
@@ -115,32 +117,34 @@ fn write_tensor(
         written += bytes.len() as u64;
         out.write_all(bytes)
     };
-    if dtype == w.dtype {
+    if dtype == w.dtype && cols.is_none() {
         for r in 0..w.rows {
             emit(m.row(r), out)?;
         }
         return Ok((dtype, layout, written));
     }
-    let rb = dtype.row_bytes(w.cols).ok_or_else(|| {
+    let cols = cols.unwrap_or(0..w.cols);
+    let rb = dtype.row_bytes(cols.len()).ok_or_else(|| {
         std::io::Error::new(
             std::io::ErrorKind::InvalidInput,
             format!(
                 "cannot store {what} ({} columns) as {}: not a whole number of {}-element blocks",
-                w.cols,
+                cols.len(),
                 dtype.name(),
                 dtype.block_len()
             ),
         )
     })?;
-    let mut row = vec![0f32; w.cols];
+    let mut full = vec![0f32; w.cols];
     let mut q = vec![0u8; rb];
     for r in 0..w.rows {
-        w.row_f32(r, &mut row);
+        w.row_f32(r, &mut full);
+        let row = &full[cols.clone()];
         if dtype == DType::F32 {
             let b: Vec<u8> = row.iter().flat_map(|x| x.to_le_bytes()).collect();
             emit(&b, out)?;
         } else {
-            tpi_kernels::quantize_row(dtype, &row, &mut q);
+            tpi_kernels::quantize_row(dtype, row, &mut q);
             emit(&q, out)?;
         }
     }
@@ -217,17 +221,25 @@ pub fn write_shard(
             } else {
                 files.store.role(cfg, role, layer)?
             };
-            let w = slice_weight(cfg, slice, role, &full)?;
-            let pad = align(len, TENSOR_ALIGN) - len;
-            let zeros = vec![0u8; pad as usize];
-            hash.update(&zeros);
-            out.write_all(&zeros).map_err(ioe)?;
-            len += pad;
             let target = match (is_matrix(role), quant) {
                 (false, _) => Some(DType::F32),
                 (true, Quant::Keep) => None,
                 (true, Quant::To(t)) => Some(t),
             };
+            // A re-quantised row-parallel slice may cut where the file's blocks cannot
+            // (the plan followed `target`'s blocks): then whole rows are decoded and cut.
+            let (w, cols) = match slice_weight(cfg, slice, role, &full) {
+                Ok(w) => (w, None),
+                Err(_) if target.is_some() && row_parallel_cols(cfg, slice, role).is_some() => {
+                    (full.clone(), row_parallel_cols(cfg, slice, role))
+                }
+                Err(e) => return Err(e.into()),
+            };
+            let pad = align(len, TENSOR_ALIGN) - len;
+            let zeros = vec![0u8; pad as usize];
+            hash.update(&zeros);
+            out.write_all(&zeros).map_err(ioe)?;
+            len += pad;
             let what = format!("layer {layer} {role:?}");
             // The embedding is read row by row, never by a GEMV: it stays GGML.
             let tl = if role == Role::Embed {
@@ -235,21 +247,22 @@ pub fn write_shard(
             } else {
                 layout
             };
-            let (dtype, tl, n) =
-                write_tensor(&mut out, &mut hash, &w, target, tl, &what).map_err(|e| {
-                    if e.kind() == std::io::ErrorKind::InvalidInput {
-                        StoreError::Invalid(e.to_string())
-                    } else {
-                        ioe(e)
-                    }
-                })?;
+            let stored_cols = cols.as_ref().map_or(w.cols, |c| c.len());
+            let (dtype, tl, n) = write_tensor(&mut out, &mut hash, &w, (target, cols), tl, &what)
+                .map_err(|e| {
+                if e.kind() == std::io::ErrorKind::InvalidInput {
+                    StoreError::Invalid(e.to_string())
+                } else {
+                    ioe(e)
+                }
+            })?;
             full.release_pages();
             tensors.push(TensorEntry {
                 role,
                 layer: layer as u32,
                 ggml_type: ggml_type_id(dtype),
                 rows: w.rows as u64,
-                cols: w.cols as u64,
+                cols: stored_cols as u64,
                 offset: len,
                 len: n,
                 layout: tl.name().into(),
