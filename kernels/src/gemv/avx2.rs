@@ -16,7 +16,7 @@ pub(crate) unsafe fn hsum256(v: __m256) -> f32 {
 /// f16 at `p` (unaligned, little-endian) to f32 via F16C.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-unsafe fn h2f(p: *const u8) -> f32 {
+pub(crate) unsafe fn h2f(p: *const u8) -> f32 {
     let bits = (p as *const u16).read_unaligned();
     _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
 }
@@ -25,7 +25,7 @@ unsafe fn h2f(p: *const u8) -> f32 {
 /// `avx512::prefetch_ahead` for why L2).
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-unsafe fn prefetch_ahead(p: *const u8, pf: usize) {
+pub(crate) unsafe fn prefetch_ahead(p: *const u8, pf: usize) {
     _mm_prefetch::<_MM_HINT_T1>(p.wrapping_add(pf) as *const i8);
 }
 

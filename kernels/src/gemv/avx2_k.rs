@@ -10,7 +10,7 @@
 
 use std::arch::x86_64::*;
 
-use super::avx2::hsum256;
+use super::avx2::{h2f as f16_at, hsum256, prefetch_ahead};
 use crate::{DType, MatRef};
 
 /// Floats per super-block in [`super::Aux::f`]: `[0]` the scale `s`; `[8..16]` `ΣX` of
@@ -97,21 +97,6 @@ pub(crate) unsafe fn gemv_rows(w: &MatRef, r0: usize, r1: usize, aux: &super::Au
             _ => rows_q45_k::<1, false>(p, nsb, pf, xi, xf, out),
         },
     );
-}
-
-/// Prefetches `p + pf` into L2 (as the other AVX2 row kernels do).
-#[inline(always)]
-unsafe fn prefetch_ahead(p: *const u8, pf: usize) {
-    _mm_prefetch::<_MM_HINT_T1>(p.wrapping_add(pf) as *const i8);
-}
-
-/// f16 at `p` as f32.
-#[target_feature(enable = "avx2,fma,f16c")]
-#[inline]
-unsafe fn f16_at(p: *const u8) -> f32 {
-    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(
-        (p as *const u16).read_unaligned() as i32,
-    )))
 }
 
 /// Adds one 32-quant register's products with activation planes `h`/`l`, scaled by the

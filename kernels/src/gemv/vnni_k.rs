@@ -12,6 +12,7 @@
 
 use std::arch::x86_64::*;
 
+use super::avx2::h2f as f16_at;
 use super::avx512::{hsum256, hsum512, prefetch_ahead};
 use crate::{DType, MatRef};
 
@@ -128,15 +129,6 @@ unsafe fn planes(xi: *const u8, sb: usize) -> ([__m512i; 4], [__m512i; 4]) {
         std::array::from_fn(|k| _mm512_loadu_si512(hp.add(64 * k) as *const _)),
         std::array::from_fn(|k| _mm512_loadu_si512(hp.add(256 + 64 * k) as *const _)),
     )
-}
-
-/// f16 at `p` as f32.
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-#[inline]
-unsafe fn f16_at(p: *const u8) -> f32 {
-    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(
-        (p as *const u16).read_unaligned() as i32,
-    )))
 }
 
 /// Q4_K's (and Q5_K's) eight 6-bit scales and eight 6-bit mins from their 12 bytes at `q`, as bytes

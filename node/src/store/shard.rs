@@ -228,12 +228,13 @@ pub fn write_shard(
             };
             // A re-quantised row-parallel slice may cut where the file's blocks cannot
             // (the plan followed `target`'s blocks): then whole rows are decoded and cut.
-            let (w, cols) = match slice_weight(cfg, slice, role, &full) {
-                Ok(w) => (w, None),
-                Err(_) if target.is_some() && row_parallel_cols(cfg, slice, role).is_some() => {
-                    (full.clone(), row_parallel_cols(cfg, slice, role))
-                }
-                Err(e) => return Err(e.into()),
+            let (w, cols) = match (slice_weight(cfg, slice, role, &full), target) {
+                (Ok(w), _) => (w, None),
+                (Err(e), Some(_)) => match row_parallel_cols(cfg, slice, role) {
+                    Some(c) => (full.clone(), Some(c)),
+                    None => return Err(e.into()),
+                },
+                (Err(e), None) => return Err(e.into()),
             };
             let pad = align(len, TENSOR_ALIGN) - len;
             let zeros = vec![0u8; pad as usize];
