@@ -39,10 +39,14 @@ impl LoadedModel {
                 } else {
                     None
                 };
-                let tmpl = std::fs::read_to_string(path.join("tokenizer_config.json"))
+                // transformers 5 saves the template beside the config; older versions inside it.
+                let tmpl = std::fs::read_to_string(path.join("chat_template.jinja"))
                     .ok()
-                    .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-                    .and_then(|v| v.get("chat_template")?.as_str().map(String::from));
+                    .or_else(|| {
+                        let t = std::fs::read_to_string(path.join("tokenizer_config.json")).ok()?;
+                        let v = serde_json::from_str::<serde_json::Value>(&t).ok()?;
+                        v.get("chat_template")?.as_str().map(String::from)
+                    });
                 (tok, tmpl)
             }
         };
@@ -71,9 +75,25 @@ impl LoadedModel {
         )?)
     }
 
-    /// Token ids that end a reply.
+    /// Token ids that end a reply: the config's EOS ids, an HF directory's
+    /// `generation_config.json` `eos_token_id` (one id or a list), and the tokenizer's
+    /// end-of-turn tokens (`<|eot_id|>`, `<end_of_turn>`, `<|im_end|>`, ...).
     pub fn stop_ids(&self) -> Vec<u32> {
         let mut ids = self.files.config.eos_token_ids.clone();
+        let gen_cfg = std::fs::read_to_string(self.files.path.join("generation_config.json"))
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok());
+        if let Some(v) = gen_cfg.as_ref().and_then(|v| v.get("eos_token_id")) {
+            let list = match v {
+                serde_json::Value::Array(a) => a.clone(),
+                other => vec![other.clone()],
+            };
+            for id in list.iter().filter_map(|x| x.as_u64()) {
+                if !ids.contains(&(id as u32)) {
+                    ids.push(id as u32);
+                }
+            }
+        }
         if let Some(t) = &self.tokenizer {
             for id in t.eos_ids() {
                 if !ids.contains(&id) {

@@ -227,30 +227,10 @@ fn gib(b: u64) -> String {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use tpi_node::model::config::RopePairing;
 
     /// A Llama-shaped config with `nh` heads, `nkv` KV heads and `ffn` MLP columns.
     pub(crate) fn cfg(nh: usize, nkv: usize, ffn: usize) -> ModelConfig {
-        ModelConfig {
-            arch: "llama".into(),
-            vocab_size: 1000,
-            hidden_size: 64 * nh,
-            intermediate_size: ffn,
-            n_layers: 4,
-            n_heads: nh,
-            n_kv_heads: nkv,
-            head_dim: 64,
-            rms_norm_eps: 1e-5,
-            rope_theta: 1e4,
-            rope_scaling: None,
-            max_position_embeddings: 128,
-            tie_word_embeddings: true,
-            attention_bias: false,
-            rope_layout: RopePairing::HalfSplit,
-            bos_token_id: None,
-            eos_token_ids: vec![],
-            slice_align: Default::default(),
-        }
+        ModelConfig::llama(1000, 64 * nh, ffn, 4, (nh, nkv, 64))
     }
 
     fn caps(g: f64) -> RankCaps {

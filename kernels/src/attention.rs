@@ -11,7 +11,7 @@ thread_local! {
     static SCORES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
-fn shape(what: &'static str, expected: usize, actual: usize) -> Result<(), KernelError> {
+fn check_len(what: &'static str, expected: usize, actual: usize) -> Result<(), KernelError> {
     if expected != actual {
         return Err(KernelError::Shape {
             what,
@@ -22,26 +22,65 @@ fn shape(what: &'static str, expected: usize, actual: usize) -> Result<(), Kerne
     Ok(())
 }
 
+/// The heads and masking of one attention call.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AttnShape {
+    /// Query heads.
+    pub n_heads: usize,
+    /// Key/value heads; query head h reads kv head `h / (n_heads/n_kv_heads)`.
+    pub n_kv_heads: usize,
+    /// Per-head dimension.
+    pub head_dim: usize,
+    /// Multiplies every score (`1/sqrt(head_dim)` for most models; Gemma's
+    /// `query_pre_attn_scalar^-1/2`).
+    pub scale: f32,
+    /// Sliding window: a query at position p sees keys `p+1-window ..= p` only (HF's
+    /// `kv_idx > q_idx - sliding_window`); None: every earlier key.
+    pub window: Option<usize>,
+}
+
+impl AttnShape {
+    /// Full causal attention with the usual `1/sqrt(head_dim)` scale.
+    pub fn causal(n_heads: usize, n_kv_heads: usize, head_dim: usize) -> Self {
+        AttnShape {
+            n_heads,
+            n_kv_heads,
+            head_dim,
+            scale: 1.0 / (head_dim as f32).sqrt(),
+            window: None,
+        }
+    }
+}
+
 /// Causal GQA attention for `n_tokens` queries at positions `start_pos..start_pos+n_tokens`.
 /// `q`, `out`: `[n_tokens][n_heads*head_dim]`; caches: `[n_kv_heads][capacity][head_dim]`.
-/// Query head h reads kv head `h / (n_heads/n_kv_heads)`; scale is `1/sqrt(head_dim)`.
 #[allow(clippy::too_many_arguments)]
 pub fn attention(
     pool: &ThreadPool,
     q: &[f32],
     n_tokens: usize,
     start_pos: usize,
-    n_heads: usize,
-    n_kv_heads: usize,
-    head_dim: usize,
+    shape: &AttnShape,
     k_cache: &[f32],
     v_cache: &[f32],
     capacity: usize,
     out: &mut [f32],
 ) -> Result<(), KernelError> {
+    let AttnShape {
+        n_heads,
+        n_kv_heads,
+        head_dim,
+        scale,
+        window,
+    } = *shape;
     if n_heads == 0 || n_kv_heads == 0 || head_dim == 0 || !n_heads.is_multiple_of(n_kv_heads) {
         return Err(KernelError::Invalid(format!(
             "attention: n_heads {n_heads} must be a positive multiple of n_kv_heads {n_kv_heads}, head_dim {head_dim} > 0"
+        )));
+    }
+    if window == Some(0) || !scale.is_finite() {
+        return Err(KernelError::Invalid(format!(
+            "attention: window {window:?} must be positive and scale {scale} finite"
         )));
     }
     let overflow = || KernelError::Invalid("attention: sizes overflow".into());
@@ -49,8 +88,8 @@ pub fn attention(
         .checked_mul(n_heads)
         .and_then(|v| v.checked_mul(head_dim))
         .ok_or_else(overflow)?;
-    shape("q", qlen, q.len())?;
-    shape("out", qlen, out.len())?;
+    check_len("q", qlen, q.len())?;
+    check_len("out", qlen, out.len())?;
     let end = start_pos.checked_add(n_tokens).ok_or_else(overflow)?;
     if end > capacity {
         return Err(KernelError::Invalid(format!(
@@ -80,7 +119,6 @@ pub fn attention(
     }
     let isa = active_isa();
     let group = n_heads / n_kv_heads;
-    let scale = 1.0 / (head_dim as f32).sqrt();
     let op = SyncPtr(out.as_mut_ptr());
     pool.run(n_tokens * n_heads, &|task| {
         let (t, h) = (task / n_heads, task % n_heads);
@@ -88,20 +126,21 @@ pub fn attention(
         let qoff = (t * n_heads + h) * head_dim;
         let qv = &q[qoff..qoff + head_dim];
         let n_ctx = start_pos + t + 1;
+        let first = window.map_or(0, |w| n_ctx.saturating_sub(w));
         let kbase = kvh * capacity * head_dim;
         // SAFETY: each task writes its own head_dim slice of out.
         let o = unsafe { std::slice::from_raw_parts_mut(op.get().add(qoff), head_dim) };
         SCORES.with(|s| {
             let mut s = s.borrow_mut();
             s.clear();
-            s.resize(n_ctx, 0.0);
-            for (j, sc) in s.iter_mut().enumerate() {
+            s.resize(n_ctx - first, 0.0);
+            for (j, sc) in (first..).zip(s.iter_mut()) {
                 let k = &k_cache[kbase + j * head_dim..kbase + (j + 1) * head_dim];
                 *sc = dot(isa, qv, k) * scale;
             }
             softmax(&mut s);
             o.fill(0.0);
-            for (j, p) in s.iter().enumerate() {
+            for (j, p) in (first..).zip(s.iter()) {
                 axpy(
                     isa,
                     *p,

@@ -16,7 +16,7 @@ pub mod pool;
 pub mod quant;
 pub mod rope;
 
-pub use attention::attention;
+pub use attention::{attention, AttnShape};
 pub use dtype::{DType, KernelError, MatRef};
 pub use gemm::gemm;
 pub use gemv::gemv;
@@ -24,7 +24,7 @@ pub use isa::{
     active_isa, available_isas, detected_isa, parse_isa, set_isa, set_isa_from_env, Isa,
 };
 pub use layout::{pack_row, unpack_row, Layout};
-pub use ops::{add_in_place, all_finite, rmsnorm, silu_mul, softmax};
+pub use ops::{add_in_place, all_finite, gelu_tanh_mul, rmsnorm, silu_mul, softmax};
 pub use pool::ThreadPool;
 pub use quant::{dequantize_row, quantize_row};
 pub use rope::{apply_rope, rope_inv_freq, Llama3Scaling, RopeLayout};

@@ -60,6 +60,24 @@ pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
     }
 }
 
+/// GeGLU gate with the tanh approximation of GELU (PyTorch's `gelu(approximate="tanh")`,
+/// HF `gelu_pytorch_tanh`): `gate[i] = gelu_tanh(gate[i]) * up[i]`, where
+/// `gelu_tanh(g) = g/2 · (1 + tanh(√(2/π) · (g + 0.044715 g³)))`.
+pub fn gelu_tanh_mul(gate: &mut [f32], up: &[f32]) {
+    assert_eq!(
+        gate.len(),
+        up.len(),
+        "gelu_tanh_mul: up length {} != gate length {}",
+        up.len(),
+        gate.len()
+    );
+    const C: f32 = 0.797_884_6; // √(2/π)
+    for (g, u) in gate.iter_mut().zip(up) {
+        let x = *g;
+        *g = 0.5 * x * (1.0 + (C * (x + 0.044_715 * x * x * x)).tanh()) * u;
+    }
+}
+
 /// Whether every value is finite (no NaN, no ±Inf). Branch-free over the exponent bits,
 /// so it vectorises: cheap enough to run on every hidden state and every logit row.
 pub fn all_finite(x: &[f32]) -> bool {

@@ -936,36 +936,40 @@ fn ref_attention(
     q: &[f32],
     n_tokens: usize,
     start: usize,
-    nh: usize,
-    nkv: usize,
-    hd: usize,
+    sh: &AttnShape,
     k: &[f32],
     v: &[f32],
     cap: usize,
 ) -> Vec<f64> {
+    let (nh, nkv, hd) = (sh.n_heads, sh.n_kv_heads, sh.head_dim);
     let mut out = vec![0.0; n_tokens * nh * hd];
     for t in 0..n_tokens {
         for h in 0..nh {
             let kvh = h / (nh / nkv);
             let qv = &q[(t * nh + h) * hd..][..hd];
-            let n_ctx = start + t + 1;
-            let sc: Vec<f64> = (0..n_ctx)
-                .map(|j| {
+            let p = start + t;
+            // HF's sliding mask: kv_idx > q_idx - window.
+            let seen: Vec<usize> = (0..=p)
+                .filter(|&j| sh.window.is_none_or(|w| j as i64 > p as i64 - w as i64))
+                .collect();
+            let sc: Vec<f64> = seen
+                .iter()
+                .map(|&j| {
                     let kk = &k[(kvh * cap + j) * hd..][..hd];
                     qv.iter()
                         .zip(kk)
                         .map(|(a, b)| *a as f64 * *b as f64)
                         .sum::<f64>()
-                        / (hd as f64).sqrt()
+                        * sh.scale as f64
                 })
                 .collect();
             let mx = sc.iter().cloned().fold(f64::MIN, f64::max);
             let e: Vec<f64> = sc.iter().map(|s| (s - mx).exp()).collect();
             let den: f64 = e.iter().sum();
-            for j in 0..n_ctx {
+            for (i, &j) in seen.iter().enumerate() {
                 let vv = &v[(kvh * cap + j) * hd..][..hd];
                 for d in 0..hd {
-                    out[(t * nh + h) * hd + d] += e[j] / den * vv[d] as f64;
+                    out[(t * nh + h) * hd + d] += e[i] / den * vv[d] as f64;
                 }
             }
         }
@@ -977,24 +981,36 @@ fn ref_attention(
 fn attention_matches_reference() {
     let mut rng = Rng::new(8);
     let pools = [ThreadPool::new(1), ThreadPool::new(2)];
-    for &(nh, nkv, hd, start, nt, cap) in &[
-        (4usize, 2usize, 16usize, 0usize, 1usize, 8usize),
-        (6, 2, 33, 5, 4, 12),
-        (9, 3, 64, 20, 3, 40),
-        (2, 2, 8, 0, 7, 7),
+    for &(nh, nkv, hd, start, nt, cap, scale, window) in &[
+        (4usize, 2usize, 16usize, 0usize, 1usize, 8usize, None, None),
+        (6, 2, 33, 5, 4, 12, None, None),
+        (9, 3, 64, 20, 3, 40, None, None),
+        (2, 2, 8, 0, 7, 7, None, None),
+        // Gemma-style: an explicit scale, and sliding windows shorter than, equal to and
+        // longer than the context, over a prefill and a decode step.
+        (4, 1, 16, 0, 9, 12, Some(0.11f32), Some(4usize)),
+        (4, 1, 16, 6, 1, 12, Some(0.11), Some(4)),
+        (4, 2, 8, 3, 5, 8, None, Some(8)),
+        (4, 2, 8, 2, 3, 8, None, Some(1)),
+        (4, 2, 8, 0, 6, 8, None, Some(100)),
     ] {
+        let mut sh = AttnShape::causal(nh, nkv, hd);
+        sh.window = window;
+        if let Some(s) = scale {
+            sh.scale = s;
+        }
         let q = rng.vec(nt * nh * hd);
         let k = rng.vec(nkv * cap * hd);
         let v = rng.vec(nkv * cap * hd);
-        let want = ref_attention(&q, nt, start, nh, nkv, hd, &k, &v, cap);
+        let want = ref_attention(&q, nt, start, &sh, &k, &v, cap);
         for_each_isa(|isa| {
             for pool in &pools {
                 let mut out = vec![f32::NAN; q.len()];
-                attention(pool, &q, nt, start, nh, nkv, hd, &k, &v, cap, &mut out).unwrap();
+                attention(pool, &q, nt, start, &sh, &k, &v, cap, &mut out).unwrap();
                 for i in 0..out.len() {
                     assert!(
                         (out[i] as f64 - want[i]).abs() < 2e-5,
-                        "attention {isa:?} idx {i}: {} vs {}",
+                        "attention {isa:?} {sh:?} idx {i}: {} vs {}",
                         out[i],
                         want[i]
                     );
@@ -1005,38 +1021,40 @@ fn attention_matches_reference() {
     let pool = ThreadPool::new(2);
     let z = vec![0.0f32; 64];
     let mut o = vec![0.0f32; 16];
-    assert!(attention(&pool, &z[..16], 1, 0, 4, 3, 4, &z, &z, 4, &mut o).is_err());
-    assert!(attention(&pool, &z[..16], 1, 4, 4, 2, 4, &z, &z, 4, &mut o).is_err());
-    assert!(attention(&pool, &z[..15], 1, 0, 4, 2, 4, &z, &z, 4, &mut o).is_err());
-    assert!(attention(&pool, &z[..16], 1, 0, 4, 2, 4, &z[..31], &z, 4, &mut o).is_err());
-    assert!(attention(&pool, &z[..16], 1, 0, 4, 2, 4, &z, &z, 4, &mut o).is_ok());
+    let c = AttnShape::causal;
+    assert!(attention(&pool, &z[..16], 1, 0, &c(4, 3, 4), &z, &z, 4, &mut o).is_err());
+    assert!(attention(&pool, &z[..16], 1, 4, &c(4, 2, 4), &z, &z, 4, &mut o).is_err());
+    assert!(attention(&pool, &z[..15], 1, 0, &c(4, 2, 4), &z, &z, 4, &mut o).is_err());
+    assert!(attention(&pool, &z[..16], 1, 0, &c(4, 2, 4), &z[..31], &z, 4, &mut o).is_err());
+    let zero_window = AttnShape {
+        window: Some(0),
+        ..c(4, 2, 4)
+    };
+    assert!(attention(&pool, &z[..16], 1, 0, &zero_window, &z, &z, 4, &mut o).is_err());
+    assert!(attention(&pool, &z[..16], 1, 0, &c(4, 2, 4), &z, &z, 4, &mut o).is_ok());
 }
 
 #[test]
-fn pool_runs_every_task_once() {
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    for n in [1usize, 2, 3] {
-        let pool = ThreadPool::new(n);
-        assert_eq!(pool.n_threads(), n);
-        for iter in 0..2000 {
-            let tasks = iter % 37;
-            let hits: Vec<AtomicUsize> = (0..tasks).map(|_| AtomicUsize::new(0)).collect();
-            pool.run(tasks, &|i| {
-                hits[i].fetch_add(1, Ordering::Relaxed);
-            });
-            assert!(hits.iter().all(|h| h.load(Ordering::Relaxed) == 1));
-        }
-        // Nested use runs inline instead of deadlocking.
-        let total = AtomicUsize::new(0);
-        pool.run(4, &|_| {
-            pool.run(3, &|_| {
-                total.fetch_add(1, Ordering::Relaxed);
-            })
-        });
-        assert_eq!(total.load(Ordering::Relaxed), 12);
+fn gelu_tanh_mul_matches_reference() {
+    let mut rng = Rng::new(9);
+    let mut g: Vec<f32> = rng.vec(257).iter().map(|x| x * 6.0).collect();
+    let u = rng.vec(257);
+    let want: Vec<f64> = g
+        .iter()
+        .zip(&u)
+        .map(|(&x, &u)| {
+            let x = x as f64;
+            let c = (2.0 / std::f64::consts::PI).sqrt();
+            0.5 * x * (1.0 + (c * (x + 0.044715 * x * x * x)).tanh()) * u as f64
+        })
+        .collect();
+    gelu_tanh_mul(&mut g, &u);
+    for (i, (a, b)) in g.iter().zip(&want).enumerate() {
+        assert!(
+            (*a as f64 - b).abs() < 1e-5 * (1.0 + b.abs()),
+            "{i}: {a} vs {b}"
+        );
     }
-    fn assert_send_sync<T: Send + Sync>() {}
-    assert_send_sync::<ThreadPool>();
 }
 
 #[test]

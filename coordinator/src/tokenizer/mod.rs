@@ -51,9 +51,13 @@ pub enum TokenizerError {
         /// The underlying error.
         source: std::io::Error,
     },
-    /// The chat template is neither recognised nor can ChatML be assumed.
+    /// The model has no chat template and no built-in one fits its vocabulary.
     #[error("unsupported chat template: {0}")]
     UnsupportedChatTemplate(String),
+    /// The chat template does not compile, or raised on the messages (roles out of order,
+    /// say): the caller's messages or the model's template are at fault.
+    #[error("{0}")]
+    ChatTemplate(String),
     /// An error from the `tokenizers` crate (loading, encoding or decoding).
     #[error("tokenizer: {0}")]
     Backend(String),

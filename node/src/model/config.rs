@@ -1,17 +1,19 @@
 //! Model hyper-parameters, read from an HF `config.json` (transformers 4.x or 5.x)
-//! or from GGUF llama metadata.
+//! or from GGUF metadata, for any family of the architecture table ([`super::arch`]).
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tpi_kernels::{Llama3Scaling, RopeLayout};
 
+use super::arch::{Arch, Bias, NormStyle};
 use super::error::ModelError;
 use super::gguf::GgufFile;
 
-/// The shape and numerics of a Llama-family decoder: everything the forward pass needs besides weights.
+/// The shape and numerics of a decoder: everything the forward pass needs besides weights.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ModelConfig {
-    /// Architecture name as the source file gives it (e.g. `llama`, `qwen2`).
+    /// Architecture name as the source file gives it (e.g. `llama`, `mistral`,
+    /// `gemma3_text`); [`ModelConfig::spec`] is its family's declaration.
     pub arch: String,
     /// Vocabulary size (rows of the embedding).
     pub vocab_size: usize,
@@ -49,6 +51,28 @@ pub struct ModelConfig {
     /// tensors when the model is opened; see [`SliceAlign`]).
     #[serde(default)]
     pub slice_align: SliceAlign,
+    /// Added to every norm weight when loaded: 1 for HF Gemma checkpoints (`x̂ · (1 + w)`),
+    /// 0 otherwise (GGUF Gemma files carry the 1 already).
+    #[serde(default)]
+    pub norm_offset: f32,
+    /// The attention score scale when it is not `1/sqrt(head_dim)` (Gemma's
+    /// `query_pre_attn_scalar^-1/2`).
+    #[serde(default)]
+    pub attn_scale: Option<f32>,
+    /// Sliding-window length of the layers [`ModelConfig::sliding_layers`] marks.
+    #[serde(default)]
+    pub sliding_window: Option<usize>,
+    /// Per layer: whether it attends through the sliding window (empty: none does).
+    #[serde(default)]
+    pub sliding_layers: Vec<bool>,
+    /// RoPE base of the sliding-window layers (Gemma 3: 10000; the global layers use
+    /// `rope_theta`). Sliding layers never scale their frequencies.
+    #[serde(default)]
+    pub rope_local_theta: Option<f32>,
+    /// Per-frequency divisors of the global layers' RoPE frequencies, `head_dim/2` of them:
+    /// GGUF Llama 3.x's `rope_freqs.weight`, or a linear scaling factor repeated.
+    #[serde(default)]
+    pub rope_freq_factors: Option<Vec<f32>>,
 }
 
 /// Where row-parallel slices may cut, from the block lengths of the matrices they cut by
@@ -133,12 +157,6 @@ impl From<RopeScaling> for Llama3Scaling {
     }
 }
 
-const SUPPORTED_HF: &[(&str, &str)] = &[
-    ("LlamaForCausalLM", "llama"),
-    ("MistralForCausalLM", "mistral"),
-    ("Qwen2ForCausalLM", "qwen2"),
-];
-
 fn cfg_err(msg: impl Into<String>) -> ModelError {
     ModelError::Config(msg.into())
 }
@@ -178,25 +196,83 @@ fn token_ids(v: Option<&Value>) -> Vec<u32> {
     }
 }
 
-fn parse_scaling(s: &Value) -> Result<Option<RopeScaling>, ModelError> {
+/// A global-layer RoPE frequency scaling.
+enum Scaling {
+    None,
+    Llama3(RopeScaling),
+    /// Every frequency divided by this factor (HF `linear`).
+    Linear(f32),
+}
+
+fn parse_scaling(s: &Value) -> Result<Scaling, ModelError> {
     let ty = s
         .get("rope_type")
         .or_else(|| s.get("type"))
         .and_then(|t| t.as_str())
         .unwrap_or("default");
     match ty {
-        "default" => Ok(None),
-        "llama3" => Ok(Some(RopeScaling {
+        "default" => Ok(Scaling::None),
+        "llama3" => Ok(Scaling::Llama3(RopeScaling {
             factor: get_f32(s, "factor")?
                 .ok_or_else(|| cfg_err("llama3 rope_scaling needs `factor`"))?,
             low_freq_factor: get_f32(s, "low_freq_factor")?.unwrap_or(1.0),
             high_freq_factor: get_f32(s, "high_freq_factor")?.unwrap_or(4.0),
             original_max_position_embeddings: need_usize(s, "original_max_position_embeddings")?,
         })),
+        "linear" => {
+            Ok(Scaling::Linear(get_f32(s, "factor")?.ok_or_else(|| {
+                cfg_err("linear rope_scaling needs `factor`")
+            })?))
+        }
         other => Err(cfg_err(format!(
-            "unsupported rope_scaling type `{other}` (tpi supports default and llama3)"
+            "unsupported rope_scaling type `{other}` (tpi supports default, linear and llama3)"
         ))),
     }
+}
+
+/// The sliding-window layers an HF config declares: its `layer_types`, else Gemma 3's
+/// `sliding_window_pattern` (every n-th layer global), else Mistral's `sliding_window`
+/// on every layer; Qwen's `sliding_window` counts only with `use_sliding_window`.
+fn hf_sliding_layers(v: &Value, arch: &Arch, n_layers: usize) -> Result<Vec<bool>, ModelError> {
+    if let Some(types) = v.get("layer_types").and_then(|t| t.as_array()) {
+        if types.len() != n_layers {
+            return Err(cfg_err(format!(
+                "`layer_types` lists {} layers, num_hidden_layers is {n_layers}",
+                types.len()
+            )));
+        }
+        return types
+            .iter()
+            .map(|t| match t.as_str() {
+                Some("full_attention") => Ok(false),
+                Some("sliding_attention") => Ok(true),
+                _ => Err(cfg_err(format!(
+                    "unsupported layer type {t} (tpi runs full_attention and sliding_attention layers)"
+                ))),
+            })
+            .collect();
+    }
+    let window = get_usize(v, "sliding_window")?;
+    if arch.name == "gemma3" {
+        let pattern = get_usize(v, "sliding_window_pattern")?
+            .or(get_usize(v, "_sliding_window_pattern")?)
+            .unwrap_or(6)
+            .max(1);
+        return Ok((0..n_layers).map(|l| (l + 1) % pattern != 0).collect());
+    }
+    let used = match v.get("use_sliding_window") {
+        Some(Value::Bool(b)) => *b,
+        _ => arch.name == "llama",
+    };
+    if window.is_some() && used {
+        if arch.name != "llama" {
+            return Err(cfg_err(
+                "use_sliding_window = true without `layer_types` is not supported",
+            ));
+        }
+        return Ok(vec![true; n_layers]);
+    }
+    Ok(Vec::new())
 }
 
 /// Checks that every id in `ids` names a row of a `vocab`-token vocabulary; the error
@@ -222,17 +298,23 @@ impl ModelConfig {
             .map(|a| a.iter().filter_map(|x| x.as_str()).collect())
             .unwrap_or_default();
         let model_type = v.get("model_type").and_then(|m| m.as_str()).unwrap_or("");
-        let arch = SUPPORTED_HF
+        let names: Vec<&str> = if archs.is_empty() {
+            vec![model_type]
+        } else {
+            archs.clone()
+        };
+        let (arch, spec) = names
             .iter()
-            .find(|(cls, ty)| archs.contains(cls) || (archs.is_empty() && model_type == *ty))
-            .map(|(_, ty)| ty.to_string())
-            .ok_or_else(|| {
-                ModelError::UnsupportedArch(if archs.is_empty() {
-                    model_type.to_string()
-                } else {
-                    archs.join(",")
-                })
-            })?;
+            .find_map(|n| {
+                let a = Arch::find(n)?;
+                (a.hf_classes.contains(n) || a.hf_model_types.contains(n)).then_some((n, a))
+            })
+            .ok_or_else(|| ModelError::UnsupportedArch(names.join(",")))?;
+        let arch = if *arch == "MistralForCausalLM" || model_type == "mistral" {
+            "mistral".to_string()
+        } else {
+            spec.name.to_string()
+        };
         let hidden = need_usize(&v, "hidden_size")?;
         let n_heads = need_usize(&v, "num_attention_heads")?;
         let n_kv = get_usize(&v, "num_key_value_heads")?.unwrap_or(n_heads);
@@ -248,25 +330,48 @@ impl ModelConfig {
             }
         };
         let rope_params = v.get("rope_parameters").filter(|p| p.is_object());
+        // Gemma 3 under transformers 5 keeps one entry per layer type.
+        let (global_p, local_p) = match rope_params {
+            Some(p) if p.get("full_attention").is_some() => {
+                (p.get("full_attention"), p.get("sliding_attention"))
+            }
+            other => (other, None),
+        };
         let rope_theta = get_f32(&v, "rope_theta")?
-            .or(match rope_params {
+            .or(match global_p {
                 Some(p) => get_f32(p, "rope_theta")?,
                 None => None,
             })
             .unwrap_or(10000.0);
-        let rope_scaling = match v.get("rope_scaling").filter(|s| s.is_object()) {
+        let scaling = match v.get("rope_scaling").filter(|s| s.is_object()) {
             Some(s) => parse_scaling(s)?,
-            None => match rope_params {
+            None => match global_p {
                 Some(p) => parse_scaling(p)?,
+                None => Scaling::None,
+            },
+        };
+        if let Some(p) = local_p {
+            if !matches!(parse_scaling(p)?, Scaling::None) {
+                return Err(cfg_err(
+                    "scaled RoPE on sliding-window layers is not supported",
+                ));
+            }
+        }
+        let rope_local_theta = match get_f32(&v, "rope_local_base_freq")? {
+            Some(t) => Some(t),
+            None => match local_p {
+                Some(p) => get_f32(p, "rope_theta")?,
                 None => None,
             },
         };
         match v.get("hidden_act").or_else(|| v.get("hidden_activation")) {
             None | Some(Value::Null) => {}
-            Some(Value::String(a)) if a == "silu" || a == "swish" => {}
+            Some(Value::String(a)) if spec.act_names.contains(&a.as_str()) => {}
             Some(a) => {
                 return Err(cfg_err(format!(
-                    "unsupported hidden_act {a} (tpi runs SiLU-gated MLPs: \"silu\")"
+                    "unsupported hidden_act {a} for {} (it runs {})",
+                    spec.name,
+                    spec.act_names.join(", ")
                 )))
             }
         }
@@ -275,16 +380,40 @@ impl ModelConfig {
                 "mlp_bias = true is not supported (MLP projections without bias)",
             ));
         }
+        for key in [
+            "attn_logit_softcapping",
+            "final_logit_softcapping",
+            "use_bidirectional_attention",
+        ] {
+            match v.get(key) {
+                None | Some(Value::Null) | Some(Value::Bool(false)) => {}
+                Some(x) => {
+                    return Err(cfg_err(format!("`{key}` = {x} is not supported")));
+                }
+            }
+        }
+        let bias_flag = v
+            .get("attention_bias")
+            .and_then(|b| b.as_bool())
+            .unwrap_or(false);
+        let n_layers = need_usize(&v, "num_hidden_layers")?;
+        let sliding_layers = hf_sliding_layers(&v, spec, n_layers)?;
+        let (rope_scaling, rope_freq_factors) = match scaling {
+            Scaling::None => (None, None),
+            Scaling::Llama3(s) => (Some(s), None),
+            Scaling::Linear(f) => (None, Some(vec![f; head_dim / 2])),
+        };
         let cfg = ModelConfig {
-            attention_bias: arch == "qwen2"
-                || v.get("attention_bias")
-                    .and_then(|b| b.as_bool())
-                    .unwrap_or(false),
+            attention_bias: match spec.bias {
+                Bias::Yes => true,
+                Bias::No => false,
+                Bias::FromConfig => bias_flag,
+            },
             arch,
             vocab_size: need_usize(&v, "vocab_size")?,
             hidden_size: hidden,
             intermediate_size: need_usize(&v, "intermediate_size")?,
-            n_layers: need_usize(&v, "num_hidden_layers")?,
+            n_layers,
             n_heads,
             n_kv_heads: n_kv,
             head_dim,
@@ -295,27 +424,49 @@ impl ModelConfig {
             tie_word_embeddings: v
                 .get("tie_word_embeddings")
                 .and_then(|b| b.as_bool())
-                .unwrap_or(false),
+                .unwrap_or(spec.name == "gemma3"),
             rope_layout: RopePairing::HalfSplit,
             bos_token_id: token_ids(v.get("bos_token_id")).first().copied(),
             eos_token_ids: token_ids(v.get("eos_token_id")),
             slice_align: SliceAlign::default(),
+            norm_offset: if spec.hf_norm == NormStyle::OnePlus {
+                1.0
+            } else {
+                0.0
+            },
+            attn_scale: match (spec.name, get_f32(&v, "query_pre_attn_scalar")?) {
+                ("gemma3", Some(q)) => Some(1.0 / q.sqrt()),
+                _ => None,
+            },
+            sliding_window: if sliding_layers.iter().any(|&s| s) {
+                Some(
+                    get_usize(&v, "sliding_window")?
+                        .ok_or_else(|| cfg_err("sliding-window layers need `sliding_window`"))?,
+                )
+            } else {
+                None
+            },
+            rope_local_theta: if spec.name == "gemma3" {
+                Some(rope_local_theta.unwrap_or(10000.0))
+            } else {
+                None
+            },
+            sliding_layers,
+            rope_freq_factors,
         };
         cfg.validate()?;
         Ok(cfg)
     }
 
-    /// Reads llama-family hyper-parameters from GGUF metadata.
+    /// Reads hyper-parameters from GGUF metadata (keys under `<general.architecture>.`).
     pub fn from_gguf(f: &GgufFile) -> Result<Self, ModelError> {
         let arch = f
             .get_str("general.architecture")
             .ok_or_else(|| cfg_err("GGUF has no general.architecture"))?
             .to_string();
-        let layout = match arch.as_str() {
-            "llama" | "mistral" => RopePairing::Interleaved,
-            "qwen2" => RopePairing::HalfSplit,
-            other => return Err(ModelError::UnsupportedArch(other.to_string())),
-        };
+        let spec = Arch::find(&arch)
+            .filter(|a| a.gguf_names.contains(&arch.as_str()))
+            .ok_or_else(|| ModelError::UnsupportedArch(arch.clone()))?;
         let key = |k: &str| format!("{arch}.{k}");
         let need = |k: &str| {
             f.get_u32(&key(k))
@@ -324,6 +475,7 @@ impl ModelConfig {
         };
         let hidden = need("embedding_length")?;
         let n_heads = need("attention.head_count")?;
+        let n_layers = need("block_count")?;
         let n_kv = f
             .get_u32(&key("attention.head_count_kv"))
             .map(|x| x as usize)
@@ -333,6 +485,14 @@ impl ModelConfig {
             None if n_heads > 0 && hidden % n_heads == 0 => hidden / n_heads,
             None => return Err(cfg_err("embedding_length not divisible by head_count")),
         };
+        if let Some(v) = f.get_u32(&key("attention.value_length")) {
+            if v as usize != head_dim {
+                return Err(cfg_err(format!(
+                    "{} ({v}) differs from the key length ({head_dim}): not supported",
+                    key("attention.value_length")
+                )));
+            }
+        }
         let embd = f
             .tensor("token_embd.weight")
             .ok_or_else(|| ModelError::MissingTensor("token_embd.weight".into()))?;
@@ -340,18 +500,86 @@ impl ModelConfig {
             .get_u32(&key("vocab_size"))
             .map(|x| x as usize)
             .unwrap_or_else(|| embd.rows_cols().0);
-        if f.tensor("rope_freqs.weight").is_some() {
-            return Err(cfg_err(
-                "GGUF per-frequency RoPE factors (rope_freqs.weight, llama3 scaling) are not supported; load the HF directory instead",
-            ));
+        if let Some(c) = f.get_f32(&key("final_logit_softcapping")) {
+            if c != 0.0 {
+                return Err(cfg_err(format!(
+                    "{} = {c} is not supported",
+                    key("final_logit_softcapping")
+                )));
+            }
         }
-        let rope_scaling = None;
+        let mut rope_freq_factors = match f.tensor("rope_freqs.weight") {
+            None => None,
+            Some(t) => {
+                let n = t.rows_cols();
+                if n != (1, head_dim / 2) {
+                    return Err(ModelError::BadShape {
+                        tensor: "rope_freqs.weight".into(),
+                        got: vec![n.0, n.1],
+                        expected: vec![1, head_dim / 2],
+                    });
+                }
+                let mut v = vec![0f32; head_dim / 2];
+                tpi_kernels::dequantize_row(t.dtype, f.tensor_data(t), &mut v);
+                Some(v)
+            }
+        };
+        match f.get_str(&key("rope.scaling.type")) {
+            None | Some("none") => {}
+            Some("linear") => {
+                let factor = f
+                    .get_f32(&key("rope.scaling.factor"))
+                    .ok_or_else(|| cfg_err(format!("{} is missing", key("rope.scaling.factor"))))?;
+                if rope_freq_factors.is_some() {
+                    return Err(cfg_err(
+                        "both rope_freqs.weight and linear rope scaling: not supported",
+                    ));
+                }
+                rope_freq_factors = Some(vec![factor; head_dim / 2]);
+            }
+            Some(other) => {
+                return Err(cfg_err(format!(
+                    "unsupported {} `{other}` (tpi supports none and linear)",
+                    key("rope.scaling.type")
+                )))
+            }
+        }
+        let window = f
+            .get_u32(&key("attention.sliding_window"))
+            .map(|w| w as usize);
+        // llama.cpp reads sliding windows for Gemma 3 only: every 6th layer global unless
+        // the file says otherwise (a period, or one flag per layer).
+        let sliding_layers = match (spec.name, window) {
+            ("gemma3", Some(w)) if w > 0 => {
+                match f.meta(&key("attention.sliding_window_pattern")) {
+                    Some(super::gguf::MetaValue::Array(flags)) => {
+                        let v: Vec<bool> = flags
+                            .iter()
+                            .map(|x| matches!(x, super::gguf::MetaValue::Bool(true)))
+                            .collect();
+                        if v.len() != n_layers {
+                            return Err(cfg_err(format!(
+                                "{} has {} flags for {n_layers} layers",
+                                key("attention.sliding_window_pattern"),
+                                v.len()
+                            )));
+                        }
+                        v
+                    }
+                    other => {
+                        let n = other.and_then(|x| x.as_u64()).unwrap_or(6).max(1) as usize;
+                        (0..n_layers).map(|l| (l + 1) % n != 0).collect()
+                    }
+                }
+            }
+            _ => Vec::new(),
+        };
         let cfg = ModelConfig {
-            attention_bias: f.tensor("blk.0.attn_q.bias").is_some(),
+            attention_bias: spec.bias != Bias::No && f.tensor("blk.0.attn_q.bias").is_some(),
             vocab_size: vocab,
             hidden_size: hidden,
             intermediate_size: need("feed_forward_length")?,
-            n_layers: need("block_count")?,
+            n_layers,
             n_heads,
             n_kv_heads: n_kv,
             head_dim,
@@ -359,19 +587,31 @@ impl ModelConfig {
                 .get_f32(&key("attention.layer_norm_rms_epsilon"))
                 .unwrap_or(1e-5),
             rope_theta: f.get_f32(&key("rope.freq_base")).unwrap_or(10000.0),
-            rope_scaling,
+            rope_scaling: None,
             max_position_embeddings: f
                 .get_u32(&key("context_length"))
                 .map(|x| x as usize)
                 .unwrap_or(2048),
             tie_word_embeddings: f.tensor("output.weight").is_none(),
-            rope_layout: layout,
+            rope_layout: spec.gguf_rope,
             bos_token_id: f.get_u32("tokenizer.ggml.bos_token_id"),
             eos_token_ids: f
                 .get_u32("tokenizer.ggml.eos_token_id")
                 .into_iter()
                 .collect(),
             slice_align: SliceAlign::default(),
+            norm_offset: 0.0,
+            // llama.cpp: Gemma 3 27B (62 layers) scales by hidden/heads, the others by head_dim.
+            attn_scale: (spec.name == "gemma3" && n_layers == 62)
+                .then(|| 1.0 / ((hidden / n_heads.max(1)) as f32).sqrt()),
+            sliding_window: sliding_layers
+                .iter()
+                .any(|&s| s)
+                .then_some(window.unwrap_or(0)),
+            rope_local_theta: (spec.name == "gemma3")
+                .then(|| f.get_f32(&key("rope.freq_base_swa")).unwrap_or(10000.0)),
+            sliding_layers,
+            rope_freq_factors,
             arch,
         };
         cfg.validate()?;
@@ -426,6 +666,52 @@ impl ModelConfig {
                 self.head_dim
             )));
         }
+        let spec = self.spec()?;
+        if self.attention_bias && spec.bias == Bias::No {
+            return Err(cfg_err(format!("{} has no attention biases", spec.name)));
+        }
+        if !self.sliding_layers.is_empty() && self.sliding_layers.len() != self.n_layers {
+            return Err(cfg_err(format!(
+                "{} sliding-window flags for {} layers",
+                self.sliding_layers.len(),
+                self.n_layers
+            )));
+        }
+        if self.sliding_layers.iter().any(|&s| s) && self.sliding_window.is_none_or(|w| w == 0) {
+            return Err(cfg_err("sliding-window layers need a positive window"));
+        }
+        if let Some(s) = self.attn_scale {
+            if !(s > 0.0 && s <= 1.0) {
+                return Err(cfg_err(format!("attention scale {s} is outside (0, 1]")));
+            }
+        }
+        if let Some(t) = self.rope_local_theta {
+            if !(1.0..=1e10).contains(&t) {
+                return Err(cfg_err(format!(
+                    "local rope_theta = {t} is outside [1, 1e10]"
+                )));
+            }
+        }
+        if let Some(f) = &self.rope_freq_factors {
+            if f.len() != self.head_dim / 2 || f.iter().any(|x| !(*x > 0.0 && *x <= 1e4)) {
+                return Err(cfg_err(format!(
+                    "RoPE frequency factors: {} values, all in (0, 1e4], are needed for head_dim {}",
+                    self.head_dim / 2,
+                    self.head_dim
+                )));
+            }
+            if self.rope_scaling.is_some() {
+                return Err(cfg_err(
+                    "both llama3 rope_scaling and per-frequency factors",
+                ));
+            }
+        }
+        if !(self.norm_offset == 0.0 || self.norm_offset == 1.0) {
+            return Err(cfg_err(format!(
+                "norm offset {} is neither 0 nor 1",
+                self.norm_offset
+            )));
+        }
         if let Some(r) = &self.rope_scaling {
             if !(r.factor >= 1.0 && r.factor <= 1024.0) {
                 return Err(cfg_err(format!(
@@ -466,12 +752,80 @@ impl ModelConfig {
     pub fn group_size(&self) -> usize {
         self.n_heads / self.n_kv_heads
     }
-    /// RoPE inverse frequencies for this model.
+    /// A plain Llama config of the given shape (f32 numerics, RoPE base 10000, tied
+    /// embeddings, half-split pairing, no scaling, no sliding window): for tests and tools
+    /// that build models in memory.
+    pub fn llama(
+        vocab_size: usize,
+        hidden_size: usize,
+        intermediate_size: usize,
+        n_layers: usize,
+        (n_heads, n_kv_heads, head_dim): (usize, usize, usize),
+    ) -> Self {
+        ModelConfig {
+            arch: "llama".into(),
+            vocab_size,
+            hidden_size,
+            intermediate_size,
+            n_layers,
+            n_heads,
+            n_kv_heads,
+            head_dim,
+            rms_norm_eps: 1e-5,
+            rope_theta: 1e4,
+            rope_scaling: None,
+            max_position_embeddings: 128,
+            tie_word_embeddings: true,
+            attention_bias: false,
+            rope_layout: RopePairing::HalfSplit,
+            bos_token_id: None,
+            eos_token_ids: vec![],
+            slice_align: SliceAlign::default(),
+            norm_offset: 0.0,
+            attn_scale: None,
+            sliding_window: None,
+            sliding_layers: Vec::new(),
+            rope_local_theta: None,
+            rope_freq_factors: None,
+        }
+    }
+
+    /// The family's declaration (an unknown family is refused by [`ModelConfig::validate`]).
+    pub fn spec(&self) -> Result<&'static Arch, ModelError> {
+        Arch::find(&self.arch).ok_or_else(|| ModelError::UnsupportedArch(self.arch.clone()))
+    }
+
+    /// Whether `layer` attends through the sliding window.
+    pub fn is_sliding(&self, layer: usize) -> bool {
+        self.sliding_layers.get(layer).copied().unwrap_or(false)
+    }
+
+    /// The attention window of `layer` (None: global).
+    pub fn window(&self, layer: usize) -> Option<usize> {
+        self.sliding_window.filter(|_| self.is_sliding(layer))
+    }
+
+    /// RoPE inverse frequencies of the global layers.
     pub fn inv_freq(&self) -> Vec<f32> {
-        tpi_kernels::rope_inv_freq(
+        let mut f = tpi_kernels::rope_inv_freq(
             self.head_dim,
             self.rope_theta,
             self.rope_scaling.map(Into::into),
-        )
+        );
+        if let Some(div) = &self.rope_freq_factors {
+            for (x, d) in f.iter_mut().zip(div) {
+                *x /= d;
+            }
+        }
+        f
+    }
+
+    /// RoPE inverse frequencies of the sliding-window layers (their own base, unscaled;
+    /// the global ones when the model has no local base).
+    pub fn inv_freq_local(&self) -> Vec<f32> {
+        match self.rope_local_theta {
+            Some(t) => tpi_kernels::rope_inv_freq(self.head_dim, t, None),
+            None => self.inv_freq(),
+        }
     }
 }

@@ -23,7 +23,8 @@ pub enum ModelError {
     },
     /// The model uses an architecture tpi does not run.
     #[error(
-        "unsupported architecture `{0}` (tpi runs Llama-family models: llama, mistral, qwen2)"
+        "unsupported architecture `{0}`; tpi runs: {supported}",
+        supported = crate::model::arch::Arch::supported()
     )]
     UnsupportedArch(String),
     /// A tensor uses a dtype tpi has no kernel for.

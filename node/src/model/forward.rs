@@ -10,40 +10,46 @@
 //! every Q/K matrix) we rotate interleaved pairs for those files. Attention scores are
 //! dot products within a head, so the same permutation of q and k leaves them unchanged.
 
-use tpi_kernels::{self as k, RopeLayout, ThreadPool};
+use tpi_kernels::{self as k, AttnShape, RopeLayout, ThreadPool};
 
+use super::arch::{Activation, Role, Split};
 use super::config::ModelConfig;
 use super::error::ModelError;
 use super::split::RankSlice;
-use super::weights::{Role, TensorStore, Weight};
+use super::weights::{TensorStore, Weight};
 
-/// One layer's weights as seen by one rank: column slices of Q/K/V and gate/up,
-/// row slices (input columns) of O and down.
+/// One layer's weights as seen by one rank, by role: column slices of Q/K/V and gate/up,
+/// row slices (input columns) of O and down, full norms; vectors (norms, with the
+/// family's norm offset applied, and biases) in f32. A role the family lacks, or the rank
+/// does not need, is absent.
 pub struct LayerSlice {
-    /// Pre-attention RMSNorm weight (full).
-    pub attn_norm: Vec<f32>,
-    /// Query rows of this rank's heads (None when the rank has no heads).
-    pub wq: Option<Weight>,
-    /// Key rows of this rank's KV heads.
-    pub wk: Option<Weight>,
-    /// Value rows of this rank's KV heads.
-    pub wv: Option<Weight>,
-    /// Biases of the sliced Q/K/V (Qwen2).
-    pub bq: Option<Vec<f32>>,
-    /// Key bias slice.
-    pub bk: Option<Vec<f32>>,
-    /// Value bias slice.
-    pub bv: Option<Vec<f32>>,
-    /// O projection columns of this rank's heads.
-    pub wo: Option<Weight>,
-    /// Pre-MLP RMSNorm weight (full).
-    pub mlp_norm: Vec<f32>,
-    /// Gate rows of this rank's MLP slice (None when the slice is empty).
-    pub gate: Option<Weight>,
-    /// Up rows.
-    pub up: Option<Weight>,
-    /// Down columns.
-    pub down: Option<Weight>,
+    mats: Vec<Option<Weight>>,
+    vecs: Vec<Option<Vec<f32>>>,
+}
+
+impl LayerSlice {
+    fn empty() -> Self {
+        LayerSlice {
+            mats: vec![None; Role::ALL.len()],
+            vecs: vec![None; Role::ALL.len()],
+        }
+    }
+
+    /// The matrix for `role`, if the layer has it.
+    pub fn mat(&self, role: Role) -> Option<&Weight> {
+        self.mats[role.index()].as_ref()
+    }
+
+    /// The f32 vector (norm or bias) for `role`, if the layer has it.
+    pub fn vec(&self, role: Role) -> Option<&[f32]> {
+        self.vecs[role.index()].as_deref()
+    }
+
+    /// The norm weight for `role`, which every layer of every family has.
+    fn norm(&self, role: Role, layer: usize) -> Result<&[f32], ModelError> {
+        self.vec(role)
+            .ok_or_else(|| ModelError::MissingTensor(format!("layer {layer} {role:?}")))
+    }
 }
 
 /// What one rank computes: its slice of every layer.
@@ -54,7 +60,9 @@ pub struct RankModel {
     pub slice: RankSlice,
     /// Per-layer weights.
     pub layers: Vec<LayerSlice>,
+    act: Activation,
     inv_freq: Vec<f32>,
+    inv_freq_local: Vec<f32>,
 }
 
 /// Where a rank's sliced weights come from: `fetch(role, layer)` returns the weight
@@ -62,8 +70,6 @@ pub struct RankModel {
 pub trait SliceSource {
     /// The sliced weight for `role` in `layer`.
     fn fetch(&self, role: Role, layer: usize) -> Result<Weight, ModelError>;
-    /// Whether the model carries Q/K/V biases.
-    fn has_bias(&self) -> bool;
 }
 
 /// Slices a full model's tensors (e.g. a memory-mapped GGUF) for one rank, zero-copy.
@@ -81,9 +87,6 @@ impl SliceSource for StoreSlicer<'_> {
         let w = self.store.role(self.cfg, role, layer)?;
         slice_weight(self.cfg, self.slice, role, &w)
     }
-    fn has_bias(&self) -> bool {
-        self.cfg.attention_bias
-    }
 }
 
 /// The input columns a rank takes of a row-parallel matrix (O: its heads' columns, down:
@@ -94,9 +97,9 @@ pub fn row_parallel_cols(
     role: Role,
 ) -> Option<std::ops::Range<usize>> {
     let hd = cfg.head_dim;
-    match role {
-        Role::Wo => Some(s.heads.start * hd..s.heads.end * hd),
-        Role::Down => Some(s.ffn.clone()),
+    match role.split() {
+        Split::HeadCols => Some(s.heads.start * hd..s.heads.end * hd),
+        Split::FfnCols => Some(s.ffn.clone()),
         _ => None,
     }
 }
@@ -109,19 +112,32 @@ pub fn slice_weight(
     w: &Weight,
 ) -> Result<Weight, ModelError> {
     let hd = cfg.head_dim;
-    let q = s.heads.start * hd..s.heads.end * hd;
-    let kv = s.kv_heads.start * hd..s.kv_heads.end * hd;
-    if let Some(c) = row_parallel_cols(cfg, s, role) {
-        return w.cols_range(c.start, c.end);
-    }
-    match role {
-        Role::Wq | Role::Bq => slice_rows_or_vec(w, q),
-        Role::Wk | Role::Wv | Role::Bk | Role::Bv => slice_rows_or_vec(w, kv),
-        Role::Wo | Role::Down => unreachable!("row-parallel roles are cut above"),
-        Role::Gate | Role::Up => w.rows_range(s.ffn.start, s.ffn.end),
-        Role::AttnNorm | Role::MlpNorm | Role::Embed | Role::FinalNorm | Role::LmHead => {
-            Ok(w.clone())
+    match role.split() {
+        Split::Replicated => Ok(w.clone()),
+        Split::QHeads => slice_rows_or_vec(w, s.heads.start * hd..s.heads.end * hd),
+        Split::KvHeads => slice_rows_or_vec(w, s.kv_heads.start * hd..s.kv_heads.end * hd),
+        Split::FfnRows => w.rows_range(s.ffn.start, s.ffn.end),
+        Split::HeadCols | Split::FfnCols => {
+            let c = row_parallel_cols(cfg, s, role).expect("row-parallel split");
+            w.cols_range(c.start, c.end)
         }
+    }
+}
+
+/// The (rows, cols) a role's tensor has once cut to slice `s`.
+pub fn sliced_shape(cfg: &ModelConfig, s: &RankSlice, role: Role) -> (usize, usize) {
+    let (rows, cols) = role.shape(cfg);
+    let hd = cfg.head_dim;
+    let part = match role.split() {
+        Split::Replicated => return (rows, cols),
+        Split::QHeads | Split::HeadCols => s.n_heads() * hd,
+        Split::KvHeads => s.n_kv_heads() * hd,
+        Split::FfnRows | Split::FfnCols => s.ffn.len(),
+    };
+    match role.split() {
+        Split::HeadCols | Split::FfnCols => (rows, part),
+        _ if rows == 1 => (1, part),
+        _ => (part, cols),
     }
 }
 
@@ -144,6 +160,25 @@ fn check_shape(w: &Weight, rows: usize, cols: usize, what: &str) -> Result<(), M
     Ok(())
 }
 
+/// A norm weight as the forward pass applies it: `offset` (the family's, see
+/// [`ModelConfig::norm_offset`]) added to every element.
+fn norm_vec(w: &Weight, offset: f32) -> Vec<f32> {
+    let mut v = w.to_f32_vec();
+    if offset != 0.0 {
+        v.iter_mut().for_each(|x| *x += offset);
+    }
+    v
+}
+
+/// RMSNorm of each `width`-long piece of `x`, in place.
+fn rmsnorm_pieces(x: &mut [f32], width: usize, w: &[f32], eps: f32) {
+    let mut tmp = vec![0f32; width];
+    for piece in x.chunks_exact_mut(width) {
+        tmp.copy_from_slice(piece);
+        k::rmsnorm(&tmp, w, eps, piece);
+    }
+}
+
 impl RankModel {
     /// Builds a rank's model from sliced weights, checking every slice's shape against the plan.
     pub fn build(
@@ -151,47 +186,36 @@ impl RankModel {
         slice: &RankSlice,
         src: &dyn SliceSource,
     ) -> Result<Self, ModelError> {
-        let hd = cfg.head_dim;
-        let d = cfg.hidden_size;
-        let (qd, kvd, fd) = (
-            slice.n_heads() * hd,
-            slice.n_kv_heads() * hd,
-            slice.ffn.len(),
-        );
+        let spec = cfg.spec()?;
+        let roles: Vec<Role> = spec
+            .layer_roles(cfg)
+            .into_iter()
+            .filter(|r| r.needed_by(slice))
+            .collect();
         let mut layers = Vec::with_capacity(cfg.n_layers);
         for l in 0..cfg.n_layers {
-            let vec_of = |role: Role, len: usize| -> Result<Vec<f32>, ModelError> {
+            let mut ly = LayerSlice::empty();
+            for &role in &roles {
                 let w = src.fetch(role, l)?;
-                check_shape(&w, 1, len, &format!("layer {l} {role:?}"))?;
-                Ok(w.to_f32_vec())
-            };
-            let attn = slice.has_attn();
-            let mat = |role: Role, rows: usize, cols: usize| -> Result<Weight, ModelError> {
-                let w = src.fetch(role, l)?;
+                let (rows, cols) = sliced_shape(cfg, slice, role);
                 check_shape(&w, rows, cols, &format!("layer {l} {role:?}"))?;
-                Ok(w)
-            };
-            let bias = attn && src.has_bias();
-            layers.push(LayerSlice {
-                attn_norm: vec_of(Role::AttnNorm, d)?,
-                wq: attn.then(|| mat(Role::Wq, qd, d)).transpose()?,
-                wk: attn.then(|| mat(Role::Wk, kvd, d)).transpose()?,
-                wv: attn.then(|| mat(Role::Wv, kvd, d)).transpose()?,
-                bq: bias.then(|| vec_of(Role::Bq, qd)).transpose()?,
-                bk: bias.then(|| vec_of(Role::Bk, kvd)).transpose()?,
-                bv: bias.then(|| vec_of(Role::Bv, kvd)).transpose()?,
-                wo: attn.then(|| mat(Role::Wo, d, qd)).transpose()?,
-                mlp_norm: vec_of(Role::MlpNorm, d)?,
-                gate: (fd > 0).then(|| mat(Role::Gate, fd, d)).transpose()?,
-                up: (fd > 0).then(|| mat(Role::Up, fd, d)).transpose()?,
-                down: (fd > 0).then(|| mat(Role::Down, d, fd)).transpose()?,
-            });
+                if role.is_norm() {
+                    ly.vecs[role.index()] = Some(norm_vec(&w, cfg.norm_offset));
+                } else if role.is_vector() {
+                    ly.vecs[role.index()] = Some(w.to_f32_vec());
+                } else {
+                    ly.mats[role.index()] = Some(w);
+                }
+            }
+            layers.push(ly);
         }
         Ok(RankModel {
             cfg: cfg.clone(),
             slice: slice.clone(),
             layers,
+            act: spec.act,
             inv_freq: cfg.inv_freq(),
+            inv_freq_local: cfg.inv_freq_local(),
         })
     }
 
@@ -209,8 +233,7 @@ impl RankModel {
     pub fn weight_bytes(&self) -> usize {
         self.layers
             .iter()
-            .flat_map(|l| [&l.wq, &l.wk, &l.wv, &l.wo, &l.gate, &l.up, &l.down])
-            .flatten()
+            .flat_map(|l| l.mats.iter().flatten())
             .map(|w| w.nbytes())
             .sum()
     }
@@ -232,7 +255,12 @@ impl RankModel {
         let d = cfg.hidden_size;
         let hd = cfg.head_dim;
         let ly = &self.layers[layer];
-        let (Some(wq), Some(wk), Some(wv), Some(wo)) = (&ly.wq, &ly.wk, &ly.wv, &ly.wo) else {
+        let (Some(wq), Some(wk), Some(wv), Some(wo)) = (
+            ly.mat(Role::Wq),
+            ly.mat(Role::Wk),
+            ly.mat(Role::Wv),
+            ly.mat(Role::Wo),
+        ) else {
             out[..n * d].fill(0.0);
             return Ok(());
         };
@@ -247,10 +275,11 @@ impl RankModel {
         let nkv = self.slice.n_kv_heads();
         let (qd, kvd) = (nh * hd, nkv * hd);
         let mut h = vec![0f32; n * d];
+        let norm = ly.norm(Role::AttnNorm, layer)?;
         for t in 0..n {
             k::rmsnorm(
                 &x[t * d..(t + 1) * d],
-                &ly.attn_norm,
+                norm,
                 cfg.rms_norm_eps,
                 &mut h[t * d..(t + 1) * d],
             );
@@ -262,28 +291,39 @@ impl RankModel {
         matmul(pool, wk, &h, n, &mut kk)?;
         matmul(pool, wv, &h, n, &mut vv)?;
         let layout: RopeLayout = cfg.rope_layout.into();
+        for (role, y, w) in [
+            (Role::Bq, &mut q, qd),
+            (Role::Bk, &mut kk, kvd),
+            (Role::Bv, &mut vv, kvd),
+        ] {
+            if let Some(b) = ly.vec(role) {
+                y.chunks_exact_mut(w).for_each(|r| k::add_in_place(r, b));
+            }
+        }
+        if let Some(w) = ly.vec(Role::QNorm) {
+            rmsnorm_pieces(&mut q, hd, w, cfg.rms_norm_eps);
+        }
+        if let Some(w) = ly.vec(Role::KNorm) {
+            rmsnorm_pieces(&mut kk, hd, w, cfg.rms_norm_eps);
+        }
+        let inv_freq = if cfg.is_sliding(layer) {
+            &self.inv_freq_local
+        } else {
+            &self.inv_freq
+        };
         for t in 0..n {
-            if let Some(b) = &ly.bq {
-                k::add_in_place(&mut q[t * qd..(t + 1) * qd], b);
-            }
-            if let Some(b) = &ly.bk {
-                k::add_in_place(&mut kk[t * kvd..(t + 1) * kvd], b);
-            }
-            if let Some(b) = &ly.bv {
-                k::add_in_place(&mut vv[t * kvd..(t + 1) * kvd], b);
-            }
             k::apply_rope(
                 &mut q[t * qd..(t + 1) * qd],
                 hd,
                 start + t,
-                &self.inv_freq,
+                inv_freq,
                 layout,
             );
             k::apply_rope(
                 &mut kk[t * kvd..(t + 1) * kvd],
                 hd,
                 start + t,
-                &self.inv_freq,
+                inv_freq,
                 layout,
             );
         }
@@ -300,7 +340,12 @@ impl RankModel {
         }
         let mut o = vec![0f32; n * qd];
         let (kc, vc) = cache.layer(layer);
-        k::attention(pool, &q, n, start, nh, nkv, hd, kc, vc, cap, &mut o)?;
+        let shape = AttnShape {
+            scale: cfg.attn_scale.unwrap_or(1.0 / (hd as f32).sqrt()),
+            window: cfg.window(layer),
+            ..AttnShape::causal(nh, nkv, hd)
+        };
+        k::attention(pool, &q, n, start, &shape, kc, vc, cap, &mut o)?;
         matmul(pool, wo, &o, n, &mut out[..n * d])?;
         cache.len = cache.len.max(start + n);
         Ok(())
@@ -318,16 +363,19 @@ impl RankModel {
         let cfg = &self.cfg;
         let d = cfg.hidden_size;
         let ly = &self.layers[layer];
-        let (Some(gate), Some(up), Some(down)) = (&ly.gate, &ly.up, &ly.down) else {
+        let (Some(gate), Some(up), Some(down)) =
+            (ly.mat(Role::Gate), ly.mat(Role::Up), ly.mat(Role::Down))
+        else {
             out[..n * d].fill(0.0);
             return Ok(());
         };
         let f = gate.rows;
         let mut h = vec![0f32; n * d];
+        let norm = ly.norm(Role::MlpNorm, layer)?;
         for t in 0..n {
             k::rmsnorm(
                 &x[t * d..(t + 1) * d],
-                &ly.mlp_norm,
+                norm,
                 cfg.rms_norm_eps,
                 &mut h[t * d..(t + 1) * d],
             );
@@ -336,7 +384,10 @@ impl RankModel {
         let mut u = vec![0f32; n * f];
         matmul(pool, gate, &h, n, &mut g)?;
         matmul(pool, up, &h, n, &mut u)?;
-        k::silu_mul(&mut g, &u);
+        match self.act {
+            Activation::Silu => k::silu_mul(&mut g, &u),
+            Activation::GeluTanh => k::gelu_tanh_mul(&mut g, &u),
+        }
         matmul(pool, down, &g, n, &mut out[..n * d])?;
         Ok(())
     }
@@ -395,39 +446,50 @@ impl KvCache {
 pub struct Head {
     /// Token embedding [vocab, hidden].
     pub embed: Weight,
-    /// Final RMSNorm weight.
+    /// Final RMSNorm weight (the family's norm offset applied).
     pub final_norm: Vec<f32>,
     /// LM head [vocab, hidden] (the embedding when tied).
     pub lm_head: Weight,
+    /// Multiplies every embedding row (Gemma: √hidden; 1 otherwise).
+    embed_scale: f32,
     eps: f32,
 }
 
 impl Head {
-    /// A head from its parts.
-    pub fn new(embed: Weight, final_norm: Vec<f32>, lm_head: Weight, eps: f32) -> Self {
-        Head {
+    /// A head from its tensors as stored (the final norm's raw weight): the family's
+    /// embedding scale and norm offset come from `cfg`.
+    pub fn new(
+        cfg: &ModelConfig,
+        embed: Weight,
+        final_norm: &Weight,
+        lm_head: Weight,
+    ) -> Result<Self, ModelError> {
+        let d = cfg.hidden_size;
+        check_shape(final_norm, 1, d, "final norm")?;
+        check_shape(&embed, cfg.vocab_size, d, "embedding")?;
+        check_shape(&lm_head, cfg.vocab_size, d, "LM head")?;
+        Ok(Head {
             embed,
-            final_norm,
+            final_norm: norm_vec(final_norm, cfg.norm_offset),
             lm_head,
-            eps,
-        }
+            embed_scale: if cfg.spec()?.embed_scale {
+                (d as f32).sqrt()
+            } else {
+                1.0
+            },
+            eps: cfg.rms_norm_eps,
+        })
     }
 
     /// Loads the head from a full model's tensors.
     pub fn from_store(store: &TensorStore, cfg: &ModelConfig) -> Result<Self, ModelError> {
         let embed = store.role(cfg, Role::Embed, 0)?;
-        let lm_head =
-            if cfg.tie_word_embeddings || !store.contains(&Role::LmHead.name(store.format(), 0)) {
-                embed.clone()
-            } else {
-                store.role(cfg, Role::LmHead, 0)?
-            };
-        Ok(Head {
-            embed,
-            final_norm: store.role_f32(cfg, Role::FinalNorm, 0)?,
-            lm_head,
-            eps: cfg.rms_norm_eps,
-        })
+        let lm_head = if cfg.tie_word_embeddings {
+            embed.clone()
+        } else {
+            store.role(cfg, Role::LmHead, 0)?
+        };
+        Head::new(cfg, embed, &store.role(cfg, Role::FinalNorm, 0)?, lm_head)
     }
 
     /// Embeds tokens into `[n][hidden]`; ids are checked against the vocabulary.
@@ -437,6 +499,9 @@ impl Head {
         super::config::check_token_ids(tokens, self.embed.rows).map_err(ModelError::Input)?;
         for (t, &id) in tokens.iter().enumerate() {
             self.embed.row_f32(id as usize, &mut x[t * d..(t + 1) * d]);
+        }
+        if self.embed_scale != 1.0 {
+            x.iter_mut().for_each(|v| *v *= self.embed_scale);
         }
         Ok(x)
     }
@@ -539,6 +604,11 @@ impl RankModel {
                 reduce(&mut part)?;
                 if !k::all_finite(&part) {
                     return Err(non_finite_block(l, block, own_finite).into());
+                }
+                // Gemma's post-block norms act on the whole reduced output.
+                let post = [Role::PostAttnNorm, Role::PostMlpNorm][block];
+                if let Some(w) = self.layers[l].vec(post) {
+                    rmsnorm_pieces(&mut part, d, w, self.cfg.rms_norm_eps);
                 }
                 k::add_in_place(&mut x[..n * d], &part);
                 times.compute_s += (t1 - t0).as_secs_f64();

@@ -1,4 +1,5 @@
 //! Model files, configuration, the split plan and the forward pass of a rank's slice.
+pub mod arch;
 pub mod config;
 pub mod error;
 pub mod forward;
@@ -8,6 +9,7 @@ pub mod weights;
 
 use std::path::{Path, PathBuf};
 
+pub use arch::{Arch, BlockOf};
 pub use config::ModelConfig;
 pub use error::ModelError;
 pub use forward::{Head, KvCache, RankModel, StoreSlicer};
@@ -70,29 +72,23 @@ impl ModelFiles {
     /// Checks that every tensor the forward pass needs exists with the right shape.
     pub fn validate(&self) -> Result<(), ModelError> {
         let cfg = &self.config;
+        let spec = cfg.spec()?;
         self.store.role(cfg, Role::Embed, 0)?;
         self.store.role(cfg, Role::FinalNorm, 0)?;
         if !cfg.tie_word_embeddings {
             self.store.role(cfg, Role::LmHead, 0)?;
         }
+        let roles = spec.layer_roles(cfg);
+        let mut known: std::collections::HashSet<String> =
+            [Role::Embed, Role::FinalNorm, Role::LmHead]
+                .iter()
+                .filter_map(|&r| self.store.role_name(cfg, r, 0).ok())
+                .collect();
+        known.insert("rope_freqs.weight".into());
         for l in 0..cfg.n_layers {
-            for r in [
-                Role::AttnNorm,
-                Role::Wq,
-                Role::Wk,
-                Role::Wv,
-                Role::Wo,
-                Role::MlpNorm,
-                Role::Gate,
-                Role::Up,
-                Role::Down,
-            ] {
+            for &r in &roles {
                 self.store.role(cfg, r, l)?;
-            }
-            if cfg.attention_bias {
-                for r in [Role::Bq, Role::Bk, Role::Bv] {
-                    self.store.role(cfg, r, l)?;
-                }
+                known.insert(self.store.role_name(cfg, r, l)?);
             }
         }
         // A layer the metadata does not count would be silently skipped.
@@ -111,6 +107,25 @@ impl ModelFiles {
                     }
                 )));
             }
+        }
+        // A tensor the forward pass would not read means the file is not what its
+        // metadata says (a Qwen3 file labelled qwen2 would silently skip its q/k norms).
+        if let Some(extra) = self
+            .store
+            .names()
+            .find(|n| !known.contains(*n) && !n.contains("rotary_emb"))
+        {
+            return Err(ModelError::Config(format!(
+                "tensor `{extra}` is not part of a {} model as declared ({} layer(s){}): \
+                 the file's architecture or layer count is wrong",
+                cfg.arch,
+                cfg.n_layers,
+                if cfg.attention_bias {
+                    ", with Q/K/V biases"
+                } else {
+                    ""
+                }
+            )));
         }
         Ok(())
     }

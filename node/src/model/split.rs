@@ -329,26 +329,7 @@ mod tests {
     #[test]
     fn plans_with_no_heads_are_refused_not_divided_by() {
         // Found by fuzzing a manifest: 0 heads over 4 KV heads made a zero group size.
-        let cfg = crate::model::ModelConfig {
-            arch: "llama".into(),
-            vocab_size: 64,
-            hidden_size: 96,
-            intermediate_size: 192,
-            n_layers: 2,
-            n_heads: 12,
-            n_kv_heads: 4,
-            head_dim: 8,
-            rms_norm_eps: 1e-5,
-            rope_theta: 1e4,
-            rope_scaling: None,
-            max_position_embeddings: 256,
-            tie_word_embeddings: true,
-            attention_bias: false,
-            rope_layout: crate::model::config::RopePairing::HalfSplit,
-            bos_token_id: None,
-            eos_token_ids: vec![],
-            slice_align: Default::default(),
-        };
+        let cfg = crate::model::ModelConfig::llama(64, 96, 192, 2, (12, 4, 8));
         let mut p = SplitPlan::even(&cfg, 2).unwrap();
         p.check().unwrap();
         p.n_heads = 0;
@@ -357,29 +338,10 @@ mod tests {
         assert!(p.check().is_err());
     }
     use super::*;
-    use crate::model::config::{ModelConfig, RopePairing};
+    use crate::model::config::ModelConfig;
 
     fn cfg(nh: usize, nkv: usize, ffn: usize) -> ModelConfig {
-        ModelConfig {
-            arch: "llama".into(),
-            vocab_size: 100,
-            hidden_size: 64 * nh,
-            intermediate_size: ffn,
-            n_layers: 2,
-            n_heads: nh,
-            n_kv_heads: nkv,
-            head_dim: 64,
-            rms_norm_eps: 1e-5,
-            rope_theta: 1e4,
-            rope_scaling: None,
-            max_position_embeddings: 128,
-            tie_word_embeddings: true,
-            attention_bias: false,
-            rope_layout: RopePairing::HalfSplit,
-            bos_token_id: None,
-            eos_token_ids: vec![],
-            slice_align: Default::default(),
-        }
+        ModelConfig::llama(100, 64 * nh, ffn, 2, (nh, nkv, 64))
     }
 
     #[test]

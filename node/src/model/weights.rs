@@ -9,6 +9,7 @@ use memmap2::Mmap;
 use tpi_kernels::layout::{slice_keeps_units, unit_cols};
 use tpi_kernels::{DType, Layout, MatRef};
 
+pub use super::arch::Role;
 use super::config::ModelConfig;
 use super::error::ModelError;
 use super::gguf::GgufFile;
@@ -249,100 +250,6 @@ pub enum Format {
     SafeTensors,
 }
 
-/// The role of a tensor, independent of the file's naming scheme.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
-pub enum Role {
-    /// Token embedding [vocab, hidden].
-    Embed,
-    /// Final RMSNorm weight.
-    FinalNorm,
-    /// LM head [vocab, hidden] (absent when tied).
-    LmHead,
-    /// Pre-attention RMSNorm weight.
-    AttnNorm,
-    /// Query projection.
-    Wq,
-    /// Key projection.
-    Wk,
-    /// Value projection.
-    Wv,
-    /// Query bias.
-    Bq,
-    /// Key bias.
-    Bk,
-    /// Value bias.
-    Bv,
-    /// Attention output projection.
-    Wo,
-    /// Pre-MLP RMSNorm weight.
-    MlpNorm,
-    /// MLP gate projection.
-    Gate,
-    /// MLP up projection.
-    Up,
-    /// MLP down projection.
-    Down,
-}
-
-impl Role {
-    /// The tensor's name in a file of the given format (`layer` ignored for global tensors).
-    pub fn name(self, fmt: Format, layer: usize) -> String {
-        let l = layer;
-        match fmt {
-            Format::Gguf => match self {
-                Role::Embed => "token_embd.weight".into(),
-                Role::FinalNorm => "output_norm.weight".into(),
-                Role::LmHead => "output.weight".into(),
-                Role::AttnNorm => format!("blk.{l}.attn_norm.weight"),
-                Role::Wq => format!("blk.{l}.attn_q.weight"),
-                Role::Wk => format!("blk.{l}.attn_k.weight"),
-                Role::Wv => format!("blk.{l}.attn_v.weight"),
-                Role::Bq => format!("blk.{l}.attn_q.bias"),
-                Role::Bk => format!("blk.{l}.attn_k.bias"),
-                Role::Bv => format!("blk.{l}.attn_v.bias"),
-                Role::Wo => format!("blk.{l}.attn_output.weight"),
-                Role::MlpNorm => format!("blk.{l}.ffn_norm.weight"),
-                Role::Gate => format!("blk.{l}.ffn_gate.weight"),
-                Role::Up => format!("blk.{l}.ffn_up.weight"),
-                Role::Down => format!("blk.{l}.ffn_down.weight"),
-            },
-            Format::SafeTensors => match self {
-                Role::Embed => "model.embed_tokens.weight".into(),
-                Role::FinalNorm => "model.norm.weight".into(),
-                Role::LmHead => "lm_head.weight".into(),
-                Role::AttnNorm => format!("model.layers.{l}.input_layernorm.weight"),
-                Role::Wq => format!("model.layers.{l}.self_attn.q_proj.weight"),
-                Role::Wk => format!("model.layers.{l}.self_attn.k_proj.weight"),
-                Role::Wv => format!("model.layers.{l}.self_attn.v_proj.weight"),
-                Role::Bq => format!("model.layers.{l}.self_attn.q_proj.bias"),
-                Role::Bk => format!("model.layers.{l}.self_attn.k_proj.bias"),
-                Role::Bv => format!("model.layers.{l}.self_attn.v_proj.bias"),
-                Role::Wo => format!("model.layers.{l}.self_attn.o_proj.weight"),
-                Role::MlpNorm => format!("model.layers.{l}.post_attention_layernorm.weight"),
-                Role::Gate => format!("model.layers.{l}.mlp.gate_proj.weight"),
-                Role::Up => format!("model.layers.{l}.mlp.up_proj.weight"),
-                Role::Down => format!("model.layers.{l}.mlp.down_proj.weight"),
-            },
-        }
-    }
-
-    /// The (rows, cols) this role must have under `cfg`.
-    pub fn shape(self, cfg: &ModelConfig) -> (usize, usize) {
-        let d = cfg.hidden_size;
-        match self {
-            Role::Embed | Role::LmHead => (cfg.vocab_size, d),
-            Role::FinalNorm | Role::AttnNorm | Role::MlpNorm => (1, d),
-            Role::Wq => (cfg.q_dim(), d),
-            Role::Wk | Role::Wv => (cfg.kv_dim(), d),
-            Role::Bq => (1, cfg.q_dim()),
-            Role::Bk | Role::Bv => (1, cfg.kv_dim()),
-            Role::Wo => (d, cfg.q_dim()),
-            Role::Gate | Role::Up => (cfg.intermediate_size, d),
-            Role::Down => (d, cfg.intermediate_size),
-        }
-    }
-}
-
 #[derive(Clone, Debug)]
 struct Entry {
     file: usize,
@@ -556,9 +463,23 @@ impl TensorStore {
         )
     }
 
+    /// The file name of a role's tensor in `cfg`'s family.
+    pub fn role_name(
+        &self,
+        cfg: &ModelConfig,
+        role: Role,
+        layer: usize,
+    ) -> Result<String, ModelError> {
+        cfg.spec()?
+            .tensor_name(role, self.format, layer)
+            .ok_or_else(|| {
+                ModelError::Config(format!("{} models have no {role:?} tensor", cfg.arch))
+            })
+    }
+
     /// A tensor by role, with its shape checked against the config.
     pub fn role(&self, cfg: &ModelConfig, role: Role, layer: usize) -> Result<Weight, ModelError> {
-        let name = role.name(self.format, layer);
+        let name = self.role_name(cfg, role, layer)?;
         let w = self.get(&name)?;
         let (r, c) = role.shape(cfg);
         if (w.rows, w.cols) != (r, c) {
@@ -569,16 +490,6 @@ impl TensorStore {
             });
         }
         Ok(w)
-    }
-
-    /// A small vector tensor (norm, bias) by role, dequantised to f32.
-    pub fn role_f32(
-        &self,
-        cfg: &ModelConfig,
-        role: Role,
-        layer: usize,
-    ) -> Result<Vec<f32>, ModelError> {
-        Ok(self.role(cfg, role, layer)?.to_f32_vec())
     }
 
     /// Total bytes of all tensors.

@@ -16,7 +16,7 @@ use super::StoreError;
 use crate::model::forward::{row_parallel_cols, slice_weight, SliceSource};
 use crate::model::gguf::{ggml_dtype, ggml_type_id};
 use crate::model::weights::Blob;
-use crate::model::{Head, ModelConfig, ModelFiles, RankModel, Role, SplitPlan, Weight};
+use crate::model::{BlockOf, Head, ModelConfig, ModelFiles, RankModel, Role, SplitPlan, Weight};
 use crate::stamp::{self, FileVersion};
 
 /// Weight type of the matrices in a shard.
@@ -58,13 +58,6 @@ impl std::fmt::Display for Quant {
 
 fn align(x: u64, a: u64) -> u64 {
     x.div_ceil(a) * a
-}
-
-fn is_matrix(role: Role) -> bool {
-    !matches!(
-        role,
-        Role::AttnNorm | Role::MlpNorm | Role::FinalNorm | Role::Bq | Role::Bk | Role::Bv
-    )
 }
 
 /// The shard layout for a node that computes here: see [`layout_for_isa`].
@@ -151,30 +144,20 @@ fn write_tensor(
     Ok((dtype, layout, written))
 }
 
-/// The roles of one block for `rank` under `plan`.
-fn block_roles(cfg: &ModelConfig, plan: &SplitPlan, rank: usize, kind: BlockKind) -> Vec<Role> {
-    let s = &plan.ranks[rank];
-    match kind {
-        BlockKind::Attn(_) => {
-            let mut r = vec![Role::AttnNorm];
-            if s.has_attn() {
-                r.extend([Role::Wq, Role::Wk, Role::Wv, Role::Wo]);
-                if cfg.attention_bias {
-                    r.extend([Role::Bq, Role::Bk, Role::Bv]);
-                }
-            }
-            r
-        }
-        BlockKind::Mlp(_) => {
-            let mut r = vec![Role::MlpNorm];
-            if !s.ffn.is_empty() {
-                r.extend([Role::Gate, Role::Up, Role::Down]);
-            }
-            r
-        }
-        BlockKind::Head => vec![Role::FinalNorm, Role::LmHead],
-        BlockKind::Embed => vec![Role::Embed],
-    }
+/// The roles of one block for `rank` under `plan`, from the family's declaration.
+fn block_roles(
+    cfg: &ModelConfig,
+    plan: &SplitPlan,
+    rank: usize,
+    kind: BlockKind,
+) -> Result<Vec<Role>, StoreError> {
+    let block = match kind {
+        BlockKind::Attn(_) => BlockOf::Attn,
+        BlockKind::Mlp(_) => BlockOf::Mlp,
+        BlockKind::Head => BlockOf::Head,
+        BlockKind::Embed => BlockOf::Embed,
+    };
+    Ok(cfg.spec()?.block_roles(cfg, &plan.ranks[rank], block))
 }
 
 /// Writes rank `rank`'s shard of `files` under `plan` into `dir`, one block at a time
@@ -215,13 +198,13 @@ pub fn write_shard(
         let mut hash = Sha256::new();
         let mut len = 0u64;
         let mut tensors = Vec::new();
-        for role in block_roles(cfg, plan, rank, kind) {
+        for role in block_roles(cfg, plan, rank, kind)? {
             let full = if role == Role::LmHead && cfg.tie_word_embeddings {
                 files.store.role(cfg, Role::Embed, 0)?
             } else {
                 files.store.role(cfg, role, layer)?
             };
-            let target = match (is_matrix(role), quant) {
+            let target = match (!role.is_vector(), quant) {
                 (false, _) => Some(DType::F32),
                 (true, Quant::Keep) => None,
                 (true, Quant::To(t)) => Some(t),
@@ -554,20 +537,17 @@ impl Shard {
 
     /// Rank 0's head (embedding, final norm, LM head), over the map.
     pub fn head(&self) -> Result<Head, crate::model::ModelError> {
-        Ok(Head::new(
+        Head::new(
+            &self.manifest.config,
             self.weight(Role::Embed, 0)?,
-            self.weight(Role::FinalNorm, 0)?.to_f32_vec(),
+            &self.weight(Role::FinalNorm, 0)?,
             self.weight(Role::LmHead, 0)?,
-            self.manifest.config.rms_norm_eps,
-        ))
+        )
     }
 }
 
 impl SliceSource for Shard {
     fn fetch(&self, role: Role, layer: usize) -> Result<Weight, crate::model::ModelError> {
         self.weight(role, layer)
-    }
-    fn has_bias(&self) -> bool {
-        self.manifest.config.attention_bias
     }
 }

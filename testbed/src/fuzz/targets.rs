@@ -168,15 +168,7 @@ pub(super) fn run_chat(data: &[u8]) -> String {
     };
     let _ = t.render(&messages, true);
     match sig("encode", t.encode(tok, &messages, true)) {
-        Ok(ids) => {
-            let kind = match t.kind() {
-                tpi_coordinator::chat::TemplateKind::ChatMl { default_system } => {
-                    format!("chatml system={}", default_system.is_some())
-                }
-                tpi_coordinator::chat::TemplateKind::Llama3 { .. } => "llama3".into(),
-            };
-            format!("ok {kind} {}", ids.len().min(1))
-        }
+        Ok(ids) => format!("ok {:?} {}", t.origin(), ids.len().min(1)),
         Err(e) => e,
     }
 }
