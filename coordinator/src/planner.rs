@@ -62,7 +62,9 @@ pub struct Planned {
 pub fn slice_bytes(cfg: &ModelConfig, s: &RankSlice, bytes_per_weight: f64) -> u64 {
     let (h, hd) = (cfg.hidden_size as f64, cfg.head_dim as f64);
     let attn = h * hd * (2.0 * s.n_heads() as f64 + 2.0 * s.n_kv_heads() as f64);
-    let mlp = 3.0 * h * s.ffn.len() as f64;
+    // An MoE rank holds its slice of every expert, and the router.
+    let mlp =
+        3.0 * h * s.ffn.len() as f64 * cfg.n_experts.max(1) as f64 + (cfg.n_experts as f64 * h);
     (cfg.n_layers as f64 * (attn + mlp) * bytes_per_weight).ceil() as u64
 }
 
@@ -71,7 +73,7 @@ pub fn stack_bytes(cfg: &ModelConfig, bytes_per_weight: f64) -> u64 {
     let all = RankSlice {
         heads: 0..cfg.n_heads,
         kv_heads: 0..cfg.n_kv_heads,
-        ffn: 0..cfg.intermediate_size,
+        ffn: 0..cfg.ffn_dim(),
     };
     slice_bytes(cfg, &all, bytes_per_weight)
 }

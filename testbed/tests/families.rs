@@ -99,8 +99,46 @@ fn check_family(name: &str) {
             worst = worst.max(d);
         }
         println!("FAMILY {name} ({src}): logits max |Δ| vs transformers = {worst:.3e}");
+        if let Err(e) = streamed_equals_resident(name, model, &reference) {
+            fails.push(e);
+        }
     }
     finish(name, fails);
+}
+
+/// The longest prompt on 2 ranks streaming through a 2-block window gives logits bitwise
+/// equal to the resident run's (for MoE layers: every expert of the block streamed).
+fn streamed_equals_resident(name: &str, model: &Path, reference: &Value) -> Result<(), String> {
+    let tmp = TempDir::new(&format!("family-stream-{name}"));
+    let p = reference["prompts"].as_array().unwrap().last().unwrap();
+    let run = |tag: &str, extra: &[&str]| {
+        let npy = tmp.join(format!("{tag}.npy"));
+        let mut args = vec![
+            "run".to_string(),
+            "--model".into(),
+            model.display().to_string(),
+            "--tokens".into(),
+            tokens_arg(&ids(&p["prompt_ids"])),
+            "--max-tokens".into(),
+            "8".into(),
+            "--ignore-eos".into(),
+            "--json".into(),
+            "--local-cluster".into(),
+            "2".into(),
+            "--logits-out".into(),
+            npy.display().to_string(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        run_tpi_json(&args);
+        std::fs::read(&npy).unwrap()
+    };
+    if run("resident", &[]) != run("streamed", &["--window", "2"]) {
+        return Err(format!(
+            "{name} ({}): logits with --window 2 differ from resident",
+            model.display()
+        ));
+    }
+    Ok(())
 }
 
 macro_rules! family_tests {
@@ -139,6 +177,8 @@ family_tests!(
     qwen3_bf16,
     gemma3,
     gemma3_qpas,
+    qwen3moe,
+    mixtral,
 );
 
 // ---------------------------------------------------------------------------------------
@@ -235,6 +275,24 @@ fn gguf_u32_offset(bytes: &[u8], key: &str) -> usize {
 }
 
 #[test]
+fn gguf_expert_counts_that_contradict_the_tensors_are_refused() {
+    let src = families_dir().join("qwen3moe").join("model.gguf");
+    let tmp = TempDir::new("family-bad-experts");
+    for (key, value, words) in [
+        ("qwen3moe.expert_used_count", 9u32, &["experts", "used of 4"][..]),
+        ("qwen3moe.expert_count", 8, &["ffn_gate_inp", "shape"][..]),
+        ("qwen3moe.expert_feed_forward_length", 40, &["ffn_", "shape"][..]),
+    ] {
+        let mut bytes = std::fs::read(&src).unwrap();
+        let at = gguf_u32_offset(&bytes, key);
+        bytes[at..at + 4].copy_from_slice(&value.to_le_bytes());
+        let p = tmp.join(format!("{key}.gguf"));
+        std::fs::write(&p, &bytes).unwrap();
+        fails_with(&p, words);
+    }
+}
+
+#[test]
 fn gguf_head_counts_that_contradict_the_tensors_are_refused() {
     let src = families_dir().join("qwen3").join("model.gguf");
     let tmp = TempDir::new("family-bad-heads");
@@ -250,4 +308,55 @@ fn gguf_head_counts_that_contradict_the_tensors_are_refused() {
         std::fs::write(&p, &bytes).unwrap();
         fails_with(&p, words);
     }
+}
+
+#[test]
+fn a_chat_template_that_raises_is_a_clear_cli_error() {
+    // The qwen3 fixture with a word-level tokenizer and a template that refuses every
+    // conversation, as a model's own template may refuse roles it does not support.
+    let tmp = TempDir::new("family-raising-template");
+    let m = edited_hf(&tmp, "qwen3", |_| {});
+    let vocab: serde_json::Map<String, Value> = (0..256)
+        .map(|i| {
+            (
+                if i == 5 { "hi".into() } else { format!("w{i}") },
+                Value::from(i),
+            )
+        })
+        .collect();
+    let tokenizer = serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+        "normalizer": null, "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null,
+        "decoder": null,
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "w0"}
+    });
+    std::fs::write(m.join("tokenizer.json"), tokenizer.to_string()).unwrap();
+    std::fs::write(
+        m.join("chat_template.jinja"),
+        "{{ raise_exception('This model does not chat') }}",
+    )
+    .unwrap();
+    let args = [
+        "run".to_string(),
+        "--model".into(),
+        m.display().to_string(),
+        "--chat".into(),
+        "--prompt".into(),
+        "hi".into(),
+        "--max-tokens".into(),
+        "2".into(),
+    ];
+    let out = run_tpi(&args);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "`{}` should fail", cmdline(&args));
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(err.contains("This model does not chat"), "{err}");
+    // Without --chat the same model runs (the template is only used to chat).
+    let plain: Vec<String> = args.iter().filter(|a| *a != "--chat").cloned().collect();
+    let out = run_tpi(&plain);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

@@ -543,3 +543,36 @@ fn plain_encoding_keeps_special_text_as_text() {
     assert!(tok.contains_special_text("a <|im_start|> b"));
     assert!(!tok.contains_special_text("a <|im_start b"));
 }
+
+// --- byte-level BPE pre-tokenisers (Llama 3, Qwen2) ---------------------------------------
+
+/// Trained byte-level vocabularies with `tokenizer.ggml.pre` = `llama-bpe` and `qwen2`
+/// (`testbed/fixtures/bpe_vocabs`, made by its `make_vocabs.py`): tpi's ids are
+/// transformers' for every test text, special tokens and BOS included.
+#[test]
+fn llama3_and_qwen2_pre_tokenisers_match_transformers() {
+    let dir = tpi_testbed::fixtures_dir().join("bpe_vocabs");
+    let r = tpi_testbed::read_json(&dir.join("reference.json"));
+    let tests = r["tests"].as_array().unwrap();
+    let mut fails = Vec::new();
+    for (name, v) in r["vocabs"].as_object().unwrap() {
+        let f = GgufFile::open(&dir.join(name)).unwrap();
+        let tok = Tokenizer::from_gguf_vocab(&vocab_from_gguf(&f).unwrap()).unwrap();
+        assert_eq!(
+            tok.vocab_size() as u64,
+            v["n_tokens"].as_u64().unwrap(),
+            "{name}"
+        );
+        for (i, t) in tests.iter().enumerate() {
+            let text = t.as_str().unwrap();
+            let want = ids_of(&v["ids"][i]);
+            let got = tok.encode(text, true).unwrap();
+            if got != want {
+                fails.push(format!("{name} {text:?}: got {got:?}, want {want:?}"));
+            } else if tok.decode(&got, false).unwrap() != v["decoded"][i].as_str().unwrap() {
+                fails.push(format!("{name} {text:?}: decodes differently"));
+            }
+        }
+    }
+    tpi_testbed::finish("byte-level pre-tokenisers", fails);
+}

@@ -261,7 +261,7 @@ fn render(
         cfg.n_layers,
         cfg.n_heads,
         cfg.n_kv_heads,
-        cfg.intermediate_size,
+        cfg.ffn_dim(),
         bpw,
         discovery::fmt_bytes(planner::stack_bytes(cfg, bpw))
     );
@@ -315,7 +315,8 @@ fn predict(
         heads: cfg.n_heads,
         kv_heads: cfg.n_kv_heads,
         head_dim: cfg.head_dim,
-        ffn: cfg.intermediate_size,
+        // Per token an MoE layer reads only its routed experts.
+        ffn: cfg.ffn_dim() * cfg.n_experts_used.max(1),
         vocab: cfg.vocab_size,
         bytes_per_weight: bpw,
         tied_embeddings: cfg.tie_word_embeddings,

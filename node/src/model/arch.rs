@@ -53,6 +53,14 @@ pub enum Role {
     PostAttnNorm,
     /// RMSNorm of the MLP block's reduced output, before the residual add (Gemma 3).
     PostMlpNorm,
+    /// MoE router [experts, hidden] (replicated: every rank routes every token).
+    Router,
+    /// One expert's gate projection [expert width, hidden].
+    ExpGate,
+    /// One expert's up projection.
+    ExpUp,
+    /// One expert's down projection [hidden, expert width].
+    ExpDown,
 }
 
 /// Which block of the stream a tensor belongs to.
@@ -88,7 +96,7 @@ pub enum Split {
 
 impl Role {
     /// Every role.
-    pub const ALL: [Role; 19] = [
+    pub const ALL: [Role; 23] = [
         Role::Embed,
         Role::FinalNorm,
         Role::LmHead,
@@ -108,6 +116,10 @@ impl Role {
         Role::KNorm,
         Role::PostAttnNorm,
         Role::PostMlpNorm,
+        Role::Router,
+        Role::ExpGate,
+        Role::ExpUp,
+        Role::ExpDown,
     ];
 
     /// A dense index (position in [`Role::ALL`]).
@@ -124,7 +136,9 @@ impl Role {
             AttnNorm | Wq | Wk | Wv | Bq | Bk | Bv | Wo | QNorm | KNorm | PostAttnNorm => {
                 BlockOf::Attn
             }
-            MlpNorm | Gate | Up | Down | PostMlpNorm => BlockOf::Mlp,
+            MlpNorm | Gate | Up | Down | PostMlpNorm | Router | ExpGate | ExpUp | ExpDown => {
+                BlockOf::Mlp
+            }
         }
     }
 
@@ -134,11 +148,11 @@ impl Role {
         match self {
             Wq | Bq => Split::QHeads,
             Wk | Wv | Bk | Bv => Split::KvHeads,
-            Gate | Up => Split::FfnRows,
+            Gate | Up | ExpGate | ExpUp => Split::FfnRows,
             Wo => Split::HeadCols,
-            Down => Split::FfnCols,
+            Down | ExpDown => Split::FfnCols,
             Embed | FinalNorm | LmHead | AttnNorm | MlpNorm | QNorm | KNorm | PostAttnNorm
-            | PostMlpNorm => Split::Replicated,
+            | PostMlpNorm | Router => Split::Replicated,
         }
     }
 
@@ -149,6 +163,11 @@ impl Role {
             self,
             FinalNorm | AttnNorm | MlpNorm | QNorm | KNorm | PostAttnNorm | PostMlpNorm
         )
+    }
+
+    /// Whether there is one per expert (the layer's tensor is indexed by expert too).
+    pub fn is_expert(self) -> bool {
+        matches!(self, Role::ExpGate | Role::ExpUp | Role::ExpDown)
     }
 
     /// Whether it is a vector (a norm or a bias), kept in f32 by shards.
@@ -181,6 +200,9 @@ impl Role {
             Wo => (d, cfg.q_dim()),
             Gate | Up => (cfg.intermediate_size, d),
             Down => (d, cfg.intermediate_size),
+            Router => (cfg.n_experts, d),
+            ExpGate | ExpUp => (cfg.moe_intermediate_size, d),
+            ExpDown => (d, cfg.moe_intermediate_size),
         }
     }
 }
@@ -328,6 +350,65 @@ const QK_NORM_TENSORS: &[(Role, &str, &str)] = &[
 
 const QWEN3_TENSORS: &[(Role, &str, &str)] = &concat_tensors::<17>(LLAMA_TENSORS, QK_NORM_TENSORS);
 
+/// Llama's attention and norms, without the dense MLP (the first 12 of [`LLAMA_TENSORS`]).
+const LLAMA_ATTN_TENSORS: &[(Role, &str, &str)] = LLAMA_TENSORS.split_at(12).0;
+
+/// Expert tensors: GGUF stacks a layer's experts in one 3-D tensor (`ffn_*_exps`, expert
+/// `e` its `e`-th slab of rows); HF names each (`{e}`).
+const QWEN3_MOE_EXPERTS: &[(Role, &str, &str)] = &[
+    (
+        Role::Router,
+        "blk.{l}.ffn_gate_inp.weight",
+        "model.layers.{l}.mlp.gate.weight",
+    ),
+    (
+        Role::ExpGate,
+        "blk.{l}.ffn_gate_exps.weight",
+        "model.layers.{l}.mlp.experts.{e}.gate_proj.weight",
+    ),
+    (
+        Role::ExpUp,
+        "blk.{l}.ffn_up_exps.weight",
+        "model.layers.{l}.mlp.experts.{e}.up_proj.weight",
+    ),
+    (
+        Role::ExpDown,
+        "blk.{l}.ffn_down_exps.weight",
+        "model.layers.{l}.mlp.experts.{e}.down_proj.weight",
+    ),
+];
+
+const MIXTRAL_EXPERTS: &[(Role, &str, &str)] = &[
+    (
+        Role::Router,
+        "blk.{l}.ffn_gate_inp.weight",
+        "model.layers.{l}.block_sparse_moe.gate.weight",
+    ),
+    (
+        Role::ExpGate,
+        "blk.{l}.ffn_gate_exps.weight",
+        "model.layers.{l}.block_sparse_moe.experts.{e}.w1.weight",
+    ),
+    (
+        Role::ExpUp,
+        "blk.{l}.ffn_up_exps.weight",
+        "model.layers.{l}.block_sparse_moe.experts.{e}.w3.weight",
+    ),
+    (
+        Role::ExpDown,
+        "blk.{l}.ffn_down_exps.weight",
+        "model.layers.{l}.block_sparse_moe.experts.{e}.w2.weight",
+    ),
+];
+
+const QWEN3_MOE_TENSORS: &[(Role, &str, &str)] = &concat_tensors::<18>(
+    &concat_tensors::<14>(LLAMA_ATTN_TENSORS, QK_NORM_TENSORS),
+    QWEN3_MOE_EXPERTS,
+);
+
+const MIXTRAL_TENSORS: &[(Role, &str, &str)] =
+    &concat_tensors::<16>(LLAMA_ATTN_TENSORS, MIXTRAL_EXPERTS);
+
 /// Gemma 3 names its four norms differently: HF's `post_attention_layernorm` is the
 /// *post*-attention norm there, and the pre-MLP norm is `pre_feedforward_layernorm`.
 const GEMMA3_TENSORS: &[(Role, &str, &str)] = &[
@@ -470,6 +551,33 @@ pub const ARCHS: &[Arch] = &[
         gguf_rope: RopePairing::HalfSplit,
     },
     Arch {
+        name: "qwen3moe",
+        hf_classes: &["Qwen3MoeForCausalLM"],
+        hf_model_types: &["qwen3_moe"],
+        gguf_names: &["qwen3moe"],
+        tensors: QWEN3_MOE_TENSORS,
+        bias: Bias::FromConfig,
+        hf_norm: NormStyle::Plain,
+        act: Activation::Silu,
+        act_names: &["silu", "swish"],
+        embed_scale: false,
+        gguf_rope: RopePairing::HalfSplit,
+    },
+    Arch {
+        name: "mixtral",
+        hf_classes: &["MixtralForCausalLM"],
+        hf_model_types: &["mixtral"],
+        // llama.cpp writes Mixtral as `llama` with `llama.expert_count`.
+        gguf_names: &[],
+        tensors: MIXTRAL_TENSORS,
+        bias: Bias::No,
+        hf_norm: NormStyle::Plain,
+        act: Activation::Silu,
+        act_names: &["silu", "swish"],
+        embed_scale: false,
+        gguf_rope: RopePairing::Interleaved,
+    },
+    Arch {
         name: "gemma3",
         hf_classes: &["Gemma3ForCausalLM"],
         hf_model_types: &["gemma3_text"],
@@ -510,19 +618,35 @@ impl Arch {
             .join("; ")
     }
 
+    /// Whether the family's MLPs are mixtures of experts.
+    pub fn is_moe(&self) -> bool {
+        self.has(Role::Router)
+    }
+
     /// Whether the family has a tensor with this role.
     pub fn has(&self, role: Role) -> bool {
         self.tensors.iter().any(|t| t.0 == role)
     }
 
     /// The tensor's name in a file of format `fmt` (None when the family has no such role).
-    pub fn tensor_name(&self, role: Role, fmt: Format, layer: usize) -> Option<String> {
+    /// For an expert role, `expert` fills HF's `{e}`; GGUF's name is the stacked tensor's.
+    pub fn tensor_name(
+        &self,
+        role: Role,
+        fmt: Format,
+        layer: usize,
+        expert: usize,
+    ) -> Option<String> {
         let &(_, gguf, hf) = self.tensors.iter().find(|t| t.0 == role)?;
         let pattern = match fmt {
             Format::Gguf => gguf,
             Format::SafeTensors => hf,
         };
-        Some(pattern.replace("{l}", &layer.to_string()))
+        Some(
+            pattern
+                .replace("{l}", &layer.to_string())
+                .replace("{e}", &expert.to_string()),
+        )
     }
 
     /// The per-layer roles a model under `cfg` has, in stream order: biases only when the
@@ -567,10 +691,15 @@ mod tests {
                 Role::Wv,
                 Role::Wo,
                 Role::MlpNorm,
-                Role::Gate,
-                Role::Up,
-                Role::Down,
             ] {
+                assert!(a.has(r), "{} lacks {r:?}", a.name);
+            }
+            let mlp = if a.is_moe() {
+                [Role::ExpGate, Role::ExpUp, Role::ExpDown]
+            } else {
+                [Role::Gate, Role::Up, Role::Down]
+            };
+            for r in mlp {
                 assert!(a.has(r), "{} lacks {r:?}", a.name);
             }
             for (i, t) in a.tensors.iter().enumerate() {
@@ -583,6 +712,7 @@ mod tests {
                 let per_layer = matches!(t.0.block(), BlockOf::Attn | BlockOf::Mlp);
                 assert_eq!(t.1.contains("{l}"), per_layer, "{} {:?}", a.name, t.0);
                 assert_eq!(t.2.contains("{l}"), per_layer, "{} {:?}", a.name, t.0);
+                assert_eq!(t.2.contains("{e}"), t.0.is_expert(), "{} {:?}", a.name, t.0);
             }
         }
         for (i, r) in Role::ALL.iter().enumerate() {
@@ -599,14 +729,21 @@ mod tests {
         assert!(Arch::find("gpt2").is_none());
         let g = Arch::find("gemma3").unwrap();
         assert_eq!(
-            g.tensor_name(Role::PostAttnNorm, Format::SafeTensors, 3)
+            g.tensor_name(Role::PostAttnNorm, Format::SafeTensors, 3, 0)
                 .unwrap(),
             "model.layers.3.post_attention_layernorm.weight"
         );
         assert_eq!(
-            g.tensor_name(Role::MlpNorm, Format::Gguf, 0).unwrap(),
+            g.tensor_name(Role::MlpNorm, Format::Gguf, 0, 0).unwrap(),
             "blk.0.ffn_norm.weight"
         );
-        assert!(g.tensor_name(Role::Bq, Format::Gguf, 0).is_none());
+        assert!(g.tensor_name(Role::Bq, Format::Gguf, 0, 0).is_none());
+        let m = Arch::find("MixtralForCausalLM").unwrap();
+        assert!(m.is_moe() && !g.is_moe());
+        assert_eq!(
+            m.tensor_name(Role::ExpUp, Format::SafeTensors, 1, 7)
+                .unwrap(),
+            "model.layers.1.block_sparse_moe.experts.7.w3.weight"
+        );
     }
 }

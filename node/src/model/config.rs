@@ -73,6 +73,30 @@ pub struct ModelConfig {
     /// GGUF Llama 3.x's `rope_freqs.weight`, or a linear scaling factor repeated.
     #[serde(default)]
     pub rope_freq_factors: Option<Vec<f32>>,
+    /// Mixture of experts: every layer's MLP is this many experts (0: a dense MLP).
+    #[serde(default)]
+    pub n_experts: usize,
+    /// Experts each token is routed to (top-k of the router's softmax).
+    #[serde(default)]
+    pub n_experts_used: usize,
+    /// One expert's MLP width (the split cuts it like a dense MLP's).
+    #[serde(default)]
+    pub moe_intermediate_size: usize,
+    /// The top-k routing weights are renormalised to sum to 1 (Mixtral, and Qwen3-MoE as
+    /// llama.cpp runs it); otherwise they stay softmax probabilities over all experts.
+    #[serde(default)]
+    pub norm_topk_prob: bool,
+}
+
+/// The experts of an MoE config: (count, used per token, width), all zero for a dense one.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Experts {
+    /// Experts per layer.
+    pub count: usize,
+    /// Routed per token.
+    pub used: usize,
+    /// One expert's MLP width.
+    pub width: usize,
 }
 
 /// Where row-parallel slices may cut, from the block lengths of the matrices they cut by
@@ -275,6 +299,45 @@ fn hf_sliding_layers(v: &Value, arch: &Arch, n_layers: usize) -> Result<Vec<bool
     Ok(Vec::new())
 }
 
+/// The experts an HF config declares: `num_local_experts` (or Qwen's older `num_experts`)
+/// and `num_experts_per_tok`; the width is Qwen3-MoE's `moe_intermediate_size` (every
+/// layer sparse) or Mixtral's `intermediate_size`; none for a dense family.
+fn hf_experts(v: &Value, arch: &Arch) -> Result<Experts, ModelError> {
+    if !arch.is_moe() {
+        return Ok(Experts::default());
+    }
+    // transformers 5 writes `num_local_experts` for both families, 4.x `num_experts` for Qwen.
+    let count = match get_usize(v, "num_local_experts")? {
+        Some(n) => n,
+        None => need_usize(v, "num_experts")?,
+    };
+    let width = match arch.name {
+        "mixtral" => need_usize(v, "intermediate_size")?,
+        _ => need_usize(v, "moe_intermediate_size")?,
+    };
+    if get_usize(v, "decoder_sparse_step")?.unwrap_or(1) != 1
+        || v.get("mlp_only_layers")
+            .and_then(|l| l.as_array())
+            .is_some_and(|l| !l.is_empty())
+    {
+        return Err(cfg_err(
+            "dense layers among the MoE layers (decoder_sparse_step, mlp_only_layers) are not supported",
+        ));
+    }
+    for key in ["shared_expert_intermediate_size", "n_shared_experts"] {
+        if get_usize(v, key)?.unwrap_or(0) > 0 {
+            return Err(cfg_err(format!(
+                "shared experts (`{key}`) are not supported"
+            )));
+        }
+    }
+    Ok(Experts {
+        count,
+        used: need_usize(v, "num_experts_per_tok")?,
+        width,
+    })
+}
+
 /// Checks that every id in `ids` names a row of a `vocab`-token vocabulary; the error
 /// names the first that does not.
 pub fn check_token_ids(ids: &[u32], vocab: usize) -> Result<(), String> {
@@ -398,6 +461,7 @@ impl ModelConfig {
             .unwrap_or(false);
         let n_layers = need_usize(&v, "num_hidden_layers")?;
         let sliding_layers = hf_sliding_layers(&v, spec, n_layers)?;
+        let experts = hf_experts(&v, spec)?;
         let (rope_scaling, rope_freq_factors) = match scaling {
             Scaling::None => (None, None),
             Scaling::Llama3(s) => (Some(s), None),
@@ -453,6 +517,16 @@ impl ModelConfig {
             },
             sliding_layers,
             rope_freq_factors,
+            n_experts: experts.count,
+            n_experts_used: experts.used,
+            moe_intermediate_size: experts.width,
+            norm_topk_prob: match spec.name {
+                "mixtral" => true,
+                _ => v
+                    .get("norm_topk_prob")
+                    .and_then(|b| b.as_bool())
+                    .unwrap_or(false),
+            },
         };
         cfg.validate()?;
         Ok(cfg)
@@ -468,6 +542,21 @@ impl ModelConfig {
             .filter(|a| a.gguf_names.contains(&arch.as_str()))
             .ok_or_else(|| ModelError::UnsupportedArch(arch.clone()))?;
         let key = |k: &str| format!("{arch}.{k}");
+        let n_experts = f.get_u32(&key("expert_count")).unwrap_or(0) as usize;
+        // llama.cpp writes Mixtral as `llama` with experts.
+        let (spec, arch_name) = match (spec.name, n_experts) {
+            ("llama", n) if n > 0 => (
+                Arch::find("mixtral").expect("mixtral"),
+                "mixtral".to_string(),
+            ),
+            (_, n) if n > 0 && !spec.is_moe() => {
+                return Err(cfg_err(format!(
+                    "{arch} with {} experts is not supported",
+                    n
+                )))
+            }
+            _ => (spec, arch.clone()),
+        };
         let need = |k: &str| {
             f.get_u32(&key(k))
                 .map(|x| x as usize)
@@ -574,11 +663,27 @@ impl ModelConfig {
             }
             _ => Vec::new(),
         };
+        let ffn = need("feed_forward_length")?;
+        let experts = if spec.is_moe() {
+            Experts {
+                count: n_experts,
+                used: need("expert_used_count")?,
+                width: match f.get_u32(&key("expert_feed_forward_length")) {
+                    Some(w) => w as usize,
+                    None => ffn,
+                },
+            }
+        } else {
+            Experts::default()
+        };
+        if f.get_u32(&key("expert_shared_count")).unwrap_or(0) > 0 {
+            return Err(cfg_err("shared experts are not supported"));
+        }
         let cfg = ModelConfig {
             attention_bias: spec.bias != Bias::No && f.tensor("blk.0.attn_q.bias").is_some(),
             vocab_size: vocab,
             hidden_size: hidden,
-            intermediate_size: need("feed_forward_length")?,
+            intermediate_size: ffn,
             n_layers,
             n_heads,
             n_kv_heads: n_kv,
@@ -612,7 +717,12 @@ impl ModelConfig {
                 .then(|| f.get_f32(&key("rope.freq_base_swa")).unwrap_or(10000.0)),
             sliding_layers,
             rope_freq_factors,
-            arch,
+            n_experts: experts.count,
+            n_experts_used: experts.used,
+            moe_intermediate_size: experts.width,
+            // llama.cpp renormalises the top-k weights of both MoE families it reads.
+            norm_topk_prob: spec.is_moe(),
+            arch: arch_name,
         };
         cfg.validate()?;
         Ok(cfg)
@@ -667,6 +777,31 @@ impl ModelConfig {
             )));
         }
         let spec = self.spec()?;
+        if spec.is_moe() != (self.n_experts > 0) {
+            return Err(cfg_err(format!(
+                "{} has {} experts: {} models are {}",
+                self.arch,
+                self.n_experts,
+                spec.name,
+                if spec.is_moe() {
+                    "mixtures of experts"
+                } else {
+                    "dense"
+                }
+            )));
+        }
+        if self.n_experts > 0
+            && (self.n_experts > 1024
+                || self.n_experts_used == 0
+                || self.n_experts_used > self.n_experts
+                || self.moe_intermediate_size == 0
+                || self.moe_intermediate_size > 1 << 20)
+        {
+            return Err(cfg_err(format!(
+                "experts: {} used of {}, width {}: needs 1 <= used <= experts <= 1024 and a positive width",
+                self.n_experts_used, self.n_experts, self.moe_intermediate_size
+            )));
+        }
         if self.attention_bias && spec.bias == Bias::No {
             return Err(cfg_err(format!("{} has no attention biases", spec.name)));
         }
@@ -787,12 +922,34 @@ impl ModelConfig {
             sliding_layers: Vec::new(),
             rope_local_theta: None,
             rope_freq_factors: None,
+            n_experts: 0,
+            n_experts_used: 0,
+            moe_intermediate_size: 0,
+            norm_topk_prob: false,
         }
     }
 
     /// The family's declaration (an unknown family is refused by [`ModelConfig::validate`]).
     pub fn spec(&self) -> Result<&'static Arch, ModelError> {
         Arch::find(&self.arch).ok_or_else(|| ModelError::UnsupportedArch(self.arch.clone()))
+    }
+
+    /// The MLP width the split cuts: one expert's for an MoE model, else the dense MLP's.
+    pub fn ffn_dim(&self) -> usize {
+        if self.n_experts > 0 {
+            self.moe_intermediate_size
+        } else {
+            self.intermediate_size
+        }
+    }
+
+    /// The experts (all zero for a dense model).
+    pub fn experts(&self) -> Experts {
+        Experts {
+            count: self.n_experts,
+            used: self.n_experts_used,
+            width: self.moe_intermediate_size,
+        }
     }
 
     /// Whether `layer` attends through the sliding window.

@@ -25,6 +25,11 @@ use super::weights::{TensorStore, Weight};
 pub struct LayerSlice {
     mats: Vec<Option<Weight>>,
     vecs: Vec<Option<Vec<f32>>>,
+    /// MoE: the router in f32, [experts][hidden] (every rank routes alike: see
+    /// [`route`]).
+    router: Option<Vec<f32>>,
+    /// MoE: this rank's slice of each expert (gate, up, down).
+    experts: Vec<[Weight; 3]>,
 }
 
 impl LayerSlice {
@@ -32,6 +37,8 @@ impl LayerSlice {
         LayerSlice {
             mats: vec![None; Role::ALL.len()],
             vecs: vec![None; Role::ALL.len()],
+            router: None,
+            experts: Vec::new(),
         }
     }
 
@@ -70,6 +77,8 @@ pub struct RankModel {
 pub trait SliceSource {
     /// The sliced weight for `role` in `layer`.
     fn fetch(&self, role: Role, layer: usize) -> Result<Weight, ModelError>;
+    /// The sliced weight of expert `e` for an expert role in `layer`.
+    fn fetch_expert(&self, role: Role, layer: usize, e: usize) -> Result<Weight, ModelError>;
 }
 
 /// Slices a full model's tensors (e.g. a memory-mapped GGUF) for one rank, zero-copy.
@@ -85,6 +94,10 @@ pub struct StoreSlicer<'a> {
 impl SliceSource for StoreSlicer<'_> {
     fn fetch(&self, role: Role, layer: usize) -> Result<Weight, ModelError> {
         let w = self.store.role(self.cfg, role, layer)?;
+        slice_weight(self.cfg, self.slice, role, &w)
+    }
+    fn fetch_expert(&self, role: Role, layer: usize, e: usize) -> Result<Weight, ModelError> {
+        let w = self.store.expert(self.cfg, role, layer, e)?;
         slice_weight(self.cfg, self.slice, role, &w)
     }
 }
@@ -196,6 +209,9 @@ impl RankModel {
         for l in 0..cfg.n_layers {
             let mut ly = LayerSlice::empty();
             for &role in &roles {
+                if role.is_expert() {
+                    continue;
+                }
                 let w = src.fetch(role, l)?;
                 let (rows, cols) = sliced_shape(cfg, slice, role);
                 check_shape(&w, rows, cols, &format!("layer {l} {role:?}"))?;
@@ -203,8 +219,22 @@ impl RankModel {
                     ly.vecs[role.index()] = Some(norm_vec(&w, cfg.norm_offset));
                 } else if role.is_vector() {
                     ly.vecs[role.index()] = Some(w.to_f32_vec());
+                } else if role == Role::Router {
+                    ly.router = Some(w.to_f32_vec());
                 } else {
                     ly.mats[role.index()] = Some(w);
+                }
+            }
+            if cfg.n_experts > 0 && !slice.ffn.is_empty() {
+                for e in 0..cfg.n_experts {
+                    let get = |role: Role| -> Result<Weight, ModelError> {
+                        let w = src.fetch_expert(role, l, e)?;
+                        let (rows, cols) = sliced_shape(cfg, slice, role);
+                        check_shape(&w, rows, cols, &format!("layer {l} expert {e} {role:?}"))?;
+                        Ok(w)
+                    };
+                    ly.experts
+                        .push([get(Role::ExpGate)?, get(Role::ExpUp)?, get(Role::ExpDown)?]);
                 }
             }
             layers.push(ly);
@@ -233,7 +263,7 @@ impl RankModel {
     pub fn weight_bytes(&self) -> usize {
         self.layers
             .iter()
-            .flat_map(|l| l.mats.iter().flatten())
+            .flat_map(|l| l.mats.iter().flatten().chain(l.experts.iter().flatten()))
             .map(|w| w.nbytes())
             .sum()
     }
@@ -363,13 +393,6 @@ impl RankModel {
         let cfg = &self.cfg;
         let d = cfg.hidden_size;
         let ly = &self.layers[layer];
-        let (Some(gate), Some(up), Some(down)) =
-            (ly.mat(Role::Gate), ly.mat(Role::Up), ly.mat(Role::Down))
-        else {
-            out[..n * d].fill(0.0);
-            return Ok(());
-        };
-        let f = gate.rows;
         let mut h = vec![0f32; n * d];
         let norm = ly.norm(Role::MlpNorm, layer)?;
         for t in 0..n {
@@ -380,17 +403,109 @@ impl RankModel {
                 &mut h[t * d..(t + 1) * d],
             );
         }
+        if let Some(router) = &ly.router {
+            return self.moe(pool, ly, router, &h, n, out);
+        }
+        let (Some(gate), Some(up), Some(down)) =
+            (ly.mat(Role::Gate), ly.mat(Role::Up), ly.mat(Role::Down))
+        else {
+            out[..n * d].fill(0.0);
+            return Ok(());
+        };
+        self.gated_mlp(pool, [gate, up, down], &h, n, &mut out[..n * d])
+    }
+
+    /// `down(act(gate·h) ⊙ up·h)` for `n` rows of `h`, into `out` ([n][hidden]).
+    fn gated_mlp(
+        &self,
+        pool: &ThreadPool,
+        [gate, up, down]: [&Weight; 3],
+        h: &[f32],
+        n: usize,
+        out: &mut [f32],
+    ) -> Result<(), ModelError> {
+        let f = gate.rows;
         let mut g = vec![0f32; n * f];
         let mut u = vec![0f32; n * f];
-        matmul(pool, gate, &h, n, &mut g)?;
-        matmul(pool, up, &h, n, &mut u)?;
+        matmul(pool, gate, h, n, &mut g)?;
+        matmul(pool, up, h, n, &mut u)?;
         match self.act {
             Activation::Silu => k::silu_mul(&mut g, &u),
             Activation::GeluTanh => k::gelu_tanh_mul(&mut g, &u),
         }
-        matmul(pool, down, &g, n, &mut out[..n * d])?;
+        matmul(pool, down, &g, n, out)
+    }
+
+    /// A mixture-of-experts MLP: each token's top-k experts (this rank's slice of each),
+    /// weighted by the router. The tokens routed to an expert go through it together, so
+    /// a prefill reads each expert once.
+    fn moe(
+        &self,
+        pool: &ThreadPool,
+        ly: &LayerSlice,
+        router: &[f32],
+        h: &[f32],
+        n: usize,
+        out: &mut [f32],
+    ) -> Result<(), ModelError> {
+        let d = self.cfg.hidden_size;
+        out[..n * d].fill(0.0);
+        if ly.experts.is_empty() {
+            return Ok(());
+        }
+        let routes: Vec<Vec<(usize, f32)>> = (0..n)
+            .map(|t| route(&self.cfg, router, &h[t * d..(t + 1) * d]))
+            .collect();
+        for (e, [gate, up, down]) in ly.experts.iter().enumerate() {
+            let rows: Vec<(usize, f32)> = routes
+                .iter()
+                .enumerate()
+                .filter_map(|(t, r)| r.iter().find(|(x, _)| *x == e).map(|&(_, w)| (t, w)))
+                .collect();
+            if rows.is_empty() {
+                continue;
+            }
+            let mut xs = Vec::with_capacity(rows.len() * d);
+            for &(t, _) in &rows {
+                xs.extend_from_slice(&h[t * d..(t + 1) * d]);
+            }
+            let mut y = vec![0f32; rows.len() * d];
+            self.gated_mlp(pool, [gate, up, down], &xs, rows.len(), &mut y)?;
+            for (i, &(t, w)) in rows.iter().enumerate() {
+                for (o, v) in out[t * d..(t + 1) * d]
+                    .iter_mut()
+                    .zip(&y[i * d..(i + 1) * d])
+                {
+                    *o += w * v;
+                }
+            }
+        }
         Ok(())
     }
+}
+
+/// One token's experts and their weights: the router's softmax over all experts, the top
+/// `n_experts_used` (ties to the lower index, as `torch.topk` on CPU), renormalised when
+/// the model says so. Computed in f64 in a fixed order, so every rank, whatever its
+/// kernels, routes every token to the same experts.
+pub fn route(cfg: &ModelConfig, router: &[f32], h: &[f32]) -> Vec<(usize, f32)> {
+    let d = h.len();
+    let logits: Vec<f64> = router
+        .chunks_exact(d)
+        .map(|w| w.iter().zip(h).map(|(a, b)| *a as f64 * *b as f64).sum())
+        .collect();
+    let max = logits.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+    let exp: Vec<f64> = logits.iter().map(|l| (l - max).exp()).collect();
+    let total: f64 = exp.iter().sum();
+    let mut order: Vec<usize> = (0..exp.len()).collect();
+    order.sort_by(|&a, &b| exp[b].total_cmp(&exp[a]).then(a.cmp(&b)));
+    order.truncate(cfg.n_experts_used);
+    let chosen: f64 = order.iter().map(|&e| exp[e]).sum();
+    let denom = if cfg.norm_topk_prob { chosen } else { total };
+    order
+        .into_iter()
+        .map(|e| (e, (exp[e] / denom) as f32))
+        .collect()
 }
 
 /// GEMV for one token, GEMM for a batch.

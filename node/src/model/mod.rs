@@ -87,8 +87,17 @@ impl ModelFiles {
         known.insert("rope_freqs.weight".into());
         for l in 0..cfg.n_layers {
             for &r in &roles {
-                self.store.role(cfg, r, l)?;
-                known.insert(self.store.role_name(cfg, r, l)?);
+                if r.is_expert() {
+                    for e in 0..cfg.n_experts {
+                        self.store.expert(cfg, r, l, e)?;
+                        if let Some(n) = spec.tensor_name(r, self.store.format(), l, e) {
+                            known.insert(n);
+                        }
+                    }
+                } else {
+                    self.store.role(cfg, r, l)?;
+                    known.insert(self.store.role_name(cfg, r, l)?);
+                }
             }
         }
         // A layer the metadata does not count would be silently skipped.
@@ -222,7 +231,12 @@ fn slice_align(store: &TensorStore, cfg: &ModelConfig) -> config::SliceAlign {
             .max()
             .unwrap_or(1)
     };
-    config::SliceAlign::from_blocks(block(Role::Down), block(Role::Wo), cfg.head_dim)
+    let down = if cfg.n_experts > 0 {
+        Role::ExpDown
+    } else {
+        Role::Down
+    };
+    config::SliceAlign::from_blocks(block(down), block(Role::Wo), cfg.head_dim)
 }
 
 /// Where file digests are remembered: `$TPI_CACHE/identity`, else

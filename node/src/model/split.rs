@@ -194,7 +194,7 @@ impl SplitPlan {
             }
             debug_assert_eq!(next, a);
         }
-        let f = cfg.intermediate_size;
+        let f = cfg.ffn_dim();
         let need = cfg.slice_align.ffn.max(1);
         if !f.is_multiple_of(need) {
             return Err(ModelError::Plan(format!(

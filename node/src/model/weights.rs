@@ -268,6 +268,17 @@ pub fn layer_of(name: &str) -> Option<usize> {
     rest.split('.').next()?.parse().ok()
 }
 
+fn check_role_shape(name: &str, w: &Weight, rows: usize, cols: usize) -> Result<(), ModelError> {
+    if (w.rows, w.cols) != (rows, cols) {
+        return Err(ModelError::BadShape {
+            tensor: name.to_string(),
+            got: vec![w.rows, w.cols],
+            expected: vec![rows, cols],
+        });
+    }
+    Ok(())
+}
+
 /// One matrix or vector of a safetensors file, as [`parse_safetensors`] finds it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SafetensorsEntry {
@@ -471,25 +482,58 @@ impl TensorStore {
         layer: usize,
     ) -> Result<String, ModelError> {
         cfg.spec()?
-            .tensor_name(role, self.format, layer)
+            .tensor_name(role, self.format, layer, 0)
             .ok_or_else(|| {
                 ModelError::Config(format!("{} models have no {role:?} tensor", cfg.arch))
             })
     }
 
-    /// A tensor by role, with its shape checked against the config.
+    /// A tensor by role, with its shape checked against the config (for an expert role,
+    /// expert 0; see [`TensorStore::expert`]).
     pub fn role(&self, cfg: &ModelConfig, role: Role, layer: usize) -> Result<Weight, ModelError> {
+        if role.is_expert() {
+            return self.expert(cfg, role, layer, 0);
+        }
         let name = self.role_name(cfg, role, layer)?;
         let w = self.get(&name)?;
         let (r, c) = role.shape(cfg);
-        if (w.rows, w.cols) != (r, c) {
-            return Err(ModelError::BadShape {
-                tensor: name,
-                got: vec![w.rows, w.cols],
-                expected: vec![r, c],
-            });
-        }
+        check_role_shape(&name, &w, r, c)?;
         Ok(w)
+    }
+
+    /// Expert `e`'s tensor of an expert role: a named tensor in HF files, the `e`-th slab
+    /// of rows of the layer's stacked 3-D tensor in GGUF ones (zero-copy either way).
+    pub fn expert(
+        &self,
+        cfg: &ModelConfig,
+        role: Role,
+        layer: usize,
+        e: usize,
+    ) -> Result<Weight, ModelError> {
+        let name = cfg
+            .spec()?
+            .tensor_name(role, self.format, layer, e)
+            .ok_or_else(|| {
+                ModelError::Config(format!("{} models have no {role:?} tensor", cfg.arch))
+            })?;
+        if e >= cfg.n_experts {
+            return Err(ModelError::Config(format!(
+                "expert {e} of {}: out of range",
+                cfg.n_experts
+            )));
+        }
+        let w = self.get(&name)?;
+        let (r, c) = role.shape(cfg);
+        match self.format {
+            Format::SafeTensors => {
+                check_role_shape(&name, &w, r, c)?;
+                Ok(w)
+            }
+            Format::Gguf => {
+                check_role_shape(&name, &w, r * cfg.n_experts, c)?;
+                w.rows_range(e * r, (e + 1) * r)
+            }
+        }
     }
 
     /// Total bytes of all tensors.

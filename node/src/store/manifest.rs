@@ -45,6 +45,10 @@ pub struct TensorEntry {
     pub role: Role,
     /// Layer (0 for global tensors).
     pub layer: u32,
+    /// The expert, for an expert role (manifests from before experts have none). Always
+    /// written, even as null: the manifest also travels as bincode, which cannot skip.
+    #[serde(default)]
+    pub expert: Option<u32>,
     /// GGML type id.
     pub ggml_type: u32,
     /// Rows.
@@ -160,7 +164,7 @@ impl Manifest {
             self.plan.n_heads,
             self.plan.n_kv_heads,
             self.plan.intermediate_size,
-        ) != (c.n_heads, c.n_kv_heads, c.intermediate_size)
+        ) != (c.n_heads, c.n_kv_heads, c.ffn_dim())
         {
             return Err(format!(
                 "the plan splits {} heads / {} KV heads / {} MLP columns, the config has {} / {} / {}",
@@ -169,7 +173,7 @@ impl Manifest {
                 self.plan.intermediate_size,
                 c.n_heads,
                 c.n_kv_heads,
-                c.intermediate_size
+                c.ffn_dim()
             ));
         }
         if self.plan.id() != self.plan_id {

@@ -198,11 +198,23 @@ pub fn write_shard(
         let mut hash = Sha256::new();
         let mut len = 0u64;
         let mut tensors = Vec::new();
-        for role in block_roles(cfg, plan, rank, kind)? {
-            let full = if role == Role::LmHead && cfg.tie_word_embeddings {
-                files.store.role(cfg, Role::Embed, 0)?
-            } else {
-                files.store.role(cfg, role, layer)?
+        let tensors_of_block = block_roles(cfg, plan, rank, kind)?
+            .into_iter()
+            .flat_map(|role| {
+                let experts: Vec<Option<usize>> = if role.is_expert() {
+                    (0..cfg.n_experts).map(Some).collect()
+                } else {
+                    vec![None]
+                };
+                experts.into_iter().map(move |e| (role, e))
+            });
+        for (role, expert) in tensors_of_block {
+            let full = match expert {
+                Some(e) => files.store.expert(cfg, role, layer, e)?,
+                None if role == Role::LmHead && cfg.tie_word_embeddings => {
+                    files.store.role(cfg, Role::Embed, 0)?
+                }
+                None => files.store.role(cfg, role, layer)?,
             };
             let target = match (!role.is_vector(), quant) {
                 (false, _) => Some(DType::F32),
@@ -224,7 +236,10 @@ pub fn write_shard(
             hash.update(&zeros);
             out.write_all(&zeros).map_err(ioe)?;
             len += pad;
-            let what = format!("layer {layer} {role:?}");
+            let what = match expert {
+                Some(e) => format!("layer {layer} expert {e} {role:?}"),
+                None => format!("layer {layer} {role:?}"),
+            };
             // The embedding is read row by row, never by a GEMV: it stays GGML.
             let tl = if role == Role::Embed {
                 Layout::Ggml
@@ -244,6 +259,7 @@ pub fn write_shard(
             tensors.push(TensorEntry {
                 role,
                 layer: layer as u32,
+                expert: expert.map(|e| e as u32),
                 ggml_type: ggml_type_id(dtype),
                 rows: w.rows as u64,
                 cols: stored_cols as u64,
@@ -379,7 +395,7 @@ pub struct Shard {
     pub manifest: Manifest,
     map: Arc<Mmap>,
     file: Arc<File>,
-    index: HashMap<(Role, u32), (usize, usize)>,
+    index: HashMap<(Role, u32, Option<u32>), (usize, usize)>,
 }
 
 impl Shard {
@@ -401,7 +417,7 @@ impl Shard {
         let mut index = HashMap::new();
         for (bi, b) in manifest.blocks.iter().enumerate() {
             for (ti, t) in b.tensors.iter().enumerate() {
-                index.insert((t.role, t.layer), (bi, ti));
+                index.insert((t.role, t.layer, t.expert), (bi, ti));
             }
         }
         Ok(Shard {
@@ -476,14 +492,25 @@ impl Shard {
 
     /// A tensor as a zero-copy weight view.
     pub fn weight(&self, role: Role, layer: usize) -> Result<Weight, crate::model::ModelError> {
+        self.tensor(role, layer, None)
+    }
+
+    /// A tensor, of expert `expert` for an expert role, as a zero-copy weight view.
+    fn tensor(
+        &self,
+        role: Role,
+        layer: usize,
+        expert: Option<usize>,
+    ) -> Result<Weight, crate::model::ModelError> {
         let (bi, ti) = self
             .index
-            .get(&(role, layer as u32))
+            .get(&(role, layer as u32, expert.map(|e| e as u32)))
             .copied()
             .ok_or_else(|| {
-                crate::model::ModelError::MissingTensor(format!(
-                    "{role:?} of layer {layer} in the shard"
-                ))
+                crate::model::ModelError::MissingTensor(match expert {
+                    Some(e) => format!("{role:?} of layer {layer} expert {e} in the shard"),
+                    None => format!("{role:?} of layer {layer} in the shard"),
+                })
             })?;
         let b = &self.manifest.blocks[bi];
         let t = &b.tensors[ti];
@@ -549,5 +576,13 @@ impl Shard {
 impl SliceSource for Shard {
     fn fetch(&self, role: Role, layer: usize) -> Result<Weight, crate::model::ModelError> {
         self.weight(role, layer)
+    }
+    fn fetch_expert(
+        &self,
+        role: Role,
+        layer: usize,
+        e: usize,
+    ) -> Result<Weight, crate::model::ModelError> {
+        self.tensor(role, layer, Some(e))
     }
 }
