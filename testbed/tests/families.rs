@@ -279,9 +279,17 @@ fn gguf_expert_counts_that_contradict_the_tensors_are_refused() {
     let src = families_dir().join("qwen3moe").join("model.gguf");
     let tmp = TempDir::new("family-bad-experts");
     for (key, value, words) in [
-        ("qwen3moe.expert_used_count", 9u32, &["experts", "used of 4"][..]),
+        (
+            "qwen3moe.expert_used_count",
+            9u32,
+            &["experts", "used of 4"][..],
+        ),
         ("qwen3moe.expert_count", 8, &["ffn_gate_inp", "shape"][..]),
-        ("qwen3moe.expert_feed_forward_length", 40, &["ffn_", "shape"][..]),
+        (
+            "qwen3moe.expert_feed_forward_length",
+            40,
+            &["ffn_", "shape"][..],
+        ),
     ] {
         let mut bytes = std::fs::read(&src).unwrap();
         let at = gguf_u32_offset(&bytes, key);

@@ -544,13 +544,14 @@ fn plain_encoding_keeps_special_text_as_text() {
     assert!(!tok.contains_special_text("a <|im_start b"));
 }
 
-// --- byte-level BPE pre-tokenisers (Llama 3, Qwen2) ---------------------------------------
+// --- trained vocabularies: Llama 3 and Qwen2 byte-level BPE, Llama 2 SentencePiece ------
 
-/// Trained byte-level vocabularies with `tokenizer.ggml.pre` = `llama-bpe` and `qwen2`
+/// Trained byte-level vocabularies with `tokenizer.ggml.pre` = `llama-bpe` and `qwen2`, and
+/// a SentencePiece-style one with byte fallback and a prefix space (Llama 2, Mistral)
 /// (`testbed/fixtures/bpe_vocabs`, made by its `make_vocabs.py`): tpi's ids are
-/// transformers' for every test text, special tokens and BOS included.
+/// transformers' for every test text, special tokens, BOS and unseen characters included.
 #[test]
-fn llama3_and_qwen2_pre_tokenisers_match_transformers() {
+fn llama3_qwen2_and_sentencepiece_vocabularies_match_transformers() {
     let dir = tpi_testbed::fixtures_dir().join("bpe_vocabs");
     let r = tpi_testbed::read_json(&dir.join("reference.json"));
     let tests = r["tests"].as_array().unwrap();
@@ -574,5 +575,6 @@ fn llama3_and_qwen2_pre_tokenisers_match_transformers() {
             }
         }
     }
-    tpi_testbed::finish("byte-level pre-tokenisers", fails);
+    assert_eq!(r["vocabs"].as_object().unwrap().len(), 3);
+    tpi_testbed::finish("trained vocabularies", fails);
 }
