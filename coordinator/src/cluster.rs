@@ -518,6 +518,7 @@ impl Backend for ClusterBackend {
         }
         let read0 = disk_read_bytes().unwrap_or(0);
         let load0 = self.window.stats().load_s;
+        let expert0 = self.window.stats().expert_bytes;
         self.finish_pending()?;
         let mut x = self.head.embed(tokens)?;
         let payload = f32_to_le_bytes(&x);
@@ -585,6 +586,7 @@ impl Backend for ClusterBackend {
                 idle_ms: ms(idle0),
                 disk_wait_ms: ms(times.disk_wait_s + head_wait),
                 disk_load_ms: ms(self.window.stats().load_s - load0),
+                expert_read_bytes: self.window.stats().expert_bytes - expert0,
                 disk_read_bytes: disk_read_bytes().unwrap_or(0).saturating_sub(read0),
                 peak_rss_bytes: peak_rss().unwrap_or(0),
             }],

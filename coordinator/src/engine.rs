@@ -129,6 +129,11 @@ impl Backend for LocalBackend {
             .as_ref()
             .map(|w| w.stats().load_s)
             .unwrap_or(0.0);
+        let expert0 = self
+            .window
+            .as_ref()
+            .map(|w| w.stats().expert_bytes)
+            .unwrap_or(0);
         let mut x = self.head.embed(tokens)?;
         let hooks = self.window.as_ref().map(|w| w as &dyn BlockHooks);
         let times: ForwardTimes = self.model.forward_layers::<Error>(
@@ -168,6 +173,12 @@ impl Backend for LocalBackend {
                     - load0)
                     * 1e3,
                 disk_read_bytes: disk_read_bytes().unwrap_or(0).saturating_sub(read0),
+                expert_read_bytes: self
+                    .window
+                    .as_ref()
+                    .map(|w| w.stats().expert_bytes)
+                    .unwrap_or(0)
+                    - expert0,
                 peak_rss_bytes: peak_rss().unwrap_or(0),
                 ..Default::default()
             }],

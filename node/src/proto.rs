@@ -132,6 +132,10 @@ pub struct RankStep {
     pub disk_load_ms: f64,
     /// Bytes read from storage during the step.
     pub disk_read_bytes: u64,
+    /// Bytes of MoE experts the sliding window read on demand during the step (the
+    /// routed experts of streamed blocks; 0 when the shard is resident).
+    #[serde(default)]
+    pub expert_read_bytes: u64,
     /// Peak resident set size of the rank's process so far (VmHWM).
     pub peak_rss_bytes: u64,
 }

@@ -338,3 +338,83 @@ fn lossless_f32_shards_split_where_the_file_cannot() {
         panic!("--quant f32 on 5 ranks: {e}");
     }
 }
+
+// --- mixture of experts ---------------------------------------------------------------------
+
+/// The Q4_K_M MoE model on 2 ranks through a 2-block window: logits bitwise the resident
+/// run's, and a decode step reads only its routed experts (top-2 of 4: exactly half the
+/// expert bytes a 19-token prefill, which routes to every expert, reads), on every rank.
+#[test]
+fn moe_streaming_reads_only_the_routed_experts() {
+    let _g = serial();
+    let q = model("moe256", "Q4_K_M");
+    let tmp = TempDir::new("kquant-moe-stream");
+    let prompt: Vec<u32> = (0..19).map(|i| (i * 37 + 5) % 512).collect();
+    let run = |tag: &str, extra: &[&str]| {
+        let npy = tmp.join(format!("{tag}.npy"));
+        let mut args: Vec<String> = [
+            "run",
+            "--model",
+            &q.display().to_string(),
+            "--tokens",
+            &tokens_arg(&prompt),
+            "--max-tokens",
+            "6",
+            "--ignore-eos",
+            "--json",
+            "--local-cluster",
+            "2",
+            "--logits-out",
+            &npy.display().to_string(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let out = run_tpi(&args);
+        assert!(
+            out.status.success(),
+            "`{}`: {}",
+            cmdline(&args),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let j: Value = serde_json::from_slice(&out.stdout).unwrap();
+        (j, std::fs::read(&npy).unwrap())
+    };
+    let (resident, resident_logits) = run("resident", &[]);
+    let (streamed, streamed_logits) = run("streamed", &["--window", "2"]);
+    assert_eq!(resident["generated_ids"], streamed["generated_ids"]);
+    assert!(
+        resident_logits == streamed_logits,
+        "streamed logits differ from resident"
+    );
+    let bytes = |j: &Value, step: usize| -> Vec<u64> {
+        j["steps"][step]["ranks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["expert_read_bytes"].as_u64().unwrap())
+            .collect()
+    };
+    assert!(
+        bytes(&resident, 0).iter().all(|&b| b == 0),
+        "resident reads no experts"
+    );
+    let all = bytes(&streamed, 0);
+    assert_eq!(streamed["steps"][0]["tokens"], 19);
+    let n_steps = streamed["steps"].as_array().unwrap().len();
+    for step in 1..n_steps {
+        let decode = bytes(&streamed, step);
+        for (r, (&d, &a)) in decode.iter().zip(&all).enumerate() {
+            assert!(
+                d > 0 && 2 * d == a,
+                "step {step} rank {r}: read {d} of {a} expert bytes"
+            );
+        }
+    }
+    eprintln!(
+        "MoE decode reads {:?} expert bytes per rank per token, of {:?} (top-2 of 4)",
+        bytes(&streamed, 1),
+        all
+    );
+}

@@ -382,6 +382,8 @@ impl RankModel {
     }
 
     /// MLP block of `layer` for `n` tokens: this rank's partial sum into `out` ([n][hidden]).
+    /// An MoE block tells `hooks` (with its stream position) which experts it will read;
+    /// returns the time it waited for them.
     pub fn mlp_block(
         &self,
         pool: &ThreadPool,
@@ -389,7 +391,8 @@ impl RankModel {
         x: &[f32],
         n: usize,
         out: &mut [f32],
-    ) -> Result<(), ModelError> {
+        hooks: Option<(&dyn BlockHooks, usize)>,
+    ) -> Result<std::time::Duration, ModelError> {
         let cfg = &self.cfg;
         let d = cfg.hidden_size;
         let ly = &self.layers[layer];
@@ -404,15 +407,16 @@ impl RankModel {
             );
         }
         if let Some(router) = &ly.router {
-            return self.moe(pool, ly, router, &h, n, out);
+            return self.moe(pool, ly, router, &h, n, out, hooks);
         }
         let (Some(gate), Some(up), Some(down)) =
             (ly.mat(Role::Gate), ly.mat(Role::Up), ly.mat(Role::Down))
         else {
             out[..n * d].fill(0.0);
-            return Ok(());
+            return Ok(std::time::Duration::ZERO);
         };
-        self.gated_mlp(pool, [gate, up, down], &h, n, &mut out[..n * d])
+        self.gated_mlp(pool, [gate, up, down], &h, n, &mut out[..n * d])?;
+        Ok(std::time::Duration::ZERO)
     }
 
     /// `down(act(gate·h) ⊙ up·h)` for `n` rows of `h`, into `out` ([n][hidden]).
@@ -439,6 +443,7 @@ impl RankModel {
     /// A mixture-of-experts MLP: each token's top-k experts (this rank's slice of each),
     /// weighted by the router. The tokens routed to an expert go through it together, so
     /// a prefill reads each expert once.
+    #[allow(clippy::too_many_arguments)]
     fn moe(
         &self,
         pool: &ThreadPool,
@@ -447,15 +452,23 @@ impl RankModel {
         h: &[f32],
         n: usize,
         out: &mut [f32],
-    ) -> Result<(), ModelError> {
+        hooks: Option<(&dyn BlockHooks, usize)>,
+    ) -> Result<std::time::Duration, ModelError> {
         let d = self.cfg.hidden_size;
         out[..n * d].fill(0.0);
         if ly.experts.is_empty() {
-            return Ok(());
+            return Ok(std::time::Duration::ZERO);
         }
         let routes: Vec<Vec<(usize, f32)>> = (0..n)
             .map(|t| route(&self.cfg, router, &h[t * d..(t + 1) * d]))
             .collect();
+        let mut waited = std::time::Duration::ZERO;
+        if let Some((hk, pos)) = hooks {
+            let mut used: Vec<usize> = routes.iter().flatten().map(|&(e, _)| e).collect();
+            used.sort_unstable();
+            used.dedup();
+            waited = hk.experts(pos, &used);
+        }
         for (e, [gate, up, down]) in ly.experts.iter().enumerate() {
             let rows: Vec<(usize, f32)> = routes
                 .iter()
@@ -480,7 +493,7 @@ impl RankModel {
                 }
             }
         }
-        Ok(())
+        Ok(waited)
     }
 }
 
@@ -674,6 +687,11 @@ pub trait BlockHooks: Send + Sync {
     fn before(&self, pos: usize);
     /// After block `pos` computed.
     fn after(&self, pos: usize);
+    /// Block `pos` (an MoE block, already entered) is about to compute with these
+    /// experts: a streaming window reads them now. Returns the time spent waiting.
+    fn experts(&self, _pos: usize, _experts: &[usize]) -> std::time::Duration {
+        std::time::Duration::ZERO
+    }
 }
 
 impl RankModel {
@@ -706,11 +724,15 @@ impl RankModel {
                 }
                 let t0 = std::time::Instant::now();
                 times.disk_wait_s += (t0 - tw).as_secs_f64();
+                let mut expert_wait = 0.0;
                 if block == 0 {
                     self.attn_block(pool, l, x, n, start, cache, &mut part)?;
                 } else {
-                    self.mlp_block(pool, l, x, n, &mut part)?;
+                    expert_wait = self
+                        .mlp_block(pool, l, x, n, &mut part, hooks.map(|h| (h, pos)))?
+                        .as_secs_f64();
                 }
+                times.disk_wait_s += expert_wait;
                 if let Some(h) = hooks {
                     h.after(pos);
                 }
@@ -726,7 +748,7 @@ impl RankModel {
                     rmsnorm_pieces(&mut part, d, w, self.cfg.rms_norm_eps);
                 }
                 k::add_in_place(&mut x[..n * d], &part);
-                times.compute_s += (t1 - t0).as_secs_f64();
+                times.compute_s += (t1 - t0).as_secs_f64() - expert_wait;
             }
         }
         Ok(times)

@@ -554,12 +554,31 @@ impl Shard {
     pub fn window(&self, window: Option<usize>, mem_budget: Option<u64>, kv_bytes: u64) -> Window {
         let m = &self.manifest;
         let w = choose_window(m, window, mem_budget, kv_bytes);
-        let regions = m
-            .stream_order()
+        let order = m.stream_order();
+        let regions = order
             .iter()
             .map(|&i| m.blocks[i].offset as usize..(m.blocks[i].offset + m.blocks[i].len) as usize)
             .collect();
-        Window::new(self.map(), self.file(), regions, w)
+        // Each MoE block's experts: the byte ranges of each expert's tensors.
+        let experts = order
+            .iter()
+            .map(|&i| {
+                let b = &m.blocks[i];
+                let mut per: Vec<Vec<std::ops::Range<usize>>> = Vec::new();
+                for t in &b.tensors {
+                    if let Some(e) = t.expert {
+                        let e = e as usize;
+                        if per.len() <= e {
+                            per.resize(e + 1, Vec::new());
+                        }
+                        let start = (b.offset + t.offset) as usize;
+                        per[e].push(start..start + t.len as usize);
+                    }
+                }
+                per
+            })
+            .collect();
+        Window::with_experts(self.map(), self.file(), regions, experts, w)
     }
 
     /// Rank 0's head (embedding, final norm, LM head), over the map.

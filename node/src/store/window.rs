@@ -7,6 +7,11 @@
 //! dropped with posix_fadvise so the next token really reads it again from disk, as on
 //! a device whose RAM cannot hold the model). When every block fits, all are loaded
 //! once and nothing is ever released: small models never pay for streaming.
+//!
+//! A mixture-of-experts block is streamed by expert: the prefetcher loads everything of
+//! it but the experts (norm, router), and the forward pass asks for the experts its
+//! router chose (`BlockHooks::experts`), which are read then; experts no token routes to
+//! are never read.
 
 use std::fs::File;
 use std::ops::Range;
@@ -45,6 +50,8 @@ pub fn window_for_budget(budget: u64, fixed: u64, block_sizes: &[u64]) -> Option
 #[derive(Default)]
 struct State {
     loaded: Vec<bool>,
+    /// Per block, per expert: resident (MoE blocks only).
+    experts_loaded: Vec<Vec<bool>>,
     current: usize,
     stop: bool,
 }
@@ -60,12 +67,18 @@ pub struct WindowStats {
     pub loaded_bytes: u64,
     /// Block loads.
     pub loads: u64,
+    /// Of `loaded_bytes`, the bytes of experts read on demand.
+    pub expert_bytes: u64,
+    /// Experts read on demand.
+    pub expert_loads: u64,
 }
 
 struct Inner {
     map: Arc<Mmap>,
     file: Arc<File>,
     regions: Vec<Range<usize>>,
+    /// Per block, per expert, the byte ranges of its tensors (empty for dense blocks).
+    experts: Vec<Vec<Vec<Range<usize>>>>,
     w: usize,
     streaming: bool,
     state: Mutex<State>,
@@ -83,9 +96,8 @@ pub struct Window {
 }
 
 impl Inner {
-    fn load(&self, i: usize) {
-        let r = &self.regions[i];
-        let t0 = Instant::now();
+    /// Makes `r` resident (WILLNEED, then a read of every page); returns its length.
+    fn touch(&self, r: &Range<usize>) -> u64 {
         let _ = self
             .map
             .advise_range(memmap2::Advice::WillNeed, r.start, r.len());
@@ -98,9 +110,38 @@ impl Inner {
             p += PAGE;
         }
         std::hint::black_box(acc);
+        r.len() as u64
+    }
+
+    /// The parts of block `i` the prefetcher loads: all of it, or for a streamed MoE
+    /// block all but its experts.
+    fn prefetched_parts(&self, i: usize) -> Vec<Range<usize>> {
+        let whole = self.regions[i].clone();
+        if !self.streaming || self.experts[i].is_empty() {
+            return vec![whole];
+        }
+        let mut holes: Vec<Range<usize>> = self.experts[i].iter().flatten().cloned().collect();
+        holes.sort_by_key(|r| r.start);
+        let mut out = Vec::new();
+        let mut at = whole.start;
+        for h in holes {
+            if h.start > at {
+                out.push(at..h.start);
+            }
+            at = at.max(h.end);
+        }
+        if at < whole.end {
+            out.push(at..whole.end);
+        }
+        out
+    }
+
+    fn load(&self, i: usize) {
+        let t0 = Instant::now();
+        let bytes: u64 = self.prefetched_parts(i).iter().map(|r| self.touch(r)).sum();
         let mut s = self.stats.lock().unwrap();
         s.load_s += t0.elapsed().as_secs_f64();
-        s.loaded_bytes += r.len() as u64;
+        s.loaded_bytes += bytes;
         s.loads += 1;
     }
 
@@ -169,6 +210,20 @@ impl Window {
         w: Option<usize>,
     ) -> Self {
         let n = regions.len();
+        Self::with_experts(map, file, regions, vec![Vec::new(); n], w)
+    }
+
+    /// As [`Window::new`], with each block's experts (per expert, its tensors' byte
+    /// ranges; empty for a dense block), which a streaming window reads only on demand.
+    pub fn with_experts(
+        map: Arc<Mmap>,
+        file: Arc<File>,
+        regions: Vec<Range<usize>>,
+        experts: Vec<Vec<Vec<Range<usize>>>>,
+        w: Option<usize>,
+    ) -> Self {
+        let n = regions.len();
+        assert_eq!(experts.len(), n, "one expert list per block");
         let streaming = matches!(w, Some(w) if w < n);
         let inner = Arc::new(Inner {
             map,
@@ -177,9 +232,11 @@ impl Window {
             streaming,
             state: Mutex::new(State {
                 loaded: vec![false; n],
+                experts_loaded: experts.iter().map(|e| vec![false; e.len()]).collect(),
                 current: 0,
                 stop: false,
             }),
+            experts,
             cv: Condvar::new(),
             stats: Mutex::new(WindowStats::default()),
             all_resident: AtomicBool::new(n == 0),
@@ -226,6 +283,40 @@ impl Window {
         waited
     }
 
+    /// Makes the experts `wanted` of stream position `i` resident (position `i` itself
+    /// must be entered): those of a streamed MoE block not read yet are read now, on the
+    /// computing thread (the router has just chosen them). Returns the time it took.
+    pub fn enter_experts(&self, i: usize, wanted: &[usize]) -> Duration {
+        if !self.inner.streaming || self.inner.experts.get(i).is_none_or(|e| e.is_empty()) {
+            return Duration::ZERO;
+        }
+        let t0 = Instant::now();
+        let todo: Vec<usize> = {
+            let mut st = self.inner.state.lock().unwrap();
+            let have = &mut st.experts_loaded[i];
+            wanted
+                .iter()
+                .copied()
+                .filter(|&e| e < have.len() && !std::mem::replace(&mut have[e], true))
+                .collect()
+        };
+        let mut bytes = 0;
+        for &e in &todo {
+            bytes += self.inner.experts[i][e]
+                .iter()
+                .map(|r| self.inner.touch(r))
+                .sum::<u64>();
+        }
+        let waited = t0.elapsed();
+        let mut s = self.inner.stats.lock().unwrap();
+        s.wait_s += waited.as_secs_f64();
+        s.load_s += waited.as_secs_f64();
+        s.loaded_bytes += bytes;
+        s.expert_bytes += bytes;
+        s.expert_loads += todo.len() as u64;
+        waited
+    }
+
     /// Marks position `i` done: releases it when streaming and lets the window move on.
     pub fn leave(&self, i: usize) {
         if !self.inner.streaming {
@@ -239,6 +330,7 @@ impl Window {
             return;
         }
         st.loaded[i] = false;
+        st.experts_loaded[i].iter_mut().for_each(|x| *x = false);
         st.current = next;
         drop(st);
         self.inner.release(i);
@@ -255,6 +347,13 @@ impl BlockHooks for Window {
     fn after(&self, pos: usize) {
         if pos < self.inner.regions.len() {
             self.leave(pos);
+        }
+    }
+    fn experts(&self, pos: usize, experts: &[usize]) -> Duration {
+        if pos < self.inner.regions.len() {
+            self.enter_experts(pos, experts)
+        } else {
+            Duration::ZERO
         }
     }
 }
@@ -291,6 +390,47 @@ mod tests {
         assert_eq!(window_for_budget(700, 100, &blocks), Some(3));
         assert_eq!(window_for_budget(899, 100, &blocks), Some(3));
         assert_eq!(window_for_budget(10, 100, &blocks), Some(2));
+    }
+
+    #[test]
+    fn a_streamed_moe_block_reads_only_the_experts_asked_for() {
+        let dir = std::env::temp_dir().join(format!("tpi-window-moe-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("f.bin");
+        std::fs::write(&p, vec![7u8; 13 * PAGE]).unwrap();
+        let f = File::open(&p).unwrap();
+        let map = Arc::new(unsafe { Mmap::map(&f).unwrap() });
+        // Block 0: dense, 2 pages. Block 1: 1 page of router, then 4 experts of 2 pages,
+        // then 1 page. Block 2: dense, 1 page.
+        let regions = vec![0..2 * PAGE, 2 * PAGE..12 * PAGE, 12 * PAGE..13 * PAGE];
+        let experts = vec![
+            vec![],
+            (0..4)
+                .map(|e| std::iter::once((3 + 2 * e) * PAGE..(5 + 2 * e) * PAGE).collect())
+                .collect(),
+            vec![],
+        ];
+        let w = Window::with_experts(map, Arc::new(f), regions, experts, Some(2));
+        for _token in 0..2 {
+            for i in 0..3 {
+                w.enter(i);
+                if i == 1 {
+                    w.enter_experts(1, &[2, 0]);
+                    w.enter_experts(1, &[0]); // already resident: no read
+                }
+                w.leave(i);
+            }
+        }
+        let s = w.stats();
+        // Per token 2 experts of 2 pages are read on demand, and 2 + (1 + 1) + 1 pages
+        // prefetched; the prefetcher may already have moved on to the next token's first
+        // two blocks (at most 2 + 2 pages more), never to an expert.
+        assert_eq!(s.expert_loads, 4, "{s:?}");
+        assert_eq!(s.expert_bytes, 2 * 4 * PAGE as u64, "{s:?}");
+        let prefetched = (s.loaded_bytes - s.expert_bytes) / PAGE as u64;
+        assert!((10..=14).contains(&prefetched), "{prefetched} pages: {s:?}");
+        drop(w);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
