@@ -23,34 +23,10 @@ dir="$(cd "$dir" && pwd -P)"
 target="$dir/gemma3-270m"
 gguf="$target/gemma-3-270m-q4_k_m.gguf"
 
-file_size() { stat -c %s "$1" 2>/dev/null || stat -f %z "$1"; }
-file_sha256() {
-    if command -v sha256sum >/dev/null 2>&1; then
-        sha256sum "$1" | cut -d' ' -f1
-    else
-        shasum -a 256 "$1" | cut -d' ' -f1
-    fi
-}
-
-# Returns 0 when $1 exists with the expected size and hash; says why not otherwise.
-verify() {
-    if [[ ! -f "$1" ]]; then
-        log "not present: $1"
-        return 1
-    fi
-    local size sum
-    size="$(file_size "$1")"
-    if [[ "$size" != "$SIZE" ]]; then
-        log "size mismatch for $1: got $size bytes, expected $SIZE"
-        return 1
-    fi
-    sum="$(file_sha256 "$1")"
-    if [[ "$sum" != "$SHA256" ]]; then
-        log "sha256 mismatch for $1: got $sum, expected $SHA256"
-        return 1
-    fi
-    return 0
-}
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd -P)"
+# shellcheck source=fetch-common.sh
+source "$here/fetch-common.sh"
+verify() { verify_file "$1" "$SIZE" "$SHA256"; }
 
 fetch() {
     local py n part

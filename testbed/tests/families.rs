@@ -274,23 +274,12 @@ fn gguf_u32_offset(bytes: &[u8], key: &str) -> usize {
     at + pat.len()
 }
 
-#[test]
-fn gguf_expert_counts_that_contradict_the_tensors_are_refused() {
-    let src = families_dir().join("qwen3moe").join("model.gguf");
-    let tmp = TempDir::new("family-bad-experts");
-    for (key, value, words) in [
-        (
-            "qwen3moe.expert_used_count",
-            9u32,
-            &["experts", "used of 4"][..],
-        ),
-        ("qwen3moe.expert_count", 8, &["ffn_gate_inp", "shape"][..]),
-        (
-            "qwen3moe.expert_feed_forward_length",
-            40,
-            &["ffn_", "shape"][..],
-        ),
-    ] {
+/// Each of `edits` (a u32 key of fixture `name`'s GGUF and a wrong value) is refused with
+/// a message holding its words.
+fn gguf_edits_are_refused(name: &str, edits: &[(&str, u32, &[&str])]) {
+    let src = families_dir().join(name).join("model.gguf");
+    let tmp = TempDir::new(&format!("family-bad-{name}"));
+    for &(key, value, words) in edits {
         let mut bytes = std::fs::read(&src).unwrap();
         let at = gguf_u32_offset(&bytes, key);
         bytes[at..at + 4].copy_from_slice(&value.to_le_bytes());
@@ -301,21 +290,31 @@ fn gguf_expert_counts_that_contradict_the_tensors_are_refused() {
 }
 
 #[test]
+fn gguf_expert_counts_that_contradict_the_tensors_are_refused() {
+    gguf_edits_are_refused(
+        "qwen3moe",
+        &[
+            ("qwen3moe.expert_used_count", 9, &["experts", "used of 4"]),
+            ("qwen3moe.expert_count", 8, &["ffn_gate_inp", "shape"]),
+            (
+                "qwen3moe.expert_feed_forward_length",
+                40,
+                &["ffn_", "shape"],
+            ),
+        ],
+    );
+}
+
+#[test]
 fn gguf_head_counts_that_contradict_the_tensors_are_refused() {
-    let src = families_dir().join("qwen3").join("model.gguf");
-    let tmp = TempDir::new("family-bad-heads");
-    for (key, value, words) in [
-        ("qwen3.attention.head_count", 2u32, &["attn_q", "shape"][..]),
-        ("qwen3.attention.head_count_kv", 1, &["attn_k", "shape"][..]),
-        ("qwen3.embedding_length", 40, &["token_embd", "shape"][..]),
-    ] {
-        let mut bytes = std::fs::read(&src).unwrap();
-        let at = gguf_u32_offset(&bytes, key);
-        bytes[at..at + 4].copy_from_slice(&value.to_le_bytes());
-        let p = tmp.join(format!("{key}.gguf"));
-        std::fs::write(&p, &bytes).unwrap();
-        fails_with(&p, words);
-    }
+    gguf_edits_are_refused(
+        "qwen3",
+        &[
+            ("qwen3.attention.head_count", 2, &["attn_q", "shape"]),
+            ("qwen3.attention.head_count_kv", 1, &["attn_k", "shape"]),
+            ("qwen3.embedding_length", 40, &["token_embd", "shape"]),
+        ],
+    );
 }
 
 #[test]

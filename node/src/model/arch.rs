@@ -409,51 +409,9 @@ const QWEN3_MOE_TENSORS: &[(Role, &str, &str)] = &concat_tensors::<18>(
 const MIXTRAL_TENSORS: &[(Role, &str, &str)] =
     &concat_tensors::<16>(LLAMA_ATTN_TENSORS, MIXTRAL_EXPERTS);
 
-/// Gemma 3 names its four norms differently: HF's `post_attention_layernorm` is the
-/// *post*-attention norm there, and the pre-MLP norm is `pre_feedforward_layernorm`.
-const GEMMA3_TENSORS: &[(Role, &str, &str)] = &[
-    (
-        Role::Embed,
-        "token_embd.weight",
-        "model.embed_tokens.weight",
-    ),
-    (Role::FinalNorm, "output_norm.weight", "model.norm.weight"),
-    (Role::LmHead, "output.weight", "lm_head.weight"),
-    (
-        Role::AttnNorm,
-        "blk.{l}.attn_norm.weight",
-        "model.layers.{l}.input_layernorm.weight",
-    ),
-    (
-        Role::Wq,
-        "blk.{l}.attn_q.weight",
-        "model.layers.{l}.self_attn.q_proj.weight",
-    ),
-    (
-        Role::Wk,
-        "blk.{l}.attn_k.weight",
-        "model.layers.{l}.self_attn.k_proj.weight",
-    ),
-    (
-        Role::Wv,
-        "blk.{l}.attn_v.weight",
-        "model.layers.{l}.self_attn.v_proj.weight",
-    ),
-    (
-        Role::Wo,
-        "blk.{l}.attn_output.weight",
-        "model.layers.{l}.self_attn.o_proj.weight",
-    ),
-    (
-        Role::QNorm,
-        "blk.{l}.attn_q_norm.weight",
-        "model.layers.{l}.self_attn.q_norm.weight",
-    ),
-    (
-        Role::KNorm,
-        "blk.{l}.attn_k_norm.weight",
-        "model.layers.{l}.self_attn.k_norm.weight",
-    ),
+/// Gemma 3's norms around the blocks: HF's `post_attention_layernorm` is the *post*-attention
+/// norm there, and the pre-MLP norm is `pre_feedforward_layernorm`.
+const GEMMA3_NORMS: &[(Role, &str, &str)] = &[
     (
         Role::PostAttnNorm,
         "blk.{l}.post_attention_norm.weight",
@@ -465,26 +423,25 @@ const GEMMA3_TENSORS: &[(Role, &str, &str)] = &[
         "model.layers.{l}.pre_feedforward_layernorm.weight",
     ),
     (
-        Role::Gate,
-        "blk.{l}.ffn_gate.weight",
-        "model.layers.{l}.mlp.gate_proj.weight",
-    ),
-    (
-        Role::Up,
-        "blk.{l}.ffn_up.weight",
-        "model.layers.{l}.mlp.up_proj.weight",
-    ),
-    (
-        Role::Down,
-        "blk.{l}.ffn_down.weight",
-        "model.layers.{l}.mlp.down_proj.weight",
-    ),
-    (
         Role::PostMlpNorm,
         "blk.{l}.post_ffw_norm.weight",
         "model.layers.{l}.post_feedforward_layernorm.weight",
     ),
 ];
+
+/// Llama's head, attention norm and Q/K/V (the first 7 of [`LLAMA_TENSORS`]), its O
+/// projection (the 11th) and its gate/up/down (the last 3).
+const LLAMA_QKV: &[(Role, &str, &str)] = LLAMA_TENSORS.split_at(7).0;
+const LLAMA_O: &[(Role, &str, &str)] = LLAMA_TENSORS.split_at(10).1.split_at(1).0;
+const LLAMA_MLP: &[(Role, &str, &str)] = LLAMA_TENSORS.split_at(12).1;
+
+const GEMMA3_TENSORS: &[(Role, &str, &str)] = &concat_tensors::<16>(
+    &concat_tensors::<13>(
+        &concat_tensors::<10>(&concat_tensors::<8>(LLAMA_QKV, LLAMA_O), QK_NORM_TENSORS),
+        GEMMA3_NORMS,
+    ),
+    LLAMA_MLP,
+);
 
 /// `a` followed by `b`, at compile time.
 const fn concat_tensors<const N: usize>(
