@@ -86,8 +86,8 @@ fn chat_renders_and_ids_are_transformers() {
     assert!(err.contains("Conversation roles must alternate"), "{err}");
 }
 
-/// Every reference generation on `ranks` local ranks (1: in-process).
-fn check_generations(ranks: usize) {
+/// Every reference generation on `ranks` local ranks (1: in-process), with `extra` flags.
+fn check_generations(ranks: usize, extra: &[&str]) {
     let r = reference();
     let mut fails = Vec::new();
     for (i, g) in r["generations"].as_array().unwrap().iter().enumerate() {
@@ -108,6 +108,7 @@ fn check_generations(ranks: usize) {
         if ranks > 1 {
             args.extend(["--local-cluster".into(), ranks.to_string()]);
         }
+        args.extend(extra.iter().map(|s| s.to_string()));
         let j = run_tpi_json(&args);
         let got = ids(&j["generated_ids"]);
         let what = format!("generation {i} on {ranks} rank(s) (`{}`)", cmdline(&args));
@@ -117,22 +118,28 @@ fn check_generations(ranks: usize) {
             Err(_) => fails.push(format!("{what}: got {got:?}, want {want:?}")),
         }
     }
-    finish(&format!("Gemma 3 on {ranks} rank(s)"), fails);
+    finish(&format!("Gemma 3 on {ranks} rank(s) {extra:?}"), fails);
 }
 
 #[test]
 fn greedy_continuations_match_on_one_rank() {
-    check_generations(1);
+    check_generations(1, &[]);
 }
 
 #[test]
 fn greedy_continuations_match_on_two_ranks() {
-    check_generations(2);
+    check_generations(2, &[]);
 }
 
 #[test]
 fn greedy_continuations_match_on_four_ranks() {
-    check_generations(4);
+    check_generations(4, &[]);
+}
+
+/// Streamed through a 2-block window, the 178 MB tied head and embedding included.
+#[test]
+fn greedy_continuations_match_streamed_through_a_window() {
+    check_generations(2, &["--window", "2"]);
 }
 
 /// The reference chat generation's first `n` tokens as text. (This GGUF is the base
