@@ -518,7 +518,7 @@ impl Backend for ClusterBackend {
         }
         let read0 = disk_read_bytes().unwrap_or(0);
         let load0 = self.window.stats().load_s;
-        let expert0 = self.window.stats().expert_bytes;
+        let expert0 = self.window.stats();
         self.finish_pending()?;
         let mut x = self.head.embed(tokens)?;
         let payload = f32_to_le_bytes(&x);
@@ -586,7 +586,8 @@ impl Backend for ClusterBackend {
                 idle_ms: ms(idle0),
                 disk_wait_ms: ms(times.disk_wait_s + head_wait),
                 disk_load_ms: ms(self.window.stats().load_s - load0),
-                expert_read_bytes: self.window.stats().expert_bytes - expert0,
+                expert_read_bytes: self.window.stats().expert_bytes - expert0.expert_bytes,
+                expert_cache_hits: self.window.stats().expert_hits - expert0.expert_hits,
                 disk_read_bytes: disk_read_bytes().unwrap_or(0).saturating_sub(read0),
                 peak_rss_bytes: peak_rss().unwrap_or(0),
             }],

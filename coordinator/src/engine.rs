@@ -129,11 +129,7 @@ impl Backend for LocalBackend {
             .as_ref()
             .map(|w| w.stats().load_s)
             .unwrap_or(0.0);
-        let expert0 = self
-            .window
-            .as_ref()
-            .map(|w| w.stats().expert_bytes)
-            .unwrap_or(0);
+        let stats0 = self.window.as_ref().map(|w| w.stats()).unwrap_or_default();
         let mut x = self.head.embed(tokens)?;
         let hooks = self.window.as_ref().map(|w| w as &dyn BlockHooks);
         let times: ForwardTimes = self.model.forward_layers::<Error>(
@@ -158,6 +154,7 @@ impl Backend for LocalBackend {
         }
         let head_s = t1.elapsed().as_secs_f64();
         let head_wait = (t1 - tw).as_secs_f64();
+        let stats1 = self.window.as_ref().map(|w| w.stats()).unwrap_or_default();
         self.last = StepReport {
             tokens: n,
             wall_ms: t0.elapsed().as_secs_f64() * 1e3,
@@ -173,12 +170,8 @@ impl Backend for LocalBackend {
                     - load0)
                     * 1e3,
                 disk_read_bytes: disk_read_bytes().unwrap_or(0).saturating_sub(read0),
-                expert_read_bytes: self
-                    .window
-                    .as_ref()
-                    .map(|w| w.stats().expert_bytes)
-                    .unwrap_or(0)
-                    - expert0,
+                expert_read_bytes: stats1.expert_bytes - stats0.expert_bytes,
+                expert_cache_hits: stats1.expert_hits - stats0.expert_hits,
                 peak_rss_bytes: peak_rss().unwrap_or(0),
                 ..Default::default()
             }],

@@ -136,6 +136,9 @@ pub struct RankStep {
     /// routed experts of streamed blocks; 0 when the shard is resident).
     #[serde(default)]
     pub expert_read_bytes: u64,
+    /// Experts the step asked for that the window's expert cache still held.
+    #[serde(default)]
+    pub expert_cache_hits: u64,
     /// Peak resident set size of the rank's process so far (VmHWM).
     pub peak_rss_bytes: u64,
 }

@@ -529,7 +529,7 @@ fn run_steps(
                 f32_from_le_bytes(&buf, &mut x)?;
                 let read0 = disk_read_bytes().unwrap_or(0);
                 let load0 = window.stats().load_s;
-                let expert0 = window.stats().expert_bytes;
+                let expert0 = window.stats();
                 let mut wait = 0f64;
                 let mut total = 0f64;
                 let times = model.forward_layers::<SessionError>(
@@ -556,7 +556,8 @@ fn run_steps(
                     idle_ms: ms(idle_s),
                     disk_wait_ms: ms(times.disk_wait_s),
                     disk_load_ms: ms(window.stats().load_s - load0),
-                    expert_read_bytes: window.stats().expert_bytes - expert0,
+                    expert_read_bytes: window.stats().expert_bytes - expert0.expert_bytes,
+                    expert_cache_hits: window.stats().expert_hits - expert0.expert_hits,
                     disk_read_bytes: disk_read_bytes().unwrap_or(0).saturating_sub(read0),
                     peak_rss_bytes: peak_rss().unwrap_or(0),
                 })))?;

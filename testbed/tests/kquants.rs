@@ -341,46 +341,108 @@ fn lossless_f32_shards_split_where_the_file_cannot() {
 
 // --- mixture of experts ---------------------------------------------------------------------
 
+/// The Q4_K_M MoE model on 2 ranks from a 19-token prompt, 6 greedy tokens, with `extra`
+/// flags: the `--json` report and the logits file's bytes.
+fn moe_run(tmp: &TempDir, tag: &str, extra: &[&str]) -> (Value, Vec<u8>) {
+    let q = model("moe256", "Q4_K_M");
+    let prompt: Vec<u32> = (0..19).map(|i| (i * 37 + 5) % 512).collect();
+    let npy = tmp.join(format!("{tag}.npy"));
+    let mut args: Vec<String> = [
+        "run",
+        "--model",
+        &q.display().to_string(),
+        "--tokens",
+        &tokens_arg(&prompt),
+        "--max-tokens",
+        "6",
+        "--ignore-eos",
+        "--json",
+        "--local-cluster",
+        "2",
+        "--ctx",
+        "256",
+        "--logits-out",
+        &npy.display().to_string(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let out = run_tpi(&args);
+    assert!(
+        out.status.success(),
+        "`{}`: {}",
+        cmdline(&args),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let j: Value = serde_json::from_slice(&out.stdout).unwrap();
+    (j, std::fs::read(&npy).unwrap())
+}
+
+/// Per rank, the sum over decode steps (all but the prefill) of a `RankStep` counter.
+fn decode_total(j: &Value, field: &str) -> Vec<u64> {
+    let steps = j["steps"].as_array().unwrap();
+    let mut tot = vec![0u64; steps[0]["ranks"].as_array().unwrap().len()];
+    for s in &steps[1..] {
+        for (t, r) in tot.iter_mut().zip(s["ranks"].as_array().unwrap()) {
+            *t += r[field].as_u64().unwrap();
+        }
+    }
+    tot
+}
+
+/// A budget just too small for rank 0's shard leaves it a short window and room for a
+/// few experts beside it: later tokens find some routed experts still resident, read
+/// fewer bytes than without the cache, and compute the same logits, bit for bit.
+#[test]
+fn moe_expert_cache_saves_reads_within_the_budget() {
+    let _g = serial();
+    let tmp = TempDir::new("kquant-moe-cache");
+    let (resident, resident_logits) = moe_run(&tmp, "resident", &[]);
+    let (windowed, _) = moe_run(&tmp, "windowed", &["--window", "2"]);
+    let uncached = decode_total(&windowed, "expert_read_bytes")[0];
+    // Budgets from 64 MiB + 1 MB up, until rank 0 streams with some cache hits (rank 1,
+    // without the head's blocks, fits earlier and stops streaming).
+    let mut found = None;
+    for step in 0..40u64 {
+        let budget = (64u64 << 20) + 1_000_000 + step * 100_000;
+        let (j, logits) = moe_run(
+            &tmp,
+            &format!("b{budget}"),
+            &["--mem-budget", &budget.to_string()],
+        );
+        let hits = decode_total(&j, "expert_cache_hits")[0];
+        let read = decode_total(&j, "expert_read_bytes")[0];
+        if hits > 0 && read > 0 {
+            found = Some((budget, hits, read, logits, j));
+            break;
+        }
+    }
+    let (budget, hits, read, logits, j) =
+        found.expect("no budget gave rank 0 a streamed window with expert-cache hits");
+    assert_eq!(j["generated_ids"], resident["generated_ids"]);
+    assert!(
+        logits == resident_logits,
+        "logits with the expert cache differ from resident"
+    );
+    assert!(
+        read < uncached,
+        "read {read} bytes with the cache, {uncached} without"
+    );
+    eprintln!(
+        "MoE expert cache at --mem-budget {budget}: rank 0 decode read {read} expert bytes \
+         ({hits} hits) against {uncached} without a cache"
+    );
+}
+
 /// The Q4_K_M MoE model on 2 ranks through a 2-block window: logits bitwise the resident
 /// run's, and a decode step reads only its routed experts (top-2 of 4: exactly half the
 /// expert bytes a 19-token prefill, which routes to every expert, reads), on every rank.
 #[test]
 fn moe_streaming_reads_only_the_routed_experts() {
     let _g = serial();
-    let q = model("moe256", "Q4_K_M");
     let tmp = TempDir::new("kquant-moe-stream");
-    let prompt: Vec<u32> = (0..19).map(|i| (i * 37 + 5) % 512).collect();
-    let run = |tag: &str, extra: &[&str]| {
-        let npy = tmp.join(format!("{tag}.npy"));
-        let mut args: Vec<String> = [
-            "run",
-            "--model",
-            &q.display().to_string(),
-            "--tokens",
-            &tokens_arg(&prompt),
-            "--max-tokens",
-            "6",
-            "--ignore-eos",
-            "--json",
-            "--local-cluster",
-            "2",
-            "--logits-out",
-            &npy.display().to_string(),
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        args.extend(extra.iter().map(|s| s.to_string()));
-        let out = run_tpi(&args);
-        assert!(
-            out.status.success(),
-            "`{}`: {}",
-            cmdline(&args),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let j: Value = serde_json::from_slice(&out.stdout).unwrap();
-        (j, std::fs::read(&npy).unwrap())
-    };
+    let run = |tag: &str, extra: &[&str]| moe_run(&tmp, tag, extra);
     let (resident, resident_logits) = run("resident", &[]);
     let (streamed, streamed_logits) = run("streamed", &["--window", "2"]);
     assert_eq!(resident["generated_ids"], streamed["generated_ids"]);

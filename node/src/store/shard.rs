@@ -320,6 +320,10 @@ pub fn hash_range(f: &File, offset: u64, len: u64) -> std::io::Result<String> {
 /// Memory a node needs besides weights and KV cache (runtime, buffers, code).
 pub const FIXED_OVERHEAD: u64 = 64 << 20;
 
+/// Blocks an MoE shard's window holds at most when a budget sizes it: a few blocks
+/// ahead keep the disk busy; the rest of the budget serves better as the expert cache.
+pub const MOE_WINDOW_MAX: usize = 4;
+
 /// Picks the sliding window for a shard: `window` if given, else from the budget
 /// (None: the whole shard stays resident).
 pub fn choose_window(
@@ -328,12 +332,54 @@ pub fn choose_window(
     mem_budget: Option<u64>,
     kv_bytes: u64,
 ) -> Option<usize> {
+    plan_window(m, window, mem_budget, kv_bytes).0
+}
+
+/// The window and the expert cache (bytes) for a shard. Without a budget, or for a
+/// dense shard, as [`window_for_budget`] says, and no cache. For an MoE shard that does
+/// not fit, a block counts what a token reads of it (everything but the experts, and
+/// `used/experts` of those), the window holds at most [`MOE_WINDOW_MAX`] blocks, and
+/// what the budget leaves beside it holds recently used experts.
+pub fn plan_window(
+    m: &Manifest,
+    window: Option<usize>,
+    mem_budget: Option<u64>,
+    kv_bytes: u64,
+) -> (Option<usize>, u64) {
+    let fixed = FIXED_OVERHEAD + kv_bytes;
+    let order = m.stream_order();
+    let sizes: Vec<u64> = order.iter().map(|&i| m.blocks[i].len).collect();
+    let c = &m.config;
     if let Some(w) = window {
-        return Some(w.max(1));
+        return (Some(w.max(1)), 0);
     }
-    let budget = mem_budget?;
-    let sizes: Vec<u64> = m.stream_order().iter().map(|&i| m.blocks[i].len).collect();
-    window_for_budget(budget, FIXED_OVERHEAD + kv_bytes, &sizes)
+    let Some(budget) = mem_budget else {
+        return (None, 0);
+    };
+    let w = window_for_budget(budget, fixed, &sizes);
+    if c.n_experts == 0 || w.is_none() {
+        return (w, 0);
+    }
+    let read: Vec<u64> = order
+        .iter()
+        .map(|&i| {
+            let b = &m.blocks[i];
+            let experts: u64 = b
+                .tensors
+                .iter()
+                .filter(|t| t.expert.is_some())
+                .map(|t| t.len)
+                .sum();
+            b.len - experts + experts * c.n_experts_used as u64 / c.n_experts as u64
+        })
+        .collect();
+    let largest = read.iter().copied().max().unwrap_or(0);
+    let w = (budget.saturating_sub(fixed) / largest.max(1)) as usize;
+    let w = w.clamp(2, MOE_WINDOW_MAX.min(sizes.len()).max(2));
+    let cache = budget
+        .saturating_sub(fixed)
+        .saturating_sub(w as u64 * largest);
+    (Some(w), cache)
 }
 
 /// Writes `manifest.json` atomically (temp file, fsync, rename).
@@ -551,9 +597,11 @@ impl Shard {
 
     /// The sliding window over this shard's streamed blocks: `window` blocks if given,
     /// else derived from `mem_budget` (with `kv_bytes` of KV cache), else all resident.
+    /// With a budget, an MoE shard's window also keeps recently used experts (see
+    /// [`plan_window`]).
     pub fn window(&self, window: Option<usize>, mem_budget: Option<u64>, kv_bytes: u64) -> Window {
         let m = &self.manifest;
-        let w = choose_window(m, window, mem_budget, kv_bytes);
+        let (w, cache_bytes) = plan_window(m, window, mem_budget, kv_bytes);
         let order = m.stream_order();
         let regions = order
             .iter()
@@ -578,7 +626,7 @@ impl Shard {
                 per
             })
             .collect();
-        Window::with_experts(self.map(), self.file(), regions, experts, w)
+        Window::with_expert_cache(self.map(), self.file(), regions, experts, w, cache_bytes)
     }
 
     /// Rank 0's head (embedding, final norm, LM head), over the map.

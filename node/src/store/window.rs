@@ -11,7 +11,8 @@
 //! A mixture-of-experts block is streamed by expert: the prefetcher loads everything of
 //! it but the experts (norm, router), and the forward pass asks for the experts its
 //! router chose (`BlockHooks::experts`), which are read then; experts no token routes to
-//! are never read.
+//! are never read. Memory the budget leaves beside the window holds recently used experts
+//! (least recently used out first), which later tokens then need not read again.
 
 use std::fs::File;
 use std::ops::Range;
@@ -52,6 +53,10 @@ struct State {
     loaded: Vec<bool>,
     /// Per block, per expert: resident (MoE blocks only).
     experts_loaded: Vec<Vec<bool>>,
+    /// Experts kept resident after their block is left, least recently used first:
+    /// (block, expert, bytes).
+    cache: std::collections::VecDeque<(usize, usize, u64)>,
+    cache_used: u64,
     current: usize,
     stop: bool,
 }
@@ -71,6 +76,8 @@ pub struct WindowStats {
     pub expert_bytes: u64,
     /// Experts read on demand.
     pub expert_loads: u64,
+    /// Experts asked for that the expert cache still held (not read again).
+    pub expert_hits: u64,
 }
 
 struct Inner {
@@ -79,6 +86,8 @@ struct Inner {
     regions: Vec<Range<usize>>,
     /// Per block, per expert, the byte ranges of its tensors (empty for dense blocks).
     experts: Vec<Vec<Vec<Range<usize>>>>,
+    /// Bytes of experts kept resident beyond the window (0: none kept).
+    cache_cap: u64,
     w: usize,
     streaming: bool,
     state: Mutex<State>,
@@ -145,8 +154,24 @@ impl Inner {
         s.loads += 1;
     }
 
-    fn release(&self, i: usize) {
-        let r = &self.regions[i];
+    /// Releases block `i`: all of it, or, while the expert cache holds some of its experts,
+    /// all but those (`cached`: whether expert `e` of block `i` is kept).
+    fn release(&self, i: usize, cached: &dyn Fn(usize) -> bool) {
+        if self.experts[i].iter().enumerate().any(|(e, _)| cached(e)) {
+            for r in self.prefetched_parts(i) {
+                self.release_range(&r);
+            }
+            for (e, ranges) in self.experts[i].iter().enumerate() {
+                if !cached(e) {
+                    ranges.iter().for_each(|r| self.release_range(r));
+                }
+            }
+        } else {
+            self.release_range(&self.regions[i].clone());
+        }
+    }
+
+    fn release_range(&self, r: &Range<usize>) {
         // SAFETY: the map is read-only and file-backed: DONTNEED only drops our page
         // mappings; later reads fault the data back in from the file.
         let _ = unsafe {
@@ -222,6 +247,19 @@ impl Window {
         experts: Vec<Vec<Vec<Range<usize>>>>,
         w: Option<usize>,
     ) -> Self {
+        Self::with_expert_cache(map, file, regions, experts, w, 0)
+    }
+
+    /// As [`Window::with_experts`], keeping up to `cache_bytes` of recently used experts
+    /// resident after their block is left (least recently used released first).
+    pub fn with_expert_cache(
+        map: Arc<Mmap>,
+        file: Arc<File>,
+        regions: Vec<Range<usize>>,
+        experts: Vec<Vec<Vec<Range<usize>>>>,
+        w: Option<usize>,
+        cache_bytes: u64,
+    ) -> Self {
         let n = regions.len();
         assert_eq!(experts.len(), n, "one expert list per block");
         let streaming = matches!(w, Some(w) if w < n);
@@ -233,10 +271,13 @@ impl Window {
             state: Mutex::new(State {
                 loaded: vec![false; n],
                 experts_loaded: experts.iter().map(|e| vec![false; e.len()]).collect(),
+                cache: Default::default(),
+                cache_used: 0,
                 current: 0,
                 stop: false,
             }),
             experts,
+            cache_cap: cache_bytes,
             cv: Condvar::new(),
             stats: Mutex::new(WindowStats::default()),
             all_resident: AtomicBool::new(n == 0),
@@ -291,21 +332,61 @@ impl Window {
             return Duration::ZERO;
         }
         let t0 = Instant::now();
+        let mut hits = 0;
         let todo: Vec<usize> = {
             let mut st = self.inner.state.lock().unwrap();
-            let have = &mut st.experts_loaded[i];
-            wanted
-                .iter()
-                .copied()
-                .filter(|&e| e < have.len() && !std::mem::replace(&mut have[e], true))
-                .collect()
+            let mut todo = Vec::new();
+            for &e in wanted {
+                if e >= st.experts_loaded[i].len() || st.experts_loaded[i][e] {
+                    continue;
+                }
+                st.experts_loaded[i][e] = true;
+                match st.cache.iter().position(|&(b, x, _)| (b, x) == (i, e)) {
+                    Some(p) => {
+                        let c = st.cache.remove(p).expect("position is in range");
+                        st.cache.push_back(c);
+                        hits += 1;
+                    }
+                    None => todo.push(e),
+                }
+            }
+            todo
         };
         let mut bytes = 0;
+        let mut read = Vec::with_capacity(todo.len());
         for &e in &todo {
-            bytes += self.inner.experts[i][e]
+            let b: u64 = self.inner.experts[i][e]
                 .iter()
                 .map(|r| self.inner.touch(r))
-                .sum::<u64>();
+                .sum();
+            bytes += b;
+            read.push((e, b));
+        }
+        // Keep what was just read, releasing the least recently used experts not in use.
+        let mut evicted = Vec::new();
+        if self.inner.cache_cap > 0 {
+            let mut st = self.inner.state.lock().unwrap();
+            for (e, b) in read {
+                if b > self.inner.cache_cap {
+                    continue;
+                }
+                st.cache.push_back((i, e, b));
+                st.cache_used += b;
+                while st.cache_used > self.inner.cache_cap {
+                    let Some((ob, oe, ob_bytes)) = st.cache.pop_front() else {
+                        break;
+                    };
+                    st.cache_used -= ob_bytes;
+                    if !st.experts_loaded[ob][oe] {
+                        evicted.push((ob, oe));
+                    }
+                }
+            }
+        }
+        for (b, e) in evicted {
+            self.inner.experts[b][e]
+                .iter()
+                .for_each(|r| self.inner.release_range(r));
         }
         let waited = t0.elapsed();
         let mut s = self.inner.stats.lock().unwrap();
@@ -314,6 +395,7 @@ impl Window {
         s.loaded_bytes += bytes;
         s.expert_bytes += bytes;
         s.expert_loads += todo.len() as u64;
+        s.expert_hits += hits;
         waited
     }
 
@@ -332,8 +414,9 @@ impl Window {
         st.loaded[i] = false;
         st.experts_loaded[i].iter_mut().for_each(|x| *x = false);
         st.current = next;
+        let kept: Vec<usize> = st.cache.iter().filter(|c| c.0 == i).map(|c| c.1).collect();
         drop(st);
-        self.inner.release(i);
+        self.inner.release(i, &|e| kept.contains(&e));
         self.inner.cv.notify_all();
     }
 }
@@ -429,6 +512,46 @@ mod tests {
         assert_eq!(s.expert_bytes, 2 * 4 * PAGE as u64, "{s:?}");
         let prefetched = (s.loaded_bytes - s.expert_bytes) / PAGE as u64;
         assert!((10..=14).contains(&prefetched), "{prefetched} pages: {s:?}");
+        drop(w);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_expert_cache_keeps_recent_experts_and_releases_the_oldest() {
+        let dir = std::env::temp_dir().join(format!("tpi-window-cache-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("f.bin");
+        std::fs::write(&p, vec![7u8; 11 * PAGE]).unwrap();
+        let f = File::open(&p).unwrap();
+        let map = Arc::new(unsafe { Mmap::map(&f).unwrap() });
+        // Block 0: dense, 2 pages. Block 1: a router page, then 4 experts of 2 pages.
+        let regions = vec![0..2 * PAGE, 2 * PAGE..11 * PAGE];
+        let experts = vec![
+            vec![],
+            (0..4)
+                .map(|e| std::iter::once((3 + 2 * e) * PAGE..(5 + 2 * e) * PAGE).collect())
+                .collect(),
+        ];
+        // Room for two experts.
+        let cap = 4 * PAGE as u64;
+        let w = Window::with_expert_cache(map, Arc::new(f), regions, experts, Some(1), cap);
+        let token = |wanted: &[usize]| {
+            w.enter(0);
+            w.leave(0);
+            w.enter(1);
+            w.enter_experts(1, wanted);
+            w.leave(1);
+            w.stats()
+        };
+        let s = token(&[2, 0]);
+        assert_eq!((s.expert_loads, s.expert_hits), (2, 0), "{s:?}");
+        // 0 is still held; 3 is read and pushes out 2, the least recently used.
+        let s = token(&[0, 3]);
+        assert_eq!((s.expert_loads, s.expert_hits), (3, 1), "{s:?}");
+        let s = token(&[2]);
+        assert_eq!((s.expert_loads, s.expert_hits), (4, 1), "{s:?}");
+        let s = token(&[3, 2]);
+        assert_eq!((s.expert_loads, s.expert_hits), (4, 3), "{s:?}");
         drop(w);
         std::fs::remove_dir_all(&dir).unwrap();
     }
