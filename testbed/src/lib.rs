@@ -269,6 +269,22 @@ pub fn cmdline<S: AsRef<OsStr>>(args: &[S]) -> String {
     s
 }
 
+/// `tpi run --model MODEL --tokens IDS --max-tokens N --ignore-eos --json`: the greedy
+/// reference run the model suites compare, before their own flags.
+pub fn greedy_args(model: &Path, tokens: &[u32], max_tokens: usize) -> Vec<String> {
+    vec![
+        "run".into(),
+        "--model".into(),
+        model.display().to_string(),
+        "--tokens".into(),
+        tokens_arg(tokens),
+        "--max-tokens".into(),
+        max_tokens.to_string(),
+        "--ignore-eos".into(),
+        "--json".into(),
+    ]
+}
+
 /// Runs `tpi` and requires success; returns stdout parsed as the one JSON object of `--json`.
 pub fn run_tpi_json<S: AsRef<OsStr>>(args: &[S]) -> serde_json::Value {
     let out = run_tpi(args);

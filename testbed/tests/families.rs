@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 use tpi_testbed::{
-    check_ids, cmdline, finish, fixtures_dir, floats, ids, max_abs_diff, read_json, read_npy,
-    run_tpi, run_tpi_json, tokens_arg, TempDir,
+    check_ids, cmdline, finish, fixtures_dir, floats, greedy_args, ids, max_abs_diff, read_json,
+    read_npy, run_tpi, run_tpi_json, TempDir,
 };
 
 /// As for the Llama fixtures (engine.rs): f32 on the same weights, differing only by
@@ -43,21 +43,13 @@ fn check_run(
         let ((rows, vocab), ref_logits) = read_npy(&dir.join(p["logits_file"].as_str().unwrap()));
         assert_eq!(rows, n_new, "{name}: reference logits rows");
         let npy = tmp.join(format!("logits_{i}.npy"));
-        let mut args = vec![
-            "run".to_string(),
-            "--model".into(),
-            model.display().to_string(),
-            "--tokens".into(),
-            tokens_arg(&prompt),
-            "--max-tokens".into(),
-            n_new.to_string(),
-            "--ignore-eos".into(),
-            "--json".into(),
+        let mut args = greedy_args(model, &prompt, n_new);
+        args.extend([
             "--logits-out".into(),
             npy.display().to_string(),
             "--threads".into(),
             "1".into(),
-        ];
+        ]);
         if ranks > 1 {
             args.extend(["--local-cluster".into(), ranks.to_string()]);
         }
@@ -113,21 +105,13 @@ fn streamed_equals_resident(name: &str, model: &Path, reference: &Value) -> Resu
     let p = reference["prompts"].as_array().unwrap().last().unwrap();
     let run = |tag: &str, extra: &[&str]| {
         let npy = tmp.join(format!("{tag}.npy"));
-        let mut args = vec![
-            "run".to_string(),
-            "--model".into(),
-            model.display().to_string(),
-            "--tokens".into(),
-            tokens_arg(&ids(&p["prompt_ids"])),
-            "--max-tokens".into(),
-            "8".into(),
-            "--ignore-eos".into(),
-            "--json".into(),
+        let mut args = greedy_args(model, &ids(&p["prompt_ids"]), 8);
+        args.extend([
             "--local-cluster".into(),
             "2".into(),
             "--logits-out".into(),
             npy.display().to_string(),
-        ];
+        ]);
         args.extend(extra.iter().map(|s| s.to_string()));
         run_tpi_json(&args);
         std::fs::read(&npy).unwrap()

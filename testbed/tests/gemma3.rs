@@ -14,8 +14,8 @@ use tpi_coordinator::chat::{ChatTemplate, Message, TemplateSource};
 use tpi_coordinator::tokenizer::{vocab_from_gguf, Tokenizer};
 use tpi_node::model::gguf::GgufFile;
 use tpi_testbed::{
-    check_ids, cmdline, finish, fixtures_dir, floats, gemma3_gguf, ids, read_json, run_tpi_json,
-    tokens_arg, tpi_bin, ServeProcess,
+    check_ids, cmdline, finish, fixtures_dir, floats, gemma3_gguf, greedy_args, ids, read_json,
+    run_tpi_json, tpi_bin, ServeProcess,
 };
 
 /// A differing greedy id is accepted only where the reference's top-1 margin is at most this
@@ -94,17 +94,7 @@ fn check_generations(ranks: usize, extra: &[&str]) {
         let prompt = ids(&g["prompt_ids"]);
         let want = ids(&g["generated_ids"]);
         let margins = floats(&g["margins"]);
-        let mut args = vec![
-            "run".to_string(),
-            "--model".into(),
-            gemma3_gguf().display().to_string(),
-            "--tokens".into(),
-            tokens_arg(&prompt),
-            "--max-tokens".into(),
-            want.len().to_string(),
-            "--ignore-eos".into(),
-            "--json".into(),
-        ];
+        let mut args = greedy_args(&gemma3_gguf(), &prompt, want.len());
         if ranks > 1 {
             args.extend(["--local-cluster".into(), ranks.to_string()]);
         }

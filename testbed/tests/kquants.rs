@@ -14,8 +14,8 @@ use std::time::Duration;
 
 use serde_json::Value;
 use tpi_testbed::{
-    cmdline, ids, kquant_models, max_abs_diff, read_json, read_npy, run_tpi, run_with_limit,
-    tokens_arg, tpi_bin, TempDir,
+    cmdline, greedy_args, ids, kquant_models, max_abs_diff, read_json, read_npy, run_tpi,
+    run_with_limit, tokens_arg, tpi_bin, TempDir,
 };
 
 /// Greedy tokens per run.
@@ -62,26 +62,13 @@ impl Gen {
 fn gen(model: &Path, extra: &[&str], env: &[(&str, &str)]) -> Gen {
     let tmp = TempDir::new("kquant-logits");
     let npy = tmp.join("logits.npy");
-    let mut args: Vec<String> = [
-        "run",
-        "--model",
-        &model.display().to_string(),
-        "--tokens",
-        &tokens_arg(&PROMPT),
-        "--max-tokens",
-        &N_TOKENS.to_string(),
-        "--ignore-eos",
-        "--json",
-        "--threads",
-        "1",
-        "--node-threads",
-        "1",
-        "--logits-out",
-        &npy.display().to_string(),
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let mut args = greedy_args(model, &PROMPT, N_TOKENS);
+    args.extend(
+        ["--threads", "1", "--node-threads", "1", "--logits-out"]
+            .map(String::from)
+            .into_iter()
+            .chain([npy.display().to_string()]),
+    );
     args.extend(extra.iter().map(|s| s.to_string()));
     let mut cmd = Command::new(tpi_bin());
     cmd.args(&args)
@@ -347,26 +334,13 @@ fn moe_run(tmp: &TempDir, tag: &str, extra: &[&str]) -> (Value, Vec<u8>) {
     let q = model("moe256", "Q4_K_M");
     let prompt: Vec<u32> = (0..19).map(|i| (i * 37 + 5) % 512).collect();
     let npy = tmp.join(format!("{tag}.npy"));
-    let mut args: Vec<String> = [
-        "run",
-        "--model",
-        &q.display().to_string(),
-        "--tokens",
-        &tokens_arg(&prompt),
-        "--max-tokens",
-        "6",
-        "--ignore-eos",
-        "--json",
-        "--local-cluster",
-        "2",
-        "--ctx",
-        "256",
-        "--logits-out",
-        &npy.display().to_string(),
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let mut args = greedy_args(&q, &prompt, 6);
+    args.extend(
+        ["--local-cluster", "2", "--ctx", "256", "--logits-out"]
+            .map(String::from)
+            .into_iter()
+            .chain([npy.display().to_string()]),
+    );
     args.extend(extra.iter().map(|s| s.to_string()));
     let out = run_tpi(&args);
     assert!(
