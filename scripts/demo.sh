@@ -8,6 +8,6 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 TPI_SMOLLM2_GGUF="$(bash scripts/fetch-model.sh)"
 export TPI_SMOLLM2_GGUF
-cargo build --release -p tpi-coordinator -p tpi-node -p tpi-testbed
+cargo build --workspace --release --bins
 exec target/release/tpi-testbed cluster --nodes 3 --link 2ms,300mbit \
     --model "$TPI_SMOLLM2_GGUF" --prompt "The capital of France is" --max-tokens 32 "$@"

@@ -7,41 +7,19 @@
 //! time waiting on blocks vs step time, bytes read from disk per token, and the peak
 //! RSS of `tpi shard` against the model size.
 //!
-//! Run: `cargo build --release -p tpi-coordinator --bin tpi &&
+//! Run: `cargo build --workspace --release --bins &&
 //!       cargo run --release -p tpi-testbed --example stream_bench`
-//! Uses `$TPI_BIN`, else the `tpi` next to this example's profile directory.
 
 use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::Instant;
 use tpi_testbed::synth::{BIG_HIDDEN, BIG_INTER, BIG_LAYERS};
 
 use serde_json::Value;
-use tpi_testbed::TempDir;
+use tpi_testbed::{tpi_bin, TempDir};
 
 const DECODE: usize = 8;
-
-fn tpi_bin() -> PathBuf {
-    if let Some(p) = std::env::var_os("TPI_BIN") {
-        return PathBuf::from(p);
-    }
-    let exe = std::env::current_exe().unwrap();
-    let mut dir = exe.parent().unwrap().to_path_buf();
-    if dir
-        .file_name()
-        .is_some_and(|n| n == "examples" || n == "deps")
-    {
-        dir.pop();
-    }
-    let p = dir.join("tpi");
-    assert!(
-        p.is_file(),
-        "{} not found: build it with the same profile (cargo build --release -p tpi-coordinator) or set TPI_BIN",
-        p.display()
-    );
-    p
-}
 
 fn tpi(args: &[&str], cache: &Path) -> (String, String) {
     let out = Command::new(tpi_bin())

@@ -3,12 +3,13 @@
 //!
 //! The tests drive the real binaries (`tpi` from tpi-coordinator, `tpi-node` from tpi-node).
 //! Integration tests of this crate cannot use `CARGO_BIN_EXE_*` for another crate's
-//! binaries, so [`tpi_bin`] and [`tpi_node_bin`] find the target directory from the path of
-//! the running test executable and run `cargo build` for the binary once per test process,
-//! with the same profile, so that the binary under test is never stale. Set
-//! `TPI_TEST_NO_BUILD=1` to skip that build and use whatever binary is there (it must exist).
+//! binaries, so [`tpi_bin`] and [`tpi_node_bin`] find them in the profile directory of the
+//! running test executable. They must be built first (`cargo build --workspace --release
+//! --bins --tests`, part of the README's test command); a binary older than its sources is refused
+//! with that command, never run.
 
 pub mod fuzz;
+pub mod gguf_write;
 pub mod harness;
 pub mod synth;
 
@@ -134,109 +135,135 @@ pub fn gguf_tensor_fields(bytes: &[u8], name: &str) -> (usize, usize, usize) {
 }
 
 /// The profile directory of the running test executable, e.g. `<target>/release`
-/// (from `<target>/release/deps/engine-0123abcd`).
+/// (from `<target>/release/deps/engine-0123abcd` or `<target>/release/examples/x`).
 fn profile_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");
     let mut dir = exe
         .parent()
         .expect("test exe has a directory")
         .to_path_buf();
-    if dir.file_name() == Some(OsStr::new("deps")) {
+    if dir.file_name() == Some(OsStr::new("deps"))
+        || dir.file_name() == Some(OsStr::new("examples"))
+    {
         dir.pop();
     }
     dir
 }
 
-/// Builds `bin` of `package` with the test's profile (once per process per binary) and
-/// returns its path.
-fn built_bin(package: &str, bin: &str, cell: &'static OnceLock<PathBuf>) -> PathBuf {
+/// The command that builds every binary the tests run, for the test's profile.
+fn build_command(profile: &str) -> String {
+    match profile {
+        "debug" => "cargo build --workspace --bins --tests".to_string(),
+        "release" => "cargo build --workspace --release --bins --tests".to_string(),
+        other => format!("cargo build --workspace --profile {other} --bins --tests"),
+    }
+}
+
+/// The source files cargo's dep-info (`<bin>.d` beside the binary) lists for `bin`.
+fn dep_info_sources(dep_info: &Path) -> Result<Vec<PathBuf>, String> {
+    let text = std::fs::read_to_string(dep_info)
+        .map_err(|e| format!("cannot read {}: {e}", dep_info.display()))?;
+    let mut out = Vec::new();
+    for line in text.lines() {
+        // `target: dep dep ...`; spaces inside paths are written `\ `.
+        let Some((_, deps)) = line.split_once(": ") else {
+            continue;
+        };
+        let mut cur = String::new();
+        let mut chars = deps.chars().peekable();
+        while let Some(c) = chars.next() {
+            match c {
+                '\\' if chars.peek() == Some(&' ') => {
+                    cur.push(' ');
+                    chars.next();
+                }
+                ' ' => {
+                    if !cur.is_empty() {
+                        out.push(PathBuf::from(std::mem::take(&mut cur)));
+                    }
+                }
+                c => cur.push(c),
+            }
+        }
+        if !cur.is_empty() {
+            out.push(PathBuf::from(cur));
+        }
+    }
+    Ok(out)
+}
+
+/// Why the binary at `path` is not the build of the current sources, if it is not: it is
+/// missing, or a source file its dep-info lists is newer than it (or gone).
+fn stale_reason(path: &Path) -> Option<String> {
+    let built = match std::fs::metadata(path).and_then(|m| m.modified()) {
+        Ok(t) => t,
+        Err(_) => return Some(format!("{} does not exist", path.display())),
+    };
+    let dep_info = path.with_extension("d");
+    let sources = match dep_info_sources(&dep_info) {
+        Ok(s) => s,
+        Err(e) => return Some(e),
+    };
+    for src in sources {
+        match std::fs::metadata(&src).and_then(|m| m.modified()) {
+            Ok(t) if t <= built => {}
+            Ok(_) => {
+                return Some(format!(
+                    "{} is older than {}",
+                    path.display(),
+                    src.display()
+                ))
+            }
+            Err(_) => {
+                return Some(format!(
+                    "{} was built from {}, which is gone",
+                    path.display(),
+                    src.display()
+                ))
+            }
+        }
+    }
+    None
+}
+
+/// The path of workspace binary `bin` in the running test's profile directory.
+///
+/// Tests never build: building from inside a running test relinked binaries that other
+/// tests were running. The binaries are built beforehand, in one cargo invocation
+/// (the README's test command does it), and a binary older than any source file its
+/// dep-info lists is refused with the command that rebuilds it, so a test never runs a
+/// stale binary. Checked once per process per binary.
+fn built_bin(bin: &str, cell: &'static OnceLock<PathBuf>) -> PathBuf {
     cell.get_or_init(|| {
         let dir = profile_dir();
         let path = dir.join(format!("{bin}{}", std::env::consts::EXE_SUFFIX));
-        let skip = std::env::var_os("TPI_TEST_NO_BUILD").is_some_and(|v| !v.is_empty() && v != "0");
-        if skip && path.is_file() {
-            return path;
-        }
         let profile = dir
             .file_name()
             .and_then(|s| s.to_str())
             .unwrap_or("debug")
             .to_string();
-        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-        let mut cmd = Command::new(cargo);
-        cmd.current_dir(workspace_root())
-            .args(["build", "-p", package, "--bin", bin]);
-        // Cargo gives the running test the environment of *this* crate (CARGO_PKG_NAME,
-        // CARGO_MANIFEST_DIR, ...). Build scripts such as ring's declare
-        // `rerun-if-env-changed` on those names, so passing them on would make this build and
-        // the outer `cargo test` rebuild each other's dependencies every time.
-        for (k, _) in std::env::vars_os() {
-            let k = k.to_string_lossy();
-            let per_crate = [
-                "CARGO_PKG_",
-                "CARGO_BIN_EXE_",
-                "CARGO_CFG_",
-                "CARGO_MANIFEST_",
-                "DEP_",
-            ]
-            .iter()
-            .any(|p| k.starts_with(p))
-                || [
-                    "CARGO_CRATE_NAME",
-                    "CARGO_BIN_NAME",
-                    "CARGO_PRIMARY_PACKAGE",
-                    "CARGO_TARGET_TMPDIR",
-                    "CARGO_RUSTC_CURRENT_DIR",
-                    "OUT_DIR",
-                ]
-                .contains(&k.as_ref());
-            if per_crate {
-                cmd.env_remove(k.as_ref());
-            }
+        if let Some(why) = stale_reason(&path) {
+            panic!(
+                "the `{bin}` binary is not built from the current sources ({why}).\n\
+                 Build the binaries first: `{}`",
+                build_command(&profile)
+            );
         }
-        match profile.as_str() {
-            "debug" => {}
-            "release" => {
-                cmd.arg("--release");
-            }
-            other => {
-                cmd.args(["--profile", other]);
-            }
-        }
-        // Build into the same target directory as the test itself (handles CARGO_TARGET_DIR).
-        if let Some(target) = dir.parent() {
-            if target.join("CACHEDIR.TAG").is_file() {
-                cmd.arg("--target-dir").arg(target);
-            }
-        }
-        eprintln!("[tpi-testbed] building {bin}: {cmd:?}");
-        let status = cmd
-            .status()
-            .unwrap_or_else(|e| panic!("cannot run cargo to build {bin}: {e}"));
-        assert!(
-            status.success(),
-            "`cargo build -p {package} --bin {bin}` failed: {status}"
-        );
-        assert!(
-            path.is_file(),
-            "{bin} not found at {} after building it",
-            path.display()
-        );
         path
     })
     .clone()
 }
 
-/// Path of the `tpi` binary (crate tpi-coordinator), built on first use.
+/// Path of the `tpi` binary (crate tpi-coordinator), checked to be current.
 pub fn tpi_bin() -> PathBuf {
     static CELL: OnceLock<PathBuf> = OnceLock::new();
-    built_bin("tpi-coordinator", "tpi", &CELL)
+    built_bin("tpi", &CELL)
 }
 
-/// Path of the `tpi-node` binary (crate tpi-node), built on first use.
+/// Path of the `tpi-node` binary (crate tpi-node), checked to be current.
 pub fn tpi_node_bin() -> PathBuf {
     static CELL: OnceLock<PathBuf> = OnceLock::new();
-    built_bin("tpi-node", "tpi-node", &CELL)
+    built_bin("tpi-node", &CELL)
 }
 
 /// Runs `tpi` with `args` and returns its output (whatever the exit status).

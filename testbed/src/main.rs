@@ -50,6 +50,25 @@ enum Cmd {
         #[arg(long, default_value_t = 1)]
         node_threads: usize,
     },
+    /// Write a random-weight GGUF of a named real shape (streamed; never held in memory),
+    /// e.g. `synth --shape llama3-70b --quant q4_k_m --out llama3-70b.gguf`.
+    Synth {
+        /// Shape: llama3-70b, llama2-70b or llama3-8b.
+        #[arg(long)]
+        shape: String,
+        /// Layers instead of the shape's own (a scaled model with the real tensor sizes).
+        #[arg(long)]
+        layers: Option<usize>,
+        /// Weight quantisation: q4_k_m (llama.cpp's mix of Q4_K and Q6_K) or q4_0.
+        #[arg(long, default_value = "q4_k_m")]
+        quant: String,
+        /// RNG seed of the weights.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Output file.
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Fuzz the parsers of untrusted input (see tpi_testbed::fuzz); new behaviours are
     /// added to testbed/fuzz/corpus/<target>/, crashes saved to testbed/fuzz/crashes/.
     Fuzz {
@@ -68,6 +87,45 @@ enum Cmd {
     },
 }
 
+fn synth(
+    shape: &str,
+    layers: Option<usize>,
+    quant: &str,
+    seed: u64,
+    out: &std::path::Path,
+) -> anyhow::Result<()> {
+    use tpi_testbed::synth::gguf_model as g;
+    let base = g::shape(shape).map_err(anyhow::Error::msg)?;
+    if layers == Some(0) || layers.is_some_and(|l| l > 1000) {
+        anyhow::bail!("--layers must be 1..=1000");
+    }
+    let s = g::with_layers(base, layers);
+    let q: g::SynthQuant = quant.parse().map_err(anyhow::Error::msg)?;
+    let t0 = std::time::Instant::now();
+    eprintln!(
+        "writing {} ({} layers, {quant}, {:.2} GB) to {}",
+        s.name,
+        s.layers,
+        g::file_len(&s, q) as f64 / 1e9,
+        out.display()
+    );
+    let w = g::write_model(&s, q, seed, out, |i, n| {
+        if i % 45 == 0 {
+            eprintln!("  tensor {i}/{n}");
+        }
+    })
+    .map_err(anyhow::Error::msg)?;
+    let secs = t0.elapsed().as_secs_f64();
+    println!(
+        "{}: {} tensors, {} bytes in {secs:.1} s ({:.0} MB/s)",
+        out.display(),
+        w.tensors,
+        w.bytes,
+        w.bytes as f64 / 1e6 / secs.max(1e-9)
+    );
+    Ok(())
+}
+
 fn main() -> ExitCode {
     match real_main() {
         Ok(()) => ExitCode::SUCCESS,
@@ -80,6 +138,16 @@ fn main() -> ExitCode {
 
 fn real_main() -> anyhow::Result<()> {
     let cmd = Cli::parse().cmd;
+    if let Cmd::Synth {
+        shape,
+        layers,
+        quant,
+        seed,
+        out,
+    } = &cmd
+    {
+        return synth(shape, *layers, quant, *seed, out);
+    }
     if let Cmd::Fuzz {
         target,
         execs,

@@ -20,7 +20,7 @@ COMMIT=8d624a7
 mkdir -p "$P4"
 
 [[ -x $TPI_BIN/tpi && -x $TPI_BIN/tpi-sim && -x $TPI_BIN/tpi-node ]] ||
-  (cd "$ROOT" && cargo build --release)
+  (cd "$ROOT" && cargo build --workspace --release --bins)
 
 if [[ ! -x $P4/dllama/dllama ]]; then
   src=${DLLAMA_SRC:-}

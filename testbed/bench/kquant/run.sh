@@ -15,7 +15,7 @@ REPS=${2:-3}
 WORK=${WORK:-/tmp/kq-bench}
 TPI_BIN=${TPI_BIN:-$ROOT/target/release}
 mkdir -p "$WORK"
-[[ -x $TPI_BIN/tpi ]] || (cd "$ROOT" && cargo build --release -p tpi-coordinator -p tpi-node --bins)
+[[ -x $TPI_BIN/tpi ]] || (cd "$ROOT" && cargo build --workspace --release --bins)
 
 # The test models' script fetches llama.cpp and a venv with gguf; reuse both.
 models=$("$ROOT/scripts/make-kquant-models.sh")

@@ -1,94 +1,51 @@
 //! Seed inputs for every target, and the tiny GGUF writer that makes the GGUF seeds.
 
 use super::*;
+use crate::gguf_write::{GgufHeader, GGML_F32};
 
-/// A GGUF writer for tiny seed models (F32 tensors only).
+/// A GGUF writer for tiny seed models (F32 tensors only, held in memory).
 pub(super) struct GgufWriter {
-    kv: Vec<u8>,
-    n_kv: u64,
-    tensors: Vec<(String, Vec<u64>, Vec<f32>)>,
+    header: GgufHeader,
+    data: Vec<Vec<f32>>,
 }
 
 impl GgufWriter {
     fn new() -> Self {
         GgufWriter {
-            kv: Vec::new(),
-            n_kv: 0,
-            tensors: Vec::new(),
-        }
-    }
-    fn key(&mut self, k: &str, ty: u32) {
-        self.kv.extend((k.len() as u64).to_le_bytes());
-        self.kv.extend(k.as_bytes());
-        self.kv.extend(ty.to_le_bytes());
-        self.n_kv += 1;
-    }
-    fn str(&mut self, k: &str, v: &str) {
-        self.key(k, 8);
-        self.kv.extend((v.len() as u64).to_le_bytes());
-        self.kv.extend(v.as_bytes());
-    }
-    fn u32(&mut self, k: &str, v: u32) {
-        self.key(k, 4);
-        self.kv.extend(v.to_le_bytes());
-    }
-    fn f32(&mut self, k: &str, v: f32) {
-        self.key(k, 6);
-        self.kv.extend(v.to_le_bytes());
-    }
-    fn strs(&mut self, k: &str, v: &[String]) {
-        self.key(k, 9);
-        self.kv.extend(8u32.to_le_bytes());
-        self.kv.extend((v.len() as u64).to_le_bytes());
-        for s in v {
-            self.kv.extend((s.len() as u64).to_le_bytes());
-            self.kv.extend(s.as_bytes());
-        }
-    }
-    fn i32s(&mut self, k: &str, v: &[i32]) {
-        self.key(k, 9);
-        self.kv.extend(5u32.to_le_bytes());
-        self.kv.extend((v.len() as u64).to_le_bytes());
-        for x in v {
-            self.kv.extend(x.to_le_bytes());
+            header: GgufHeader::new(),
+            data: Vec::new(),
         }
     }
     fn tensor(&mut self, name: &str, dims: &[u64], rng: &mut XorShift) {
         let n: u64 = dims.iter().product();
-        let v = (0..n).map(|_| rng.next_f32() * 0.2 - 0.1).collect();
-        self.tensors.push((name.to_string(), dims.to_vec(), v));
+        let v: Vec<f32> = (0..n).map(|_| rng.next_f32() * 0.2 - 0.1).collect();
+        self.header.tensor(name, dims, GGML_F32, 4 * n);
+        self.data.push(v);
     }
     fn finish(self) -> Vec<u8> {
-        const ALIGN: u64 = 32;
-        let mut out = b"GGUF".to_vec();
-        out.extend(3u32.to_le_bytes());
-        out.extend((self.tensors.len() as u64).to_le_bytes());
-        out.extend(self.n_kv.to_le_bytes());
-        out.extend(&self.kv);
-        let mut off = 0u64;
-        for (name, dims, v) in &self.tensors {
-            out.extend((name.len() as u64).to_le_bytes());
-            out.extend(name.as_bytes());
-            out.extend((dims.len() as u32).to_le_bytes());
-            for d in dims {
-                out.extend(d.to_le_bytes());
-            }
-            out.extend(0u32.to_le_bytes());
-            out.extend(off.to_le_bytes());
-            off = (off + 4 * v.len() as u64).div_ceil(ALIGN) * ALIGN;
-        }
-        while !(out.len() as u64).is_multiple_of(ALIGN) {
-            out.push(0);
-        }
-        for (_, _, v) in &self.tensors {
-            for x in v {
-                out.extend(x.to_le_bytes());
-            }
-            while !(out.len() as u64).is_multiple_of(ALIGN) {
-                out.push(0);
-            }
-        }
+        let mut out = Vec::new();
+        self.header
+            .write(&mut out, |i, w| {
+                for x in &self.data[i] {
+                    w.write_all(&x.to_le_bytes())?;
+                }
+                Ok(())
+            })
+            .expect("writing to memory");
         out
+    }
+}
+
+impl std::ops::Deref for GgufWriter {
+    type Target = GgufHeader;
+    fn deref(&self) -> &GgufHeader {
+        &self.header
+    }
+}
+
+impl std::ops::DerefMut for GgufWriter {
+    fn deref_mut(&mut self) -> &mut GgufHeader {
+        &mut self.header
     }
 }
 

@@ -1,5 +1,8 @@
-//! A random-weight Llama model written by hand as safetensors (F32), for tests and
-//! benchmarks that need a model larger than a memory bound without committing one.
+//! Random-weight models written by hand, for tests and benchmarks that need a model
+//! larger than a memory bound without committing one: a small Llama as safetensors (F32)
+//! here, and GGUF files of named real shapes in [`gguf_model`].
+
+pub mod gguf_model;
 
 use std::io::{BufWriter, Write};
 use std::path::Path;
