@@ -15,8 +15,10 @@ use tpi_node::model::forward::BlockHooks;
 use tpi_node::model::{Head, KvCache, ModelConfig, ModelFiles, RankModel, SplitPlan};
 use tpi_node::net::collective::open_data_link;
 use tpi_node::net::driven::Driven;
-use tpi_node::net::frame::{write_frame, FrameKind};
-use tpi_node::net::wire::{f32_to_le_bytes, MAX_CONTROL, PROTOCOL_VERSION};
+use tpi_node::net::frame::{read_frame, write_frame, FrameKind};
+use tpi_node::net::wire::{
+    decode, f32_from_le_bytes, f32_to_le_bytes, MAX_CONTROL, PROTOCOL_VERSION,
+};
 use tpi_node::net::{
     Connection, Credential, Endpoint, Group, Policy, Stream, TransportOptions, WireDType,
 };
@@ -41,6 +43,8 @@ pub struct ClusterOptions {
     pub ratios: Option<Vec<f64>>,
     /// Rank 0's weight when `ratios` is None; 0 makes rank 0 only coordinate.
     pub coordinator_share: f64,
+    /// Where the LM head's rows go.
+    pub lm_head: tpi_node::model::HeadSplit,
     /// Rank 0's compute threads.
     pub threads: usize,
     /// Time allowed to reach each node.
@@ -69,6 +73,8 @@ pub struct SetupReport {
     pub windows: Vec<u32>,
     /// The plan's identity.
     pub plan_id: String,
+    /// The LM head rows (vocabulary ids) whose logits each rank computes, rank 0 first.
+    pub vocab: Vec<std::ops::Range<usize>>,
     /// The links measured at session start and the allreduce algorithm per payload.
     pub links: Option<crate::links::LinkReport>,
 }
@@ -191,7 +197,7 @@ impl ClusterBackend {
             Some(r) => r.clone(),
             None => crate::backend::even_ratios(opts.coordinator_share, world),
         };
-        let plan = SplitPlan::new(&cfg, &weights)?;
+        let plan = SplitPlan::for_model(files, &weights, opts.lm_head)?;
         let net = Driven::new().map_err(|e| Error::Io(e.to_string()))?;
         let endpoint = {
             let _g = net.handle().enter();
@@ -260,9 +266,11 @@ impl ClusterBackend {
             opts.shards.as_deref(),
         )?;
         let model = shards[0].rank_model()?;
-        let head = shards[0].head()?;
+        let head = shards[0]
+            .head()?
+            .ok_or_else(|| Error::Cluster("rank 0's shard holds no LM head rows".into()))?;
         let cache = model.new_cache(capacity);
-        let window = shards[0].window(opts.window, opts.mem_budget, cache.bytes() as u64);
+        let window = shards[0].window(opts.window, opts.mem_budget, cache.bytes() as u64)?;
         let model_id = files.identity()?;
         let plan_id = plan.id();
         let (group, sent, windows) = net.block_on(async {
@@ -397,6 +405,7 @@ impl ClusterBackend {
             .chain(windows)
             .collect(),
             plan_id: plan.id(),
+            vocab: plan.ranks.iter().map(|r| r.vocab.clone()).collect(),
             links: group.costs().map(|c| {
                 crate::links::LinkReport::new(
                     "measured at session start",
@@ -441,6 +450,61 @@ impl ClusterBackend {
     /// Completes the previous step's report with the workers' timings. They were sent
     /// as each worker finished, so by the next step they have arrived: collecting them
     /// here keeps that round trip off every token's critical path.
+    /// The whole vocabulary's logits: rank 0's own slice `own` and, when the plan splits
+    /// the vocabulary, every other rank's, which each node sends on its control stream
+    /// after its last layer (a node that failed sends its error instead).
+    fn gather_logits(&mut self, own: Vec<f32>) -> Result<Vec<f32>> {
+        if !self.plan.vocab_split() {
+            return Ok(own);
+        }
+        let v = self.plan.vocab_size;
+        let mut logits = vec![0f32; v];
+        logits[self.head.vocab.clone()].copy_from_slice(&own);
+        let slices: Vec<std::ops::Range<usize>> = self.plan.ranks[1..]
+            .iter()
+            .map(|r| r.vocab.clone())
+            .collect();
+        let nodes = &mut self.nodes;
+        let parts: Vec<(std::ops::Range<usize>, Vec<u8>)> = self.net.block_on(try_join_all(
+            nodes
+                .iter_mut()
+                .zip(slices)
+                .enumerate()
+                .filter(|(_, (_, r))| !r.is_empty())
+                .map(|(i, (node, r))| async move {
+                    let rank = i + 1;
+                    let mut buf = Vec::new();
+                    let kind =
+                        read_frame(&mut node.ctl.recv, &mut buf, 4 * r.len().max(MAX_CONTROL))
+                            .await
+                            .map_err(|e| node_err(node.addr, rank, e))?;
+                    match kind {
+                        FrameKind::Tensor if buf.len() == 4 * r.len() => Ok((r, buf)),
+                        FrameKind::Tensor => Err(node_err(
+                            node.addr,
+                            rank,
+                            format!(
+                                "sent {} bytes of logits for vocabulary rows {r:?} ({} expected)",
+                                buf.len(),
+                                4 * r.len()
+                            ),
+                        )),
+                        _ => {
+                            let m: FromNode =
+                                decode(&buf).map_err(|e| node_err(node.addr, rank, e))?;
+                            Err(said(node.addr, rank, m).err().unwrap_or_else(|| {
+                                node_err(node.addr, rank, "sent a message instead of its logits")
+                            }))
+                        }
+                    }
+                }),
+        ))?;
+        for (r, bytes) in parts {
+            f32_from_le_bytes(&bytes, &mut logits[r]).map_err(|e| Error::Cluster(e.to_string()))?;
+        }
+        Ok(logits)
+    }
+
     fn finish_pending(&mut self) -> Result<()> {
         let Some(mut report) = self.pending.take() else {
             return Ok(());
@@ -570,10 +634,14 @@ impl Backend for ClusterBackend {
         let tw = Instant::now();
         self.window.before(head_pos);
         let t1 = Instant::now();
-        let logits = self.head.logits(&self.pool, &x[(n - 1) * d..])?;
+        let own = self.head.logits(&self.pool, &x[(n - 1) * d..])?;
         self.window.after(head_pos);
         let head_s = t1.elapsed().as_secs_f64();
         let head_wait = (t1 - tw).as_secs_f64();
+        let t2 = Instant::now();
+        let logits = self.gather_logits(own)?;
+        wait += t2.elapsed().as_secs_f64();
+        total += t2.elapsed().as_secs_f64();
         let ms = |s: f64| s * 1e3;
         self.pending = Some(StepReport {
             tokens: n,

@@ -72,9 +72,11 @@ impl LocalBackend {
         capacity: usize,
     ) -> Result<Self> {
         let model = shard.rank_model()?;
-        let head = shard.head()?;
+        let head = shard
+            .head()?
+            .ok_or_else(|| Error::Input("the shard holds no LM head rows".into()))?;
         let cache = model.new_cache(capacity);
-        let window = shard.window(window, mem_budget, cache.bytes() as u64);
+        let window = shard.window(window, mem_budget, cache.bytes() as u64)?;
         Ok(LocalBackend {
             head,
             model,

@@ -23,5 +23,16 @@ pub enum Error {
     Io(String),
 }
 
+impl From<tpi_node::store::StoreError> for Error {
+    fn from(e: tpi_node::store::StoreError) -> Self {
+        use tpi_node::store::StoreError as S;
+        match e {
+            S::Model(m) => Error::Model(m),
+            e @ S::BudgetTooSmall { .. } => Error::Input(e.to_string()),
+            e => Error::Io(e.to_string()),
+        }
+    }
+}
+
 /// Result alias.
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -74,6 +74,7 @@ pub fn stack_bytes(cfg: &ModelConfig, bytes_per_weight: f64) -> u64 {
         heads: 0..cfg.n_heads,
         kv_heads: 0..cfg.n_kv_heads,
         ffn: 0..cfg.ffn_dim(),
+        vocab: 0..0,
     };
     slice_bytes(cfg, &all, bytes_per_weight)
 }

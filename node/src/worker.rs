@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tpi_kernels::ThreadPool;
 
+use crate::model::forward::BlockHooks;
 use crate::model::ModelError;
 use crate::net::collective::{
     accept_data_link, accept_data_stream, open_data_link, DATA_STREAM_TAG,
@@ -439,6 +440,8 @@ struct Live {
     window: crate::store::Window,
     group: Group,
     hidden: usize,
+    /// This rank's rows of the LM head, when the plan splits the vocabulary.
+    head: Option<crate::model::Head>,
     /// Keeps the shard's files mapped.
     _shard: Shard,
 }
@@ -462,8 +465,9 @@ async fn prepare(
     }
     let shard = obtain_shard(ctl, opts, setup).await?;
     let model = shard.rank_model()?;
+    let head = shard.head()?;
     let cache = model.new_cache(setup.capacity as usize);
-    let window = shard.window(opts.window, opts.mem_budget, cache.bytes() as u64);
+    let window = shard.window(opts.window, opts.mem_budget, cache.bytes() as u64)?;
     let links = build_links(ep, conn, setup, &mut rx).await?;
     let mut group = Group::new(rank, setup.world as usize, setup.algo, setup.dtype, links)?;
     ctl.send_msg(&FromNode::Ready {
@@ -478,6 +482,7 @@ async fn prepare(
     group.probe_within(PROBE_TIMEOUT).await?;
     Ok(Live {
         hidden: shard.manifest.config.hidden_size,
+        head,
         model,
         cache,
         window,
@@ -500,6 +505,7 @@ fn run_steps(
         window,
         group,
         hidden: d,
+        head,
         ..
     } = live;
     let d = *d;
@@ -546,15 +552,33 @@ fn run_steps(
                         Ok(())
                     },
                 )?;
+                // This rank's logits of the last position, for rank 0 to gather.
+                let (mut head_s, mut head_wait) = (0f64, 0f64);
+                if let Some(h) = head {
+                    let pos = 2 * model.cfg.n_layers;
+                    let tw = Instant::now();
+                    window.before(pos);
+                    let t1 = Instant::now();
+                    let logits = h.logits(pool, &x[(n - 1) * d..])?;
+                    window.after(pos);
+                    head_s = t1.elapsed().as_secs_f64();
+                    head_wait = (t1 - tw).as_secs_f64();
+                    let bytes = crate::net::wire::f32_to_le_bytes(&logits);
+                    net.block_on(crate::net::frame::write_frame(
+                        &mut ctl.send,
+                        FrameKind::Tensor,
+                        &bytes,
+                    ))?;
+                }
                 last_end = Instant::now();
                 let ms = |s: f64| s * 1e3;
                 net.block_on(ctl.send_msg(&FromNode::StepDone(RankStep {
                     rank: group.rank(),
-                    compute_ms: ms(times.compute_s),
+                    compute_ms: ms(times.compute_s + head_s),
                     allreduce_wait_ms: ms(wait),
                     allreduce_transfer_ms: ms(total - wait),
                     idle_ms: ms(idle_s),
-                    disk_wait_ms: ms(times.disk_wait_s),
+                    disk_wait_ms: ms(times.disk_wait_s + head_wait),
                     disk_load_ms: ms(window.stats().load_s - load0),
                     expert_read_bytes: window.stats().expert_bytes - expert0.expert_bytes,
                     expert_cache_hits: window.stats().expert_hits - expert0.expert_hits,

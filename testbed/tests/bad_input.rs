@@ -732,3 +732,39 @@ fn zero_node_threads() {
         .collect();
     expect_error(&args, &[], &[&["--node-threads"], &["at least 1"]]);
 }
+
+#[test]
+fn a_memory_budget_below_the_minimum_is_refused_naming_the_minimum() {
+    let tmp = TempDir::new("bad-budget");
+    for extra in [&[][..], &["--local-cluster", "2"][..]] {
+        let mut args = run_args(&smollm2_gguf());
+        args.extend(s(&["--mem-budget", "65MiB"]));
+        args.extend(s(extra));
+        let line = expect_error_with_cache(
+            &args,
+            tmp.path(),
+            &[tmp.path()],
+            &[&["mem-budget"], &["minimum"], &["give at least"]],
+        );
+        // The minimum stated is a budget that runs.
+        let min: f64 = line
+            .split("give at least ")
+            .nth(1)
+            .and_then(|t| t.split(" MiB").next())
+            .and_then(|t| t.parse().ok())
+            .unwrap_or_else(|| panic!("no minimum in {line}"));
+        let mut ok = run_args(&smollm2_gguf());
+        ok.extend(s(&[
+            "--mem-budget",
+            &format!("{}", (min * 1048576.0).ceil() as u64),
+        ]));
+        ok.extend(s(extra));
+        let out = tpi_with_cache(&ok, tmp.path());
+        assert!(
+            out.status.success(),
+            "`{}` at the stated minimum failed: {}",
+            cmdline(&ok),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}

@@ -53,6 +53,8 @@ pub struct BackendSpec {
     pub ratios: Option<Vec<f64>>,
     /// Rank 0's share of the work relative to a node when `ratios` is None.
     pub coordinator_share: f64,
+    /// Where the LM head's rows go.
+    pub lm_head: tpi_node::model::HeadSplit,
     /// Cluster credential directory (None: [`Facts::default_credential`]).
     pub credential: Option<PathBuf>,
     /// Allreduce policy: one algorithm, or `auto`.

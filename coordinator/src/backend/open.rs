@@ -134,6 +134,7 @@ pub fn open(spec: &BackendSpec, files: &ModelFiles, capacity: usize) -> Result<B
         dtype: spec.dtype,
         ratios,
         coordinator_share: spec.coordinator_share,
+        lm_head: spec.lm_head,
         threads,
         connect_timeout: std::time::Duration::from_secs(5),
         quant: spec.quant,

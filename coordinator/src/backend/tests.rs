@@ -16,6 +16,7 @@ fn spec(ranks: Ranks) -> BackendSpec {
         mem_budget: None,
         ratios: None,
         coordinator_share: 1.0,
+        lm_head: Default::default(),
         credential: None,
         algo: Policy::Auto,
         dtype: WireDType::F32,

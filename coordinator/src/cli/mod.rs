@@ -121,6 +121,12 @@ pub struct ClusterArgs {
     /// Rank 0's share of the work relative to a node (0 = only coordinate).
     #[arg(long, default_value_t = 1.0)]
     pub coordinator_share: f64,
+    /// Where the LM head's vocabulary rows go: auto (split across the ranks when the head
+    /// holds at least 100 MB, as a 70B model's 0.6-1 GB head does; rank 0 otherwise),
+    /// rank0, or split (every rank computes its rows' logits and sends them to rank 0:
+    /// one hop more per token, rank 0's head reads divided by N).
+    #[arg(long, default_value = "auto")]
+    pub lm_head: tpi_node::model::HeadSplit,
     /// Work ratios of every rank, rank 0 first (e.g. 3,1).
     #[arg(long, value_delimiter = ',')]
     pub ratios: Option<Vec<f64>>,
@@ -226,6 +232,7 @@ impl ClusterArgs {
             mem_budget: m.mem_budget,
             ratios: self.ratios.clone(),
             coordinator_share: self.coordinator_share,
+            lm_head: self.lm_head,
             credential: self.credential.clone(),
             algo: self.allreduce,
             dtype: self.allreduce_dtype,

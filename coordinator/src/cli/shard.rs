@@ -32,6 +32,10 @@ pub struct ShardArgs {
     /// ggml. Default: packed if this machine runs that kernel, else ggml.
     #[arg(long, value_parser = super::parse_layout)]
     pub layout: Option<Layout>,
+    /// Where the LM head's rows go: auto, rank0 or split (as `tpi run --lm-head`; the
+    /// run must ask for the same, or its plan will not match these shards).
+    #[arg(long, default_value = "auto")]
+    pub lm_head: tpi_node::model::HeadSplit,
 }
 
 /// Runs `tpi shard`.
@@ -48,7 +52,7 @@ pub fn shard(a: ShardArgs) -> anyhow::Result<()> {
         (None, Some(r)) => r.clone(),
         (None, None) => bail!("give --nodes N or --ratios a,b,…"),
     };
-    let plan = SplitPlan::new(&files.config, &weights)?;
+    let plan = SplitPlan::for_model(&files, &weights, a.lm_head)?;
     println!("plan {} for {} ranks:", plan.id(), plan.world());
     let layout = a.layout.unwrap_or_else(default_layout);
     println!("q4 layout: {}", layout.name());
@@ -59,10 +63,11 @@ pub fn shard(a: ShardArgs) -> anyhow::Result<()> {
             .with_context(|| format!("writing rank {r}'s shard to {}", dir.display()))?;
         let s = &plan.ranks[r];
         println!(
-            "  rank {r}: heads {:?}, kv heads {:?}, mlp {:?}: {} blocks, {:.1} MB -> {}",
+            "  rank {r}: heads {:?}, kv heads {:?}, mlp {:?}, vocab {:?}: {} blocks, {:.1} MB -> {}",
             s.heads,
             s.kv_heads,
             s.ffn,
+            s.vocab,
             m.blocks.len(),
             m.file_len as f64 / 1e6,
             dir.display()

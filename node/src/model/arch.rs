@@ -92,6 +92,8 @@ pub enum Split {
     HeadCols,
     /// Input columns of the rank's MLP slice (row-parallel: down).
     FfnCols,
+    /// Rows of the rank's vocabulary slice (the LM head).
+    VocabRows,
 }
 
 impl Role {
@@ -151,8 +153,9 @@ impl Role {
             Gate | Up | ExpGate | ExpUp => Split::FfnRows,
             Wo => Split::HeadCols,
             Down | ExpDown => Split::FfnCols,
-            Embed | FinalNorm | LmHead | AttnNorm | MlpNorm | QNorm | KNorm | PostAttnNorm
-            | PostMlpNorm | Router => Split::Replicated,
+            LmHead => Split::VocabRows,
+            Embed | FinalNorm | AttnNorm | MlpNorm | QNorm | KNorm | PostAttnNorm | PostMlpNorm
+            | Router => Split::Replicated,
         }
     }
 
@@ -182,6 +185,7 @@ impl Role {
             Split::Replicated => true,
             Split::QHeads | Split::KvHeads | Split::HeadCols => s.has_attn(),
             Split::FfnRows | Split::FfnCols => !s.ffn.is_empty(),
+            Split::VocabRows => !s.vocab.is_empty(),
         }
     }
 

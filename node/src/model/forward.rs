@@ -130,6 +130,7 @@ pub fn slice_weight(
         Split::QHeads => slice_rows_or_vec(w, s.heads.start * hd..s.heads.end * hd),
         Split::KvHeads => slice_rows_or_vec(w, s.kv_heads.start * hd..s.kv_heads.end * hd),
         Split::FfnRows => w.rows_range(s.ffn.start, s.ffn.end),
+        Split::VocabRows => w.rows_range(s.vocab.start, s.vocab.end),
         Split::HeadCols | Split::FfnCols => {
             let c = row_parallel_cols(cfg, s, role).expect("row-parallel split");
             w.cols_range(c.start, c.end)
@@ -146,6 +147,7 @@ pub fn sliced_shape(cfg: &ModelConfig, s: &RankSlice, role: Role) -> (usize, usi
         Split::QHeads | Split::HeadCols => s.n_heads() * hd,
         Split::KvHeads => s.n_kv_heads() * hd,
         Split::FfnRows | Split::FfnCols => s.ffn.len(),
+        Split::VocabRows => s.vocab.len(),
     };
     match role.split() {
         Split::HeadCols | Split::FfnCols => (rows, part),
@@ -570,36 +572,49 @@ impl KvCache {
     }
 }
 
-/// Rank 0's extra weights: embedding, final norm and LM head.
+/// The weights around the layers: the embedding (rank 0 only), the final norm, and this
+/// rank's rows of the LM head (all of them unless the plan splits the vocabulary).
 pub struct Head {
-    /// Token embedding [vocab, hidden].
-    pub embed: Weight,
+    /// Token embedding [vocab, hidden]; None on ranks other than 0.
+    pub embed: Option<Weight>,
     /// Final RMSNorm weight (the family's norm offset applied).
     pub final_norm: Vec<f32>,
-    /// LM head [vocab, hidden] (the embedding when tied).
+    /// The rows `vocab` of the LM head [vocab, hidden] (the embedding's when tied).
     pub lm_head: Weight,
+    /// The vocabulary ids whose logits this rank computes.
+    pub vocab: std::ops::Range<usize>,
     /// Multiplies every embedding row (Gemma: √hidden; 1 otherwise).
     embed_scale: f32,
     eps: f32,
 }
 
 impl Head {
-    /// A head from its tensors as stored (the final norm's raw weight): the family's
-    /// embedding scale and norm offset come from `cfg`.
+    /// A head from its tensors as stored (the final norm's raw weight; the LM head's rows
+    /// `vocab`): the family's embedding scale and norm offset come from `cfg`.
     pub fn new(
         cfg: &ModelConfig,
-        embed: Weight,
+        embed: Option<Weight>,
         final_norm: &Weight,
         lm_head: Weight,
+        vocab: std::ops::Range<usize>,
     ) -> Result<Self, ModelError> {
         let d = cfg.hidden_size;
         check_shape(final_norm, 1, d, "final norm")?;
-        check_shape(&embed, cfg.vocab_size, d, "embedding")?;
-        check_shape(&lm_head, cfg.vocab_size, d, "LM head")?;
+        if let Some(e) = &embed {
+            check_shape(e, cfg.vocab_size, d, "embedding")?;
+        }
+        if vocab.end > cfg.vocab_size {
+            return Err(ModelError::Plan(format!(
+                "LM head rows {vocab:?} beyond the vocabulary of {}",
+                cfg.vocab_size
+            )));
+        }
+        check_shape(&lm_head, vocab.len(), d, "LM head")?;
         Ok(Head {
             embed,
             final_norm: norm_vec(final_norm, cfg.norm_offset),
             lm_head,
+            vocab,
             embed_scale: if cfg.spec()?.embed_scale {
                 (d as f32).sqrt()
             } else {
@@ -609,7 +624,7 @@ impl Head {
         })
     }
 
-    /// Loads the head from a full model's tensors.
+    /// Loads the whole head from a full model's tensors.
     pub fn from_store(store: &TensorStore, cfg: &ModelConfig) -> Result<Self, ModelError> {
         let embed = store.role(cfg, Role::Embed, 0)?;
         let lm_head = if cfg.tie_word_embeddings {
@@ -617,16 +632,27 @@ impl Head {
         } else {
             store.role(cfg, Role::LmHead, 0)?
         };
-        Head::new(cfg, embed, &store.role(cfg, Role::FinalNorm, 0)?, lm_head)
+        let v = cfg.vocab_size;
+        Head::new(
+            cfg,
+            Some(embed),
+            &store.role(cfg, Role::FinalNorm, 0)?,
+            lm_head,
+            0..v,
+        )
     }
 
     /// Embeds tokens into `[n][hidden]`; ids are checked against the vocabulary.
     pub fn embed(&self, tokens: &[u32]) -> Result<Vec<f32>, ModelError> {
-        let d = self.embed.cols;
+        let embed = self
+            .embed
+            .as_ref()
+            .ok_or_else(|| ModelError::Plan("only rank 0 holds the embedding".into()))?;
+        let d = embed.cols;
         let mut x = vec![0f32; tokens.len() * d];
-        super::config::check_token_ids(tokens, self.embed.rows).map_err(ModelError::Input)?;
+        super::config::check_token_ids(tokens, embed.rows).map_err(ModelError::Input)?;
         for (t, &id) in tokens.iter().enumerate() {
-            self.embed.row_f32(id as usize, &mut x[t * d..(t + 1) * d]);
+            embed.row_f32(id as usize, &mut x[t * d..(t + 1) * d]);
         }
         if self.embed_scale != 1.0 {
             x.iter_mut().for_each(|v| *v *= self.embed_scale);
@@ -634,7 +660,7 @@ impl Head {
         Ok(x)
     }
 
-    /// Final norm and LM head on one hidden vector: the vocabulary logits.
+    /// Final norm and LM head on one hidden vector: the logits of [`Head::vocab`].
     pub fn logits(&self, pool: &ThreadPool, x: &[f32]) -> Result<Vec<f32>, ModelError> {
         let mut h = vec![0f32; x.len()];
         k::rmsnorm(x, &self.final_norm, self.eps, &mut h);

@@ -14,7 +14,7 @@ pub use config::ModelConfig;
 pub use error::ModelError;
 pub use forward::{Head, KvCache, RankModel, StoreSlicer};
 pub use gguf::GgufFile;
-pub use split::{RankSlice, SplitPlan};
+pub use split::{HeadSplit, RankSlice, SplitPlan};
 pub use weights::{Format, Role, TensorStore, Weight};
 
 use sha2::{Digest, Sha256};
@@ -150,6 +150,16 @@ impl ModelFiles {
     /// Rank 0's head (embedding, final norm, LM head).
     pub fn head(&self) -> Result<Head, ModelError> {
         Head::from_store(&self.store, &self.config)
+    }
+
+    /// Bytes of the LM head as stored (the embedding's when tied).
+    pub fn lm_head_bytes(&self) -> Result<u64, ModelError> {
+        let role = if self.config.tie_word_embeddings {
+            Role::Embed
+        } else {
+            Role::LmHead
+        };
+        Ok(self.store.role(&self.config, role, 0)?.nbytes() as u64)
     }
 
     /// The slice of every layer that `slice` describes, as zero-copy views of the files.

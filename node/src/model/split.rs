@@ -10,6 +10,10 @@
 //!   quantisation block), so row-parallel slices of quantised weights stay whole blocks.
 //! - Q/K/V and gate/up are column-parallel (output rows); O and down are row-parallel
 //!   (input columns).
+//! - The LM head's vocabulary rows stay on rank 0, or are split across the ranks in
+//!   proportion to their weights ([`SplitPlan::split_vocab`], which
+//!   [`SplitPlan::for_model`] does when the head is large): then every rank computes its
+//!   slice of the logits from the replicated final hidden state and rank 0 gathers them.
 
 use std::ops::Range;
 
@@ -31,6 +35,8 @@ pub struct RankSlice {
     pub kv_heads: Range<usize>,
     /// Columns of the MLP intermediate dimension.
     pub ffn: Range<usize>,
+    /// Rows of the LM head (vocabulary ids) whose logits this rank computes.
+    pub vocab: Range<usize>,
 }
 
 impl RankSlice {
@@ -63,7 +69,40 @@ pub struct SplitPlan {
     pub head_align: usize,
     /// MLP slices start and end at multiples of this ([`super::config::SliceAlign::ffn`]).
     pub ffn_align: usize,
+    /// Vocabulary size (LM head rows).
+    pub vocab_size: usize,
 }
+
+/// Where the LM head's rows go (`--lm-head`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum HeadSplit {
+    /// Split when the head holds at least [`VOCAB_SPLIT_MIN_BYTES`].
+    #[default]
+    Auto,
+    /// All on rank 0.
+    Rank0,
+    /// Split across the ranks in proportion to their weights.
+    Split,
+}
+
+impl std::str::FromStr for HeadSplit {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "auto" => Ok(HeadSplit::Auto),
+            "rank0" => Ok(HeadSplit::Rank0),
+            "split" => Ok(HeadSplit::Split),
+            _ => Err(format!(
+                "unknown LM head placement {s:?} (expected auto, rank0 or split)"
+            )),
+        }
+    }
+}
+
+/// An LM head of at least this many bytes is split across the ranks by
+/// [`SplitPlan::for_model`]: reading it takes rank 0 about 5 ms at 20 GB/s, more than a
+/// slow link's hop, which is what gathering the slices adds.
+pub const VOCAB_SPLIT_MIN_BYTES: u64 = 100_000_000;
 
 fn gcd(mut a: usize, mut b: usize) -> usize {
     while b != 0 {
@@ -206,11 +245,13 @@ impl SplitPlan {
         let pref = need * (FFN_ALIGN / gcd(FFN_ALIGN, need));
         let align = if f.is_multiple_of(pref) { pref } else { need };
         let ffn_blocks = proportional(f / align, weights, false);
+        let v = cfg.vocab_size;
         let ranks = (0..n)
             .map(|i| RankSlice {
                 heads: heads[i].clone(),
                 kv_heads: kv[i].clone(),
                 ffn: ffn_blocks[i].start * align..ffn_blocks[i].end * align,
+                vocab: if i == 0 { 0..v } else { v..v },
             })
             .collect();
         let plan = SplitPlan {
@@ -220,6 +261,7 @@ impl SplitPlan {
             intermediate_size: f,
             head_align: ha,
             ffn_align: need,
+            vocab_size: v,
         };
         plan.check()?;
         Ok(plan)
@@ -228,6 +270,57 @@ impl SplitPlan {
     /// An even plan over `n` ranks.
     pub fn even(cfg: &ModelConfig, n: usize) -> Result<Self, ModelError> {
         Self::new(cfg, &vec![1.0; n])
+    }
+
+    /// Shares the LM head's vocabulary rows out in proportion to `weights` (one per
+    /// rank), in contiguous runs of 32 rows. Ranks of weight 0 get none, except rank 0,
+    /// which samples and so always computes a share (at least the lightest rank's).
+    pub fn split_vocab(&mut self, weights: &[f64]) -> Result<(), ModelError> {
+        if weights.len() != self.world() {
+            return Err(ModelError::Plan(format!(
+                "{} vocabulary weights for {} ranks",
+                weights.len(),
+                self.world()
+            )));
+        }
+        let mut w = weights.to_vec();
+        if w[0] <= 0.0 {
+            w[0] = w
+                .iter()
+                .copied()
+                .filter(|x| *x > 0.0)
+                .fold(f64::INFINITY, f64::min);
+        }
+        let v = self.vocab_size;
+        let units = v.div_ceil(32);
+        for (r, u) in self.ranks.iter_mut().zip(proportional(units, &w, true)) {
+            r.vocab = (u.start * 32).min(v)..(u.end * 32).min(v);
+        }
+        self.check()
+    }
+
+    /// Whether the vocabulary is split across ranks (not all on rank 0).
+    pub fn vocab_split(&self) -> bool {
+        self.ranks.iter().skip(1).any(|r| !r.vocab.is_empty())
+    }
+
+    /// The plan for `files` over ranks of `weights`, with the vocabulary placed as `head`
+    /// says (`Auto`: split when the LM head holds at least [`VOCAB_SPLIT_MIN_BYTES`]).
+    pub fn for_model(
+        files: &super::ModelFiles,
+        weights: &[f64],
+        head: HeadSplit,
+    ) -> Result<Self, ModelError> {
+        let mut plan = Self::new(&files.config, weights)?;
+        let split = match head {
+            HeadSplit::Rank0 => false,
+            HeadSplit::Split => true,
+            HeadSplit::Auto => files.lm_head_bytes()? >= VOCAB_SPLIT_MIN_BYTES,
+        };
+        if plan.world() > 1 && split {
+            plan.split_vocab(weights)?;
+        }
+        Ok(plan)
     }
 
     /// Number of ranks.
@@ -254,8 +347,15 @@ impl SplitPlan {
                 "alignments must be positive, got heads {ha}, ffn {fa}"
             ));
         }
-        let (mut h, mut f) = (0, 0);
+        let (mut h, mut f, mut v) = (0, 0, 0);
         for (i, r) in self.ranks.iter().enumerate() {
+            if r.vocab.start != v || r.vocab.end < r.vocab.start {
+                return bad(format!(
+                    "rank {i}: vocabulary rows {:?} leave a gap or overlap",
+                    r.vocab
+                ));
+            }
+            v = r.vocab.end;
             if !r.heads.start.is_multiple_of(ha) || !r.heads.end.is_multiple_of(ha) {
                 return bad(format!(
                     "rank {i}: heads {:?} cut the attention output inside a block (heads go \
@@ -307,12 +407,16 @@ impl SplitPlan {
                 ));
             }
         }
-        if h != self.n_heads || f != self.intermediate_size {
+        if h != self.n_heads || f != self.intermediate_size || v != self.vocab_size {
             return bad(format!(
-                "plan covers {h}/{} heads and {f}/{} MLP columns",
-                self.n_heads, self.intermediate_size
+                "plan covers {h}/{} heads, {f}/{} MLP columns and {v}/{} vocabulary rows",
+                self.n_heads, self.intermediate_size, self.vocab_size
             ));
         }
+        if self.vocab_size > 0 && self.ranks.first().is_none_or(|r| r.vocab.is_empty()) {
+            return bad("rank 0 computes no logits (it samples, so it holds a slice)".into());
+        }
+
         Ok(())
     }
 
@@ -449,5 +553,34 @@ mod tests {
         let mut c = cfg(8, 8, 1000);
         c.slice_align.ffn = 256;
         assert!(SplitPlan::even(&c, 1).is_err());
+    }
+
+    #[test]
+    fn the_vocabulary_stays_on_rank_0_unless_split_then_covers_every_row_once() {
+        let c = cfg(8, 8, 1024);
+        let mut p = SplitPlan::new(&c, &[1.0, 1.0, 2.0]).unwrap();
+        assert!(!p.vocab_split());
+        assert_eq!(p.ranks[0].vocab, 0..100);
+        assert!(p.ranks[1].vocab.is_empty() && p.ranks[2].vocab.is_empty());
+        p.split_vocab(&[1.0, 1.0, 2.0]).unwrap();
+        assert!(p.vocab_split());
+        let v: Vec<_> = p.ranks.iter().map(|r| r.vocab.clone()).collect();
+        assert_eq!(v, vec![0..32, 32..64, 64..100]);
+        // Rank 0 of weight 0 still samples, so it gets the lightest computing rank's share.
+        let mut q = SplitPlan::new(&c, &[0.0, 1.0, 1.0]).unwrap();
+        q.split_vocab(&[0.0, 1.0, 1.0]).unwrap();
+        assert!(q.ranks.iter().all(|r| !r.vocab.is_empty()), "{:?}", q.ranks);
+        assert!(q.split_vocab(&[1.0, 1.0]).is_err());
+        // A gap, an overlap, or rank 0 without rows is refused.
+        let mut bad = p.clone();
+        bad.ranks[1].vocab = 30..64;
+        assert!(bad.check().is_err());
+        let mut bad = p.clone();
+        bad.ranks[2].vocab = 64..99;
+        assert!(bad.check().is_err());
+        let mut bad = p;
+        bad.ranks[0].vocab = 0..0;
+        bad.ranks[1].vocab = 0..64;
+        assert!(bad.check().is_err());
     }
 }

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use crate::model::{ModelConfig, Role, SplitPlan};
 
 /// Version of the shard layout.
-pub const SHARD_FORMAT: u32 = 1;
+pub const SHARD_FORMAT: u32 = 2;
 /// Blocks start on this boundary in `shard.bin`.
 pub const BLOCK_ALIGN: u64 = 4096;
 /// Tensors start on this boundary inside a block.
@@ -174,6 +174,12 @@ impl Manifest {
                 c.n_heads,
                 c.n_kv_heads,
                 c.ffn_dim()
+            ));
+        }
+        if self.plan.vocab_size != c.vocab_size {
+            return Err(format!(
+                "the plan splits a vocabulary of {}, the config has {}",
+                self.plan.vocab_size, c.vocab_size
             ));
         }
         if self.plan.id() != self.plan_id {

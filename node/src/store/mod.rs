@@ -36,6 +36,27 @@ pub enum StoreError {
     /// Model trouble while sharding.
     #[error(transparent)]
     Model(#[from] crate::model::ModelError),
+    /// A memory budget below what the shard needs at the least.
+    #[error(
+        "--mem-budget {budget_mib:.1} MiB cannot hold rank {rank}'s minimum of {min_mib:.1} MiB: \
+         two of its largest blocks ({block_mib:.1} MiB each, the one computing and the next), \
+         its KV cache ({kv_mib:.1} MiB) and {fixed_mib:.0} MiB of runtime; give at least \
+         {min_mib:.1} MiB, shorten the context, or spread the model over more ranks"
+    )]
+    BudgetTooSmall {
+        /// The rank.
+        rank: u32,
+        /// The budget, MiB.
+        budget_mib: f64,
+        /// The minimum, MiB.
+        min_mib: f64,
+        /// The largest streamed block, MiB.
+        block_mib: f64,
+        /// The KV cache, MiB.
+        kv_mib: f64,
+        /// The fixed overhead, MiB.
+        fixed_mib: f64,
+    },
 }
 
 impl StoreError {

@@ -178,8 +178,10 @@ pub fn write_shard(
     let mut kinds: Vec<BlockKind> = (0..cfg.n_layers as u32)
         .flat_map(|l| [BlockKind::Attn(l), BlockKind::Mlp(l)])
         .collect();
-    if rank == 0 {
+    if !plan.ranks[rank].vocab.is_empty() {
         kinds.push(BlockKind::Head);
+    }
+    if rank == 0 {
         kinds.push(BlockKind::Embed);
     }
     let slice = &plan.ranks[rank];
@@ -320,6 +322,37 @@ pub fn hash_range(f: &File, offset: u64, len: u64) -> std::io::Result<String> {
 /// Memory a node needs besides weights and KV cache (runtime, buffers, code).
 pub const FIXED_OVERHEAD: u64 = 64 << 20;
 
+/// What a token reads of each streamed block, in stream order: all of a dense block; of
+/// an MoE block everything but the experts, and `used/experts` of those.
+fn streamed_reads(m: &Manifest) -> Vec<u64> {
+    let c = &m.config;
+    m.stream_order()
+        .iter()
+        .map(|&i| {
+            let b = &m.blocks[i];
+            let experts: u64 = b
+                .tensors
+                .iter()
+                .filter(|t| t.expert.is_some())
+                .map(|t| t.len)
+                .sum();
+            if experts == 0 {
+                return b.len;
+            }
+            b.len - experts + experts * c.n_experts_used as u64 / c.n_experts.max(1) as u64
+        })
+        .collect()
+}
+
+/// The least memory a rank can run its shard in: a window of two of its largest streamed
+/// blocks (what a token reads of them: the one computing and the next, which the
+/// prefetcher loads meanwhile), its KV cache and [`FIXED_OVERHEAD`]. (The embedding is
+/// read row by row and never resident.)
+pub fn min_budget(m: &Manifest, kv_bytes: u64) -> u64 {
+    let largest = streamed_reads(m).into_iter().max().unwrap_or(0);
+    FIXED_OVERHEAD + kv_bytes + 2 * largest
+}
+
 /// Blocks an MoE shard's window holds at most when a budget sizes it: a few blocks
 /// ahead keep the disk busy; the rest of the budget serves better as the expert cache.
 pub const MOE_WINDOW_MAX: usize = 4;
@@ -360,20 +393,7 @@ pub fn plan_window(
     if c.n_experts == 0 || w.is_none() {
         return (w, 0);
     }
-    let read: Vec<u64> = order
-        .iter()
-        .map(|&i| {
-            let b = &m.blocks[i];
-            let experts: u64 = b
-                .tensors
-                .iter()
-                .filter(|t| t.expert.is_some())
-                .map(|t| t.len)
-                .sum();
-            b.len - experts + experts * c.n_experts_used as u64 / c.n_experts as u64
-        })
-        .collect();
-    let largest = read.iter().copied().max().unwrap_or(0);
+    let largest = streamed_reads(m).into_iter().max().unwrap_or(0);
     let w = (budget.saturating_sub(fixed) / largest.max(1)) as usize;
     let w = w.clamp(2, MOE_WINDOW_MAX.min(sizes.len()).max(2));
     let cache = budget
@@ -599,8 +619,28 @@ impl Shard {
     /// else derived from `mem_budget` (with `kv_bytes` of KV cache), else all resident.
     /// With a budget, an MoE shard's window also keeps recently used experts (see
     /// [`plan_window`]).
-    pub fn window(&self, window: Option<usize>, mem_budget: Option<u64>, kv_bytes: u64) -> Window {
+    pub fn window(
+        &self,
+        window: Option<usize>,
+        mem_budget: Option<u64>,
+        kv_bytes: u64,
+    ) -> Result<Window, StoreError> {
         let m = &self.manifest;
+        if let Some(budget) = mem_budget {
+            let min = min_budget(m, kv_bytes);
+            if budget < min {
+                // Rounded up except the budget, so the minimum shown never reads as fitting.
+                let mib = |b: u64| (b as f64 / 1048576.0 * 10.0).ceil() / 10.0;
+                return Err(StoreError::BudgetTooSmall {
+                    rank: m.rank,
+                    budget_mib: (budget as f64 / 1048576.0 * 10.0).floor() / 10.0,
+                    min_mib: mib(min),
+                    block_mib: mib((min - FIXED_OVERHEAD - kv_bytes) / 2),
+                    kv_mib: mib(kv_bytes),
+                    fixed_mib: (FIXED_OVERHEAD >> 20) as f64,
+                });
+            }
+        }
         let (w, cache_bytes) = plan_window(m, window, mem_budget, kv_bytes);
         let order = m.stream_order();
         let regions = order
@@ -626,17 +666,42 @@ impl Shard {
                 per
             })
             .collect();
-        Window::with_expert_cache(self.map(), self.file(), regions, experts, w, cache_bytes)
+        Ok(Window::with_expert_cache(
+            self.map(),
+            self.file(),
+            regions,
+            experts,
+            w,
+            cache_bytes,
+        ))
     }
 
-    /// Rank 0's head (embedding, final norm, LM head), over the map.
-    pub fn head(&self) -> Result<Head, crate::model::ModelError> {
+    /// This rank's head, over the map: the embedding (rank 0), the final norm and its
+    /// LM head rows. None for a rank that computes no logits.
+    pub fn head(&self) -> Result<Option<Head>, crate::model::ModelError> {
+        let m = &self.manifest;
+        let vocab = m.plan.ranks[m.rank as usize].vocab.clone();
+        let embed = if m.rank == 0 {
+            Some(self.weight(Role::Embed, 0)?)
+        } else {
+            None
+        };
+        if vocab.is_empty() {
+            if embed.is_some() {
+                return Err(crate::model::ModelError::Plan(
+                    "rank 0 computes no logits; tpi needs its vocabulary slice".into(),
+                ));
+            }
+            return Ok(None);
+        }
         Head::new(
-            &self.manifest.config,
-            self.weight(Role::Embed, 0)?,
+            &m.config,
+            embed,
             &self.weight(Role::FinalNorm, 0)?,
             self.weight(Role::LmHead, 0)?,
+            vocab,
         )
+        .map(Some)
     }
 }
 
