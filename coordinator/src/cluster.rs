@@ -45,6 +45,8 @@ pub struct ClusterOptions {
     pub coordinator_share: f64,
     /// Where the LM head's rows go.
     pub lm_head: tpi_node::model::HeadSplit,
+    /// Element type of every rank's KV cache.
+    pub kv_dtype: tpi_node::model::forward::KvDType,
     /// Rank 0's compute threads.
     pub threads: usize,
     /// Time allowed to reach each node.
@@ -265,7 +267,8 @@ impl ClusterBackend {
             &layouts,
             opts.shards.as_deref(),
         )?;
-        let model = shards[0].rank_model()?;
+        let mut model = shards[0].rank_model()?;
+        model.kv_dtype = opts.kv_dtype;
         let head = shards[0]
             .head()?
             .ok_or_else(|| Error::Cluster("rank 0's shard holds no LM head rows".into()))?;
@@ -296,6 +299,7 @@ impl ClusterBackend {
                     algo: opts.algo,
                     dtype: opts.dtype,
                     addrs: addrs.clone(),
+                    kv_dtype: opts.kv_dtype,
                     capacity: capacity as u32,
                 };
                 let (bars, style) = (&bars, &style);

@@ -4,7 +4,7 @@
 use std::time::Instant;
 
 use tpi_kernels::ThreadPool;
-use tpi_node::model::forward::{BlockHooks, ForwardTimes};
+use tpi_node::model::forward::{BlockHooks, ForwardTimes, KvDType};
 use tpi_node::model::{Head, KvCache, ModelConfig, ModelFiles, RankModel, SplitPlan};
 use tpi_node::store::{Shard, Window};
 use tpi_node::sys::{disk_read_bytes, peak_rss};
@@ -70,8 +70,10 @@ impl LocalBackend {
         window: Option<usize>,
         mem_budget: Option<u64>,
         capacity: usize,
+        kv_dtype: KvDType,
     ) -> Result<Self> {
-        let model = shard.rank_model()?;
+        let mut model = shard.rank_model()?;
+        model.kv_dtype = kv_dtype;
         let head = shard
             .head()?
             .ok_or_else(|| Error::Input("the shard holds no LM head rows".into()))?;
@@ -90,10 +92,11 @@ impl LocalBackend {
 
     /// Loads the model (mapped, not copied) for `threads` compute threads. The weight
     /// views keep the file maps alive, so `files` may be dropped afterwards.
-    pub fn new(files: &ModelFiles, threads: usize) -> Result<Self> {
+    pub fn new(files: &ModelFiles, threads: usize, kv_dtype: KvDType) -> Result<Self> {
         files.validate()?;
         let plan = SplitPlan::even(&files.config, 1)?;
-        let model = files.rank_model(&plan.ranks[0])?;
+        let mut model = files.rank_model(&plan.ranks[0])?;
+        model.kv_dtype = kv_dtype;
         let head = files.head()?;
         let cache = model.new_cache(0);
         Ok(LocalBackend {

@@ -1,9 +1,9 @@
-//! Causal grouped-query attention over an f32 KV cache, parallel over (token, head).
+//! Causal grouped-query attention over an f32 or f16 KV cache, parallel over (token, head).
 
 use std::cell::RefCell;
 
-use crate::gemv::{axpy, dot, SyncPtr};
-use crate::isa::active_isa;
+use crate::gemv::{axpy, axpy_f16, dot, dot_f16, SyncPtr};
+use crate::isa::{active_isa, Isa};
 use crate::ops::softmax;
 use crate::{KernelError, ThreadPool};
 
@@ -20,6 +20,33 @@ fn check_len(what: &'static str, expected: usize, actual: usize) -> Result<(), K
         });
     }
     Ok(())
+}
+
+/// An element type of the KV cache: f32, or f16 (half the memory; each key and value
+/// rounded once, when it is stored).
+pub trait KvElem: Copy + Send + Sync + 'static {
+    /// `q · k` on `isa`.
+    fn dot(isa: Isa, q: &[f32], k: &[Self]) -> f32;
+    /// `out += p * v` on `isa`.
+    fn axpy(isa: Isa, p: f32, v: &[Self], out: &mut [f32]);
+}
+
+impl KvElem for f32 {
+    fn dot(isa: Isa, q: &[f32], k: &[f32]) -> f32 {
+        dot(isa, q, k)
+    }
+    fn axpy(isa: Isa, p: f32, v: &[f32], out: &mut [f32]) {
+        axpy(isa, p, v, out)
+    }
+}
+
+impl KvElem for half::f16 {
+    fn dot(isa: Isa, q: &[f32], k: &[half::f16]) -> f32 {
+        dot_f16(isa, q, k)
+    }
+    fn axpy(isa: Isa, p: f32, v: &[half::f16], out: &mut [f32]) {
+        axpy_f16(isa, p, v, out)
+    }
 }
 
 /// The heads and masking of one attention call.
@@ -55,14 +82,14 @@ impl AttnShape {
 /// Causal GQA attention for `n_tokens` queries at positions `start_pos..start_pos+n_tokens`.
 /// `q`, `out`: `[n_tokens][n_heads*head_dim]`; caches: `[n_kv_heads][capacity][head_dim]`.
 #[allow(clippy::too_many_arguments)]
-pub fn attention(
+pub fn attention<T: KvElem>(
     pool: &ThreadPool,
     q: &[f32],
     n_tokens: usize,
     start_pos: usize,
     shape: &AttnShape,
-    k_cache: &[f32],
-    v_cache: &[f32],
+    k_cache: &[T],
+    v_cache: &[T],
     capacity: usize,
     out: &mut [f32],
 ) -> Result<(), KernelError> {
@@ -136,12 +163,12 @@ pub fn attention(
             s.resize(n_ctx - first, 0.0);
             for (j, sc) in (first..).zip(s.iter_mut()) {
                 let k = &k_cache[kbase + j * head_dim..kbase + (j + 1) * head_dim];
-                *sc = dot(isa, qv, k) * scale;
+                *sc = T::dot(isa, qv, k) * scale;
             }
             softmax(&mut s);
             o.fill(0.0);
             for (j, p) in (first..).zip(s.iter()) {
-                axpy(
+                T::axpy(
                     isa,
                     *p,
                     &v_cache[kbase + j * head_dim..kbase + (j + 1) * head_dim],

@@ -16,7 +16,7 @@ pub mod pool;
 pub mod quant;
 pub mod rope;
 
-pub use attention::{attention, AttnShape};
+pub use attention::{attention, AttnShape, KvElem};
 pub use dtype::{DType, KernelError, MatRef};
 pub use gemm::gemm;
 pub use gemv::gemv;

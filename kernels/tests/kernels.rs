@@ -1003,16 +1003,31 @@ fn attention_matches_reference() {
         let k = rng.vec(nkv * cap * hd);
         let v = rng.vec(nkv * cap * hd);
         let want = ref_attention(&q, nt, start, &sh, &k, &v, cap);
+        // An f16 cache: the same attention over the rounded keys and values.
+        let (k16, v16): (Vec<f16>, Vec<f16>) = (
+            k.iter().map(|&x| f16::from_f32(x)).collect(),
+            v.iter().map(|&x| f16::from_f32(x)).collect(),
+        );
+        let widen = |h: &[f16]| h.iter().map(|x| x.to_f32()).collect::<Vec<f32>>();
+        let want16 = ref_attention(&q, nt, start, &sh, &widen(&k16), &widen(&v16), cap);
         for_each_isa(|isa| {
             for pool in &pools {
                 let mut out = vec![f32::NAN; q.len()];
                 attention(pool, &q, nt, start, &sh, &k, &v, cap, &mut out).unwrap();
+                let mut out16 = vec![f32::NAN; q.len()];
+                attention(pool, &q, nt, start, &sh, &k16, &v16, cap, &mut out16).unwrap();
                 for i in 0..out.len() {
                     assert!(
                         (out[i] as f64 - want[i]).abs() < 2e-5,
                         "attention {isa:?} {sh:?} idx {i}: {} vs {}",
                         out[i],
                         want[i]
+                    );
+                    assert!(
+                        (out16[i] as f64 - want16[i]).abs() < 2e-5,
+                        "f16-cache attention {isa:?} {sh:?} idx {i}: {} vs {}",
+                        out16[i],
+                        want16[i]
                     );
                 }
             }

@@ -75,6 +75,8 @@ pub struct Setup {
     pub addrs: Vec<Option<SocketAddr>>,
     /// Initial KV cache capacity.
     pub capacity: u32,
+    /// Element type of the KV cache.
+    pub kv_dtype: crate::model::forward::KvDType,
 }
 
 /// Node → coordinator.

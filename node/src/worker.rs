@@ -64,6 +64,25 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(30);
 
 type Inbox = Arc<Mutex<Option<mpsc::Sender<(Connection, Stream)>>>>;
 
+/// The current session's inbox for data links, waiting up to `within` for a session to
+/// open one: a faster peer may dial us while our Setup is still on its way (dropping its
+/// stream then closed the peer's connection, and failed the session).
+async fn session_inbox(
+    inbox: &Inbox,
+    within: Duration,
+) -> Option<mpsc::Sender<(Connection, Stream)>> {
+    let until = Instant::now() + within;
+    loop {
+        if let Some(tx) = inbox.lock().unwrap().clone() {
+            return Some(tx);
+        }
+        if Instant::now() >= until {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
 /// Errors of a session at the node.
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
@@ -166,18 +185,15 @@ pub async fn serve(ep: Endpoint, opts: NodeOptions, net: Arc<Driven>) {
                     }
                     *inbox.lock().unwrap() = None;
                 }
-                DATA_STREAM_TAG => {
-                    let tx = inbox.lock().unwrap().clone();
-                    match tx {
-                        Some(tx) => {
-                            let _ = tx.send((conn, stream)).await;
-                        }
-                        // Drop just the stream: the connection may carry a session's
-                        // control stream whose last message (why it failed) must still
-                        // reach the coordinator.
-                        None => drop(stream),
+                DATA_STREAM_TAG => match session_inbox(&inbox, LINK_TIMEOUT).await {
+                    Some(tx) => {
+                        let _ = tx.send((conn, stream)).await;
                     }
-                }
+                    // Drop just the stream: the connection may carry a session's
+                    // control stream whose last message (why it failed) must still
+                    // reach the coordinator.
+                    None => drop(stream),
+                },
                 t => conn.close(&format!("unknown stream tag {t:#x}")),
             }
         });
@@ -464,7 +480,8 @@ async fn prepare(
         l.set_ranks(rank, &setup.addrs);
     }
     let shard = obtain_shard(ctl, opts, setup).await?;
-    let model = shard.rank_model()?;
+    let mut model = shard.rank_model()?;
+    model.kv_dtype = setup.kv_dtype;
     let head = shard.head()?;
     let cache = model.new_cache(setup.capacity as usize);
     let window = shard.window(opts.window, opts.mem_budget, cache.bytes() as u64)?;

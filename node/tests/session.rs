@@ -178,6 +178,7 @@ fn setup_for(m: &Manifest, plan_id: String) -> Setup {
         algo: Algo::Star.into(),
         dtype: WireDType::F32,
         addrs: vec![None, Some("127.0.0.1:9".parse().unwrap())],
+        kv_dtype: Default::default(),
         capacity: 16,
     }
 }
@@ -564,4 +565,27 @@ async fn roles_decide_who_may_start_a_session() {
         matches!(r, Ok(FromNode::Welcome { .. })),
         "legacy credential: {r:?}"
     );
+}
+
+/// A peer rank may dial this node's data port while the coordinator's Setup is still on its
+/// way here: the node keeps that stream for the session about to start (it used to drop it,
+/// which closed the peer's connection and failed a ring of 4 ranks about 1 run in 15
+/// under load).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_data_link_that_arrives_before_the_session_is_kept_for_it() {
+    let node = TestNode::start().await;
+    let cep = Endpoint::client(&node.client_cred).expect("client endpoint");
+    let conn = cep.connect(node.addr, T).await.expect("connect to node");
+    let mut s = conn
+        .open_stream(tpi_node::net::collective::DATA_STREAM_TAG)
+        .await
+        .expect("open data stream");
+    // QUIC opens a stream lazily: send something so the node sees it.
+    s.send_msg(&ToNode::End)
+        .await
+        .expect("write on the data stream");
+    match tokio::time::timeout(Duration::from_millis(700), conn.closed()).await {
+        Err(_) => {} // still open: the node holds the stream for the coming session
+        Ok(e) => panic!("the node closed an early data link instead of keeping it: {e}"),
+    }
 }

@@ -13,7 +13,7 @@ use tpi_testbed::smollm2_gguf;
 
 fn session() -> Session {
     let files = ModelFiles::open(&smollm2_gguf()).unwrap();
-    let backend = LocalBackend::new(&files, 2).unwrap();
+    let backend = LocalBackend::new(&files, 2, Default::default()).unwrap();
     Session::new(Box::new(backend), 4096).unwrap()
 }
 

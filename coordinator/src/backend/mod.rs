@@ -55,6 +55,8 @@ pub struct BackendSpec {
     pub coordinator_share: f64,
     /// Where the LM head's rows go.
     pub lm_head: tpi_node::model::HeadSplit,
+    /// Element type of every rank's KV cache.
+    pub kv_dtype: tpi_node::model::forward::KvDType,
     /// Cluster credential directory (None: [`Facts::default_credential`]).
     pub credential: Option<PathBuf>,
     /// Allreduce policy: one algorithm, or `auto`.

@@ -39,7 +39,9 @@ pub fn open(spec: &BackendSpec, files: &ModelFiles, capacity: usize) -> Result<B
     let choice = choose(spec, &files.config, &Facts::probe(files))?;
     let threads = choice.threads();
     let (nodes, credential, ratios, local) = match choice {
-        Choice::InPlace { threads } => return Ok(Box::new(LocalBackend::new(files, threads)?)),
+        Choice::InPlace { threads } => {
+            return Ok(Box::new(LocalBackend::new(files, threads, spec.kv_dtype)?))
+        }
         Choice::OneRankShard {
             threads,
             layout,
@@ -56,7 +58,7 @@ pub fn open(spec: &BackendSpec, files: &ModelFiles, capacity: usize) -> Result<B
                 Ok(s) => s,
                 Err(e) if or_in_place => {
                     tracing::warn!("no packed shard ({e}); reading the model file in place");
-                    return Ok(Box::new(LocalBackend::new(files, threads)?));
+                    return Ok(Box::new(LocalBackend::new(files, threads, spec.kv_dtype)?));
                 }
                 Err(e) => return Err(e),
             };
@@ -66,6 +68,7 @@ pub fn open(spec: &BackendSpec, files: &ModelFiles, capacity: usize) -> Result<B
                 spec.window,
                 spec.mem_budget,
                 capacity,
+                spec.kv_dtype,
             )?;
             return Ok(Box::new(backend));
         }
@@ -135,6 +138,7 @@ pub fn open(spec: &BackendSpec, files: &ModelFiles, capacity: usize) -> Result<B
         ratios,
         coordinator_share: spec.coordinator_share,
         lm_head: spec.lm_head,
+        kv_dtype: spec.kv_dtype,
         threads,
         connect_timeout: std::time::Duration::from_secs(5),
         quant: spec.quant,

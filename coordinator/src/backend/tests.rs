@@ -17,6 +17,7 @@ fn spec(ranks: Ranks) -> BackendSpec {
         ratios: None,
         coordinator_share: 1.0,
         lm_head: Default::default(),
+        kv_dtype: Default::default(),
         credential: None,
         algo: Policy::Auto,
         dtype: WireDType::F32,

@@ -243,8 +243,8 @@ pub fn bench(a: BenchArgs) -> anyhow::Result<()> {
             );
             for &t in &threads {
                 let mut be = match &shard {
-                    Some(s) => LocalBackend::from_shard(s, t, None, None, 0)?,
-                    None => LocalBackend::new(&loaded.files, t)?,
+                    Some(s) => LocalBackend::from_shard(s, t, None, None, 0, Default::default())?,
+                    None => LocalBackend::new(&loaded.files, t, Default::default())?,
                 };
                 let bw = kb::memory_bandwidth_gbs(&ThreadPool::new(t), 512 << 20, 5);
                 let mut pre = Vec::new();

@@ -512,3 +512,50 @@ pub(crate) unsafe fn gemm_tile<const MR: usize>(
         }
     }
 }
+
+/// `dot(a, b)` with `b` f16 (the KV cache), converted 8 at a time by F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn dot_f16(a: &[f32], b: &[half::f16]) -> f32 {
+    let n = a.len();
+    let (pa, pb) = (a.as_ptr(), b.as_ptr() as *const u16);
+    let ld = |p: *const u16| _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i));
+    let mut a0 = _mm256_setzero_ps();
+    let mut a1 = _mm256_setzero_ps();
+    let mut i = 0;
+    while i + 16 <= n {
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), ld(pb.add(i)), a0);
+        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i + 8)), ld(pb.add(i + 8)), a1);
+        i += 16;
+    }
+    if i + 8 <= n {
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), ld(pb.add(i)), a0);
+        i += 8;
+    }
+    let mut s = hsum256(_mm256_add_ps(a0, a1));
+    while i < n {
+        s += *pa.add(i) * b[i].to_f32();
+        i += 1;
+    }
+    s
+}
+
+/// `y += alpha * x` with `x` f16 (the KV cache).
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn axpy_f16(alpha: f32, x: &[half::f16], y: &mut [f32]) {
+    let n = x.len();
+    let (px, py) = (x.as_ptr() as *const u16, y.as_mut_ptr());
+    let av = _mm256_set1_ps(alpha);
+    let mut i = 0;
+    while i + 8 <= n {
+        let xv = _mm256_cvtph_ps(_mm_loadu_si128(px.add(i) as *const __m128i));
+        _mm256_storeu_ps(
+            py.add(i),
+            _mm256_fmadd_ps(av, xv, _mm256_loadu_ps(py.add(i))),
+        );
+        i += 8;
+    }
+    while i < n {
+        *py.add(i) += alpha * x[i].to_f32();
+        i += 1;
+    }
+}

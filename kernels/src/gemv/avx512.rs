@@ -447,3 +447,50 @@ pub(crate) unsafe fn gemm_tile<const MR: usize>(
         _mm512_storeu_ps(out.add(t * 32 + 16), acc1[t]);
     }
 }
+
+/// `dot(a, b)` with `b` f16 (the KV cache), converted 16 at a time.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+pub(crate) unsafe fn dot_f16(a: &[f32], b: &[half::f16]) -> f32 {
+    let n = a.len();
+    let (pa, pb) = (a.as_ptr(), b.as_ptr() as *const u16);
+    let mut a0 = _mm512_setzero_ps();
+    let mut a1 = _mm512_setzero_ps();
+    let ld = |p: *const u16| _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i));
+    let mut i = 0;
+    while i + 32 <= n {
+        a0 = _mm512_fmadd_ps(_mm512_loadu_ps(pa.add(i)), ld(pb.add(i)), a0);
+        a1 = _mm512_fmadd_ps(_mm512_loadu_ps(pa.add(i + 16)), ld(pb.add(i + 16)), a1);
+        i += 32;
+    }
+    if i + 16 <= n {
+        a0 = _mm512_fmadd_ps(_mm512_loadu_ps(pa.add(i)), ld(pb.add(i)), a0);
+        i += 16;
+    }
+    let mut s = hsum512(_mm512_add_ps(a0, a1));
+    while i < n {
+        s += *pa.add(i) * b[i].to_f32();
+        i += 1;
+    }
+    s
+}
+
+/// `y += alpha * x` with `x` f16 (the KV cache).
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+pub(crate) unsafe fn axpy_f16(alpha: f32, x: &[half::f16], y: &mut [f32]) {
+    let n = x.len();
+    let (px, py) = (x.as_ptr() as *const u16, y.as_mut_ptr());
+    let av = _mm512_set1_ps(alpha);
+    let mut i = 0;
+    while i + 16 <= n {
+        let xv = _mm512_cvtph_ps(_mm256_loadu_si256(px.add(i) as *const __m256i));
+        _mm512_storeu_ps(
+            py.add(i),
+            _mm512_fmadd_ps(av, xv, _mm512_loadu_ps(py.add(i))),
+        );
+        i += 16;
+    }
+    while i < n {
+        *py.add(i) += alpha * x[i].to_f32();
+        i += 1;
+    }
+}

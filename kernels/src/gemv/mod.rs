@@ -474,6 +474,32 @@ pub(crate) fn dot(isa: Isa, a: &[f32], b: &[f32]) -> f32 {
     }
 }
 
+/// [`dot`] with `b` f16 (an f16 KV cache). NEON converts in the scalar loop.
+pub(crate) fn dot_f16(isa: Isa, a: &[f32], b: &[half::f16]) -> f32 {
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[..n], &b[..n]);
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 | Isa::Avx512Vnni => unsafe { avx512::dot_f16(a, b) },
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => unsafe { avx2::dot_f16(a, b) },
+        _ => scalar::dot_f16(a, b),
+    }
+}
+
+/// [`axpy`] with `x` f16 (an f16 KV cache). NEON converts in the scalar loop.
+pub(crate) fn axpy_f16(isa: Isa, alpha: f32, x: &[half::f16], y: &mut [f32]) {
+    let n = x.len().min(y.len());
+    let (x, y) = (&x[..n], &mut y[..n]);
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 | Isa::Avx512Vnni => unsafe { avx512::axpy_f16(alpha, x, y) },
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => unsafe { avx2::axpy_f16(alpha, x, y) },
+        _ => scalar::axpy_f16(alpha, x, y),
+    }
+}
+
 /// Sum of an f32 slice on the given ISA.
 pub(crate) fn sum(isa: Isa, a: &[f32]) -> f32 {
     match isa {

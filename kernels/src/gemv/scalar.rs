@@ -103,3 +103,26 @@ pub(crate) fn gemm_tile<const MR: usize>(
         out[t * 32..t * 32 + 32].copy_from_slice(a);
     }
 }
+
+/// [`dot`] with `b` f16, in the same order.
+pub(crate) fn dot_f16(a: &[f32], b: &[half::f16]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let n8 = a.len() / 8 * 8;
+    for (ca, cb) in a[..n8].chunks_exact(8).zip(b[..n8].chunks_exact(8)) {
+        for i in 0..8 {
+            acc[i] += ca[i] * cb[i].to_f32();
+        }
+    }
+    let mut s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    for i in n8..a.len() {
+        s += a[i] * b[i].to_f32();
+    }
+    s
+}
+
+/// [`axpy`] with `x` f16.
+pub(crate) fn axpy_f16(alpha: f32, x: &[half::f16], y: &mut [f32]) {
+    for (yv, xv) in y.iter_mut().zip(x) {
+        *yv += alpha * xv.to_f32();
+    }
+}

@@ -10,6 +10,7 @@
 //! every Q/K matrix) we rotate interleaved pairs for those files. Attention scores are
 //! dot products within a head, so the same permutation of q and k leaves them unchanged.
 
+use half::f16;
 use tpi_kernels::{self as k, AttnShape, RopeLayout, ThreadPool};
 
 use super::arch::{Activation, Role, Split};
@@ -70,6 +71,8 @@ pub struct RankModel {
     act: Activation,
     inv_freq: Vec<f32>,
     inv_freq_local: Vec<f32>,
+    /// Element type of the KV caches [`RankModel::new_cache`] makes.
+    pub kv_dtype: KvDType,
 }
 
 /// Where a rank's sliced weights come from: `fetch(role, layer)` returns the weight
@@ -248,6 +251,7 @@ impl RankModel {
             act: spec.act,
             inv_freq: cfg.inv_freq(),
             inv_freq_local: cfg.inv_freq_local(),
+            kv_dtype: KvDType::F32,
         })
     }
 
@@ -258,6 +262,7 @@ impl RankModel {
             self.slice.n_kv_heads(),
             self.cfg.head_dim,
             capacity,
+            self.kv_dtype,
         )
     }
 
@@ -360,24 +365,24 @@ impl RankModel {
             );
         }
         let cap = cache.capacity;
-        let (kc, vc) = cache.layer_mut(layer);
-        for t in 0..n {
-            let pos = start + t;
-            for j in 0..nkv {
-                let dst = (j * cap + pos) * hd;
-                let src = t * kvd + j * hd;
-                kc[dst..dst + hd].copy_from_slice(&kk[src..src + hd]);
-                vc[dst..dst + hd].copy_from_slice(&vv[src..src + hd]);
-            }
-        }
         let mut o = vec![0f32; n * qd];
-        let (kc, vc) = cache.layer(layer);
         let shape = AttnShape {
             scale: cfg.attn_scale.unwrap_or(1.0 / (hd as f32).sqrt()),
             window: cfg.window(layer),
             ..AttnShape::causal(nh, nkv, hd)
         };
-        k::attention(pool, &q, n, start, &shape, kc, vc, cap, &mut o)?;
+        match &mut cache.store {
+            KvStore::F32 { k: kl, v: vl } => {
+                let (kc, vc) = (&mut kl[layer], &mut vl[layer]);
+                store_kv(&kk, &vv, n, start, nkv, hd, cap, kc, vc, |x| x);
+                k::attention(pool, &q, n, start, &shape, kc, vc, cap, &mut o)?;
+            }
+            KvStore::F16 { k: kl, v: vl } => {
+                let (kc, vc) = (&mut kl[layer], &mut vl[layer]);
+                store_kv(&kk, &vv, n, start, nkv, hd, cap, kc, vc, f16::from_f32);
+                k::attention(pool, &q, n, start, &shape, kc, vc, cap, &mut o)?;
+            }
+        }
         matmul(pool, wo, &o, n, &mut out[..n * d])?;
         cache.len = cache.len.max(start + n);
         Ok(())
@@ -539,10 +544,46 @@ pub fn matmul(
     Ok(())
 }
 
+/// Element type of the KV cache (`--kv-dtype`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum KvDType {
+    /// Exact.
+    #[default]
+    F32,
+    /// Half the memory; every key and value rounded to f16 once, when stored.
+    F16,
+}
+
+impl std::str::FromStr for KvDType {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "f32" => Ok(KvDType::F32),
+            "f16" => Ok(KvDType::F16),
+            _ => Err(format!("unknown KV cache type {s:?} (expected f32 or f16)")),
+        }
+    }
+}
+
+impl KvDType {
+    /// Bytes per element.
+    pub fn bytes(self) -> usize {
+        match self {
+            KvDType::F32 => 4,
+            KvDType::F16 => 2,
+        }
+    }
+}
+
+/// Per layer, K and V, in the cache's element type.
+enum KvStore {
+    F32 { k: Vec<Vec<f32>>, v: Vec<Vec<f32>> },
+    F16 { k: Vec<Vec<f16>>, v: Vec<Vec<f16>> },
+}
+
 /// A rank's KV cache: per layer, K and V laid out [kv_head][position][head_dim].
 pub struct KvCache {
-    k: Vec<Vec<f32>>,
-    v: Vec<Vec<f32>>,
+    store: KvStore,
     /// Positions the cache can hold.
     pub capacity: usize,
     /// Positions filled so far.
@@ -551,24 +592,75 @@ pub struct KvCache {
 
 impl KvCache {
     /// Allocates a zeroed cache.
-    pub fn new(n_layers: usize, n_kv: usize, head_dim: usize, capacity: usize) -> Self {
+    pub fn new(
+        n_layers: usize,
+        n_kv: usize,
+        head_dim: usize,
+        capacity: usize,
+        dtype: KvDType,
+    ) -> Self {
         let size = n_kv * capacity * head_dim;
+        let store = match dtype {
+            KvDType::F32 => KvStore::F32 {
+                k: (0..n_layers).map(|_| vec![0f32; size]).collect(),
+                v: (0..n_layers).map(|_| vec![0f32; size]).collect(),
+            },
+            KvDType::F16 => KvStore::F16 {
+                k: (0..n_layers).map(|_| vec![f16::ZERO; size]).collect(),
+                v: (0..n_layers).map(|_| vec![f16::ZERO; size]).collect(),
+            },
+        };
         KvCache {
-            k: (0..n_layers).map(|_| vec![0f32; size]).collect(),
-            v: (0..n_layers).map(|_| vec![0f32; size]).collect(),
+            store,
             capacity,
             len: 0,
         }
     }
-    fn layer(&self, l: usize) -> (&[f32], &[f32]) {
-        (&self.k[l], &self.v[l])
-    }
-    fn layer_mut(&mut self, l: usize) -> (&mut [f32], &mut [f32]) {
-        (&mut self.k[l], &mut self.v[l])
+    /// The element type.
+    pub fn dtype(&self) -> KvDType {
+        match self.store {
+            KvStore::F32 { .. } => KvDType::F32,
+            KvStore::F16 { .. } => KvDType::F16,
+        }
     }
     /// Bytes held.
     pub fn bytes(&self) -> usize {
-        self.k.iter().chain(&self.v).map(|x| x.len() * 4).sum()
+        let elems: usize = match &self.store {
+            KvStore::F32 { k, v } => k.iter().chain(v).map(Vec::len).sum(),
+            KvStore::F16 { k, v } => k.iter().chain(v).map(Vec::len).sum(),
+        };
+        elems * self.dtype().bytes()
+    }
+}
+
+/// Stores the `n` new positions' keys and values (`kk`, `vv`: `[n][n_kv·hd]`) at
+/// `start..` of one layer's cache (`[n_kv][cap][hd]`), converted by `conv`.
+#[allow(clippy::too_many_arguments)]
+fn store_kv<T: Copy>(
+    kk: &[f32],
+    vv: &[f32],
+    n: usize,
+    start: usize,
+    nkv: usize,
+    hd: usize,
+    cap: usize,
+    kc: &mut [T],
+    vc: &mut [T],
+    conv: impl Fn(f32) -> T,
+) {
+    let kvd = nkv * hd;
+    for t in 0..n {
+        let pos = start + t;
+        for j in 0..nkv {
+            let dst = (j * cap + pos) * hd;
+            let src = t * kvd + j * hd;
+            for (d, s) in kc[dst..dst + hd].iter_mut().zip(&kk[src..src + hd]) {
+                *d = conv(*s);
+            }
+            for (d, s) in vc[dst..dst + hd].iter_mut().zip(&vv[src..src + hd]) {
+                *d = conv(*s);
+            }
+        }
     }
 }
 
