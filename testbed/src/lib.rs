@@ -428,6 +428,18 @@ pub fn copy_dir(src: &Path, tag: &str) -> TempDir {
     t
 }
 
+/// Runs `cmd` (`what` describes it) within `limit`, requires a clean success (no panic
+/// on stderr either), and parses its stdout as the one JSON object of `--json`.
+pub fn run_json_within(cmd: Command, limit: std::time::Duration, what: &str) -> serde_json::Value {
+    let (status, stdout, stderr) = run_with_limit(cmd, limit, what);
+    assert!(
+        status.success() && !stderr.contains("panicked"),
+        "{what} failed ({status}):\n{stdout}\n{stderr}"
+    );
+    serde_json::from_str(stdout.trim())
+        .unwrap_or_else(|e| panic!("{what}: not one JSON object ({e}):\n{stdout}"))
+}
+
 /// Runs `cmd` (stdin closed, stdout and stderr captured) with a wall-clock limit and
 /// returns (status, stdout, stderr). On timeout it kills the process and panics with
 /// `what` and the stderr so far: a hung run fails the test instead of hanging it.

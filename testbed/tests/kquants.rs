@@ -14,8 +14,8 @@ use std::time::Duration;
 
 use serde_json::Value;
 use tpi_testbed::{
-    cmdline, greedy_args, ids, kquant_models, max_abs_diff, read_json, read_npy, run_tpi,
-    run_with_limit, tokens_arg, tpi_bin, TempDir,
+    cmdline, greedy_args, ids, kquant_models, max_abs_diff, read_json, read_npy, run_json_within,
+    run_tpi, tokens_arg, tpi_bin, TempDir,
 };
 
 /// Greedy tokens per run.
@@ -77,13 +77,7 @@ fn gen(model: &Path, extra: &[&str], env: &[(&str, &str)]) -> Gen {
         .envs(env.iter().copied());
     let envs: String = env.iter().map(|(k, v)| format!("{k}={v} ")).collect();
     let what = format!("`{envs}{}`", cmdline(&args));
-    let (status, stdout, stderr) = run_with_limit(cmd, Duration::from_secs(180), &what);
-    assert!(
-        status.success() && !stderr.contains("panicked"),
-        "{what} failed ({status}):\n{stdout}\n{stderr}"
-    );
-    let json: Value = serde_json::from_str(stdout.trim())
-        .unwrap_or_else(|e| panic!("{what}: not one JSON object ({e}):\n{stdout}"));
+    let json = run_json_within(cmd, Duration::from_secs(180), &what);
     let ids = ids(&json["generated_ids"]);
     let ((rows, vocab), logits) = read_npy(&npy);
     assert_eq!((ids.len(), rows), (N_TOKENS, N_TOKENS), "{what}");

@@ -6,8 +6,8 @@
 use std::path::Path;
 
 use tpi_testbed::{
-    check_ids, cmdline, floats, ids, model_fixture_dirs, read_json, read_npy, run_tpi_json,
-    smollm2_gguf, tokens_arg, TempDir,
+    check_ids, cmdline, floats, greedy_args, ids, model_fixture_dirs, read_json, read_npy,
+    run_tpi_json, smollm2_gguf, TempDir,
 };
 
 /// Max |Δ logit| against the f32 reference with an f16 KV cache (measured: 4.2e-3 to
@@ -17,26 +17,13 @@ const TOL_F16: f32 = 5e-2;
 const MARGIN: f64 = 0.05;
 
 fn run(model: &Path, prompt: &[u32], n: usize, npy: &Path, extra: &[&str]) -> Vec<u32> {
-    let mut args: Vec<String> = [
-        "run",
-        "--model",
-        &model.display().to_string(),
-        "--tokens",
-        &tokens_arg(prompt),
-        "--max-tokens",
-        &n.to_string(),
-        "--ignore-eos",
-        "--json",
-        "--threads",
-        "1",
-        "--node-threads",
-        "1",
-        "--logits-out",
-        &npy.display().to_string(),
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let mut args = greedy_args(model, prompt, n);
+    args.extend(
+        ["--threads", "1", "--node-threads", "1", "--logits-out"]
+            .map(String::from)
+            .into_iter()
+            .chain([npy.display().to_string()]),
+    );
     args.extend(extra.iter().map(|s| s.to_string()));
     let j = run_tpi_json(&args);
     let got = ids(&j["generated_ids"]);

@@ -11,7 +11,7 @@ use std::time::Duration;
 use serde_json::Value;
 use tpi_testbed::synth::gguf_model::{self as g, SynthQuant};
 use tpi_testbed::TempDir;
-use tpi_testbed::{cmdline, greedy_args, ids, max_abs_diff, read_npy, run_with_limit, tpi_bin};
+use tpi_testbed::{cmdline, greedy_args, ids, max_abs_diff, read_npy, run_json_within, tpi_bin};
 
 const N_TOKENS: usize = 6;
 /// Prompt ids: the BOS token, then ordinary ones.
@@ -42,13 +42,7 @@ fn gen(model: &Path, cache: &Path, extra: &[&str], env: &[(&str, &str)]) -> Gen 
         .env_remove("TPI_ISA")
         .envs(env.iter().copied());
     let what = format!("`{}`", cmdline(&args));
-    let (status, stdout, stderr) = run_with_limit(cmd, Duration::from_secs(600), &what);
-    assert!(
-        status.success() && !stderr.contains("panicked"),
-        "{what} failed ({status}):\n{stdout}\n{stderr}"
-    );
-    let json: Value = serde_json::from_str(stdout.trim())
-        .unwrap_or_else(|e| panic!("{what}: not one JSON object ({e}):\n{stdout}"));
+    let json = run_json_within(cmd, Duration::from_secs(600), &what);
     let ids = ids(&json["generated_ids"]);
     let ((rows, vocab), logits) = read_npy(&npy);
     assert_eq!(

@@ -405,26 +405,14 @@ fn random_blocks(b: Block, rms: f32, rng: &mut XorShift, out: &mut [u8]) {
                 blk[..2].copy_from_slice(&d[i % 2]);
             }
         }
-        Block::Q4K => {
-            // value = d·sc·q − dmin·m with m = sc and dmin = 7.5·d: d·sc·(q − 7.5).
-            let d = rms / (sc_rms * rms_code(16, 7.5));
+        Block::Q4K | Block::Q5K => {
+            // value = d·sc·q − dmin·m with m = sc and dmin = c·d, c the codes' centre
+            // (7.5 for Q4_K's 4 bits, 15.5 for Q5_K's 5): d·sc·(q − c).
+            let levels = if b == Block::Q4K { 16 } else { 32 };
+            let c = (levels - 1) as f32 / 2.0;
+            let d = rms / (sc_rms * rms_code(levels, c));
             let dh = f16::from_f32(d).to_bits().to_le_bytes();
-            let dmin = f16::from_f32(7.5 * d).to_bits().to_le_bytes();
-            for blk in out.chunks_exact_mut(bytes) {
-                blk[..2].copy_from_slice(&dh);
-                blk[2..4].copy_from_slice(&dmin);
-                let mut sc = [0u8; 8];
-                for s in &mut sc {
-                    *s = (SC_LO as usize + rng.below(span)) as u8;
-                }
-                blk[4..16].copy_from_slice(&pack_q4k_scales(&sc, &sc));
-            }
-        }
-        Block::Q5K => {
-            // As Q4_K with 5-bit codes: d·sc·(q − 15.5).
-            let d = rms / (sc_rms * rms_code(32, 15.5));
-            let dh = f16::from_f32(d).to_bits().to_le_bytes();
-            let dmin = f16::from_f32(15.5 * d).to_bits().to_le_bytes();
+            let dmin = f16::from_f32(c * d).to_bits().to_le_bytes();
             for blk in out.chunks_exact_mut(bytes) {
                 blk[..2].copy_from_slice(&dh);
                 blk[2..4].copy_from_slice(&dmin);
