@@ -67,6 +67,10 @@ struct ClusterArgs {
     /// Model shape preset.
     #[arg(long, default_value = "llama2-70b")]
     preset: String,
+    /// Layers instead of the preset's (a scaled model with its real tensor sizes, as
+    /// `tpi-testbed synth --layers` writes).
+    #[arg(long)]
+    layers: Option<usize>,
     /// Number of devices (ranks).
     #[arg(long, default_value_t = 8)]
     devices: usize,
@@ -123,6 +127,11 @@ impl ClusterArgs {
         })?;
         if self.devices == 0 {
             bail!("--devices must be at least 1");
+        }
+        match self.layers {
+            Some(0) => bail!("--layers must be at least 1"),
+            Some(l) => shape.layers = l,
+            None => {}
         }
         let topology = match &self.topology {
             Some(p) => Topology::load(p)?,

@@ -66,8 +66,11 @@ enum Cmd {
         #[arg(long, default_value_t = 1)]
         seed: u64,
         /// Output file.
+        #[arg(long, required_unless_present = "size_only")]
+        out: Option<PathBuf>,
+        /// Print the file's length in bytes and write nothing.
         #[arg(long)]
-        out: PathBuf,
+        size_only: bool,
     },
     /// Fuzz the parsers of untrusted input (see tpi_testbed::fuzz); new behaviours are
     /// added to testbed/fuzz/corpus/<target>/, crashes saved to testbed/fuzz/crashes/.
@@ -92,7 +95,8 @@ fn synth(
     layers: Option<usize>,
     quant: &str,
     seed: u64,
-    out: &std::path::Path,
+    out: Option<&std::path::Path>,
+    size_only: bool,
 ) -> anyhow::Result<()> {
     use tpi_testbed::synth::gguf_model as g;
     let base = g::shape(shape).map_err(anyhow::Error::msg)?;
@@ -101,6 +105,11 @@ fn synth(
     }
     let s = g::with_layers(base, layers);
     let q: g::SynthQuant = quant.parse().map_err(anyhow::Error::msg)?;
+    if size_only {
+        println!("{}", g::file_len(&s, q));
+        return Ok(());
+    }
+    let out = out.ok_or_else(|| anyhow::anyhow!("--out is required"))?;
     let t0 = std::time::Instant::now();
     eprintln!(
         "writing {} ({} layers, {quant}, {:.2} GB) to {}",
@@ -144,9 +153,10 @@ fn real_main() -> anyhow::Result<()> {
         quant,
         seed,
         out,
+        size_only,
     } = &cmd
     {
-        return synth(shape, *layers, quant, *seed, out);
+        return synth(shape, *layers, quant, *seed, out.as_deref(), *size_only);
     }
     if let Cmd::Fuzz {
         target,
