@@ -70,20 +70,18 @@ for link in loopback ${LINKS//,/_COMMA_}; do
 done
 python3 testbed/bench/70b/report.py "$read_gbs" "$LAYERS" "${runs[@]}"
 
+# The simulator's prediction for every link in $LINKS at per-device disk and GEMV rates.
+predict() {
+    local disk=$1 compute=$2 link
+    for link in ${LINKS//,/_COMMA_}; do
+        link=${link//_COMMA_/,}
+        $T/tpi-sim predict --preset llama3-70b --layers "$LAYERS" --devices "$RANKS" --link "$link" \
+            --quant q4_k --mem-budget "$BUDGET" --disk-gbs "$disk" --compute-gbs "$compute" \
+            --prompt "$PROMPT" --gen "$TOKENS" --algo all | head -7
+    done
+}
 echo
 echo "== simulator: this machine ($RANKS ranks share 2 cores and one disk)"
-share=$(python3 -c "print($read_gbs / $RANKS)")
-cshare=$(python3 -c "print($COMPUTE_GBS * 2 / $RANKS)")
-for link in ${LINKS//,/_COMMA_}; do
-    link=${link//_COMMA_/,}
-    $T/tpi-sim predict --preset llama3-70b --layers "$LAYERS" --devices "$RANKS" --link "$link" \
-        --quant q4_k --mem-budget "$BUDGET" --disk-gbs "$share" --compute-gbs "$cshare" \
-        --prompt "$PROMPT" --gen "$TOKENS" --algo all | head -7
-done
+predict "$(python3 -c "print($read_gbs / $RANKS)")" "$(python3 -c "print($COMPUTE_GBS * 2 / $RANKS)")"
 echo "== simulator: $RANKS real devices, each with its own disk ($read_gbs GB/s) and core ($COMPUTE_GBS GB/s)"
-for link in ${LINKS//,/_COMMA_}; do
-    link=${link//_COMMA_/,}
-    $T/tpi-sim predict --preset llama3-70b --layers "$LAYERS" --devices "$RANKS" --link "$link" \
-        --quant q4_k --mem-budget "$BUDGET" --disk-gbs "$read_gbs" --compute-gbs "$COMPUTE_GBS" \
-        --prompt "$PROMPT" --gen "$TOKENS" --algo all | head -7
-done
+predict "$read_gbs" "$COMPUTE_GBS"
