@@ -312,6 +312,19 @@ pub fn greedy_args(model: &Path, tokens: &[u32], max_tokens: usize) -> Vec<Strin
     ]
 }
 
+/// [`greedy_args`] on one thread per rank, writing every step's logits to `npy`.
+pub fn greedy_logits_args(
+    model: &Path,
+    tokens: &[u32],
+    max_tokens: usize,
+    npy: &Path,
+) -> Vec<String> {
+    let mut args = greedy_args(model, tokens, max_tokens);
+    args.extend(["--threads", "1", "--node-threads", "1", "--logits-out"].map(String::from));
+    args.push(npy.display().to_string());
+    args
+}
+
 /// Runs `tpi` and requires success; returns stdout parsed as the one JSON object of `--json`.
 pub fn run_tpi_json<S: AsRef<OsStr>>(args: &[S]) -> serde_json::Value {
     let out = run_tpi(args);

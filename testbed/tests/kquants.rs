@@ -14,8 +14,8 @@ use std::time::Duration;
 
 use serde_json::Value;
 use tpi_testbed::{
-    cmdline, greedy_args, ids, kquant_models, max_abs_diff, read_json, read_npy, run_json_within,
-    run_tpi, tokens_arg, tpi_bin, TempDir,
+    cmdline, greedy_args, greedy_logits_args, ids, kquant_models, max_abs_diff, read_json,
+    read_npy, run_json_within, run_tpi, tokens_arg, tpi_bin, TempDir,
 };
 
 /// Greedy tokens per run.
@@ -62,13 +62,7 @@ impl Gen {
 fn gen(model: &Path, extra: &[&str], env: &[(&str, &str)]) -> Gen {
     let tmp = TempDir::new("kquant-logits");
     let npy = tmp.join("logits.npy");
-    let mut args = greedy_args(model, &PROMPT, N_TOKENS);
-    args.extend(
-        ["--threads", "1", "--node-threads", "1", "--logits-out"]
-            .map(String::from)
-            .into_iter()
-            .chain([npy.display().to_string()]),
-    );
+    let mut args = greedy_logits_args(model, &PROMPT, N_TOKENS, &npy);
     args.extend(extra.iter().map(|s| s.to_string()));
     let mut cmd = Command::new(tpi_bin());
     cmd.args(&args)

@@ -6,7 +6,7 @@
 use std::path::Path;
 
 use tpi_testbed::{
-    check_ids, cmdline, floats, greedy_args, ids, model_fixture_dirs, read_json, read_npy,
+    check_ids, cmdline, floats, greedy_logits_args, ids, model_fixture_dirs, read_json, read_npy,
     run_tpi_json, smollm2_gguf, TempDir,
 };
 
@@ -17,13 +17,7 @@ const TOL_F16: f32 = 5e-2;
 const MARGIN: f64 = 0.05;
 
 fn run(model: &Path, prompt: &[u32], n: usize, npy: &Path, extra: &[&str]) -> Vec<u32> {
-    let mut args = greedy_args(model, prompt, n);
-    args.extend(
-        ["--threads", "1", "--node-threads", "1", "--logits-out"]
-            .map(String::from)
-            .into_iter()
-            .chain([npy.display().to_string()]),
-    );
+    let mut args = greedy_logits_args(model, prompt, n, npy);
     args.extend(extra.iter().map(|s| s.to_string()));
     let j = run_tpi_json(&args);
     let got = ids(&j["generated_ids"]);
