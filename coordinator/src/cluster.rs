@@ -8,7 +8,7 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use futures::future::try_join_all;
+use futures::future::{join_all, try_join_all};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use tpi_kernels::{Layout, ThreadPool};
 use tpi_node::model::forward::BlockHooks;
@@ -539,11 +539,50 @@ impl ClusterBackend {
     }
 }
 
-/// Explains a failed allreduce (the network error names the node whose link broke).
-fn step_error(e: Error) -> Error {
-    match e {
-        Error::Net(n) => Error::Cluster(format!("cluster step failed: {n}")),
-        other => other,
+impl ClusterBackend {
+    /// Explains a failed allreduce. The network error names the rank whose link to rank 0
+    /// broke, but when one node dies a surviving node can give up on the step first, and
+    /// then the link rank 0 sees break is the survivor's. So the nodes' own reports, which
+    /// each sends on its control stream as it fails and which name the link that broke
+    /// there, lead the message when any arrive within half a second.
+    fn explain_step_failure(&mut self, e: Error) -> Error {
+        let seen = match e {
+            Error::Net(n) => n.to_string(),
+            other => return other,
+        };
+        let nodes = &mut self.nodes;
+        let reports: Vec<String> = self
+            .net
+            .block_on(join_all(nodes.iter_mut().enumerate().map(
+                |(i, n)| async move {
+                    let deadline = tokio::time::Instant::now() + Duration::from_millis(500);
+                    loop {
+                        let next = tokio::time::timeout_at(
+                            deadline,
+                            n.ctl.recv_msg::<FromNode>(MAX_CONTROL),
+                        );
+                        match next.await {
+                            // The timings of a node that finished its part of the step.
+                            Ok(Ok(FromNode::StepDone(_))) => continue,
+                            Ok(Ok(m)) => {
+                                return said(n.addr, i + 1, m).err().map(|e| e.to_string())
+                            }
+                            _ => return None,
+                        }
+                    }
+                },
+            )))
+            .into_iter()
+            .flatten()
+            .collect();
+        if reports.is_empty() {
+            Error::Cluster(format!("cluster step failed: {seen}"))
+        } else {
+            Error::Cluster(format!(
+                "cluster step failed: {} (rank 0 saw: {seen})",
+                reports.join("; ")
+            ))
+        }
     }
 }
 
@@ -631,7 +670,7 @@ impl Backend for ClusterBackend {
         );
         let times = match res {
             Ok(t) => t,
-            Err(e) => return Err(step_error(e)),
+            Err(e) => return Err(self.explain_step_failure(e)),
         };
         let d = self.model.cfg.hidden_size;
         let head_pos = 2 * self.model.cfg.n_layers;
