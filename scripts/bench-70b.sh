@@ -6,10 +6,11 @@
 # / the sequential read bandwidth measured in the same run), the links' cost, and the
 # simulator's predictions for this machine and for 8 real devices.
 #
-#   LAYERS=80 scripts/bench-70b.sh        # the real depth: 42.5 GB of GGUF + ~42 GB of shards
+#   LAYERS=80 scripts/bench-70b.sh        # the real depth: 42.5 GB of shards (and of GGUF,
+#                                         # if the disk holds both)
 #   LAYERS=16 scripts/bench-70b.sh        # a scaled run with the real tensor sizes (~9 + 9 GB)
 #
-# Environment: LAYERS (80), RANKS (8), BUDGET (1GiB), PROMPT (32 tokens), TOKENS (16),
+# Environment: FROM (gguf or shards; default: gguf if the disk holds both), LAYERS (80), RANKS (8), BUDGET (1GiB), PROMPT (32 tokens), TOKENS (16),
 # LINKS ("1ms,300mbit"), COMPUTE_GBS (per-core GEMV rate for the simulator, 20),
 # DIR (${TPI_CACHE:-$HOME/.cache/tpi}/bench-70b). Not part of CI: it needs tens of GB.
 set -euo pipefail
@@ -25,35 +26,53 @@ CACHE=${TPI_CACHE:-$HOME/.cache/tpi}
 DIR=${DIR:-$CACHE/bench-70b}
 T=target/release
 mkdir -p "$DIR"
-cargo build --workspace --release --bins >&2
+cargo build --workspace --release --bins --tests >&2
 
-MODEL="$DIR/llama3-70b-${LAYERS}l-q4_k_m.gguf"
-if [[ ! -f $MODEL ]]; then
-    # The shards need about as much again as the file: check for both before writing.
-    need=$($T/tpi-testbed synth --shape llama3-70b --layers "$LAYERS" --quant q4_k_m --size-only)
-    free=$(df -B1 --output=avail "$DIR" | tail -1)
-    python3 - "$need" "$free" <<'PY'
-import sys
-need, free = float(sys.argv[1]), float(sys.argv[2])
-if free < 2 * need + 2**30:
-    sys.exit(f"bench-70b: the GGUF ({need/1e9:.1f} GB) and its ranks' shards (as much again) "
-             f"need {2*need/1e9 + 1.1:.1f} GB; {free/1e9:.1f} GB free. Use a smaller LAYERS.")
-PY
-    $T/tpi-testbed synth --shape llama3-70b --layers "$LAYERS" --quant q4_k_m --out "$MODEL"
+# Where the weights come from: a GGUF sharded on the first run (GGUF and shards both on
+# disk), or, when the disk cannot hold both, the ranks' shards written directly by
+# `synth --shards-out` beside a header-only model file (FROM=shards forces it, FROM=gguf
+# the other).
+need=$($T/tpi-testbed synth --shape llama3-70b --layers "$LAYERS" --quant q4_k_m --size-only)
+free=$(df -B1 --output=avail "$DIR" | tail -1)
+GGUF="$DIR/llama3-70b-${LAYERS}l-q4_k_m.gguf"
+SHARDS="$DIR/llama3-70b-${LAYERS}l-q4_k_m-$RANKS-shards"
+if [[ -z ${FROM:-} ]]; then
+    if [[ -f $GGUF ]] || (( free > 2 * need + (1 << 30) )); then FROM=gguf; else FROM=shards; fi
 fi
-echo "model: $MODEL ($(du -h "$MODEL" | cut -f1))"
+common_tail=()
+if [[ $FROM == gguf ]]; then
+    MODEL=$GGUF
+    if [[ ! -f $MODEL ]]; then
+        $T/tpi-testbed synth --shape llama3-70b --layers "$LAYERS" --quant q4_k_m --out "$MODEL"
+    fi
+else
+    MODEL="$SHARDS/model.gguf"
+    if [[ ! -f $SHARDS/rank-$((RANKS - 1))/manifest.json ]]; then
+        echo "== writing the shards for $RANKS ranks directly (synth --shards-out)"
+        t0=$(date +%s.%N)
+        $T/tpi-testbed synth --shape llama3-70b --layers "$LAYERS" --quant q4_k_m \
+            --shards-out "$SHARDS" --nodes "$RANKS"
+        t1=$(date +%s.%N)
+        python3 -c "print(f'shards written in {$t1 - $t0:.1f} s')"
+    fi
+    common_tail=(--shards "$SHARDS")
+fi
+echo "model: $MODEL ($(du -h "$MODEL" | cut -f1) on disk)"
 
 ids=$(python3 -c "print(','.join(['128000'] + [str((i * 7919 + 13) % 128000) for i in range($PROMPT - 1)]))")
 common=(run --model "$MODEL" --tokens "$ids" --ignore-eos --json --local-cluster "$RANKS"
-        --mem-budget "$BUDGET" --threads 1 --node-threads 1)
+        --mem-budget "$BUDGET" --threads 1 --node-threads 1 "${common_tail[@]}")
 
-echo "== sharding for $RANKS ranks (first run, one token)"
-t0=$(date +%s.%N)
-TPI_CACHE=$CACHE $T/tpi "${common[@]}" --max-tokens 1 > "$DIR/shard-run.json"
-t1=$(date +%s.%N)
-python3 -c "print(f'shard + first token: {$t1 - $t0:.1f} s')"
-
-shard=$(find "$CACHE/shards" -name shard.bin -newer "$MODEL" -size +100M | head -1)
+if [[ $FROM == gguf ]]; then
+    echo "== sharding for $RANKS ranks (first run, one token)"
+    t0=$(date +%s.%N)
+    TPI_CACHE=$CACHE $T/tpi "${common[@]}" --max-tokens 1 > "$DIR/shard-run.json"
+    t1=$(date +%s.%N)
+    python3 -c "print(f'shard + first token: {$t1 - $t0:.1f} s')"
+    shard=$(find "$CACHE/shards" -name shard.bin -newer "$MODEL" -size +100M | head -1)
+else
+    shard="$SHARDS/rank-1/shard.bin"
+fi
 echo "== sequential read bandwidth (O_DIRECT, $shard)"
 read_gbs=$(dd if="$shard" of=/dev/null bs=8M count=256 iflag=direct 2>&1 \
     | python3 -c "import sys,re; t=sys.stdin.read(); m=re.search(r'(\d+) bytes.*?, ([\d.]+) s', t); print(int(m.group(1))/float(m.group(2))/1e9)")

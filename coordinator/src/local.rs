@@ -185,11 +185,13 @@ fn spawn_node(
 
 impl LocalCluster {
     /// Starts `nodes` node processes with `threads` threads each (and `env` added to their
-    /// environment) and waits for each to listen.
+    /// environment) and waits for each to listen. Node i (rank i+1) also gets
+    /// `per_node[i]`'s arguments, if there are any.
     pub fn spawn(
         nodes: usize,
         threads: usize,
         extra_args: &[String],
+        per_node: &[Vec<String>],
         env: &[(String, String)],
     ) -> Result<Self> {
         let dir = unique_dir();
@@ -206,8 +208,10 @@ impl LocalCluster {
         let cred_dir = dir.join("node");
         node_cred.save(&cred_dir)?;
         let bin = node_binary();
-        for _ in 0..nodes {
-            let mut child = spawn_node(&bin, &cred_dir, threads, extra_args, env)?;
+        for i in 0..nodes {
+            let mut args = extra_args.to_vec();
+            args.extend(per_node.get(i).into_iter().flatten().cloned());
+            let mut child = spawn_node(&bin, &cred_dir, threads, &args, env)?;
             let addr = wait_for_listen(&mut child, Duration::from_secs(20));
             me.children.push(child);
             let addr = addr?;

@@ -336,6 +336,17 @@ async fn handshake(ctl: &mut Stream, opts: &NodeOptions) -> Result<Setup, Sessio
     Ok(setup)
 }
 
+/// Runs `work` (disk reads, hashing: seconds on a large shard) on tokio's blocking pool, so
+/// the session's runtime keeps answering the network meanwhile: a runtime blocked for
+/// longer than the idle timeout looks like a dead node to the coordinator.
+async fn off_runtime<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, SessionError> + Send + 'static,
+) -> Result<T, SessionError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| SessionError::Protocol(format!("the node's loader failed: {e}")))?
+}
+
 /// Brings the session's shard to this node: the given `--shard` directory, the intact
 /// cached copy, or whatever blocks the coordinator sends for the cache.
 async fn obtain_shard(
@@ -344,7 +355,8 @@ async fn obtain_shard(
     setup: &Setup,
 ) -> Result<Shard, SessionError> {
     if let Some(dir) = &opts.shard_dir {
-        return match check_given_shard(dir, setup) {
+        let (d, s) = (dir.clone(), setup.clone());
+        return match off_runtime(move || Ok(check_given_shard(&d, &s))).await? {
             Ok(s) => {
                 ctl.send_msg(&FromNode::NeedBlocks(Vec::new())).await?;
                 Ok(s)
@@ -354,7 +366,10 @@ async fn obtain_shard(
     }
     let cache = ShardCache::new(&opts.data_dir.join("shards"));
     let m = &setup.manifest;
-    let needs = cache.needs(m)?;
+    let needs = {
+        let (c, m) = (cache.clone(), m.clone());
+        off_runtime(move || Ok(c.needs(&m)?)).await?
+    };
     let receiver = if needs.is_empty() {
         None
     } else {
@@ -362,7 +377,8 @@ async fn obtain_shard(
     };
     ctl.send_msg(&FromNode::NeedBlocks(needs.clone())).await?;
     let Some(mut rx) = receiver else {
-        return Ok(Shard::open(&cache.dir_for(m))?);
+        let d = cache.dir_for(m);
+        return off_runtime(move || Ok(Shard::open(&d)?)).await;
     };
     let mut buf = Vec::new();
     loop {
@@ -389,7 +405,7 @@ async fn obtain_shard(
             }
         }
     }
-    Ok(rx.finish()?)
+    off_runtime(move || Ok(rx.finish()?)).await
 }
 
 async fn build_links(
@@ -480,11 +496,17 @@ async fn prepare(
         l.set_ranks(rank, &setup.addrs);
     }
     let shard = obtain_shard(ctl, opts, setup).await?;
-    let mut model = shard.rank_model()?;
-    model.kv_dtype = setup.kv_dtype;
-    let head = shard.head()?;
-    let cache = model.new_cache(setup.capacity as usize);
-    let window = shard.window(opts.window, opts.mem_budget, cache.bytes() as u64)?;
+    let (window, budget) = (opts.window, opts.mem_budget);
+    let (kv_dtype, capacity) = (setup.kv_dtype, setup.capacity as usize);
+    let (shard, model, head, cache, window) = off_runtime(move || {
+        let mut model = shard.rank_model()?;
+        model.kv_dtype = kv_dtype;
+        let head = shard.head()?;
+        let cache = model.new_cache(capacity);
+        let window = shard.window(window, budget, cache.bytes() as u64)?;
+        Ok((shard, model, head, cache, window))
+    })
+    .await?;
     let links = build_links(ep, conn, setup, &mut rx).await?;
     let mut group = Group::new(rank, setup.world as usize, setup.algo, setup.dtype, links)?;
     ctl.send_msg(&FromNode::Ready {

@@ -66,8 +66,20 @@ enum Cmd {
         #[arg(long, default_value_t = 1)]
         seed: u64,
         /// Output file.
-        #[arg(long, required_unless_present = "size_only")]
+        #[arg(long, required_unless_present_any = ["size_only", "shards_out"], conflicts_with = "shards_out")]
         out: Option<PathBuf>,
+        /// Write the ranks' shards into this directory instead of a GGUF (what `tpi shard
+        /// --out DIR --nodes N` would make of it), beside a header-only `model.gguf`: for
+        /// models whose file and shards do not both fit on the disk.
+        #[arg(long, requires = "nodes")]
+        shards_out: Option<PathBuf>,
+        /// Ranks of the shards (even split), rank 0 included.
+        #[arg(long, requires = "shards_out")]
+        nodes: Option<usize>,
+        /// Row layout of the shards' Q4 matrices (packed or ggml); default: what this
+        /// machine's kernels read fastest, as `tpi shard`.
+        #[arg(long, requires = "shards_out")]
+        layout: Option<String>,
         /// Print the file's length in bytes and write nothing.
         #[arg(long)]
         size_only: bool,
@@ -90,12 +102,22 @@ enum Cmd {
     },
 }
 
+/// Where `synth` writes: a GGUF file, or the shards of N ranks.
+enum SynthOut<'a> {
+    File(&'a std::path::Path),
+    Shards {
+        dir: &'a std::path::Path,
+        nodes: usize,
+        layout: tpi_kernels::Layout,
+    },
+}
+
 fn synth(
     shape: &str,
     layers: Option<usize>,
     quant: &str,
     seed: u64,
-    out: Option<&std::path::Path>,
+    out: Option<SynthOut>,
     size_only: bool,
 ) -> anyhow::Result<()> {
     use tpi_testbed::synth::gguf_model as g;
@@ -109,7 +131,50 @@ fn synth(
         println!("{}", g::file_len(&s, q));
         return Ok(());
     }
-    let out = out.ok_or_else(|| anyhow::anyhow!("--out is required"))?;
+    let out = match out {
+        Some(SynthOut::File(f)) => f,
+        Some(SynthOut::Shards { dir, nodes, layout }) => {
+            let t0 = std::time::Instant::now();
+            eprintln!(
+                "writing the shards of {} ({} layers, {quant}) for {nodes} ranks to {}",
+                s.name,
+                s.layers,
+                dir.display()
+            );
+            let w = tpi_testbed::synth::shards_out::write_shards(
+                &s,
+                q,
+                seed,
+                nodes,
+                layout,
+                dir,
+                |i, n| {
+                    if i % 45 == 0 {
+                        eprintln!("  tensor {i}/{n}");
+                    }
+                },
+            )
+            .map_err(anyhow::Error::msg)?;
+            let bytes: u64 = w.manifests.iter().map(|m| m.file_len).sum();
+            let secs = t0.elapsed().as_secs_f64();
+            for m in &w.manifests {
+                println!(
+                    "  rank {}: {} blocks, {:.2} GB",
+                    m.rank,
+                    m.blocks.len(),
+                    m.file_len as f64 / 1e9
+                );
+            }
+            println!(
+                "{}: {nodes} shards, {bytes} bytes in {secs:.1} s ({:.0} MB/s); model {}",
+                dir.display(),
+                bytes as f64 / 1e6 / secs.max(1e-9),
+                w.model.display()
+            );
+            return Ok(());
+        }
+        None => anyhow::bail!("--out or --shards-out is required"),
+    };
     let t0 = std::time::Instant::now();
     eprintln!(
         "writing {} ({} layers, {quant}, {:.2} GB) to {}",
@@ -153,10 +218,26 @@ fn real_main() -> anyhow::Result<()> {
         quant,
         seed,
         out,
+        shards_out,
+        nodes,
+        layout,
         size_only,
     } = &cmd
     {
-        return synth(shape, *layers, quant, *seed, out.as_deref(), *size_only);
+        let out = match (out, shards_out) {
+            (Some(f), _) => Some(SynthOut::File(f)),
+            (None, Some(dir)) => Some(SynthOut::Shards {
+                dir,
+                nodes: nodes.unwrap_or(1),
+                layout: match layout.as_deref() {
+                    None => tpi_node::store::default_layout(),
+                    Some(l) => tpi_kernels::Layout::from_name(l)
+                        .ok_or_else(|| anyhow::anyhow!("unknown --layout `{l}` (ggml, packed)"))?,
+                },
+            }),
+            (None, None) => None,
+        };
+        return synth(shape, *layers, quant, *seed, out, *size_only);
     }
     if let Cmd::Fuzz {
         target,

@@ -164,5 +164,106 @@ fn llama3_70b_shape_with_2_layers_splits_over_1_to_8_ranks() {
             ));
         }
     }
+    fails.extend(shards_out_matches_tpi_shard(
+        &tmp, &shape, &model, &s8_args, &s8,
+    ));
     assert!(fails.is_empty(), "{}", fails.join("\n"));
+}
+
+/// `synth --shards-out` (the shards without the model file): the same blocks as `tpi
+/// shard` makes of the GGUF of the same seed, a model file that takes no disk for weights
+/// and refuses to be read for them, and a run from the shards that gives the GGUF's
+/// 8-rank run (`s8`, made with `s8_args`) exactly.
+fn shards_out_matches_tpi_shard(
+    tmp: &TempDir,
+    shape: &g::Shape,
+    model: &Path,
+    s8_args: &[&str],
+    s8: &Gen,
+) -> Vec<String> {
+    use tpi_testbed::synth::shards_out::{write_shards, MODEL_FILE};
+    let mut fails = Vec::new();
+    let layout = tpi_node::store::default_layout();
+    let out = tmp.join("shards-out");
+    let w = write_shards(shape, SynthQuant::Q4KM, 1, 8, layout, &out, |_, _| {})
+        .unwrap_or_else(|e| panic!("synth --shards-out: {e}"));
+    let reference = tmp.join("tpi-shard");
+    let args = [
+        "shard".to_string(),
+        "--model".into(),
+        model.display().to_string(),
+        "--nodes".into(),
+        "8".into(),
+        "--out".into(),
+        reference.display().to_string(),
+        "--layout".into(),
+        layout.name().into(),
+    ];
+    let st = Command::new(tpi_bin())
+        .args(&args)
+        .env_remove("RUST_LOG")
+        .status()
+        .expect("tpi shard runs");
+    assert!(st.success(), "`{}` failed", cmdline(&args));
+    for (r, m) in w.manifests.iter().enumerate() {
+        let theirs =
+            tpi_node::store::load_manifest(&reference.join(format!("rank-{r}"))).expect("manifest");
+        let key = |m: &tpi_node::store::Manifest| {
+            m.blocks
+                .iter()
+                .map(|b| (format!("{:?}", b.kind), b.offset, b.len, b.sha256.clone()))
+                .collect::<Vec<_>>()
+        };
+        if key(m) != key(&theirs) || m.plan != theirs.plan || m.config != theirs.config {
+            fails.push(format!(
+                "rank {r}: synth --shards-out's blocks differ from tpi shard's"
+            ));
+        }
+    }
+    // The model file is a header over a hole.
+    let file = out.join(MODEL_FILE);
+    let meta = std::fs::metadata(&file).unwrap();
+    use std::os::unix::fs::MetadataExt;
+    let on_disk = meta.blocks() * 512;
+    // (Its header is the GGUF's and one key longer.)
+    let gguf_len = std::fs::metadata(model).unwrap().len();
+    if meta.len().abs_diff(gguf_len) > 4096 || on_disk > 64 << 20 {
+        fails.push(format!(
+            "{MODEL_FILE}: {} bytes long, {on_disk} on disk (want the GGUF's {gguf_len}, no weights)",
+            meta.len()
+        ));
+    }
+    // Refused as a source of weights, with where they are.
+    let refused = Command::new(tpi_bin())
+        .args(greedy_args(&file, &PROMPT, 1))
+        .env("TPI_CACHE", tmp.join("refused-cache"))
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("tpi runs");
+    let err = String::from_utf8_lossy(&refused.stderr);
+    if refused.status.success() || !err.contains("holds no weights") || !err.contains("--shards") {
+        fails.push(format!(
+            "tpi run on the header-only model without --shards: {} / {err}",
+            refused.status
+        ));
+    }
+    // From the shards: exactly the GGUF's 8-rank run.
+    let out_s = out.display().to_string();
+    let mut args = s8_args.to_vec();
+    args.extend(["--shards", &out_s]);
+    let got = gen(
+        &file,
+        &tmp.join("empty-cache"),
+        &args,
+        &[("TPI_ISA", "scalar")],
+    );
+    if got.ids != s8.ids || got.logits != s8.logits {
+        fails.push(format!(
+            "from synth --shards-out: ids {:?} vs the GGUF's {:?}, max |Δ logit| {:.2e}",
+            got.ids,
+            s8.ids,
+            max_abs_diff(&got.logits, &s8.logits)
+        ));
+    }
+    fails
 }

@@ -36,6 +36,12 @@ impl Facts {
 /// Opens the backend `spec` asks for on the model in `files`, with KV room for
 /// `capacity` positions (0: the model's maximum).
 pub fn open(spec: &BackendSpec, files: &ModelFiles, capacity: usize) -> Result<Box<dyn Backend>> {
+    if let (Some(at), None) = (files.store.weights_elsewhere(), &spec.shards) {
+        return Err(Error::Input(format!(
+            "{} holds no weights, only the model's description: they are in {at}",
+            files.path.display()
+        )));
+    }
     let choice = choose(spec, &files.config, &Facts::probe(files))?;
     let threads = choice.threads();
     let (nodes, credential, ratios, local) = match choice {
@@ -86,7 +92,18 @@ pub fn open(spec: &BackendSpec, files: &ModelFiles, capacity: usize) -> Result<B
                 tpi_node::net::driven::set_default_spin(std::time::Duration::ZERO);
                 env.push(("TPI_SPIN_US".to_string(), "0".to_string()));
             }
-            let lc = LocalCluster::spawn(nodes, node_threads, &node_args, &env)?;
+            // Given shards: each node maps its own rank's directory instead of receiving a
+            // copy into its cache (on one machine, a second copy of every shard).
+            let per_node: Vec<Vec<String>> = match &spec.shards {
+                Some(dir) => (1..=nodes)
+                    .map(|r| {
+                        let d = crate::shards::rank_dir(dir, r);
+                        vec!["--shard".to_string(), d.display().to_string()]
+                    })
+                    .collect(),
+                None => Vec::new(),
+            };
+            let lc = LocalCluster::spawn(nodes, node_threads, &node_args, &per_node, &env)?;
             (
                 lc.addrs.clone(),
                 lc.credential.clone(),
@@ -186,7 +203,7 @@ pub fn default_credential() -> Option<PathBuf> {
 pub fn has_q4_matrices(files: &ModelFiles) -> bool {
     files
         .store
-        .role(&files.config, Role::Wq, 0)
+        .role_shape(&files.config, Role::Wq, 0)
         .is_ok_and(|w| matches!(w.dtype, DType::Q4_0 | DType::Q4_1))
 }
 
@@ -196,7 +213,7 @@ pub fn bytes_per_weight(files: &ModelFiles, quant: Quant) -> Result<f64> {
         let b = dt.block_len();
         return Ok(dt.row_bytes(b).unwrap_or(4 * b) as f64 / b as f64);
     }
-    let w = files.store.role(&files.config, Role::Wq, 0)?;
+    let w = files.store.role_shape(&files.config, Role::Wq, 0)?;
     Ok(w.nbytes() as f64 / (w.rows * w.cols).max(1) as f64)
 }
 

@@ -41,6 +41,14 @@ pub enum ModelError {
     /// A required tensor is absent.
     #[error("missing tensor `{0}`")]
     MissingTensor(String),
+    /// The file declares the tensor but holds no weights (its data are elsewhere).
+    #[error("tensor `{tensor}`: this file holds no weights, only the model's description; they are in {at}")]
+    WeightsElsewhere {
+        /// Tensor name.
+        tensor: String,
+        /// Where the file says the weights are.
+        at: String,
+    },
     /// A tensor's shape differs from what the config implies.
     #[error("tensor `{tensor}` has shape {got:?}, expected {expected:?}")]
     BadShape {

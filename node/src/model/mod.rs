@@ -73,10 +73,10 @@ impl ModelFiles {
     pub fn validate(&self) -> Result<(), ModelError> {
         let cfg = &self.config;
         let spec = cfg.spec()?;
-        self.store.role(cfg, Role::Embed, 0)?;
-        self.store.role(cfg, Role::FinalNorm, 0)?;
+        self.store.role_shape(cfg, Role::Embed, 0)?;
+        self.store.role_shape(cfg, Role::FinalNorm, 0)?;
         if !cfg.tie_word_embeddings {
-            self.store.role(cfg, Role::LmHead, 0)?;
+            self.store.role_shape(cfg, Role::LmHead, 0)?;
         }
         let roles = spec.layer_roles(cfg);
         let mut known: std::collections::HashSet<String> =
@@ -89,13 +89,13 @@ impl ModelFiles {
             for &r in &roles {
                 if r.is_expert() {
                     for e in 0..cfg.n_experts {
-                        self.store.expert(cfg, r, l, e)?;
+                        self.store.expert_shape(cfg, r, l, e)?;
                         if let Some(n) = spec.tensor_name(r, self.store.format(), l, e) {
                             known.insert(n);
                         }
                     }
                 } else {
-                    self.store.role(cfg, r, l)?;
+                    self.store.role_shape(cfg, r, l)?;
                     known.insert(self.store.role_name(cfg, r, l)?);
                 }
             }
@@ -159,7 +159,7 @@ impl ModelFiles {
         } else {
             Role::LmHead
         };
-        Ok(self.store.role(&self.config, role, 0)?.nbytes() as u64)
+        Ok(self.store.role_shape(&self.config, role, 0)?.nbytes() as u64)
     }
 
     /// The slice of every layer that `slice` describes, as zero-copy views of the files.
@@ -236,7 +236,7 @@ impl ModelFiles {
 fn slice_align(store: &TensorStore, cfg: &ModelConfig) -> config::SliceAlign {
     let block = |role: Role| {
         (0..cfg.n_layers)
-            .filter_map(|l| store.role(cfg, role, l).ok())
+            .filter_map(|l| store.role_shape(cfg, role, l).ok())
             .map(|w| w.dtype.block_len())
             .max()
             .unwrap_or(1)

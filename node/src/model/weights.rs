@@ -1,7 +1,7 @@
 //! Weight views over memory-mapped files or owned buffers, and the tensor store that
 //! names them canonically whatever the file format (GGUF or safetensors).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -327,7 +327,20 @@ pub struct TensorStore {
     format: Format,
     maps: Vec<Arc<Mmap>>,
     entries: BTreeMap<String, Entry>,
+    /// The file declares its tensors but holds none of their bytes (see
+    /// [`WEIGHTS_ELSEWHERE_KEY`]): reading one is an error unless [`TensorStore::set_data`]
+    /// put it in memory.
+    weights_elsewhere: Option<String>,
+    /// Tensors whose bytes are held in memory instead of read from the file.
+    in_memory: HashMap<String, Arc<Vec<u8>>>,
 }
+
+/// GGUF metadata key of a file that declares a model's tensors without holding their
+/// bytes (its data section is a hole): `tpi-testbed synth --shards-out` writes one beside
+/// the shards it generates, so the shards have a model (config, vocabulary, identity)
+/// without the tens of GB the weights would take a second time. Its value says where the
+/// weights are.
+pub const WEIGHTS_ELSEWHERE_KEY: &str = "tpi.weights_elsewhere";
 
 fn map_file(path: &Path) -> Result<Mmap, ModelError> {
     let file = std::fs::File::open(path).map_err(|err| ModelError::Io {
@@ -379,6 +392,12 @@ impl TensorStore {
             format: Format::Gguf,
             maps: vec![f.map()],
             entries,
+            weights_elsewhere: f.meta(WEIGHTS_ELSEWHERE_KEY).map(|_| {
+                f.get_str(WEIGHTS_ELSEWHERE_KEY)
+                    .unwrap_or("elsewhere")
+                    .to_string()
+            }),
+            in_memory: HashMap::new(),
         }
     }
 
@@ -441,6 +460,8 @@ impl TensorStore {
             format: Format::SafeTensors,
             maps,
             entries,
+            weights_elsewhere: None,
+            in_memory: HashMap::new(),
         })
     }
 
@@ -461,10 +482,25 @@ impl TensorStore {
 
     /// A tensor by file name.
     pub fn get(&self, name: &str) -> Result<Weight, ModelError> {
+        self.lookup(name, true)
+    }
+
+    /// Tensor `name` for its type and shape only: in a file whose weights are elsewhere,
+    /// a view of its (empty) place in the file.
+    fn lookup(&self, name: &str, data: bool) -> Result<Weight, ModelError> {
         let e = self
             .entries
             .get(name)
             .ok_or_else(|| ModelError::MissingTensor(name.to_string()))?;
+        if let Some(bytes) = self.in_memory.get(name) {
+            return Weight::new(e.dtype, e.rows, e.cols, Blob::Owned(bytes.clone()), 0);
+        }
+        if let (true, Some(at)) = (data, &self.weights_elsewhere) {
+            return Err(ModelError::WeightsElsewhere {
+                tensor: name.to_string(),
+                at: at.clone(),
+            });
+        }
         Weight::new(
             e.dtype,
             e.rows,
@@ -472,6 +508,36 @@ impl TensorStore {
             Blob::Map(self.maps[e.file].clone()),
             e.offset,
         )
+    }
+
+    /// Holds tensor `name`'s bytes in memory from now on, in place of the file's: for a
+    /// generator that makes each tensor only when a shard needs it. The length must be
+    /// the tensor's.
+    pub fn set_data(&mut self, name: &str, bytes: Vec<u8>) -> Result<(), ModelError> {
+        let e = self
+            .entries
+            .get(name)
+            .ok_or_else(|| ModelError::MissingTensor(name.to_string()))?;
+        let want = e.dtype.row_bytes(e.cols).unwrap_or(0) * e.rows;
+        if bytes.len() != want {
+            return Err(ModelError::Input(format!(
+                "tensor `{name}` takes {want} bytes, not {}",
+                bytes.len()
+            )));
+        }
+        self.in_memory.insert(name.to_string(), Arc::new(bytes));
+        Ok(())
+    }
+
+    /// Forgets the in-memory bytes [`TensorStore::set_data`] gave tensor `name`.
+    pub fn clear_data(&mut self, name: &str) {
+        self.in_memory.remove(name);
+    }
+
+    /// Where the weights are when this file does not hold them (see
+    /// [`WEIGHTS_ELSEWHERE_KEY`]).
+    pub fn weights_elsewhere(&self) -> Option<&str> {
+        self.weights_elsewhere.as_deref()
     }
 
     /// The file name of a role's tensor in `cfg`'s family.
@@ -491,11 +557,31 @@ impl TensorStore {
     /// A tensor by role, with its shape checked against the config (for an expert role,
     /// expert 0; see [`TensorStore::expert`]).
     pub fn role(&self, cfg: &ModelConfig, role: Role, layer: usize) -> Result<Weight, ModelError> {
+        self.role_of(cfg, role, layer, true)
+    }
+
+    /// [`TensorStore::role`] for its type and shape only (see [`TensorStore::lookup`]).
+    pub fn role_shape(
+        &self,
+        cfg: &ModelConfig,
+        role: Role,
+        layer: usize,
+    ) -> Result<Weight, ModelError> {
+        self.role_of(cfg, role, layer, false)
+    }
+
+    fn role_of(
+        &self,
+        cfg: &ModelConfig,
+        role: Role,
+        layer: usize,
+        data: bool,
+    ) -> Result<Weight, ModelError> {
         if role.is_expert() {
-            return self.expert(cfg, role, layer, 0);
+            return self.expert_of(cfg, role, layer, 0, data);
         }
         let name = self.role_name(cfg, role, layer)?;
-        let w = self.get(&name)?;
+        let w = self.lookup(&name, data)?;
         let (r, c) = role.shape(cfg);
         check_role_shape(&name, &w, r, c)?;
         Ok(w)
@@ -510,6 +596,28 @@ impl TensorStore {
         layer: usize,
         e: usize,
     ) -> Result<Weight, ModelError> {
+        self.expert_of(cfg, role, layer, e, true)
+    }
+
+    /// [`TensorStore::expert`] for its type and shape only (see [`TensorStore::lookup`]).
+    pub fn expert_shape(
+        &self,
+        cfg: &ModelConfig,
+        role: Role,
+        layer: usize,
+        e: usize,
+    ) -> Result<Weight, ModelError> {
+        self.expert_of(cfg, role, layer, e, false)
+    }
+
+    fn expert_of(
+        &self,
+        cfg: &ModelConfig,
+        role: Role,
+        layer: usize,
+        e: usize,
+        data: bool,
+    ) -> Result<Weight, ModelError> {
         let name = cfg
             .spec()?
             .tensor_name(role, self.format, layer, e)
@@ -522,7 +630,7 @@ impl TensorStore {
                 cfg.n_experts
             )));
         }
-        let w = self.get(&name)?;
+        let w = self.lookup(&name, data)?;
         let (r, c) = role.shape(cfg);
         match self.format {
             Format::SafeTensors => {

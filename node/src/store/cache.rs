@@ -28,6 +28,7 @@ pub struct BlockNeed {
 }
 
 /// The shard cache under a node's data directory.
+#[derive(Clone)]
 pub struct ShardCache {
     root: PathBuf,
 }

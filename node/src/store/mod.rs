@@ -6,7 +6,9 @@ pub mod window;
 
 pub use cache::{BlockNeed, Receiver, ShardCache};
 pub use manifest::{BlockEntry, BlockKind, Manifest};
-pub use shard::{default_layout, layout_for_isa, load_manifest, write_shard, Quant, Shard};
+pub use shard::{
+    default_layout, layout_for_isa, load_manifest, write_shard, Quant, Shard, ShardWriter,
+};
 pub use window::{window_for_budget, Window, WindowStats};
 
 use std::path::Path;

@@ -171,35 +171,107 @@ pub fn write_shard(
     layout: Layout,
     dir: &Path,
 ) -> Result<Manifest, StoreError> {
-    let cfg = &files.config;
-    std::fs::create_dir_all(dir).map_err(|e| StoreError::io(dir, e))?;
-    let tmp = dir.join(format!("{DATA_FILE}.tmp"));
-    let mut f = File::create(&tmp).map_err(|e| StoreError::io(&tmp, e))?;
-    let mut kinds: Vec<BlockKind> = (0..cfg.n_layers as u32)
-        .flat_map(|l| [BlockKind::Attn(l), BlockKind::Mlp(l)])
-        .collect();
-    if !plan.ranks[rank].vocab.is_empty() {
-        kinds.push(BlockKind::Head);
+    let mut w = ShardWriter::create(files, plan, rank, quant, layout, dir)?;
+    while let Some(kind) = w.next_block() {
+        w.write_block(files, kind)?;
     }
-    if rank == 0 {
-        kinds.push(BlockKind::Embed);
+    w.finish(files)
+}
+
+/// A rank's shard being written block by block, in stream order (every layer's attention
+/// then MLP, then the head's rows if the rank has any, then rank 0's embedding), for a
+/// caller that must interleave the ranks: a generator that makes each layer's tensors
+/// once and hands them to every rank's writer. [`write_shard`] is the usual driver.
+pub struct ShardWriter {
+    plan: SplitPlan,
+    rank: usize,
+    quant: Quant,
+    layout: Layout,
+    dir: PathBuf,
+    tmp: PathBuf,
+    out: std::io::BufWriter<File>,
+    pos: u64,
+    kinds: Vec<BlockKind>,
+    blocks: Vec<BlockEntry>,
+}
+
+impl ShardWriter {
+    /// Starts rank `rank`'s shard of `files` under `plan` in `dir` (its data file is
+    /// written aside and renamed by [`ShardWriter::finish`]).
+    pub fn create(
+        files: &ModelFiles,
+        plan: &SplitPlan,
+        rank: usize,
+        quant: Quant,
+        layout: Layout,
+        dir: &Path,
+    ) -> Result<Self, StoreError> {
+        let cfg = &files.config;
+        if rank >= plan.world() {
+            return Err(StoreError::Invalid(format!(
+                "rank {rank} of a plan for {} ranks",
+                plan.world()
+            )));
+        }
+        std::fs::create_dir_all(dir).map_err(|e| StoreError::io(dir, e))?;
+        let tmp = dir.join(format!("{DATA_FILE}.tmp"));
+        let f = File::create(&tmp).map_err(|e| StoreError::io(&tmp, e))?;
+        let mut kinds: Vec<BlockKind> = (0..cfg.n_layers as u32)
+            .flat_map(|l| [BlockKind::Attn(l), BlockKind::Mlp(l)])
+            .collect();
+        if !plan.ranks[rank].vocab.is_empty() {
+            kinds.push(BlockKind::Head);
+        }
+        if rank == 0 {
+            kinds.push(BlockKind::Embed);
+        }
+        kinds.reverse();
+        Ok(ShardWriter {
+            plan: plan.clone(),
+            rank,
+            quant,
+            layout,
+            dir: dir.to_path_buf(),
+            tmp,
+            out: std::io::BufWriter::with_capacity(1 << 20, f),
+            pos: 0,
+            kinds,
+            blocks: Vec::new(),
+        })
     }
-    let slice = &plan.ranks[rank];
-    let mut blocks = Vec::with_capacity(kinds.len());
-    let mut out = std::io::BufWriter::with_capacity(1 << 20, &mut f);
-    let mut pos = 0u64;
-    let ioe = |e: std::io::Error| StoreError::Invalid(format!("writing {}: {e}", tmp.display()));
-    for kind in kinds {
+
+    /// The block [`ShardWriter::write_block`] must write next; None when all are written.
+    pub fn next_block(&self) -> Option<BlockKind> {
+        self.kinds.last().copied()
+    }
+
+    /// Writes block `kind`, which must be [`ShardWriter::next_block`], from the tensors of
+    /// `files` (the model the writer was created for).
+    pub fn write_block(&mut self, files: &ModelFiles, kind: BlockKind) -> Result<(), StoreError> {
+        if self.next_block() != Some(kind) {
+            return Err(StoreError::Invalid(format!(
+                "rank {}'s shard: block {kind:?} out of order (next: {:?})",
+                self.rank,
+                self.next_block()
+            )));
+        }
+        let cfg = &files.config;
+        let (plan, rank, quant, layout) = (&self.plan, self.rank, self.quant, self.layout);
+        let tmp = &self.tmp;
+        let out = &mut self.out;
+        let ioe =
+            |e: std::io::Error| StoreError::Invalid(format!("writing {}: {e}", tmp.display()));
         let layer = match kind {
             BlockKind::Attn(l) | BlockKind::Mlp(l) => l as usize,
             _ => 0,
         };
-        let offset = align(pos, BLOCK_ALIGN);
-        out.write_all(&vec![0u8; (offset - pos) as usize])
+        let offset = align(self.pos, BLOCK_ALIGN);
+        out.write_all(&vec![0u8; (offset - self.pos) as usize])
             .map_err(ioe)?;
         let mut hash = Sha256::new();
         let mut len = 0u64;
         let mut tensors = Vec::new();
+        let slice = &plan.ranks[rank];
         let tensors_of_block = block_roles(cfg, plan, rank, kind)?
             .into_iter()
             .flat_map(|role| {
@@ -249,14 +321,14 @@ pub fn write_shard(
                 layout
             };
             let stored_cols = cols.as_ref().map_or(w.cols, |c| c.len());
-            let (dtype, tl, n) = write_tensor(&mut out, &mut hash, &w, (target, cols), tl, &what)
+            let (dtype, tl, n) = write_tensor(out, &mut hash, &w, (target, cols), tl, &what)
                 .map_err(|e| {
-                if e.kind() == std::io::ErrorKind::InvalidInput {
-                    StoreError::Invalid(e.to_string())
-                } else {
-                    ioe(e)
-                }
-            })?;
+                    if e.kind() == std::io::ErrorKind::InvalidInput {
+                        StoreError::Invalid(e.to_string())
+                    } else {
+                        ioe(e)
+                    }
+                })?;
             full.release_pages();
             tensors.push(TensorEntry {
                 role,
@@ -271,37 +343,53 @@ pub fn write_shard(
             });
             len += n;
         }
-        pos = offset + len;
-        blocks.push(BlockEntry {
+        self.pos = offset + len;
+        self.blocks.push(BlockEntry {
             kind,
             offset,
             len,
             sha256: hex::encode(hash.finalize()),
             tensors,
         });
+        self.kinds.pop();
+        Ok(())
     }
-    out.flush().map_err(ioe)?;
-    drop(out);
-    f.set_len(pos).map_err(|e| StoreError::io(&tmp, e))?;
-    f.sync_all().map_err(|e| StoreError::io(&tmp, e))?;
-    drop(f);
-    let data_path = dir.join(DATA_FILE);
-    std::fs::rename(&tmp, &data_path).map_err(|e| StoreError::io(&data_path, e))?;
-    let manifest = Manifest {
-        format: SHARD_FORMAT,
-        model_id: files.identity()?,
-        plan_id: plan.id(),
-        plan: plan.clone(),
-        rank: rank as u32,
-        config: cfg.clone(),
-        quant: quant.to_string(),
-        layout: layout.name().into(),
-        blocks,
-        file_len: pos,
-    };
-    save_manifest(dir, &manifest)?;
-    stamp_verified(dir);
-    Ok(manifest)
+
+    /// Completes the shard once every block is written: syncs and renames its data file,
+    /// then writes the manifest (last, atomically).
+    pub fn finish(self, files: &ModelFiles) -> Result<Manifest, StoreError> {
+        if let Some(k) = self.next_block() {
+            return Err(StoreError::Invalid(format!(
+                "rank {}'s shard is missing block {k:?} and the rest",
+                self.rank
+            )));
+        }
+        let tmp = &self.tmp;
+        let f = self
+            .out
+            .into_inner()
+            .map_err(|e| StoreError::io(tmp, e.into_error()))?;
+        f.set_len(self.pos).map_err(|e| StoreError::io(tmp, e))?;
+        f.sync_all().map_err(|e| StoreError::io(tmp, e))?;
+        drop(f);
+        let data_path = self.dir.join(DATA_FILE);
+        std::fs::rename(tmp, &data_path).map_err(|e| StoreError::io(&data_path, e))?;
+        let manifest = Manifest {
+            format: SHARD_FORMAT,
+            model_id: files.identity()?,
+            plan_id: self.plan.id(),
+            plan: self.plan,
+            rank: self.rank as u32,
+            config: files.config.clone(),
+            quant: self.quant.to_string(),
+            layout: self.layout.name().into(),
+            blocks: self.blocks,
+            file_len: self.pos,
+        };
+        save_manifest(&self.dir, &manifest)?;
+        stamp_verified(&self.dir);
+        Ok(manifest)
+    }
 }
 
 /// sha256 (hex) of `len` bytes of `f` from `offset`, read in 1 MiB pieces.

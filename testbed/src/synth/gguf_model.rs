@@ -145,8 +145,8 @@ fn use_more_bits(i: usize, n: usize) -> bool {
 }
 
 /// What one tensor of the file is.
-struct Planned {
-    name: String,
+pub(crate) struct Planned {
+    pub(crate) name: String,
     /// (row length, rows); rows = 1 for vectors.
     cols: usize,
     rows: usize,
@@ -294,11 +294,22 @@ fn vocabulary(vocab: usize, rng: &mut XorShift) -> (Vec<String>, Vec<i32>, Vec<S
 }
 
 /// The header of the generated file (metadata, vocabulary, tensor directory).
-fn header(s: &Shape, quant: SynthQuant, seed: u64) -> (GgufHeader, Vec<Planned>) {
+/// The file's header (metadata and tensor directory) and its tensors, in file order;
+/// with `weights_at`, the header says the file holds no weights and where they are (see
+/// [`tpi_node::model::weights::WEIGHTS_ELSEWHERE_KEY`]).
+pub(crate) fn header(
+    s: &Shape,
+    quant: SynthQuant,
+    seed: u64,
+    weights_at: Option<&str>,
+) -> (GgufHeader, Vec<Planned>) {
     let tensors = plan(s, quant);
     let mut h = GgufHeader::new();
     let a = "llama";
     h.str("general.architecture", a);
+    if let Some(at) = weights_at {
+        h.str(tpi_node::model::weights::WEIGHTS_ELSEWHERE_KEY, at);
+    }
     h.str(
         "general.name",
         &format!("synthetic {} ({} layers, seed {seed})", s.name, s.layers),
@@ -352,9 +363,52 @@ pub fn with_layers(mut s: Shape, layers: Option<usize>) -> Shape {
     s
 }
 
+/// Writes tensor `index` (`t`) of the file, drawn from its own stream of the RNG (seeded
+/// by `seed` and `index`, so any tensor can be made alone and is the same every time),
+/// through `buf`, in batches of rows of about 8 MiB.
+pub(crate) fn tensor_data(
+    t: &Planned,
+    seed: u64,
+    index: usize,
+    buf: &mut Vec<u8>,
+    sink: &mut dyn Write,
+) -> io::Result<()> {
+    let mut rng = XorShift(
+        (seed.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+            ^ (index as u64 + 1).wrapping_mul(0xD1B5_4A32_D192_ED03))
+            | 1,
+    );
+    // Leave the seeding's low-entropy start behind.
+    for _ in 0..8 {
+        rng.next_u64();
+    }
+    match t.block {
+        None => {
+            for _ in 0..t.cols {
+                let v = 1.0 + 0.05 * rng.unit();
+                sink.write_all(&v.to_le_bytes())?;
+            }
+        }
+        Some(b) => {
+            let (_, per, bytes) = b.layout();
+            let row = t.cols / per * bytes;
+            let batch = (8 << 20) / row.max(1) + 1;
+            let mut left = t.rows;
+            while left > 0 {
+                let k = left.min(batch);
+                buf.resize(k * row, 0);
+                random_blocks(b, t.rms, &mut rng, buf);
+                sink.write_all(buf)?;
+                left -= k;
+            }
+        }
+    }
+    Ok(())
+}
+
 /// The file length the generator would write for `s` and `quant`.
 pub fn file_len(s: &Shape, quant: SynthQuant) -> u64 {
-    header(s, quant, 0).0.file_len()
+    header(s, quant, 0, None).0.file_len()
 }
 
 fn fill_random(rng: &mut XorShift, buf: &mut [u8]) {
@@ -470,6 +524,22 @@ pub struct Written {
     pub tensors: usize,
 }
 
+/// Checks that `dir`'s file system has room for `need` bytes of `what`, and 1 GiB spare so
+/// the machine is not left with a full disk.
+pub(crate) fn check_room(dir: &Path, need: u64, what: &str) -> Result<(), String> {
+    let free = free_bytes(dir).map_err(|e| format!("cannot stat {}: {e}", dir.display()))?;
+    let spare = 1u64 << 30;
+    if free < need + spare {
+        return Err(format!(
+            "{what} needs {:.2} GB (+1 GiB spare) but {} has {:.2} GB free",
+            need as f64 / 1e9,
+            dir.display(),
+            free as f64 / 1e9
+        ));
+    }
+    Ok(())
+}
+
 /// Writes the random-weight GGUF of shape `s` to `out` (through `out.tmp`, renamed when
 /// complete), after checking that its file system has room for it.
 pub fn write_model(
@@ -479,56 +549,21 @@ pub fn write_model(
     out: &Path,
     mut progress: impl FnMut(usize, usize),
 ) -> Result<Written, String> {
-    let (h, tensors) = header(s, quant, seed);
+    let (h, tensors) = header(s, quant, seed, None);
     let need = h.file_len();
     let dir = match out.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => std::path::PathBuf::from("."),
     };
-    let free = free_bytes(&dir).map_err(|e| format!("cannot stat {}: {e}", dir.display()))?;
-    // Keep 1 GiB spare so the machine is not left with a full disk.
-    let spare = 1u64 << 30;
-    if free < need + spare {
-        return Err(format!(
-            "{} needs {:.2} GB (+1 GiB spare) but {} has {:.2} GB free",
-            out.display(),
-            need as f64 / 1e9,
-            dir.display(),
-            free as f64 / 1e9
-        ));
-    }
+    check_room(&dir, need, &out.display().to_string())?;
     let tmp = out.with_extension("gguf.tmp");
     let f = std::fs::File::create(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
     let mut w = BufWriter::with_capacity(4 << 20, f);
-    let mut rng = XorShift(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
-    let mut buf = Vec::new();
     let n = tensors.len();
+    let mut buf = Vec::new();
     h.write(&mut w, |i, sink| {
-        let t = &tensors[i];
         progress(i, n);
-        match t.block {
-            None => {
-                for _ in 0..t.cols {
-                    let v = 1.0 + 0.05 * rng.unit();
-                    sink.write_all(&v.to_le_bytes())?;
-                }
-            }
-            Some(b) => {
-                let (_, per, bytes) = b.layout();
-                let row = t.cols / per * bytes;
-                // Rows in batches of about 8 MiB.
-                let batch = (8 << 20) / row.max(1) + 1;
-                let mut left = t.rows;
-                while left > 0 {
-                    let k = left.min(batch);
-                    buf.resize(k * row, 0);
-                    random_blocks(b, t.rms, &mut rng, &mut buf);
-                    sink.write_all(&buf)?;
-                    left -= k;
-                }
-            }
-        }
-        Ok(())
+        tensor_data(&tensors[i], seed, i, &mut buf, sink)
     })
     .and_then(|()| w.flush())
     .map_err(|e| format!("writing {}: {e}", tmp.display()))?;

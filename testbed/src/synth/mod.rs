@@ -3,6 +3,7 @@
 //! here, and GGUF files of named real shapes in [`gguf_model`].
 
 pub mod gguf_model;
+pub mod shards_out;
 
 use std::io::{BufWriter, Write};
 use std::path::Path;
