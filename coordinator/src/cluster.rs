@@ -71,6 +71,9 @@ pub struct ClusterOptions {
 pub struct SetupReport {
     /// Bytes sent per node, rank 1 first.
     pub shard_bytes_sent: Vec<u64>,
+    /// Per node, rank 1 first: milliseconds from its shard's first block sent to its
+    /// `ShardReady` (received, verified, loaded); 0 when it needed nothing.
+    pub shard_transfer_ms: Vec<f64>,
     /// Blocks resident per rank's window (0: whole shard resident), rank 0 first.
     pub windows: Vec<u32>,
     /// The plan's identity.
@@ -141,6 +144,15 @@ fn said(addr: SocketAddr, rank: usize, m: FromNode) -> Result<FromNode> {
         )),
         FromNode::Error { msg } => Err(node_err(addr, rank, format!("failed: {msg}"))),
         m => Ok(m),
+    }
+}
+
+/// Waits for the node to say its shard is verified and loaded (however long its transfer
+/// and its checks take: the connection's keep-alives tell a dead node from a busy one).
+async fn shard_ready(node: &mut Node, rank: usize) -> Result<()> {
+    match expect_msg(node, rank).await? {
+        FromNode::ShardReady => Ok(()),
+        other => Err(node_err(node.addr, rank, format!("unexpected {other:?}"))),
     }
 }
 
@@ -287,93 +299,108 @@ impl ClusterBackend {
             )
             .unwrap_or_else(|_| ProgressStyle::default_bar())
             .progress_chars("=> ");
-            let sent: Vec<u64> = try_join_all(nodes.iter_mut().enumerate().map(|(i, node)| {
-                let rank = i + 1;
-                let shard = &shards[rank];
-                let setup = Setup {
-                    rank: rank as u32,
-                    world: world as u32,
-                    model_id: model_id.clone(),
-                    plan_id: plan_id.clone(),
-                    manifest: shard.manifest.clone(),
-                    algo: opts.algo,
-                    dtype: opts.dtype,
-                    addrs: addrs.clone(),
-                    kv_dtype: opts.kv_dtype,
-                    capacity: capacity as u32,
-                };
-                let (bars, style) = (&bars, &style);
-                async move {
-                    send(node, rank, &ToNode::Setup(Box::new(setup))).await?;
-                    let needs = match expect_msg(node, rank).await? {
-                        FromNode::NeedBlocks(n) => n,
-                        other => {
-                            return Err(node_err(node.addr, rank, format!("unexpected {other:?}")))
-                        }
+            let sent: Vec<(u64, f64)> =
+                try_join_all(nodes.iter_mut().enumerate().map(|(i, node)| {
+                    let rank = i + 1;
+                    let shard = &shards[rank];
+                    let setup = Setup {
+                        rank: rank as u32,
+                        world: world as u32,
+                        model_id: model_id.clone(),
+                        plan_id: plan_id.clone(),
+                        manifest: shard.manifest.clone(),
+                        algo: opts.algo,
+                        dtype: opts.dtype,
+                        addrs: addrs.clone(),
+                        kv_dtype: opts.kv_dtype,
+                        capacity: capacity as u32,
                     };
-                    if needs.is_empty() {
-                        return Ok(0u64);
-                    }
-                    let m = &shard.manifest;
-                    let mut total = 0u64;
-                    for n in &needs {
-                        let b = m.blocks.get(n.index as usize).ok_or_else(|| {
-                            node_err(
-                                node.addr,
-                                rank,
-                                format!("asked for unknown block {}", n.index),
-                            )
-                        })?;
-                        total += b.len.saturating_sub(n.have);
-                    }
-                    let bar = bars.add(ProgressBar::new(total));
-                    bar.set_style(style.clone());
-                    bar.set_prefix(format!("shard → {}", node.addr));
-                    // Read through a buffer, not the map: sending a shard should not
-                    // make it resident in the coordinator.
-                    let file = shard.file();
-                    let mut chunk = vec![0u8; CHUNK];
-                    for n in &needs {
-                        let b = &m.blocks[n.index as usize];
-                        let mut off = n.have.min(b.len);
-                        while off < b.len {
-                            let len = (b.len - off).min(CHUNK as u64);
-                            let buf = &mut chunk[..len as usize];
-                            {
-                                use std::os::unix::fs::FileExt;
-                                file.read_exact_at(buf, b.offset + off).map_err(|e| {
-                                    Error::Io(format!("reading rank {rank}'s shard: {e}"))
-                                })?;
-                            }
-                            let buf = &chunk[..len as usize];
-                            let r = async {
-                                send(
-                                    node,
+                    let (bars, style) = (&bars, &style);
+                    async move {
+                        send(node, rank, &ToNode::Setup(Box::new(setup))).await?;
+                        let needs = match expect_msg(node, rank).await? {
+                            FromNode::NeedBlocks(n) => n,
+                            other => {
+                                return Err(node_err(
+                                    node.addr,
                                     rank,
-                                    &ToNode::BlockData {
-                                        index: n.index,
-                                        offset: off,
-                                    },
-                                )
-                                .await?;
-                                write_frame(&mut node.ctl.send, FrameKind::Tensor, buf)
-                                    .await
-                                    .map_err(|e| node_err(node.addr, rank, e))
+                                    format!("unexpected {other:?}"),
+                                ))
                             }
-                            .await;
-                            if let Err(e) = r {
-                                // The node may have said why it stopped (e.g. its disk is full).
-                                return Err(with_reason(node, rank, e).await);
-                            }
-                            off += len;
-                            bar.inc(len);
+                        };
+                        if needs.is_empty() {
+                            return shard_ready(node, rank).await.map(|()| (0u64, 0.0));
                         }
+                        let m = &shard.manifest;
+                        let t0 = Instant::now();
+                        let mut total = 0u64;
+                        for n in &needs {
+                            let b = m.blocks.get(n.index as usize).ok_or_else(|| {
+                                node_err(
+                                    node.addr,
+                                    rank,
+                                    format!("asked for unknown block {}", n.index),
+                                )
+                            })?;
+                            total += b.len.saturating_sub(n.have);
+                        }
+                        let bar = bars.add(ProgressBar::new(total));
+                        bar.set_style(style.clone());
+                        bar.set_prefix(format!("shard → {}", node.addr));
+                        // Read through a buffer, not the map: sending a shard should not
+                        // make it resident in the coordinator.
+                        let file = shard.file();
+                        let mut chunk = vec![0u8; CHUNK];
+                        for n in &needs {
+                            let b = &m.blocks[n.index as usize];
+                            let mut off = n.have.min(b.len);
+                            while off < b.len {
+                                let len = (b.len - off).min(CHUNK as u64);
+                                let buf = &mut chunk[..len as usize];
+                                {
+                                    use std::os::unix::fs::FileExt;
+                                    file.read_exact_at(buf, b.offset + off).map_err(|e| {
+                                        Error::Io(format!("reading rank {rank}'s shard: {e}"))
+                                    })?;
+                                }
+                                let buf = &chunk[..len as usize];
+                                let r = async {
+                                    send(
+                                        node,
+                                        rank,
+                                        &ToNode::BlockData {
+                                            index: n.index,
+                                            offset: off,
+                                        },
+                                    )
+                                    .await?;
+                                    write_frame(&mut node.ctl.send, FrameKind::Tensor, buf)
+                                        .await
+                                        .map_err(|e| node_err(node.addr, rank, e))
+                                }
+                                .await;
+                                if let Err(e) = r {
+                                    // The node may have said why it stopped (e.g. its disk is full).
+                                    return Err(with_reason(node, rank, e).await);
+                                }
+                                off += len;
+                                bar.inc(len);
+                            }
+                        }
+                        send(node, rank, &ToNode::BlocksDone).await?;
+                        bar.finish_and_clear();
+                        shard_ready(node, rank).await?;
+                        Ok((total, t0.elapsed().as_secs_f64() * 1e3))
                     }
-                    send(node, rank, &ToNode::BlocksDone).await?;
-                    bar.finish_and_clear();
-                    Ok(total)
-                }
-            }))
+                }))
+                .await?;
+            // Only now, with every shard in place, may the nodes wait on one another.
+            try_join_all(
+                nodes
+                    .iter_mut()
+                    .enumerate()
+                    .map(|(i, n)| async move { send(n, i + 1, &ToNode::Links).await }),
+            )
             .await?;
             let mut links = std::collections::BTreeMap::new();
             for p in opts.algo.peers(0, world) {
@@ -400,7 +427,8 @@ impl ClusterBackend {
             Ok::<_, Error>((group, sent, windows))
         })?;
         let setup = SetupReport {
-            shard_bytes_sent: sent,
+            shard_bytes_sent: sent.iter().map(|s| s.0).collect(),
+            shard_transfer_ms: sent.iter().map(|s| s.1).collect(),
             windows: std::iter::once(if window.is_streaming() {
                 window.size() as u32
             } else {

@@ -4,7 +4,8 @@
 //!
 //! A session: `Hello` → `Welcome` | `Refused`; `Setup` (with the rank's shard
 //! manifest) → `NeedBlocks` (what the node's cache lacks or holds corrupt) →
-//! `BlockData` chunks (+ raw frames) → `BlocksDone` → data links → `Ready`; then
+//! `BlockData` chunks (+ raw frames) → `BlocksDone` → `ShardReady`; once every node has
+//! said so, `Links` → data links → `Ready`; then
 //! `Step` (+ hidden-state frame) → `StepDone`, repeated, with `Reset` between
 //! generations; `End` closes it.
 
@@ -52,6 +53,10 @@ pub enum ToNode {
     },
     /// Close the session.
     End,
+    /// Every rank holds its shard: build the data links now. (Sent once all nodes said
+    /// `ShardReady`, so a node whose peers are still receiving their shards does not give
+    /// up on links they cannot open yet.)
+    Links,
 }
 
 /// The node's assignment.
@@ -111,6 +116,8 @@ pub enum FromNode {
         /// What went wrong.
         msg: String,
     },
+    /// The shard is here, verified and loaded; waiting for `Links`.
+    ShardReady,
 }
 
 /// Where one step's time went at one rank: what a node reports after each step, and

@@ -507,6 +507,20 @@ async fn prepare(
         Ok((shard, model, head, cache, window))
     })
     .await?;
+    ctl.send_msg(&FromNode::ShardReady).await?;
+    match ctl.recv_msg::<ToNode>(MAX_CONTROL).await? {
+        ToNode::Links => {}
+        ToNode::End => {
+            return Err(SessionError::Protocol(
+                "the session ended before it began".into(),
+            ))
+        }
+        other => {
+            return Err(SessionError::Protocol(format!(
+                "expected Links, got {other:?}"
+            )))
+        }
+    }
     let links = build_links(ep, conn, setup, &mut rx).await?;
     let mut group = Group::new(rank, setup.world as usize, setup.algo, setup.dtype, links)?;
     ctl.send_msg(&FromNode::Ready {

@@ -745,3 +745,78 @@ fn only_coordinator_credentials_start_sessions() {
         "{err}"
     );
 }
+
+/// A node whose shard is in place waits for a peer that is still receiving its own, however
+/// long that takes: here node b's 0.2 MB shard crawls over a 100 kbit/s link for ~16 s, longer
+/// than the 10 s a node allows its data links, while node a has its shard at once (`--shard`).
+/// (Before the `ShardReady`/`Links` barrier, node a gave up on its links and the run failed.)
+#[test]
+fn a_ready_node_waits_for_a_peer_still_receiving_its_shard() {
+    let _g = serial();
+    let tmp = TempDir::new("faults-slow-transfer");
+    make_cluster(&tmp.join("c"), &["a", "b"]);
+    let shards = tmp.join("shards");
+    let st = Command::new(tpi_bin())
+        .args(s(&[
+            "shard",
+            "--model",
+            &small_model().display().to_string(),
+            "--nodes",
+            "3",
+            "--out",
+        ]))
+        .arg(&shards)
+        .output()
+        .expect("tpi shard");
+    assert!(
+        st.status.success(),
+        "tpi shard: {}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+    let rank1 = shards.join("rank-1").display().to_string();
+    let (da, db) = (tmp.join("data-a"), tmp.join("data-b"));
+    let (da, db) = (da.display().to_string(), db.display().to_string());
+    let a = Node::start_with(
+        &tmp.join("c/a"),
+        tmp.join("a.log"),
+        &["--data-dir", &da, "--shard", &rank1],
+    );
+    let b = Node::start_with(&tmp.join("c/b"), tmp.join("b.log"), &["--data-dir", &db]);
+    let list = format!("{},{}", a.addr, b.addr);
+    let cred = tmp.join("c/credential").display().to_string();
+    let mut args = short_run(&[
+        "--nodes",
+        &list,
+        "--credential",
+        &cred,
+        "--link",
+        "1ms,100kbit",
+    ]);
+    args.extend(s(&["--shards", &shards.display().to_string()]));
+    let mut r = Running::tpi(&args);
+    let st = r
+        .wait_for(Duration::from_secs(240))
+        .unwrap_or_else(|| panic!("tpi still running after 240 s:\n{}", r.stderr()));
+    assert!(
+        st.success(),
+        "the run failed ({st}):\n{}\nnode a log:\n{}\nnode b log:\n{}",
+        r.stderr(),
+        a.log(),
+        b.log()
+    );
+    let out = r.stdout();
+    let j: serde_json::Value = serde_json::from_str(out.trim()).expect("--json output");
+    let sent = &j["backend"]["shard_bytes_sent"];
+    let ms = &j["backend"]["shard_transfer_ms"];
+    eprintln!("shard bytes sent {sent}, transfer ms {ms}");
+    assert_eq!(sent[0].as_u64(), Some(0), "node a has its shard: {sent}");
+    assert!(
+        sent[1].as_u64() > Some(0),
+        "node b had to receive its shard: {sent}"
+    );
+    // The point of the test: node b's transfer outlasted a node's 10 s wait for its links.
+    assert!(
+        ms[1].as_f64().unwrap_or(0.0) > 10_000.0,
+        "node b's transfer took {ms} ms, not long enough to test the wait"
+    );
+}

@@ -14,7 +14,7 @@ use super::error::NetError;
 use super::frame::{read_frame_of, write_frame, FrameKind};
 
 /// The tpi wire protocol version; peers exchange it in their hellos and refuse a mismatch.
-pub const PROTOCOL_VERSION: u32 = 5;
+pub const PROTOCOL_VERSION: u32 = 6;
 
 /// The one limit on control messages: the largest encoded message [`encode`] produces and
 /// [`decode`] accepts, and the bincode allocation limit. Tensor payloads and shard blocks
