@@ -103,6 +103,16 @@ pub struct GenOutput {
 }
 
 impl GenOutput {
+    /// `", 12.3 tokens/s"` for a summary line, or nothing when fewer than two tokens were
+    /// generated (the first token's time is the TTFT; there was no decode to rate).
+    pub fn rate_note(&self) -> String {
+        if self.generated_ids.len() < 2 {
+            String::new()
+        } else {
+            format!(", {:.1} tokens/s", self.tokens_per_s())
+        }
+    }
+
     /// Decode speed over the tokens after the first.
     pub fn tokens_per_s(&self) -> f64 {
         let n = self.generated_ids.len().saturating_sub(1);

@@ -164,7 +164,23 @@ impl ClusterArgs {
     }
 }
 
-fn main() -> Result<()> {
+fn main() -> std::process::ExitCode {
+    // Output piped into `head` ends the process quietly, as for any Unix tool (Rust
+    // ignores SIGPIPE, so every print after the reader left would panic).
+    // SAFETY: setting a signal's disposition to the default before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+    match real_main() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn real_main() -> Result<()> {
     match Cli::parse().cmd {
         Cmd::Predict { cluster, algo } => {
             let c = cluster.build()?;

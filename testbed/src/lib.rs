@@ -266,6 +266,12 @@ pub fn tpi_node_bin() -> PathBuf {
     built_bin("tpi-node", &CELL)
 }
 
+/// Path of the `tpi-sim` binary (crate tpi-sim), checked to be current.
+pub fn tpi_sim_bin() -> PathBuf {
+    static CELL: OnceLock<PathBuf> = OnceLock::new();
+    built_bin("tpi-sim", &CELL)
+}
+
 /// Runs `tpi` with `args` and returns its output (whatever the exit status).
 pub fn run_tpi<I, S>(args: I) -> Output
 where

@@ -93,10 +93,10 @@ pub fn chat(a: ChatArgs) -> anyhow::Result<()> {
                     eprintln!("[reply cut at --max-tokens {}]", a.sampling.max_tokens);
                 }
                 eprintln!(
-                    "[{} tokens, TTFT {:.0} ms, {:.1} tokens/s]",
+                    "[{} tokens, TTFT {:.0} ms{}]",
                     g.generated_ids.len(),
                     g.ttft.as_secs_f64() * 1e3,
-                    g.tokens_per_s()
+                    g.rate_note()
                 );
             }
             Err(e) => {

@@ -134,11 +134,11 @@ pub fn run(a: RunArgs) -> anyhow::Result<()> {
     } else {
         writeln!(stdout)?;
         eprintln!(
-            "[{} prompt tokens, {} generated; TTFT {:.1} ms; {:.1} tokens/s]",
+            "[{} prompt tokens, {} generated; TTFT {:.1} ms{}]",
             prompt_ids.len(),
             out.generated_ids.len(),
             out.ttft.as_secs_f64() * 1e3,
-            out.tokens_per_s()
+            out.rate_note()
         );
     }
     Ok(())
