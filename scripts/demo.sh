@@ -10,4 +10,4 @@ TPI_SMOLLM2_GGUF="$(bash scripts/fetch-model.sh)"
 export TPI_SMOLLM2_GGUF
 cargo build --workspace --release --bins
 exec target/release/tpi-testbed cluster --nodes 3 --link 2ms,300mbit \
-    --model "$TPI_SMOLLM2_GGUF" --prompt "The capital of France is" --max-tokens 32 "$@"
+    --model "$TPI_SMOLLM2_GGUF" --prompt "What is the capital of France?" --max-tokens 32 "$@"

@@ -276,6 +276,7 @@ fn real_main() -> anyhow::Result<()> {
         },
         link.as_deref().unwrap_or("none")
     );
+    let emulated = link.is_some() || topology.is_some();
     let tb = Testbed::start(ClusterSpec {
         ranks: nodes,
         link,
@@ -298,15 +299,18 @@ fn real_main() -> anyhow::Result<()> {
             &allreduce,
         ],
     )?;
-    println!("{}{}", prompt, r.json["text"].as_str().unwrap_or(""));
+    println!("> {prompt}");
+    println!("{}", r.json["text"].as_str().unwrap_or("").trim());
     println!();
     println!(
-        "ttft {:.1} ms, decode {:.2} ms/token ({:.1} tokens/s)",
+        "first token after {:.1} ms, then {:.2} ms per token ({:.1} tokens/s)",
         r.json["ttft_ms"].as_f64().unwrap_or(0.0),
         r.decode_ms,
         1e3 / r.decode_ms.max(1e-9)
     );
-    println!("rank  address                 compute  ar-wait  ar-xfer  peak RSS");
+    println!();
+    println!("where a token's time went, per rank (ms per token):");
+    println!("rank  address                 compute  allreduce wait  allreduce transfer  peak RSS");
     for (i, (c, w, x)) in r.breakdown.iter().enumerate() {
         let addr = if i == 0 {
             "coordinator".to_string()
@@ -314,8 +318,22 @@ fn real_main() -> anyhow::Result<()> {
             tb.nodes[i - 1].addr.to_string()
         };
         println!(
-            "{i:>4}  {addr:<22} {c:>8.2} {w:>8.2} {x:>8.2}  {:>6.1} MB",
+            "{i:>4}  {addr:<22} {c:>8.2} {w:>15.2} {x:>19.2}  {:>6.1} MB",
             r.peak_rss.get(i).copied().unwrap_or(0) as f64 / 1e6
+        );
+    }
+    if let Some(&(_, w, x)) = r.breakdown.first() {
+        println!();
+        println!(
+            "{:.0} of {:.0} ms per token is rank 0 waiting on its allreduces (two per layer, over the {}): {}",
+            w + x,
+            r.decode_ms,
+            if emulated { "emulated links" } else { "loopback" },
+            if (w + x) > 0.5 * r.decode_ms {
+                "the links' latency, not compute, sets the pace"
+            } else {
+                "compute sets the pace"
+            }
         );
     }
     Ok(())

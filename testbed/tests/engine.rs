@@ -237,7 +237,7 @@ fn smollm2_generation_count() {
     );
 }
 
-/// `--prompt` text: tokenizer (no BOS) and detokenizer.
+/// `--raw --prompt` text: tokenizer (no BOS) and detokenizer.
 #[test]
 fn smollm2_text_prompt() {
     let g = generation(0);
@@ -248,6 +248,7 @@ fn smollm2_text_prompt() {
         "run",
         "--model",
         &gguf,
+        "--raw",
         "--prompt",
         prompt,
         "--max-tokens",

@@ -342,8 +342,25 @@ fn a_chat_template_that_raises_is_a_clear_cli_error() {
     assert!(!out.status.success(), "`{}` should fail", cmdline(&args));
     assert!(!err.contains("panicked"), "{err}");
     assert!(err.contains("This model does not chat"), "{err}");
-    // Without --chat the same model runs (the template is only used to chat).
-    let plain: Vec<String> = args.iter().filter(|a| *a != "--chat").cloned().collect();
+    // So does the default, which applies the model's template; `--raw` runs the same model
+    // (the template is only used to chat).
+    let default: Vec<String> = args.iter().filter(|a| *a != "--chat").cloned().collect();
+    let out = run_tpi(&default);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("--raw"),
+        "the default should fail naming --raw: {err}"
+    );
+    let plain: Vec<String> = args
+        .iter()
+        .map(|a| {
+            if a == "--chat" {
+                "--raw".to_string()
+            } else {
+                a.clone()
+            }
+        })
+        .collect();
     let out = run_tpi(&plain);
     assert!(
         out.status.success(),

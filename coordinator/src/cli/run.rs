@@ -20,15 +20,28 @@ pub struct RunArgs {
     pub sampling: SamplingArgs,
     #[command(flatten)]
     pub cluster: ClusterArgs,
-    /// Prompt text.
-    #[arg(long, short = 'p', conflicts_with = "tokens")]
+    /// Prompt text (`-`: read it from stdin). Sent as one user message through the
+    /// model's chat template when the model has one (see --raw); with no prompt flag, a
+    /// prompt piped into stdin is read.
+    #[arg(long, short = 'p', conflicts_with_all = ["tokens", "prompt_file"])]
     pub prompt: Option<String>,
-    /// Prompt as token ids, comma-separated (no tokenizer needed).
+    /// Read the prompt text from this file.
+    #[arg(long, conflicts_with = "tokens")]
+    pub prompt_file: Option<PathBuf>,
+    /// Prompt as token ids, comma-separated (no tokenizer needed; never templated).
     #[arg(long, value_delimiter = ',')]
     pub tokens: Option<Vec<u32>>,
-    /// Wrap the prompt in the model's chat template as one user message.
+    /// Send the prompt text as it is, without the model's chat template (for base
+    /// models, or to continue a text).
+    #[arg(long, conflicts_with_all = ["chat", "system"])]
+    pub raw: bool,
+    /// Wrap the prompt in a chat template even when the model has none of its own (a
+    /// built-in ChatML/Gemma template then).
     #[arg(long)]
     pub chat: bool,
+    /// A system message before the prompt (through the chat template).
+    #[arg(long)]
+    pub system: Option<String>,
     /// Print one JSON object instead of streaming text.
     #[arg(long)]
     pub json: bool,
@@ -37,29 +50,74 @@ pub struct RunArgs {
     pub logits_out: Option<PathBuf>,
 }
 
+/// The prompt text, from `--prompt` (`-`: stdin), `--prompt-file`, or stdin when it is not
+/// a terminal and no prompt flag was given; None when there is none.
+fn prompt_text(a: &RunArgs) -> anyhow::Result<Option<String>> {
+    use std::io::{IsTerminal, Read};
+    let stdin = || -> anyhow::Result<String> {
+        let mut t = String::new();
+        std::io::stdin()
+            .read_to_string(&mut t)
+            .context("reading the prompt from stdin")?;
+        Ok(t)
+    };
+    let text = match (&a.prompt, &a.prompt_file) {
+        (Some(p), _) if p == "-" => stdin()?,
+        (Some(p), _) => return Ok(Some(p.clone())),
+        (None, Some(f)) => std::fs::read_to_string(f)
+            .with_context(|| format!("cannot read the prompt file {}", f.display()))?,
+        (None, None) if a.tokens.is_none() && !std::io::stdin().is_terminal() => stdin()?,
+        (None, None) => return Ok(None),
+    };
+    // A file or a pipe ends with a newline that is not part of the question.
+    let text = text.strip_suffix('\n').unwrap_or(&text);
+    let text = text.strip_suffix('\r').unwrap_or(text);
+    if text.trim().is_empty() {
+        bail!("the prompt is empty");
+    }
+    Ok(Some(text.to_string()))
+}
+
 /// Runs `tpi run`.
 pub fn run(a: RunArgs) -> anyhow::Result<()> {
     let sampler = a.sampling.sampler()?;
     let (loaded, backend) = super::open_backend(&a.model, &a.cluster, 0)?;
-    let prompt_ids = match (&a.prompt, &a.tokens) {
+    let text = prompt_text(&a)?;
+    let prompt_ids = match (text, &a.tokens) {
         (_, Some(t)) => {
-            if a.chat {
-                bail!("--chat needs --prompt text, not --tokens");
+            if a.chat || a.system.is_some() {
+                bail!("--chat and --system need prompt text, not --tokens");
             }
             t.clone()
         }
         (Some(p), None) => {
             let tok = loaded.tokenizer()?;
-            if a.chat {
+            // The model's own template by default, as llama-cli and ollama do: an
+            // instruct model given raw text answers nonsense.
+            let templated = !a.raw && (a.chat || a.system.is_some() || loaded.chat_template.is_some());
+            if templated {
+                let mut msgs = Vec::new();
+                if let Some(sys) = &a.system {
+                    msgs.push(Message::new("system", sys));
+                }
+                msgs.push(Message::new("user", &p));
+                let hint = if a.chat || a.system.is_some() {
+                    ""
+                } else {
+                    " (--raw sends the prompt without it)"
+                };
                 loaded
-                    .chat()?
-                    .encode(tok, &[Message::new("user", p)], true)?
+                    .chat()
+                    .and_then(|c| Ok(c.encode(tok, &msgs, true)?))
+                    .with_context(|| format!("applying the model's chat template{hint}"))?
             } else {
                 // Special-token text in a prompt stays text; --tokens sends control ids.
-                tok.encode_plain(p, true)?
+                tok.encode_plain(&p, true)?
             }
         }
-        (None, None) => bail!("give a prompt with --prompt TEXT or --tokens 1,2,3"),
+        (None, None) => bail!(
+            "give a prompt: --prompt TEXT, --prompt - or --prompt-file FILE (or pipe it into stdin), or --tokens 1,2,3"
+        ),
     };
     let ctx = a
         .model
