@@ -113,6 +113,9 @@ pub fn ensure_shards(
     given: Option<&Path>,
 ) -> Result<Vec<Shard>> {
     let model_id = files.identity()?;
+    if given.is_none() {
+        check_cache_room(files, plan, quant, layouts, &model_id)?;
+    }
     let mut shards = Vec::with_capacity(plan.world());
     for r in 0..plan.world() {
         let shard = match given {
@@ -124,9 +127,7 @@ pub fn ensure_shards(
             }
             None => {
                 let layout = layouts.get(r).copied().unwrap_or_default();
-                let key =
-                    Manifest::key(&model_id, &plan.id(), r, &quant.to_string(), layout.name());
-                let d = cache_root().join("shards").join(key);
+                let d = cache_dir(&model_id, plan, r, quant, layouts);
                 match verified(&d, files, &model_id, plan, r, true)? {
                     Some(s) => s,
                     None => {
@@ -141,6 +142,83 @@ pub fn ensure_shards(
         shards.push(shard);
     }
     Ok(shards)
+}
+
+/// The cache directory of rank `r`'s shard.
+fn cache_dir(
+    model_id: &str,
+    plan: &SplitPlan,
+    r: usize,
+    quant: Quant,
+    layouts: &[Layout],
+) -> PathBuf {
+    let layout = layouts.get(r).copied().unwrap_or_default();
+    let key = Manifest::key(model_id, &plan.id(), r, &quant.to_string(), layout.name());
+    cache_root().join("shards").join(key)
+}
+
+/// Refuses, before anything is written, to fill the cache with shards that will not fit:
+/// the ranks whose shard is not there yet need about their share of the model's bytes
+/// (at the shards' weight type), and the cache's file system must have that and 1 GiB
+/// spare.
+fn check_cache_room(
+    files: &ModelFiles,
+    plan: &SplitPlan,
+    quant: Quant,
+    layouts: &[Layout],
+    model_id: &str,
+) -> Result<()> {
+    let cfg = &files.config;
+    let missing: Vec<usize> = (0..plan.world())
+        .filter(|&r| {
+            let d = cache_dir(model_id, plan, r, quant, layouts);
+            !d.join(tpi_node::store::manifest::MANIFEST_FILE).exists()
+        })
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let bytes = |role| {
+        files
+            .store
+            .role_shape(cfg, role, 0)
+            .map(|w| w.nbytes() as f64)
+            .unwrap_or(0.0)
+    };
+    let embed = bytes(tpi_node::model::Role::Embed);
+    let head = if cfg.tie_word_embeddings {
+        embed
+    } else {
+        bytes(tpi_node::model::Role::LmHead)
+    };
+    let total = files.store.total_bytes() as f64;
+    let layers = (total - embed - if cfg.tie_word_embeddings { 0.0 } else { head }).max(0.0);
+    let scale = crate::backend::bytes_per_weight(files, quant)?
+        / crate::backend::bytes_per_weight(files, Quant::Keep)?.max(1e-9);
+    let need: f64 = missing
+        .iter()
+        .map(|&r| {
+            let s = &plan.ranks[r];
+            let share = s.ffn.len() as f64 / cfg.intermediate_size.max(1) as f64;
+            let vocab = s.vocab.len() as f64 / cfg.vocab_size.max(1) as f64;
+            (layers * share + head * vocab) * scale + if r == 0 { embed } else { 0.0 }
+        })
+        .sum();
+    let root = cache_root();
+    let _ = std::fs::create_dir_all(&root);
+    let Some(free) = tpi_node::sys::disk_free(&root) else {
+        return Ok(());
+    };
+    if need + (1u64 << 30) as f64 > free as f64 {
+        return Err(Error::Input(format!(
+            "the shards of {} for ranks {missing:?} need about {:.1} GB in {} (+1 GiB spare), but it has {:.1} GB free: free some space, set TPI_CACHE to a larger disk, or shard elsewhere with `tpi shard --out DIR` and run with --shards DIR",
+            files.path.display(),
+            need / 1e9,
+            root.display(),
+            free as f64 / 1e9
+        )));
+    }
+    Ok(())
 }
 
 /// Writes rank `r`'s shard aside, then renames it into `d`: concurrent runs never see a

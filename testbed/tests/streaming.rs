@@ -973,3 +973,58 @@ fn plan_reads_the_weight_type_of_the_given_shards() {
     assert!(st.success(), "tpi plan failed ({st}):\n{so}\n{se}");
     assert!(so.contains("0.625 bytes/weight"), "{so}");
 }
+
+#[test]
+fn a_shard_cache_too_small_is_refused_before_writing() {
+    // SAFETY: geteuid has no preconditions.
+    assert!(
+        unsafe { libc::geteuid() } == 0,
+        "this test needs root to mount a small tmpfs (CI runs as root)"
+    );
+    let _g = serial();
+    let cache = TempDir::new("stream-small-cache");
+    let st = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=8m", "tmpfs"])
+        .arg(cache.path())
+        .status()
+        .expect("mount");
+    assert!(
+        st.success(),
+        "mount -t tmpfs on {} failed: {st}",
+        cache.path().display()
+    );
+    let _mount = Mount(cache.path().to_path_buf());
+    let out = Command::new(tpi_bin())
+        .args(["run", "--model"])
+        .arg(smollm2_gguf())
+        .args([
+            "--tokens",
+            "1,2,3",
+            "--max-tokens",
+            "1",
+            "--local-cluster",
+            "2",
+            "--threads",
+            "1",
+        ])
+        .env("TPI_CACHE", cache.path())
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("tpi runs");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "tpi run succeeded with an 8 MiB cache"
+    );
+    assert!(
+        err.contains("GB free") && err.contains("need about") && !err.contains("panicked"),
+        "the error should say what the shards need and what is free:\n{err}"
+    );
+    let mut written = Vec::new();
+    find_files(cache.path(), "shard.bin", &mut written);
+    find_files(cache.path(), "shard.bin.tmp", &mut written);
+    assert!(
+        written.is_empty(),
+        "shard files were written before the refusal: {written:?}"
+    );
+}
