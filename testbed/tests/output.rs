@@ -86,46 +86,29 @@ fn tpi_sim_errors_are_one_line_without_a_backtrace() {
     );
 }
 
-#[test]
-fn one_generated_token_gets_no_tokens_per_second() {
+/// The last stderr line (the summary) of `tpi run` on SmolLM2 for `max_tokens` tokens.
+fn summary_line(max_tokens: &str) -> String {
     let model = smollm2_gguf().display().to_string();
     let out = Command::new(tpi_bin())
-        .args([
-            "run",
-            "--model",
-            &model,
-            "--prompt",
-            "Hi",
-            "--max-tokens",
-            "1",
-        ])
+        .args(["run", "--model", &model, "--prompt", "Hi", "--ignore-eos"])
+        .args(["--max-tokens", max_tokens])
         .env_remove("RUST_LOG")
         .output()
         .expect("tpi runs");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
-    let summary = err.lines().last().unwrap_or_default();
+    err.lines().last().unwrap_or_default().to_string()
+}
+
+#[test]
+fn one_generated_token_gets_no_tokens_per_second() {
+    let one = summary_line("1");
     assert!(
-        summary.contains("1 generated") && !summary.contains("tokens/s"),
-        "summary line: {summary}"
+        one.contains("1 generated") && !one.contains("tokens/s"),
+        "summary line: {one}"
     );
-    let out = Command::new(tpi_bin())
-        .args([
-            "run",
-            "--model",
-            &model,
-            "--prompt",
-            "Hi",
-            "--max-tokens",
-            "3",
-            "--ignore-eos",
-        ])
-        .env_remove("RUST_LOG")
-        .output()
-        .expect("tpi runs");
-    let err = String::from_utf8_lossy(&out.stderr);
-    let summary = err.lines().last().unwrap_or_default();
-    assert!(summary.contains("tokens/s"), "summary line: {summary}");
+    let three = summary_line("3");
+    assert!(three.contains("tokens/s"), "summary line: {three}");
 }
 
 /// `tpi run --json` on SmolLM2 with `args` (and `stdin` piped in, if any): its prompt ids.
