@@ -175,6 +175,13 @@ fn spawn_node(
         cmd.env("RUST_LOG", "warn");
     }
     die_with_parent(&mut cmd);
+    // A process group of its own: Ctrl-C at the terminal reaches rank 0 only, which decides
+    // what it means (`tpi chat` stops the reply and keeps its cluster); the nodes still die
+    // with rank 0 (above).
+    {
+        use std::os::unix::process::CommandExt;
+        cmd.process_group(0);
+    }
     cmd.spawn().map_err(|e| {
         Error::Io(format!(
             "cannot start {}: {e} (set TPI_NODE_BIN or put tpi-node on PATH)",

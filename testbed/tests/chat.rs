@@ -236,3 +236,35 @@ fn chat_in_a_pipe_has_no_colour() {
     assert!(!all.contains('\x1b'), "colour codes in a pipe:\n{all:?}");
     assert!(all.contains("last reply:"), "{all}");
 }
+
+/// On a local cluster, Ctrl-C stops the reply and leaves the cluster serving: the terminal's
+/// SIGINT reaches rank 0 alone, not its node processes.
+#[test]
+fn ctrl_c_in_a_cluster_chat_keeps_the_cluster() {
+    let tmp = TempDir::new("chat-pty-cluster");
+    let pane = Pane::start(
+        "tpi-chat-cluster-test",
+        &chat_cmd(tmp.path(), "--local-cluster 2 --max-tokens 2000"),
+    );
+    pane.wait_for("the greeting", 60, |s| {
+        s.contains("/help lists the commands")
+    });
+    pane.type_text("Write a very long story about a lighthouse keeper and a storm.");
+    pane.keys(&["Enter"]);
+    pane.wait_for("the story to start", 60, |s| {
+        s.rsplit("lighthouse keeper and a storm.")
+            .next()
+            .is_some_and(|after| after.trim().len() > 20)
+    });
+    pane.keys(&["C-c"]);
+    pane.wait_for("the reply to stop", 30, |s| s.contains("[stopped]"));
+    pane.type_text("Hello");
+    pane.keys(&["Enter"]);
+    let s = pane.wait_for("a reply after the stop", 60, |s| {
+        summaries(s) >= 2 || s.contains("error")
+    });
+    assert!(
+        !s.contains("error"),
+        "the cluster did not survive Ctrl-C:\n{s}"
+    );
+}
