@@ -112,6 +112,20 @@ fn summaries(s: &str) -> usize {
         .count()
 }
 
+/// Asks for a long story, presses Ctrl-C once it streams, and waits for `[stopped]`;
+/// returns the screen.
+fn ask_for_a_story_and_stop_it(pane: &Pane) -> String {
+    pane.type_text("Write a very long story about a lighthouse keeper and a storm.");
+    pane.keys(&["Enter"]);
+    pane.wait_for("the story to start", 60, |s| {
+        s.rsplit("lighthouse keeper and a storm.")
+            .next()
+            .is_some_and(|after| after.trim().len() > 20)
+    });
+    pane.keys(&["C-c"]);
+    pane.wait_for("the reply to stop", 30, |s| s.contains("[stopped]"))
+}
+
 #[test]
 fn chat_at_a_terminal_edits_stops_and_obeys_its_commands() {
     let tmp = TempDir::new("chat-pty");
@@ -151,15 +165,7 @@ fn chat_at_a_terminal_edits_stops_and_obeys_its_commands() {
     );
 
     // Ctrl-C while a reply streams stops it and returns to the prompt.
-    pane.type_text("Write a very long story about a lighthouse keeper and a storm.");
-    pane.keys(&["Enter"]);
-    pane.wait_for("the story to start", 60, |s| {
-        s.rsplit("lighthouse keeper and a storm.")
-            .next()
-            .is_some_and(|after| after.trim().len() > 20)
-    });
-    pane.keys(&["C-c"]);
-    let s = pane.wait_for("the reply to stop", 30, |s| s.contains("[stopped]"));
+    let s = ask_for_a_story_and_stop_it(&pane);
     assert!(!pane.exited(), "Ctrl-C during a reply ended the chat:\n{s}");
 
     // /stats, /help, /system and a confirmed /reset.
@@ -249,15 +255,7 @@ fn ctrl_c_in_a_cluster_chat_keeps_the_cluster() {
     pane.wait_for("the greeting", 60, |s| {
         s.contains("/help lists the commands")
     });
-    pane.type_text("Write a very long story about a lighthouse keeper and a storm.");
-    pane.keys(&["Enter"]);
-    pane.wait_for("the story to start", 60, |s| {
-        s.rsplit("lighthouse keeper and a storm.")
-            .next()
-            .is_some_and(|after| after.trim().len() > 20)
-    });
-    pane.keys(&["C-c"]);
-    pane.wait_for("the reply to stop", 30, |s| s.contains("[stopped]"));
+    ask_for_a_story_and_stop_it(&pane);
     pane.type_text("Hello");
     pane.keys(&["Enter"]);
     let s = pane.wait_for("a reply after the stop", 60, |s| {
