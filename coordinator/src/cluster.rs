@@ -156,19 +156,25 @@ async fn shard_ready(node: &mut Node, rank: usize) -> Result<()> {
     }
 }
 
-/// `e`, or better the reason the node gave on its control stream (a refusal or an error
-/// naming what failed there), if one arrives within half a second: when a node fails,
-/// what the coordinator notices first is usually just the stream or connection going away.
-async fn with_reason(node: &mut Node, rank: usize, e: Error) -> Error {
-    let next = tokio::time::timeout(
-        Duration::from_millis(500),
-        node.ctl.recv_msg::<FromNode>(MAX_CONTROL),
-    )
-    .await;
-    match next {
-        Ok(Ok(m)) => said(node.addr, rank, m).err().unwrap_or(e),
-        _ => e,
+/// The reason a node gives on its control stream for failing (a refusal, or an error
+/// naming what failed there), if one arrives within half a second; step timings it sent
+/// before are passed over. When a node fails, what the coordinator notices first is
+/// usually just the stream or connection going away.
+async fn reported(node: &mut Node, rank: usize) -> Option<Error> {
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(500);
+    loop {
+        let next = tokio::time::timeout_at(deadline, node.ctl.recv_msg::<FromNode>(MAX_CONTROL));
+        match next.await {
+            Ok(Ok(FromNode::StepDone(_))) => continue,
+            Ok(Ok(m)) => return said(node.addr, rank, m).err(),
+            _ => return None,
+        }
     }
+}
+
+/// `e`, or better the reason the node gives for it ([`reported`]).
+async fn with_reason(node: &mut Node, rank: usize, e: Error) -> Error {
+    reported(node, rank).await.unwrap_or(e)
 }
 
 async fn send(node: &mut Node, rank: usize, msg: &ToNode) -> Result<()> {
@@ -582,23 +588,7 @@ impl ClusterBackend {
         let reports: Vec<String> = self
             .net
             .block_on(join_all(nodes.iter_mut().enumerate().map(
-                |(i, n)| async move {
-                    let deadline = tokio::time::Instant::now() + Duration::from_millis(500);
-                    loop {
-                        let next = tokio::time::timeout_at(
-                            deadline,
-                            n.ctl.recv_msg::<FromNode>(MAX_CONTROL),
-                        );
-                        match next.await {
-                            // The timings of a node that finished its part of the step.
-                            Ok(Ok(FromNode::StepDone(_))) => continue,
-                            Ok(Ok(m)) => {
-                                return said(n.addr, i + 1, m).err().map(|e| e.to_string())
-                            }
-                            _ => return None,
-                        }
-                    }
-                },
+                |(i, n)| async move { reported(n, i + 1).await.map(|e| e.to_string()) },
             )))
             .into_iter()
             .flatten()

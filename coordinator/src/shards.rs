@@ -178,19 +178,11 @@ fn check_cache_room(
     if missing.is_empty() {
         return Ok(());
     }
-    let bytes = |role| {
-        files
-            .store
-            .role_shape(cfg, role, 0)
-            .map(|w| w.nbytes() as f64)
-            .unwrap_or(0.0)
-    };
-    let embed = bytes(tpi_node::model::Role::Embed);
-    let head = if cfg.tie_word_embeddings {
-        embed
-    } else {
-        bytes(tpi_node::model::Role::LmHead)
-    };
+    let embed = files
+        .store
+        .role_shape(cfg, tpi_node::model::Role::Embed, 0)?
+        .nbytes() as f64;
+    let head = files.lm_head_bytes()? as f64;
     let total = files.store.total_bytes() as f64;
     let layers = (total - embed - if cfg.tie_word_embeddings { 0.0 } else { head }).max(0.0);
     let scale = crate::backend::bytes_per_weight(files, quant)?

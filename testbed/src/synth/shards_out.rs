@@ -17,8 +17,9 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use tpi_kernels::Layout;
+use tpi_node::model::weights::layer_of;
 use tpi_node::model::{HeadSplit, ModelFiles, SplitPlan};
-use tpi_node::store::{Manifest, Quant, ShardWriter};
+use tpi_node::store::{BlockKind, Manifest, Quant, ShardWriter};
 
 use super::gguf_model::{check_room, header, tensor_data, Shape, SynthQuant};
 
@@ -77,19 +78,16 @@ pub fn write_shards(
         })
         .collect::<Result<Vec<_>, String>>()?;
 
-    // Tensors by layer (None: the global ones), in the order the shards' blocks need them.
-    let layer_of = |name: &str| tpi_node::model::weights::layer_of(name);
-    let mut groups: Vec<(Option<usize>, Vec<usize>)> =
-        (0..s.layers).map(|l| (Some(l), Vec::new())).collect();
-    groups.push((None, Vec::new()));
+    // Tensors by layer, then the global ones, in the order the shards' blocks need them.
+    let mut groups: Vec<Vec<usize>> = vec![Vec::new(); s.layers + 1];
     for (i, t) in tensors.iter().enumerate() {
-        let g = layer_of(&t.name).unwrap_or(s.layers);
-        groups[g].1.push(i);
+        groups[layer_of(&t.name).unwrap_or(s.layers)].push(i);
     }
     let total = tensors.len();
     let mut done = 0;
     let mut buf = Vec::new();
-    for (layer, members) in &groups {
+    for (g, members) in groups.iter().enumerate() {
+        let layer = (g < s.layers).then_some(g);
         for &i in members {
             let mut bytes = Vec::with_capacity(h.tensors()[i].bytes as usize);
             tensor_data(&tensors[i], seed, i, &mut buf, &mut bytes as &mut dyn Write)
@@ -104,8 +102,7 @@ pub fn write_shards(
         for w in &mut writers {
             while let Some(kind) = w.next_block() {
                 let of_this_group = match kind {
-                    tpi_node::store::manifest::BlockKind::Attn(l)
-                    | tpi_node::store::manifest::BlockKind::Mlp(l) => *layer == Some(l as usize),
+                    BlockKind::Attn(l) | BlockKind::Mlp(l) => layer == Some(l as usize),
                     _ => layer.is_none(),
                 };
                 if !of_this_group {
